@@ -1,0 +1,162 @@
+"""The configuration schema: defaults for every field, and validation.
+
+Config files under ``configs/`` call :func:`base_config` and override a few fields; the
+training/evaluation entry points call :func:`validate` so an impossible value fails with a
+message naming the key instead of a stack trace from deep inside JAX. Every ablation of the
+paper (Tables 4-6) is a field here, e.g. ``--config.model.candidates=nms``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Allowed values of the enum-like fields (the ablation switches).
+CHOICES = {
+    "data.dataset": ("scannet", "s3dis"),
+    "model.candidates": ("ln_nms", "nms", "random"),
+    "model.aggregation": ("full", "train_only", "none"),
+    "model.kernel_from": ("aggregate", "top", "oracle"),
+    "kernels.impl": ("auto", "xla", "pallas"),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults = the paper's ScanNet settings (method.md); config files override."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- data -----------------------------------------------------------------------
+    c.data = d = ml_collections.ConfigDict()
+    d.dataset = "scannet"        # label space / metrics: scannet (20 classes) or s3dis (13)
+    d.root = "data/scannet"      # folder of prepared <scene>.npz files (prepare_*.py output)
+    d.train_split = "train"      # subfolder or split-list name under root
+    d.val_split = "val"
+    d.voxel_size = 0.02          # metres (S3DIS: 0.05)
+    d.max_points = 250_000       # training crop (method.md section 0)
+    d.batch_size = 4             # scenes per step (global, split over devices)
+    d.eval_batch_size = 1
+    d.point_buckets = (16_384, 32_768, 65_536, 131_072, 262_144, 524_288, 1_048_576)
+    d.instance_buckets = (16, 32, 64, 128, 256)
+    d.augment = True             # jitter/flip/rotate/elastic in training (never at test)
+    d.elastic = True
+    d.color_noise = False
+    d.prefetch = 2               # batches prepared ahead by a background thread
+
+    # --- model ----------------------------------------------------------------------
+    c.model = m = ml_collections.ConfigDict()
+    m.in_channels = 6            # rgb in [-1, 1] + xyz
+    m.widths = (32, 64, 96, 128, 160, 192, 224)
+    m.blocks_per_level = 2
+    m.num_classes = 20
+    m.first_instance_class = 2   # semantic index >= this is an instance ("foreground") class
+    m.head_width = 32
+    m.agg_dim = 16               # D' of the aggregation features
+    m.kernel_hidden = 16
+    m.mask_feat_dim = 16
+    m.candidates = "ln_nms"      # Table 4: ln_nms | nms | random
+    m.cand_radius = 0.3          # R (metres)
+    m.cand_threshold = 0.5       # T of LN-NMS
+    m.max_candidates = 150       # N_max (paper 200, code 150)
+    m.pool_size = 4096           # LN-NMS top-K pool (static)
+    m.random_cand_threshold = 0.1
+    m.aggregation = "full"       # Table 5: full | train_only | none
+    m.merge_threshold = 0.5
+    m.kernel_from = "aggregate"  # Table 6: aggregate (weighted mean) | top | oracle
+    m.mask_chunk = 16_384        # points per chunk of the dynamic-conv decoder
+    m.offset_direction_loss = False
+
+    # --- loss -----------------------------------------------------------------------
+    c.loss = lo = ml_collections.ConfigDict()
+    lo.semantic = 1.0
+    lo.offset = 1.0
+    lo.center = 1.0
+    lo.aggregation = 1.0
+    lo.mask = 1.0
+    lo.mask_iou_threshold = 0.25
+
+    # --- training -------------------------------------------------------------------
+    c.train = t = ml_collections.ConfigDict()
+    t.epochs = 400
+    t.steps_per_epoch = 0        # 0 = len(train split) // batch_size
+    t.stage_heatmap_epoch = 80   # epochs [0, 80): semantic + offset only
+    t.stage_mask_epoch = 96      # from epoch 96 (the code's 97th) the mask loss joins
+    t.lr = 1e-3
+    t.weight_decay = 1e-4
+    t.warmup_steps = 0
+    t.cosine_start_epoch = 200   # constant lr until here, then cosine to final_lr
+    t.final_lr = 1e-6
+    t.grad_clip = 0.0            # 0 = off; else global-norm clip
+    t.log_every = 50
+    t.eval_every_epochs = 16
+    t.ckpt_every_steps = 500
+    t.keep_checkpoints = 3
+    t.max_gt_instances = 0       # 0 = keep all GT instances (the code truncates to 80)
+
+    # --- test-time thresholds (kept apart from training ones) --------------------------
+    c.test = te = ml_collections.ConfigDict()
+    te.score_threshold = 0.1
+    te.min_points = 100
+    te.use_superpoints = True
+
+    # --- kernels ----------------------------------------------------------------------
+    c.kernels = k = ml_collections.ConfigDict()
+    k.impl = "auto"              # auto: Pallas on GPU, XLA elsewhere
+
+    return c
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check a resolved config against the schema; raise ``ValueError`` naming the key.
+
+    Unknown keys (typos such as ``model.candidate``) and impossible values are errors.
+    """
+    reference = base_config()
+    _check_keys(config, reference, prefix="")
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value not in allowed:
+            raise ValueError(f"config.{key}={value!r} is not one of {allowed}")
+    positive = (
+        "data.voxel_size", "data.max_points", "data.batch_size", "data.eval_batch_size",
+        "model.num_classes", "model.max_candidates", "model.pool_size", "model.cand_radius",
+        "model.mask_chunk", "train.epochs", "train.lr",
+    )
+    for key in positive:
+        if not _get(config, key) > 0:
+            raise ValueError(f"config.{key} must be > 0, got {_get(config, key)!r}")
+    m, t, d = config.model, config.train, config.data
+    if not 0 <= m.first_instance_class < m.num_classes:
+        raise ValueError("config.model.first_instance_class must be in [0, num_classes)")
+    if m.pool_size < m.max_candidates:
+        raise ValueError("config.model.pool_size must be >= config.model.max_candidates")
+    if not (0 <= t.stage_heatmap_epoch <= t.stage_mask_epoch):
+        raise ValueError("need 0 <= train.stage_heatmap_epoch <= train.stage_mask_epoch")
+    if sorted(d.point_buckets) != list(d.point_buckets) or not d.point_buckets:
+        raise ValueError("config.data.point_buckets must be a non-empty increasing list")
+    if max(d.point_buckets) < d.max_points:
+        raise ValueError(
+            f"config.data.max_points={d.max_points} exceeds the largest point bucket "
+            f"{max(d.point_buckets)}; add a bucket or lower max_points")
+    if len(m.widths) < 2:
+        raise ValueError("config.model.widths needs at least two levels")
+    return config
+
+
+def _check_keys(config, reference, prefix):
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            close = [k for k in reference.keys() if k[:3] == key[:3]]
+            hint = f" (did you mean {', '.join(prefix + k for k in close)}?)" if close else ""
+            raise ValueError(f"unknown config key config.{name}{hint}")
+        if isinstance(reference[key], ml_collections.ConfigDict):
+            if not isinstance(config[key], ml_collections.ConfigDict):
+                raise ValueError(f"config.{name} must be a section, got {config[key]!r}")
+            _check_keys(config[key], reference[key], prefix=f"{name}.")
