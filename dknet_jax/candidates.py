@@ -1,0 +1,326 @@
+"""Candidate mining: heatmap -> a fixed budget of instance-centroid candidates.
+
+Sits between the centroid-heatmap head (``H`` per point) and candidate aggregation
+(`dknet_jax.aggregation`). Three miners, all pure, jit-able and static-shape:
+
+- `ln_nms` (default; paper Sec. 3.3): the greedy loop with local normalisation.
+- `nms`: the same greedy loop without normalisation (GICN-style NMS; Table 4 ablation).
+- `random_candidates`: random foreground points above a heatmap threshold (Table 4).
+
+`mine_candidates` dispatches on a method name (static).
+
+**Exactness of the pool recipe.** The greedy loop always processes the highest remaining
+point (ties: lower index first). Sort the valid points by (score desc, index asc) and keep
+the first ``K = min(pool_size, N)``: this pool is closed upward, so (a) while any pool point
+remains, the loop over *all* points processes a pool point, identically to the loop run
+inside the pool, and (b) for a pool point ``p`` the max of valid scores within R equals the
+max over pool points within R (a point outside the pool scores at most ``H_p``). So the
+result equals the full loop's result unless the pool empties before ``max_candidates``
+candidates are found while valid points outside the pool exist; then it is an exact
+*prefix* of the full loop's candidate list. `ln_nms_with_info` / `nms_with_info` return that
+condition as ``exhausted`` (conservative: it is also set when the outside points were all
+suppressed already); callers count it per scene and raise ``pool_size`` when it fires.
+
+Batched use: pass the flat packed arrays of B scenes and vmap over per-scene ``valid``
+masks (points of other scenes invalid): ``jax.vmap(ln_nms, in_axes=(None, None, 0))``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+METHODS = ("ln_nms", "nms", "random")
+
+
+def _check_inputs(xyz, score, valid) -> tuple[Array, Array, Array]:
+    xyz = jnp.asarray(xyz, jnp.float32)
+    score = jnp.asarray(score, jnp.float32)
+    valid = jnp.asarray(valid, bool)
+    if xyz.ndim != 2 or xyz.shape[-1] != 3:
+        raise ValueError(f"candidate mining: xyz must be f32[N, 3], got shape {xyz.shape}")
+    n = xyz.shape[0]
+    if score.shape != (n,) or valid.shape != (n,):
+        raise ValueError(
+            "candidate mining: score and valid must be [N] with N = xyz.shape[0] = "
+            f"{n}; got score {score.shape}, valid {valid.shape} (vmap over scenes for a batch)"
+        )
+    if n == 0:
+        raise ValueError("candidate mining: the scene has no points (N = 0); pad it to >= 1 row")
+    return xyz, score, valid
+
+
+def _check_sizes(max_candidates: int, pool_size: int) -> None:
+    if int(max_candidates) < 1:
+        raise ValueError(f"candidate mining: max_candidates must be >= 1, got {max_candidates}")
+    if int(pool_size) < 1:
+        raise ValueError(f"candidate mining: pool_size must be >= 1, got {pool_size}")
+
+
+def _greedy_pool(xyz, score, valid, *, radius, threshold, normalise, max_candidates, pool_size):
+    """The greedy suppression loop run inside the top-K pool.
+
+    Returns (idx i32[max_candidates], ok bool[max_candidates], exhausted bool[]).
+    """
+    n = xyz.shape[0]
+    k = min(int(pool_size), n)
+    m = int(max_candidates)
+    masked = jnp.where(valid, score, -jnp.inf)
+    # lax.top_k is stable: equal scores come out lower index first.
+    _, pool = jax.lax.top_k(masked, k)
+    pool_ok = valid[pool]
+    ps = score[pool]
+    px = xyz[pool]
+    # K x K "within R" (squared distance <= R^2), written per axis so XLA fuses it.
+    d2 = sum((px[:, a][:, None] - px[:, a][None, :]) ** 2 for a in range(3))
+    adj = (d2 <= jnp.float32(radius) ** 2) & pool_ok[None, :]
+    if normalise:
+        # Max of valid scores within R (suppressed or not); includes the point itself.
+        nb_max = jnp.max(jnp.where(adj, ps[None, :], -jnp.inf), axis=1)
+        norm = jnp.where(nb_max > 0, ps / jnp.where(nb_max > 0, nb_max, 1.0), 0.0)
+        accept = norm > threshold
+    else:
+        accept = jnp.ones((k,), bool)
+    accept = accept & pool_ok
+
+    def cond(state):
+        removed, n_cand, _, _ = state
+        return (n_cand < m) & jnp.any(~removed)
+
+    def body(state):
+        removed, n_cand, idx, ok = state
+        p = jnp.argmin(removed)  # first remaining pool row = highest remaining point
+        take = accept[p]
+        slot = jnp.where(take, n_cand, m)  # slot m is out of range -> dropped
+        idx = idx.at[slot].set(pool[p].astype(jnp.int32), mode="drop")
+        ok = ok.at[slot].set(True, mode="drop")
+        removed = removed | adj[p]
+        removed = removed.at[p].set(True)
+        return removed, n_cand + take.astype(jnp.int32), idx, ok
+
+    state = (
+        ~pool_ok,
+        jnp.int32(0),
+        jnp.full((m,), n, jnp.int32),
+        jnp.zeros((m,), bool),
+    )
+    removed, n_cand, idx, ok = jax.lax.while_loop(cond, body, state)
+    outside = jnp.sum(valid) > jnp.sum(pool_ok)
+    exhausted = jnp.all(removed) & (n_cand < m) & outside
+    return idx, ok, exhausted
+
+
+@functools.partial(
+    jax.jit, static_argnames=("radius", "threshold", "max_candidates", "pool_size")
+)
+def _ln_nms_jit(xyz, score, valid, *, radius, threshold, max_candidates, pool_size):
+    return _greedy_pool(
+        xyz, score, valid, radius=radius, threshold=threshold, normalise=True,
+        max_candidates=max_candidates, pool_size=pool_size,
+    )
+
+
+def ln_nms_with_info(
+    xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096
+) -> tuple[Array, Array, Array]:
+    """LN-NMS (paper Sec. 3.3) plus the pool-exhaustion flag.
+
+    Greedy loop over valid points: take the highest remaining point p (ties: lower index);
+    its normalised score is ``H_p / max{H_q : q valid, |x_q - x_p| <= radius}`` (suppressed
+    or not; 0 when that max is <= 0); if it is > ``threshold`` p becomes a candidate; in
+    both cases p and every remaining point within ``radius`` of it are removed. Stops when
+    ``max_candidates`` candidates exist or no point remains. "Within R" is tested as
+    squared distance <= radius**2 in float32.
+
+    Args:
+      xyz: f32[N, 3] point coordinates (metres).
+      score: f32[N] heatmap H (non-negative for the normalisation to be meaningful).
+      valid: bool[N] points that take part (foreground of this scene).
+      radius, threshold: R and T of the paper.
+      max_candidates: N_max, the number of output slots.
+      pool_size: K, the static pool of top-scoring points (see the module docstring).
+
+    Returns:
+      idx: i32[max_candidates] point indices in pick order; N (the sentinel) in empty slots.
+      ok: bool[max_candidates] filled slots (a prefix of the slots).
+      exhausted: bool[] the pool emptied before ``max_candidates`` candidates were found
+        while valid points outside the pool exist: the result is then an exact prefix of
+        the full loop's result and may miss candidates. Raise ``pool_size`` when it is set.
+    """
+    _check_sizes(max_candidates, pool_size)
+    xyz, score, valid = _check_inputs(xyz, score, valid)
+    return _ln_nms_jit(
+        xyz, score, valid, radius=float(radius), threshold=float(threshold),
+        max_candidates=int(max_candidates), pool_size=int(pool_size),
+    )
+
+
+def ln_nms(
+    xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096
+) -> tuple[Array, Array]:
+    """LN-NMS candidate mining (public contract, interfaces.md).
+
+    Same as `ln_nms_with_info` without the exhaustion flag.
+
+    Args:
+      xyz: f32[N, 3]; score: f32[N] heatmap; valid: bool[N] foreground.
+    Returns:
+      idx: i32[max_candidates] point indices in pick order (N in empty slots);
+      ok: bool[max_candidates] filled slots.
+    """
+    idx, ok, _ = ln_nms_with_info(
+        xyz, score, valid, radius=radius, threshold=threshold,
+        max_candidates=max_candidates, pool_size=pool_size,
+    )
+    return idx, ok
+
+
+@functools.partial(jax.jit, static_argnames=("radius", "max_candidates", "pool_size"))
+def _nms_jit(xyz, score, valid, *, radius, max_candidates, pool_size):
+    return _greedy_pool(
+        xyz, score, valid, radius=radius, threshold=0.0, normalise=False,
+        max_candidates=max_candidates, pool_size=pool_size,
+    )
+
+
+def nms_with_info(
+    xyz, score, valid, *, radius=0.3, score_threshold=None, max_candidates=200, pool_size=4096
+) -> tuple[Array, Array, Array]:
+    """Plain NMS (no local normalisation) plus the pool-exhaustion flag.
+
+    Greedy loop over valid points with ``score > score_threshold`` (all valid points when
+    ``score_threshold`` is None): the highest remaining point (ties: lower index) becomes
+    a candidate and removes every remaining point within ``radius`` (squared distance <=
+    radius**2). Stops at ``max_candidates`` candidates or when no point remains.
+
+    Args:
+      xyz: f32[N, 3]; score: f32[N]; valid: bool[N].
+    Returns:
+      idx i32[max_candidates] (N in empty slots), ok bool[max_candidates], exhausted bool[]
+      (as in `ln_nms_with_info`).
+    """
+    _check_sizes(max_candidates, pool_size)
+    xyz, score, valid = _check_inputs(xyz, score, valid)
+    if score_threshold is not None:
+        valid = valid & (score > jnp.float32(score_threshold))
+    return _nms_jit(
+        xyz, score, valid, radius=float(radius), max_candidates=int(max_candidates),
+        pool_size=int(pool_size),
+    )
+
+
+def nms(
+    xyz, score, valid, *, radius=0.3, score_threshold=None, max_candidates=200, pool_size=4096
+) -> tuple[Array, Array]:
+    """Plain NMS candidate mining; `nms_with_info` without the flag.
+
+    Returns idx i32[max_candidates] (N in empty slots), ok bool[max_candidates].
+    """
+    idx, ok, _ = nms_with_info(
+        xyz, score, valid, radius=radius, score_threshold=score_threshold,
+        max_candidates=max_candidates, pool_size=pool_size,
+    )
+    return idx, ok
+
+
+@functools.partial(jax.jit, static_argnames=("max_candidates", "relative"))
+def _random_jit(key, score, valid, threshold, *, max_candidates, relative):
+    n = score.shape[0]
+    if relative:
+        top = jnp.max(jnp.where(valid, score, -jnp.inf))
+        threshold = threshold * top
+    eligible = valid & (score > threshold)
+    u = jax.random.uniform(key, (n,))
+    m = min(int(max_candidates), n)
+    _, idx = jax.lax.top_k(jnp.where(eligible, u, -1.0), m)
+    ok = eligible[idx]
+    idx = jnp.where(ok, idx, n).astype(jnp.int32)
+    pad = int(max_candidates) - m
+    if pad:
+        idx = jnp.concatenate([idx, jnp.full((pad,), n, jnp.int32)])
+        ok = jnp.concatenate([ok, jnp.zeros((pad,), bool)])
+    # Filled slots first (eligible points got u >= 0 > -1, so they already are).
+    return idx, ok
+
+
+def random_candidates(
+    key, score, valid, *, threshold, max_candidates=200, relative=False
+) -> tuple[Array, Array]:
+    """Random candidates (Table 4 "Random"): up to N_max distinct random valid points
+    whose heatmap is above ``threshold``, uniformly without replacement.
+
+    Args:
+      key: a `jax.random` key.
+      score: f32[N] heatmap; valid: bool[N] foreground.
+      threshold: points need ``score > threshold`` (``> threshold * max valid score`` when
+        ``relative``; useful since a per-scene softmax heatmap scales like 1/N).
+      max_candidates: N_max slots.
+    Returns:
+      idx i32[max_candidates] (N in empty slots), ok bool[max_candidates] (filled first).
+    """
+    if int(max_candidates) < 1:
+        raise ValueError(f"random_candidates: max_candidates must be >= 1, got {max_candidates}")
+    score = jnp.asarray(score, jnp.float32)
+    valid = jnp.asarray(valid, bool)
+    if score.ndim != 1 or valid.shape != score.shape or score.shape[0] == 0:
+        raise ValueError(
+            f"random_candidates: score and valid must be [N] with N >= 1, got {score.shape}, "
+            f"{valid.shape}"
+        )
+    return _random_jit(
+        key, score, valid, jnp.float32(threshold), max_candidates=int(max_candidates),
+        relative=bool(relative),
+    )
+
+
+def mine_candidates(
+    method: str,
+    xyz,
+    score,
+    valid,
+    *,
+    key=None,
+    radius: float = 0.3,
+    threshold: float = 0.5,
+    score_threshold: float | None = None,
+    max_candidates: int = 200,
+    pool_size: int = 4096,
+    relative: bool = False,
+) -> tuple[Array, Array, Array]:
+    """Dispatch to a candidate miner by name (``method`` is static).
+
+    - ``"ln_nms"``: `ln_nms_with_info` with ``radius``, ``threshold``.
+    - ``"nms"``: `nms_with_info` with ``radius``, ``score_threshold``.
+    - ``"random"``: `random_candidates` with ``key`` (required), ``score_threshold`` as its
+      threshold (0 when None) and ``relative``.
+
+    Args:
+      xyz: f32[N, 3]; score: f32[N]; valid: bool[N].
+    Returns:
+      idx i32[max_candidates], ok bool[max_candidates], exhausted bool[] (always False for
+      ``"random"``).
+    """
+    if method == "ln_nms":
+        return ln_nms_with_info(
+            xyz, score, valid, radius=radius, threshold=threshold,
+            max_candidates=max_candidates, pool_size=pool_size,
+        )
+    if method == "nms":
+        return nms_with_info(
+            xyz, score, valid, radius=radius, score_threshold=score_threshold,
+            max_candidates=max_candidates, pool_size=pool_size,
+        )
+    if method == "random":
+        if key is None:
+            raise ValueError("mine_candidates('random', ...) needs key=jax.random.key(...)")
+        idx, ok = random_candidates(
+            key, score, valid, threshold=0.0 if score_threshold is None else score_threshold,
+            max_candidates=max_candidates, relative=relative,
+        )
+        return idx, ok, jnp.zeros((), bool)
+    raise ValueError(f"mine_candidates: unknown method {method!r}; choose one of {METHODS}")
+
