@@ -1,0 +1,223 @@
+"""Candidate aggregation (paper Sec. 3.4): context features, merge targets and grouping.
+
+Sits between candidate mining (`dknet_jax.candidates`, K candidate slots + ``ok``) and the
+instance kernels. The learned part (the merge-score MLP over ``|F_a,i - F_a,j|``) lives in
+the model heads; this module holds the parameter-free, jit-able pieces:
+
+- `context_features`: fg / bg mean features around each candidate (and fg counts).
+- `same_instance`: the K x K target of the merge BCE.
+- `merge_groups` (public contract): connected components of ``scores >= threshold``,
+  lead = highest-heat member. Equal to the paper's greedy merge (it joins the two groups
+  with the highest remaining score >= threshold until none is left, which ends exactly in
+  the connected components of that graph, whatever the order).
+- `group_features`: per-group kernel input (neighbour-count-weighted mean of members' fg)
+  and position (that of the lead, the highest-heat member).
+
+Groups are represented by their lead slot: slot i holds group data iff ``lead[i] == i``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("threshold",))
+def _merge_groups_jit(scores, ok, heat, *, threshold):
+    m = scores.shape[0]
+    eye = jnp.eye(m, dtype=bool)
+    pair_ok = ok[:, None] & ok[None, :]
+    above = scores >= threshold
+    reach = ((above | above.T) & pair_ok) | (eye & ok[:, None])
+    # Transitive closure by repeated squaring: after s steps paths of length 2^s are in.
+    steps = max(1, math.ceil(math.log2(max(m, 2))))
+
+    def square(_, r):
+        rf = r.astype(jnp.float32)
+        return jnp.matmul(rf, rf, precision=jax.lax.Precision.HIGHEST) > 0.5
+
+    reach = jax.lax.fori_loop(0, steps, square, reach)
+    # Lead: member with the highest heat; argmax takes the first (lowest slot) on ties.
+    key = jnp.where(reach, heat[None, :], -jnp.inf)
+    lead = jnp.argmax(key, axis=1).astype(jnp.int32)
+    return jnp.where(ok, lead, -1)
+
+
+def merge_groups(scores, ok, heat, *, threshold=0.5) -> Array:
+    """Group duplicate candidates (public contract, interfaces.md).
+
+    Groups are the connected components of the graph with an edge i-j when
+    ``scores[i, j] >= threshold`` or ``scores[j, i] >= threshold``, among valid slots.
+
+    Args:
+      scores: f32[M, M] merge probabilities (the diagonal is ignored).
+      ok: bool[M] valid candidate slots.
+      heat: f32[M] candidate heatmap scores.
+      threshold: edge threshold (0.5 in the paper).
+    Returns:
+      lead: i32[M] slot of the member with the highest ``heat`` in each slot's group
+      (ties: lower slot); -1 for invalid slots.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    ok = jnp.asarray(ok, bool)
+    heat = jnp.asarray(heat, jnp.float32)
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"merge_groups: scores must be f32[M, M], got shape {scores.shape}")
+    m = scores.shape[0]
+    if ok.shape != (m,) or heat.shape != (m,):
+        raise ValueError(
+            f"merge_groups: ok and heat must be [M] with M = {m}; got {ok.shape}, {heat.shape}"
+        )
+    return _merge_groups_jit(scores, ok, heat, threshold=float(threshold))
+
+
+def same_instance(cand_instance, ok) -> Array:
+    """Merge-BCE target: 1 where candidates i and j lie in the same GT instance.
+
+    Args:
+      cand_instance: i32[K] GT instance id at each candidate point (< 0: none).
+      ok: bool[K] valid candidate slots.
+    Returns:
+      f32[K, K]; 0 for pairs with an invalid slot or a candidate outside every instance.
+      The BCE is to be averaged over ``ok[:, None] & ok[None, :]`` pairs.
+    """
+    inst = jnp.asarray(cand_instance, jnp.int32)
+    ok = jnp.asarray(ok, bool) & (inst >= 0)
+    same = (inst[:, None] == inst[None, :]) & ok[:, None] & ok[None, :]
+    return same.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("radius", "chunk"))
+def _context_jit(xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius, chunk):
+    n, d = feats.shape
+    k = cand_idx.shape[0]
+    safe = jnp.clip(cand_idx, 0, n - 1)
+    c_xyz = xyz[safe]
+    c_sem = sem_pred[safe]
+    c_scene = scene_id[safe]
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    padf = lambda a, v: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=v)
+    xs = (
+        padf(xyz, 0.0).reshape(n_chunks, chunk, 3),
+        padf(feats, 0.0).reshape(n_chunks, chunk, d),
+        padf(sem_pred, 0).reshape(n_chunks, chunk),
+        padf(valid, False).reshape(n_chunks, chunk),
+        padf(scene_id, 0).reshape(n_chunks, chunk),
+    )
+    r2 = jnp.float32(radius) ** 2
+    r2_bg = jnp.float32(2.0 * radius) ** 2
+
+    def step(carry, x):
+        fg_sum, bg_sum, fg_n, bg_n = carry
+        p_xyz, p_f, p_sem, p_valid, p_scene = x
+        d2 = sum((c_xyz[:, a][:, None] - p_xyz[:, a][None, :]) ** 2 for a in range(3))
+        base = p_valid[None, :] & (p_scene[None, :] == c_scene[:, None]) & cand_ok[:, None]
+        same = p_sem[None, :] == c_sem[:, None]
+        fg = (base & same & (d2 <= r2)).astype(feats.dtype)
+        bg = (base & ~same & (d2 <= r2_bg)).astype(feats.dtype)
+        hi = jax.lax.Precision.HIGHEST
+        return (
+            fg_sum + jnp.matmul(fg, p_f, precision=hi),
+            bg_sum + jnp.matmul(bg, p_f, precision=hi),
+            fg_n + fg.sum(1),
+            bg_n + bg.sum(1),
+        ), None
+
+    zeros = (jnp.zeros((k, d), feats.dtype), jnp.zeros((k, d), feats.dtype),
+             jnp.zeros((k,), feats.dtype), jnp.zeros((k,), feats.dtype))
+    (fg_sum, bg_sum, fg_n, bg_n), _ = jax.lax.scan(step, zeros, xs)
+    fg = fg_sum / jnp.maximum(fg_n, 1.0)[:, None]
+    bg = bg_sum / jnp.maximum(bg_n, 1.0)[:, None]
+    return fg, bg, fg_n
+
+
+def context_features(
+    xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius=0.3, chunk=8192
+) -> tuple[Array, Array, Array]:
+    """Foreground / background context of each candidate (paper Sec. 3.4).
+
+    For candidate c at point ``p = cand_idx[c]`` (class ``s = sem_pred[p]``, scene
+    ``scene_id[p]``), over valid points q of the same scene:
+      fg[c] = mean of feats[q] with ``sem_pred[q] == s`` and ``|x_q - x_p|^2 <= R^2``;
+      bg[c] = mean of feats[q] with ``sem_pred[q] != s`` and ``|x_q - x_p|^2 <= (2R)^2``.
+    Empty sets give zeros. The released code uses the predicted-foreground points only;
+    pass that as ``valid``. Memory is bounded by chunking the points: O(K * chunk).
+
+    Args:
+      xyz: f32[N, 3]; feats: f32[N, D'] reduced point features; sem_pred: i32[N].
+      valid: bool[N] points that may contribute; scene_id: i32[N] scene of each point.
+      cand_idx: i32[K] candidate point indices (any value in invalid slots);
+      cand_ok: bool[K] valid slots.
+      radius: R; chunk: points per step (static).
+    Returns:
+      fg f32[K, D'], bg f32[K, D'], fg_count f32[K] (the neighbour count used as the
+      weight in `group_features`); zeros in invalid slots. Differentiable in ``feats``.
+    """
+    xyz = jnp.asarray(xyz, jnp.float32)
+    feats = jnp.asarray(feats)
+    n = xyz.shape[0]
+    if xyz.shape != (n, 3) or feats.ndim != 2 or feats.shape[0] != n:
+        raise ValueError(
+            f"context_features: xyz must be f32[N, 3] and feats f32[N, D'] with the same N; "
+            f"got {xyz.shape}, {feats.shape}"
+        )
+    sem_pred = jnp.asarray(sem_pred, jnp.int32)
+    valid = jnp.asarray(valid, bool)
+    scene_id = jnp.asarray(scene_id, jnp.int32)
+    for name, a in (("sem_pred", sem_pred), ("valid", valid), ("scene_id", scene_id)):
+        if a.shape != (n,):
+            raise ValueError(f"context_features: {name} must be [N] = [{n}], got {a.shape}")
+    cand_idx = jnp.asarray(cand_idx, jnp.int32)
+    cand_ok = jnp.asarray(cand_ok, bool)
+    if cand_idx.ndim != 1 or cand_ok.shape != cand_idx.shape:
+        raise ValueError(
+            f"context_features: cand_idx and cand_ok must be [K]; got {cand_idx.shape}, "
+            f"{cand_ok.shape}"
+        )
+    chunk = int(max(1, min(int(chunk), n)))
+    return _context_jit(
+        xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, radius=float(radius),
+        chunk=chunk,
+    )
+
+
+def group_features(lead, fg, fg_count, cand_pos) -> tuple[Array, Array, Array]:
+    """Per-group kernel input and position, stored at the group's lead slot.
+
+    Args:
+      lead: i32[M] from `merge_groups` (-1 invalid).
+      fg: f32[M, D'] candidates' fg features; fg_count: f32[M] their neighbour counts.
+      cand_pos: f32[M, 3] candidate positions (xyz, or xyz + predicted offset).
+    Returns:
+      feat: f32[M, D'] at lead slots, the mean of the group members' fg weighted by
+        fg_count (unweighted when all counts are 0); zeros elsewhere.
+      pos: f32[M, 3] the lead's position (the highest-heat member); zeros elsewhere.
+      group_ok: bool[M] slots that lead a group (``lead[i] == i``).
+    """
+    lead = jnp.asarray(lead, jnp.int32)
+    fg = jnp.asarray(fg)
+    fg_count = jnp.asarray(fg_count, fg.dtype)
+    cand_pos = jnp.asarray(cand_pos)
+    m = lead.shape[0]
+    if fg.shape[0] != m or fg_count.shape != (m,) or cand_pos.shape != (m, 3):
+        raise ValueError(
+            f"group_features: expected fg [M, D'], fg_count [M], cand_pos [M, 3] with M = {m}; "
+            f"got {fg.shape}, {fg_count.shape}, {cand_pos.shape}"
+        )
+    slots = jnp.arange(m, dtype=jnp.int32)
+    group_ok = lead == slots
+    member = lead[None, :] == slots[:, None]  # [group slot g, candidate j]
+    w = jnp.where(member, fg_count[None, :], 0.0)
+    w_sum = w.sum(1, keepdims=True)
+    w = jnp.where(w_sum > 0, w, member.astype(fg.dtype))
+    w = w / jnp.maximum(w.sum(1, keepdims=True), 1e-12)
+    feat = jnp.matmul(w, fg, precision=jax.lax.Precision.HIGHEST)
+    feat = jnp.where(group_ok[:, None], feat, 0.0)
+    pos = jnp.where(group_ok[:, None], cand_pos, 0.0)
+    return feat, pos, group_ok

@@ -1,0 +1,155 @@
+"""Candidate aggregation vs the paper's greedy merge, scipy components and brute force."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from scipy.sparse.csgraph import connected_components
+
+from dknet_jax import aggregation
+
+
+def greedy_merge_reference(scores, ok, heat, threshold):
+    """Paper Sec. 3.4: repeatedly join the two groups with the highest remaining score
+    (>= threshold), then zero the scores inside the new group; lead = highest heat."""
+    m = len(ok)
+    s = np.array(scores, np.float64)
+    s[~ok, :] = -1
+    s[:, ~ok] = -1
+    np.fill_diagonal(s, -1)
+    group = np.arange(m)
+    while s.max() >= threshold:
+        i, j = np.unravel_index(np.argmax(s), s.shape)
+        members = np.nonzero((group == group[i]) | (group == group[j]))[0]
+        group[members] = min(group[i], group[j])
+        s[np.ix_(members, members)] = -1
+    lead = np.full(m, -1)
+    for g in np.unique(group[ok]):
+        members = [c for c in range(m) if ok[c] and group[c] == g]
+        best = members[0]
+        for c in members:  # highest heat, lower slot on ties
+            if heat[c] > heat[best]:
+                best = c
+        for c in members:
+            lead[c] = best
+    return lead
+
+
+def random_scores(rng, m, density, quantised):
+    s = rng.uniform(size=(m, m))
+    s = np.where(rng.uniform(size=(m, m)) < density, 0.5 + 0.5 * s, 0.5 * s)
+    if quantised:
+        s = np.round(s * 4) / 4  # hits the threshold 0.5 exactly
+    return s.astype(np.float32)
+
+
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_merge_groups_equals_greedy_merge_and_scipy(m):
+    rng = np.random.default_rng(m)
+    for trial in range(30):
+        density = rng.choice([0.0, 0.01, 0.03, 0.1, 0.5])
+        scores = random_scores(rng, m, density / max(1, m / 10), quantised=trial % 2 == 0)
+        if trial % 3 == 0:
+            scores = np.maximum(scores, scores.T)  # symmetric, like an MLP on |Fi - Fj|
+        ok = rng.uniform(size=m) < 0.8
+        heat = (rng.integers(0, 4, m) if trial % 2 else rng.uniform(size=m)).astype(np.float32)
+        lead = np.asarray(aggregation.merge_groups(scores, ok, heat, threshold=0.5))
+        ref = greedy_merge_reference(scores, ok, heat, 0.5)
+        np.testing.assert_array_equal(lead, ref)
+        # Same partition as scipy's components of the symmetrised graph.
+        adj = ((scores >= 0.5) | (scores.T >= 0.5)) & ok[:, None] & ok[None, :]
+        _, comp = connected_components(adj, directed=False)
+        v = np.nonzero(ok)[0]
+        same_ours = lead[v][:, None] == lead[v][None, :]
+        same_scipy = comp[v][:, None] == comp[v][None, :]
+        np.testing.assert_array_equal(same_ours, same_scipy)
+
+
+def test_merge_groups_chain_needs_all_squaring_steps():
+    # A path 0-1-2-...-63 (only i, i+1 edges): one component, lead = max heat.
+    m = 64
+    scores = np.zeros((m, m), np.float32)
+    scores[np.arange(m - 1), np.arange(1, m)] = 0.9  # one direction only
+    heat = np.zeros(m, np.float32)
+    heat[37] = 1.0
+    lead = np.asarray(aggregation.merge_groups(scores, np.ones(m, bool), heat))
+    np.testing.assert_array_equal(lead, np.full(m, 37))
+    # Invalid slot 30 cuts the path in two.
+    ok = np.ones(m, bool)
+    ok[30] = False
+    lead = np.asarray(aggregation.merge_groups(scores, ok, heat))
+    assert lead[30] == -1 and (lead[:30] == 0).all() and (lead[31:] == 37).all()
+    with pytest.raises(ValueError, match="scores must be"):
+        aggregation.merge_groups(scores[:3], ok, heat)
+
+
+def test_same_instance():
+    inst = np.array([3, 3, -100, 5, 3, -100])
+    ok = np.array([1, 1, 1, 1, 0, 1], bool)
+    got = np.asarray(aggregation.same_instance(inst, ok))
+    want = np.zeros((6, 6))
+    for i in range(6):
+        for j in range(6):
+            want[i, j] = float(ok[i] and ok[j] and inst[i] >= 0 and inst[i] == inst[j])
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 1] == 1 and got[0, 4] == 0 and got[2, 5] == 0
+
+
+def test_context_features_vs_brute_force():
+    rng = np.random.default_rng(4)
+    n, d, k, r = 333, 5, 12, 0.3
+    xyz = rng.uniform(0, 1.2, (n, 3)).astype(np.float32)
+    feats = rng.normal(size=(n, d)).astype(np.float32)
+    sem = rng.integers(0, 3, n).astype(np.int32)
+    scene = (np.arange(n) >= 200).astype(np.int32)
+    valid = rng.uniform(size=n) < 0.85
+    cand = rng.choice(n, k, replace=False).astype(np.int32)
+    cand_ok = rng.uniform(size=k) < 0.8
+    fg, bg, cnt = aggregation.context_features(
+        xyz, feats, sem, valid, scene, cand, cand_ok, radius=r, chunk=64)
+    fg, bg, cnt = map(np.asarray, (fg, bg, cnt))
+    for c in range(k):
+        p = cand[c]
+        want_fg, want_bg, n_fg = np.zeros(d), np.zeros(d), 0
+        if cand_ok[c]:
+            f_rows = [q for q in range(n) if valid[q] and scene[q] == scene[p]
+                      and sem[q] == sem[p] and np.sum((xyz[q] - xyz[p]) ** 2) <= r * r]
+            b_rows = [q for q in range(n) if valid[q] and scene[q] == scene[p]
+                      and sem[q] != sem[p] and np.sum((xyz[q] - xyz[p]) ** 2) <= 4 * r * r]
+            n_fg = len(f_rows)
+            if f_rows:
+                want_fg = feats[f_rows].mean(0)
+            if b_rows:
+                want_bg = feats[b_rows].mean(0)
+        np.testing.assert_allclose(fg[c], want_fg, atol=1e-5)
+        np.testing.assert_allclose(bg[c], want_bg, atol=1e-5)
+        assert cnt[c] == n_fg
+    # Differentiable in feats: d(sum fg[c]) / d feats[q] = 1/count for fg members.
+    g = jax.grad(lambda f: aggregation.context_features(
+        xyz, f, sem, valid, scene, cand, cand_ok, radius=r, chunk=64)[0][0].sum())(feats)
+    if cand_ok[0] and cnt[0] > 0:
+        assert np.isclose(np.asarray(g).sum(), d, atol=1e-4)
+
+
+def test_group_features_vs_loops():
+    rng = np.random.default_rng(9)
+    m, d = 10, 4
+    lead = np.array([0, 0, 2, -1, 2, 5, 0, 7, 7, -1])
+    fg = rng.normal(size=(m, d)).astype(np.float32)
+    cnt = rng.integers(0, 5, m).astype(np.float32)
+    cnt[[7, 8]] = 0  # group 7: all counts zero -> plain mean
+    pos = rng.normal(size=(m, 3)).astype(np.float32)
+    feat, gpos, gok = map(np.asarray, aggregation.group_features(lead, fg, cnt, pos))
+    for g in range(m):
+        members = [j for j in range(m) if lead[j] == g]
+        assert gok[g] == (lead[g] == g)
+        if not gok[g]:
+            assert not feat[g].any() and not gpos[g].any()
+            continue
+        w = np.array([cnt[j] for j in members])
+        if w.sum() == 0:
+            w = np.ones(len(members))
+        want = sum(wj * fg[j] for wj, j in zip(w, members, strict=True)) / w.sum()
+        np.testing.assert_allclose(feat[g], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gpos[g], pos[g])
