@@ -1,0 +1,189 @@
+"""Point heads, aggregation MLPs, kernel MLP and mask-feature MLP (method.md sections 2, 4, 5).
+
+Data flow: backbone features ``F_p f32[N, D]`` -> this module -> semantic logits, offsets,
+heatmap logits (softmaxed per scene in ``targets.scene_softmax``), reduced features
+``f32[N, D']`` (pooled by ``aggregation`` into ``F_a``), merge logits ``f32[K, K]`` over
+``|F_a,i - F_a,j|``, instance kernels ``f32[K, L]`` (decoded by ``masks.decode_masks``) and
+mask features ``f32[N, 16]``.
+
+Layer layout (follows the released DKNet code; widths are constructor arguments):
+
+- ``semantic``  D -> 32 -> 32 -> S          (hidden: Linear+norm+ReLU)
+- ``offset``    D -> 32 -> 3
+- ``heatmap``   D+3 -> 32 -> 32 -> 1         (input [F_p, offset])
+- ``reduce``    D -> 32 -> 32 -> 32 -> D'    (the code's ``kernel_branch``: 3 conv blocks)
+- ``mask_feat`` D -> 32 -> 32 -> 32 -> 16    (the code's ``mask_branch``)
+- ``merge``     2D'+3 -> (2D'+3) x3 -> 1     (the code's ``merge_branch``, pairwise)
+- ``kernel``    D' -> 16 -> L = 337          (Linear, ReLU, Linear; no norm)
+
+Norm choice: ``norm="batch"`` (default, as in the code) is BatchNorm whose statistics use
+only the rows of a ``mask`` (padding / non-foreground rows never enter them), momentum 0.1
+in PyTorch terms (flax ``momentum=0.9``), epsilon 1e-4. ``"layer"`` (LayerNorm, no running
+state) and ``"none"`` are drop-in alternatives for ablations. Hidden Linears carry a bias
+(harmless before BN, needed without it). Weights use PyTorch's default Linear init
+(uniform +-1/sqrt(fan_in)), biases start at zero. Train/eval mode for BatchNorm follows
+``module.train()`` / ``module.eval()`` (``use_running_average``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+NORMS = ("batch", "layer", "none")
+
+# PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_torch_linear_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def num_kernel_params(in_dim: int = 19, hidden: int = 16) -> int:
+    """Length L of an instance kernel for two dynamic 1x1 layers in_dim -> hidden -> 1.
+
+    L = in_dim * hidden (W1) + hidden (b1) + hidden (W2) + 1 (b2); 19, 16 -> 337 (Eq. 4).
+    """
+    return in_dim * hidden + hidden + hidden + 1
+
+
+class MLP(nnx.Module):
+    """``in_dim -> hidden[0] -> ... -> out_dim``: (Linear + norm + ReLU) per hidden layer,
+    then a plain Linear.
+
+    ``__call__(x f32[..., in_dim], mask bool[...] | None) -> f32[..., out_dim]``; ``mask``
+    selects the rows that enter BatchNorm statistics (all rows when None; ignored by the
+    other norms). Leading dims are flattened for the norm and restored.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, *,
+                 norm: str = "batch", rngs: nnx.Rngs):
+        if norm not in NORMS:
+            raise ValueError(f"MLP norm={norm!r} is not one of {NORMS}")
+        self.norm_kind = norm
+        dims = [in_dim, *hidden]
+        self.linears = nnx.List([
+            nnx.Linear(a, b, kernel_init=_torch_linear_init, rngs=rngs)
+            for a, b in zip(dims[:-1], dims[1:], strict=True)])
+        if norm == "batch":
+            norms = [nnx.BatchNorm(b, momentum=0.9, epsilon=1e-4, rngs=rngs) for b in hidden]
+        elif norm == "layer":
+            norms = [nnx.LayerNorm(b, epsilon=1e-4, rngs=rngs) for b in hidden]
+        else:
+            norms = []
+        self.norms = nnx.List(norms)
+        self.out = nnx.Linear(dims[-1], out_dim, kernel_init=_torch_linear_init, rngs=rngs)
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        lead = x.shape[:-1]
+        h = x.reshape(-1, x.shape[-1])
+        m = None if mask is None else jnp.broadcast_to(mask, lead).reshape(-1, 1)
+        for i, lin in enumerate(self.linears):
+            h = lin(h)
+            if self.norm_kind == "batch":
+                h = self.norms[i](h, mask=m)
+            elif self.norm_kind == "layer":
+                h = self.norms[i](h)
+            h = jax.nn.relu(h)
+        out = self.out(h)
+        return out.reshape(*lead, out.shape[-1])
+
+
+@flax.struct.dataclass
+class PointHeadOutputs:
+    """Per-point outputs of :class:`PointHeads` (``__call__``).
+
+    Attributes:
+      semantic_logits: f32[N, S] (softmax -> semantic scores).
+      offset: f32[N, 3] predicted vector from each point to its instance centroid.
+      heat_logits: f32[N] heatmap logit; softmax over each scene's predicted foreground
+        (``targets.scene_softmax``) gives H.
+      reduce_feats: f32[N, D'] features pooled into candidate fg/bg context features.
+      mask_feats: f32[N, Cm] mask features F_m for the dynamic-conv decoder.
+      foreground: bool[N] valid rows whose predicted class is an instance class.
+    """
+
+    semantic_logits: Array
+    offset: Array
+    heat_logits: Array
+    reduce_feats: Array
+    mask_feats: Array
+    foreground: Array
+
+
+class PointHeads(nnx.Module):
+    """All DKNet MLPs on top of the backbone (see the module docstring for the layouts).
+
+    Args:
+      feat_dim: D, width of F_p (32).
+      num_classes: S (20 ScanNet, 13 S3DIS).
+      first_instance_class: predicted class >= this is foreground (ScanNet 2).
+      width: hidden width of the point heads (32).
+      agg_dim: D', width of the reduced features (16).
+      mask_feat_dim: width of F_m (16).
+      kernel_hidden: hidden width of the kernel MLP (16).
+      dynamic_hidden: output channels of the first dynamic 1x1 layer (16); with
+        mask_feat_dim it fixes L = num_kernel_params(mask_feat_dim + 3, dynamic_hidden).
+      norm: "batch" (masked BatchNorm) | "layer" | "none".
+    """
+
+    def __init__(self, feat_dim: int = 32, num_classes: int = 20, *,
+                 first_instance_class: int = 2, width: int = 32, agg_dim: int = 16,
+                 mask_feat_dim: int = 16, kernel_hidden: int = 16, dynamic_hidden: int = 16,
+                 norm: str = "batch", rngs: nnx.Rngs):
+        if not 0 <= first_instance_class < num_classes:
+            raise ValueError(f"PointHeads first_instance_class={first_instance_class} must be "
+                             f"in [0, num_classes={num_classes})")
+        self.first_instance_class = first_instance_class
+        self.kernel_len = num_kernel_params(mask_feat_dim + 3, dynamic_hidden)
+        d, w, a = feat_dim, width, 2 * agg_dim + 3
+        self.semantic = MLP(d, [w, w], num_classes, norm=norm, rngs=rngs)
+        self.offset = MLP(d, [w], 3, norm=norm, rngs=rngs)
+        self.heatmap = MLP(d + 3, [w, w], 1, norm=norm, rngs=rngs)
+        self.reduce = MLP(d, [w, w, w], agg_dim, norm=norm, rngs=rngs)
+        self.mask_feat = MLP(d, [w, w, w], mask_feat_dim, norm=norm, rngs=rngs)
+        self.merge = MLP(a, [a, a, a], 1, norm=norm, rngs=rngs)
+        self.kernel = MLP(agg_dim, [kernel_hidden], self.kernel_len, norm="none", rngs=rngs)
+
+    def __call__(self, feats: Array, valid: Array) -> PointHeadOutputs:
+        """Per-point heads. ``feats f32[N, D]``, ``valid bool[N]`` -> :class:`PointHeadOutputs`.
+
+        The heatmap MLP's BatchNorm statistics use the predicted-foreground rows only (the
+        code runs it on those points alone); its logits on other rows are meaningless and
+        are excluded by ``scene_softmax``.
+        """
+        if feats.ndim != 2 or valid.shape != feats.shape[:1]:
+            raise ValueError(f"PointHeads expects feats [N, D] and valid [N], got "
+                             f"{feats.shape} and {valid.shape}")
+        sem = self.semantic(feats, valid)
+        off = self.offset(feats, valid)
+        fg = valid & (jnp.argmax(sem, axis=-1) >= self.first_instance_class)
+        heat = self.heatmap_logits(feats, off, fg)
+        return PointHeadOutputs(
+            semantic_logits=sem, offset=off, heat_logits=heat,
+            reduce_feats=self.reduce(feats, valid), mask_feats=self.mask_feat(feats, valid),
+            foreground=fg)
+
+    def heatmap_logits(self, feats: Array, offset: Array, mask: Array) -> Array:
+        """``feats f32[N, D]``, ``offset f32[N, 3]``, ``mask bool[N]`` -> logits f32[N]."""
+        return self.heatmap(jnp.concatenate([feats, offset], axis=-1), mask)[:, 0]
+
+    def merge_logits(self, agg_feats: Array, pair_mask: Array) -> Array:
+        """Pairwise merge logits over ``|F_a,i - F_a,j|``.
+
+        Args:
+          agg_feats: f32[K, 2D'+3] candidate features [fg, bg, shifted position].
+          pair_mask: bool[K, K] valid pairs (both candidates valid, same scene); only they
+            enter BatchNorm statistics.
+        Returns:
+          f32[K, K] logits (sigmoid -> merge score A); symmetric by construction.
+        """
+        diff = jnp.abs(agg_feats[:, None, :] - agg_feats[None, :, :])
+        return self.merge(diff, pair_mask)[..., 0]
+
+    def kernels(self, inst_feats: Array) -> Array:
+        """Instance kernels: ``inst_feats f32[K, D']`` -> ``f32[K, L]`` (L = 337)."""
+        return self.kernel(inst_feats)
