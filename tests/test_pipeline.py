@@ -1,0 +1,305 @@
+"""Scene loading/validation and the train/eval iterators (dknet_jax/data/dataset.py,
+dknet_jax/data/pipeline.py), on small synthetic npz files written here."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dknet_jax.data.dataset import SceneError, list_scenes, load_scene, scene_num_points
+from dknet_jax.data.pipeline import EvalIterator, TrainIterator, scene_rng
+from dknet_jax.data.transforms import (
+    AugmentConfig,
+    flip_matrix,
+    jitter_matrix,
+    random_rotation_matrix,
+)
+
+S = 20
+BUCKETS = (1024, 1536, 2048, 3072, 4096)
+IBUCKETS = (16, 32, 64)
+FIELDS = [f.name for f in dataclasses.fields(
+    __import__("dknet_jax.types", fromlist=["PointBatch"]).PointBatch)]
+
+
+def room(n, seed):
+    """A small room: floor points + a few box objects (instances), superpoints by cell."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 5))
+    n_obj = n // 2 // k
+    floor = rng.uniform([0, 0, 0], [4, 3, 0.02], (n - n_obj * k, 3))
+    objs, inst, sem = [floor], [np.full(len(floor), -100)], [np.full(len(floor), 1)]
+    for j in range(k):
+        c = rng.uniform([0.5, 0.5, 0.3], [3.5, 2.5, 0.6])
+        objs.append(c + rng.uniform(-0.3, 0.3, (n_obj, 3)))
+        inst.append(np.full(n_obj, j))
+        sem.append(np.full(n_obj, rng.integers(2, S)))
+    xyz = np.concatenate(objs).astype(np.float32) + np.float32(rng.uniform(-5, 5))
+    return {
+        "xyz": xyz,
+        "rgb": rng.integers(0, 256, (n, 3)).astype(np.uint8),
+        "semantic": np.concatenate(sem).astype(np.int32),
+        "instance": np.concatenate(inst).astype(np.int32),
+        "superpoint": (np.floor(xyz[:, 0] * 2) * 100 + np.floor(xyz[:, 1] * 2)).astype(
+            np.int32) - int(np.floor(xyz[:, :2].min() * 2) * 101) + 1000,
+    }
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scenes")
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(200, 900, 11)
+    paths = []
+    for i, n in enumerate(sizes):
+        p = d / f"scene{i:04d}_00.npz"
+        np.savez(p, **room(int(n), i))
+        paths.append(str(p))
+    return paths
+
+
+def train_iter(paths, **kw):
+    args = dict(batch_size=3, seed=7, voxel_size=0.05, num_classes=S, buckets=BUCKETS,
+                instance_buckets=IBUCKETS,
+                augment_config=AugmentConfig.for_voxel_size(0.05, max_points=800),
+                num_workers=0)
+    args.update(kw)
+    return TrainIterator(paths, **args)
+
+
+def take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for f in FIELDS:
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f), err_msg=f)
+
+
+# --------------------------------------------------------------------------------------
+# dataset
+
+
+def test_load_scene_roundtrip(split):
+    s = load_scene(split[0], num_classes=S)
+    with np.load(split[0]) as f:
+        for k in ("xyz", "rgb", "semantic", "instance", "superpoint"):
+            np.testing.assert_array_equal(s[k], f[k])
+        assert scene_num_points(split[0]) == len(f["xyz"])
+    assert s["name"] == "scene0000_00"
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", "missing key 'superpoint'"),
+    ("dtype", "'xyz' has dtype float64, expected float32"),
+    ("shape", r"'rgb' has shape \(50, 4\)"),
+    ("rows", "'semantic' has 49 rows"),
+    ("nan", "NaN/inf"),
+    ("empty", "empty scene"),
+    ("semantic", "outside 0..19"),
+    ("instance", "'instance' has negative values"),
+    ("superpoint", "negative ids"),
+    ("notzip", "cannot read as .npz"),
+])
+def test_bad_scene_files_name_the_file(tmp_path, case, pattern):
+    s = room(50, 3)
+    if case == "missing":
+        del s["superpoint"]
+    elif case == "dtype":
+        s["xyz"] = s["xyz"].astype(np.float64)
+    elif case == "shape":
+        s["rgb"] = np.zeros((50, 4), np.uint8)
+    elif case == "rows":
+        s["semantic"] = s["semantic"][:49]
+    elif case == "nan":
+        s["xyz"][7, 1] = np.nan
+    elif case == "empty":
+        s = {k: v[:0] for k, v in s.items()}
+    elif case == "semantic":
+        s["semantic"][3] = S
+    elif case == "instance":
+        s["instance"][3] = -1
+    elif case == "superpoint":
+        s["superpoint"][3] = -1
+    path = tmp_path / f"bad_{case}.npz"
+    if case == "notzip":
+        path.write_text("not a zip")
+    else:
+        np.savez(path, **s)
+    with pytest.raises(SceneError, match=pattern) as err:
+        load_scene(path, num_classes=S)
+    assert f"bad_{case}.npz" in str(err.value)
+
+
+def test_missing_file_and_unlabelled_scene(tmp_path):
+    with pytest.raises(SceneError, match="nope.npz"):
+        load_scene(tmp_path / "nope.npz")
+    s = room(30, 1)
+    del s["semantic"], s["instance"]
+    np.savez(tmp_path / "test_scene.npz", **s)
+    with pytest.raises(SceneError, match="missing key 'semantic'"):
+        load_scene(tmp_path / "test_scene.npz")
+    out = load_scene(tmp_path / "test_scene.npz", require_labels=False)
+    assert (out["semantic"] == -100).all() and (out["instance"] == -100).all()
+
+
+def test_list_scenes(tmp_path, split):
+    root = os.path.dirname(split[0])
+    assert list_scenes(root) == sorted(split)
+    (tmp_path / "val.txt").write_text("b\na\n")
+    for n in ("a", "b", "c"):
+        np.savez(tmp_path / f"{n}.npz", **room(10, 0))
+    assert [os.path.basename(p) for p in list_scenes(tmp_path, "val")] == ["a.npz", "b.npz"]
+    (tmp_path / "train.txt").write_text("a\nzzz\n")
+    with pytest.raises(SceneError, match="zzz"):
+        list_scenes(tmp_path, "train")
+    with pytest.raises(SceneError, match="split 'test' not found"):
+        list_scenes(tmp_path, "test")
+
+
+# --------------------------------------------------------------------------------------
+# training iterator
+
+
+def test_same_seed_same_batches_any_worker_count(split):
+    ref = take(train_iter(split), 7)  # crosses the epoch boundary (3 batches/epoch)
+    with train_iter(split, num_workers=2, prefetch=3) as it:
+        assert_same(ref, take(it, 7))
+    other = take(train_iter(split, seed=8), 3)
+    assert any(not np.array_equal(a.xyz, b.xyz) for a, b in zip(ref, other, strict=True))
+    # epochs differ from each other (new shuffle and new augmentation)
+    assert not np.array_equal(ref[0].xyz, ref[3].xyz)
+
+
+def test_scene_augmentation_depends_only_on_seed_epoch_scene(split):
+    """Whatever batch a scene lands in, its transform is drawn from
+    scene_rng(seed, epoch, scene index): recover each scene's linear map (elastic and crop
+    off) and compare with the matrices drawn from that generator."""
+    cfg = AugmentConfig(elastic=(), max_points=None)
+    sizes = [scene_num_points(p) for p in split]
+    assert len(set(sizes)) == len(sizes)
+    for window in (0, 2):
+        it = train_iter(split, augment_config=cfg, size_window=window, num_epochs=2,
+                        drop_remainder=False)
+        maps = {}
+        for k, batch in enumerate(it):
+            epoch = k // 4
+            for b in np.flatnonzero(batch.scene_valid):
+                rows = batch.batch_id == b
+                i = sizes.index(int(rows.sum()))
+                src = load_scene(split[i])["xyz"].astype(np.float64)
+                src -= src.mean(0)
+                m, *_ = np.linalg.lstsq(src, batch.xyz[rows], rcond=None)
+                rng = scene_rng(7, epoch, i)
+                want = (jitter_matrix(rng, 0.1) @ flip_matrix(rng)
+                        @ random_rotation_matrix(rng))
+                np.testing.assert_allclose(m, want, atol=1e-4)
+                maps[epoch, i] = m
+        assert len(maps) == 22
+        assert min(np.abs(maps[0, 0] - m).max() for key, m in maps.items()
+                   if key != (0, 0)) > 1e-3
+
+
+def test_epoch_covers_scenes_once_and_crops(split):
+    it = train_iter(split, drop_remainder=False, augment_config=None)
+    assert it.batches_per_epoch() == 4
+    counts = []
+    for batch in take(it, 4):
+        counts += [int((batch.batch_id == b).sum()) for b in range(3) if batch.scene_valid[b]]
+    sizes = sorted(scene_num_points(p) for p in split)
+    assert sorted(counts) == sizes  # every scene exactly once, uncropped
+    cropped = take(train_iter(split), 6)
+    for batch in cropped:
+        per_scene = np.bincount(batch.batch_id[batch.valid], minlength=3)
+        assert per_scene.max() <= 800 and batch.scene_valid.all()
+
+
+def test_resume_mid_epoch_equals_uninterrupted(split):
+    ref = take(train_iter(split, num_workers=2), 8)
+    it = train_iter(split, num_workers=2, prefetch=4)
+    first = take(it, 4)  # one batch into epoch 1, with more prefetched
+    state = json.loads(json.dumps(it.state()))
+    it.close()
+    assert state["epoch"] == 1 and state["position"] == 1
+    resumed = train_iter(split, state=state)
+    assert_same(ref, first + take(resumed, 4))
+    # restore() on a running iterator rewinds it too
+    it2 = train_iter(split, num_workers=1)
+    take(it2, 6)
+    it2.restore(state)
+    assert_same(ref[4:], take(it2, 4))
+    it2.close()
+    with pytest.raises(ValueError, match="num_scenes"):
+        train_iter(split[:-1], state=state)
+
+
+def test_size_grouping_and_finite_epochs(split):
+    it = train_iter(split, size_window=2, num_epochs=2, drop_remainder=False)
+    batches = list(it)
+    assert len(batches) == 8
+    seen = []
+    for batch in batches[:4]:
+        seen += [int((batch.batch_id == b).sum()) for b in range(3) if batch.scene_valid[b]]
+    assert len(seen) == 11  # each scene once per epoch
+    with pytest.raises(StopIteration):
+        next(it)
+    assert it.state()["epoch"] == 2
+
+
+def test_crop_lowered_when_batch_cannot_fit(split):
+    with pytest.warns(UserWarning, match="cropping each scene to 341"):
+        it = train_iter(split, buckets=(1024,), augment_config=AugmentConfig())
+    batch = next(it)
+    assert batch.xyz.shape[0] == 1024 and batch.valid.sum() <= 1023
+
+
+def test_bad_file_error_surfaces_from_workers(split, tmp_path):
+    bad = tmp_path / "broken.npz"
+    s = room(100, 0)
+    s["rgb"] = s["rgb"].astype(np.int32)
+    np.savez(bad, **s)
+    it = train_iter(split[:2] + [str(bad)], num_workers=2)
+    with pytest.raises(SceneError, match="broken.npz"):
+        next(it)
+    it.close()
+
+
+# --------------------------------------------------------------------------------------
+# evaluation iterator
+
+
+def test_eval_iterator_every_scene_once_in_order(split):
+    it = EvalIterator(split, batch_size=4, voxel_size=0.05, num_classes=S,
+                      buckets=(1024, 2048), instance_buckets=IBUCKETS, num_workers=2)
+    names, n_batches = [], 0
+    for batch, bnames in it:
+        n_batches += 1
+        assert len(bnames) == 4 and batch.xyz.shape[0] in (1024, 2048)
+        np.testing.assert_array_equal(batch.scene_valid, [n is not None for n in bnames])
+        for b, name in enumerate(bnames):
+            if name is None:
+                assert not (batch.batch_id == b).any()
+                continue
+            names.append(name)
+            s = load_scene(split[int(name[5:9])])
+            rows = batch.batch_id == b
+            centred = s["xyz"] - s["xyz"].astype(np.float64).mean(0)
+            np.testing.assert_allclose(batch.xyz[rows], centred, atol=1e-4)  # no augment
+            np.testing.assert_array_equal(batch.semantic[rows], s["semantic"])
+    assert names == [os.path.basename(p)[:-4] for p in split]
+    assert n_batches == len(it) and n_batches >= 3  # 11 scenes of <= 900 in <= 2048 rows
+    again = EvalIterator(split, batch_size=4, voxel_size=0.05, num_classes=S,
+                         buckets=(1024, 2048), instance_buckets=IBUCKETS, num_workers=0)
+    assert_same([b for b, _ in again], [b for b, _ in EvalIterator(
+        split, batch_size=4, voxel_size=0.05, num_classes=S, buckets=(1024, 2048),
+        instance_buckets=IBUCKETS, num_workers=2)])
+
+
+def test_eval_scene_larger_than_largest_bucket(split):
+    with pytest.raises(ValueError, match=r"scene00\d\d_00.npz: \d+ points exceed"):
+        EvalIterator(split, batch_size=1, voxel_size=0.05, num_classes=S, buckets=(256,),
+                     instance_buckets=IBUCKETS)
