@@ -1,0 +1,248 @@
+"""Inference post-processing (paper Sec. 3.6 / method.md section 8): soft masks -> instances.
+
+Sits after the dynamic-conv mask head (soft masks ``M`` f32[K, N] for K instance slots over
+one scene's N points) and before evaluation / export. Jit-compiled on padded slots; for a
+batch vmap over scenes. Definitions (all deterministic):
+
+1. **Otsu threshold per instance.** Bin ``b = clip(floor(M * bins), 0, bins - 1)`` (float32
+   product) over the scene's *valid points* (the instance scans the whole scene). For a
+   split ``t`` in 1..bins-1 (class 0: bins < t) the between-class variance is
+   ``n0 * n1 * (mu0 - mu1)^2`` (bin indices as values); ``t*`` is the first maximiser and
+   ``T = t* / bins``. If every split has zero variance (one occupied bin), ``t* = bins // 2``.
+   A point is *above* instance k's threshold iff ``b_k >= t*_k`` (same binning).
+2. **Raw label** of a point: argmax of ``M_k`` over the instances it is above (ties: lower
+   slot); background (-1) if it is above none.
+3. **Coverage** ``S_c,k = #(raw label == k) / #(above k)`` (in [0, 1]; 0 when empty).
+   **Refined label**: argmax of ``S_c,k * M_k`` over instances the point is above and with
+   ``S_c,k > 0``; background if none.
+4. **Superpoint vote** (optional): among a superpoint's valid points, the label (-1 =
+   background counts as a label) held by most points wins; ties: lower label (so
+   background wins a tie). Points with a superpoint id outside [0, num_superpoints) keep
+   their label.
+5. **Class** of instance k: the majority predicted semantic class (argmax of ``sem_prob``)
+   among its final points, skipping ``ignore_classes``; ties: lower class; -1 if none.
+   **Score** = mean of ``M_k`` x mean of ``sem_prob[:, class_k]``, both over the points
+   above k's threshold (the paper's "intra-points"); 0 when there are none or no class.
+6. **Filters**: keep = valid slot, class >= 0, final point count >= ``min_points``,
+   score >= ``min_score``. Dropped instances do not hand their points to others.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Instances:
+    """Post-processed instances of one scene, in K fixed slots.
+
+    Attributes:
+      masks: bool[K, N] final point masks (all False for dropped slots).
+      labels: i32[K] semantic class 0..S-1 of each instance (-1: no class).
+      scores: f32[K] confidence (mean mask x mean semantic score over intra-points).
+      keep: bool[K] slots that survive the filters.
+      point_instance: i32[N] final instance slot of every point (-1: background; points
+        of dropped instances keep their slot here, use ``keep`` to filter).
+      thresholds: f32[K] Otsu threshold T_k of each slot.
+      coverage: f32[K] coverage score S_c,k.
+    """
+
+    masks: Array
+    labels: Array
+    scores: Array
+    keep: Array
+    point_instance: Array
+    thresholds: Array
+    coverage: Array
+
+
+def _bin(masks, bins):
+    return jnp.clip(jnp.floor(masks * jnp.float32(bins)), 0, bins - 1).astype(jnp.int32)
+
+
+def _otsu_from_bins(b, valid, bins):
+    """b: i32[K, N] bin indices; valid: bool[N]. Returns the split t* i32[K]."""
+    k = b.shape[0]
+    keys = (jnp.arange(k, dtype=jnp.int32)[:, None] * bins + b).reshape(-1)
+    ones = jnp.broadcast_to(valid.astype(jnp.int32)[None, :], b.shape).reshape(-1)
+    hist = jax.ops.segment_sum(ones, keys, num_segments=k * bins).reshape(k, bins)
+    idx = jnp.arange(bins, dtype=jnp.int32)
+    n0 = jnp.cumsum(hist, axis=1)[:, :-1]  # split t = 1..bins-1: bins < t
+    s0 = jnp.cumsum(hist * idx, axis=1)[:, :-1]
+    n_tot = hist.sum(1, keepdims=True)
+    s_tot = (hist * idx).sum(1, keepdims=True)
+    n1 = n_tot - n0
+    s1 = s_tot - s0
+    f = lambda a: a.astype(jnp.float32)
+    both = (n0 > 0) & (n1 > 0)
+    mu0 = f(s0) / jnp.maximum(f(n0), 1.0)
+    mu1 = f(s1) / jnp.maximum(f(n1), 1.0)
+    var = jnp.where(both, f(n0) * f(n1) * (mu0 - mu1) ** 2, 0.0)
+    t = jnp.argmax(var, axis=1).astype(jnp.int32) + 1
+    return jnp.where(jnp.max(var, axis=1) > 0, t, bins // 2)
+
+
+@functools.partial(jax.jit, static_argnames=("bins",))
+def _otsu_jit(values, valid, *, bins):
+    t = _otsu_from_bins(_bin(values, bins), valid, bins)
+    return t.astype(jnp.float32) / bins
+
+
+def otsu_threshold(values, valid=None, *, bins=100) -> Array:
+    """Per-row Otsu threshold of values in [0, 1] (definition 1 of the module docstring).
+
+    Args:
+      values: f32[K, N] (or f32[N]) soft masks; valid: bool[N] points in the histogram
+        (all when None).
+    Returns:
+      f32[K] (or f32[]) thresholds t*/bins; a value v is above iff floor(v*bins) >= t*.
+    """
+    values = jnp.asarray(values, jnp.float32)
+    squeeze = values.ndim == 1
+    values = values[None] if squeeze else values
+    if values.ndim != 2:
+        raise ValueError(f"otsu_threshold: values must be f32[K, N] or [N], got {values.shape}")
+    valid = jnp.ones(values.shape[1], bool) if valid is None else jnp.asarray(valid, bool)
+    if valid.shape != values.shape[1:]:
+        raise ValueError(f"otsu_threshold: valid must be [N]={values.shape[1:]}, got {valid.shape}")
+    if int(bins) < 2:
+        raise ValueError(f"otsu_threshold: bins must be >= 2, got {bins}")
+    t = _otsu_jit(values, valid, bins=int(bins))
+    return t[0] if squeeze else t
+
+
+@functools.partial(jax.jit, static_argnames=("bins", "num_superpoints"))
+def _postprocess_jit(masks, slot_ok, sem_prob, valid, superpoint, class_ok, min_score,
+                     min_points, *, bins, num_superpoints):
+    k, n = masks.shape
+    s = sem_prob.shape[1]
+    slots = jnp.arange(k, dtype=jnp.int32)
+    b = _bin(masks, bins)
+    t = _otsu_from_bins(b, valid, bins)
+    above = (b >= t[:, None]) & valid[None, :] & slot_ok[:, None]
+    intra = above.sum(1)
+
+    def argmax_over(eligible, values):
+        best = jnp.argmax(jnp.where(eligible, values, -jnp.inf), axis=0).astype(jnp.int32)
+        return jnp.where(eligible.any(0), best, -1)
+
+    raw = argmax_over(above, masks)
+    inter = (raw[None, :] == slots[:, None]).sum(1)
+    coverage = inter.astype(jnp.float32) / jnp.maximum(intra, 1).astype(jnp.float32)
+    label = argmax_over(above & (coverage > 0)[:, None], coverage[:, None] * masks)
+
+    if num_superpoints > 0:
+        p = num_superpoints
+        has_sp = valid & (superpoint >= 0) & (superpoint < p)
+        key = jnp.where(has_sp, superpoint * (k + 1) + label + 1, p * (k + 1))
+        votes = jax.ops.segment_sum(
+            jnp.ones((n,), jnp.int32), key, num_segments=p * (k + 1) + 1
+        )[:-1].reshape(p, k + 1)
+        winner = jnp.argmax(votes, axis=1).astype(jnp.int32) - 1  # first max: lower label
+        label = jnp.where(has_sp, winner[jnp.clip(superpoint, 0, p - 1)], label)
+    label = jnp.where(valid, label, -1)
+
+    final = label[None, :] == slots[:, None]  # [K, N]
+    count = final.sum(1)
+    hi = jax.lax.Precision.HIGHEST
+    sem_arg = jnp.argmax(sem_prob, axis=1)
+    onehot = (sem_arg[:, None] == jnp.arange(s)[None, :]).astype(jnp.float32)
+    onehot = onehot * class_ok[None, :]
+    class_votes = jnp.matmul(final.astype(jnp.float32), onehot, precision=hi)  # [K, S]
+    cls = jnp.where(class_votes.max(1) > 0, jnp.argmax(class_votes, axis=1), -1)
+    cls = cls.astype(jnp.int32)
+
+    above_f = above.astype(jnp.float32)
+    n_intra = jnp.maximum(intra, 1).astype(jnp.float32)
+    mask_mean = (above_f * masks).sum(1) / n_intra
+    sem_sums = jnp.matmul(above_f, sem_prob.astype(jnp.float32), precision=hi)  # [K, S]
+    sem_sum = jnp.take_along_axis(sem_sums, jnp.clip(cls, 0, s - 1)[:, None], 1)[:, 0]
+    sem_mean = sem_sum / n_intra
+    score = jnp.where((intra > 0) & (cls >= 0), mask_mean * sem_mean, 0.0)
+
+    keep = slot_ok & (cls >= 0) & (count >= min_points) & (score >= min_score)
+    return Instances(
+        masks=final & keep[:, None],
+        labels=cls,
+        scores=score,
+        keep=keep,
+        point_instance=label,
+        thresholds=t.astype(jnp.float32) / bins,
+        coverage=coverage,
+    )
+
+
+def postprocess(
+    masks,
+    slot_ok,
+    sem_prob,
+    valid,
+    superpoint=None,
+    *,
+    num_superpoints: int = 0,
+    bins: int = 100,
+    min_score: float = 0.1,
+    min_points: int = 100,
+    ignore_classes: tuple[int, ...] = (),
+) -> Instances:
+    """Soft instance masks of one scene -> filtered hard instances (module docstring).
+
+    Args:
+      masks: f32[K, N] soft masks M in [0, 1] (sigmoid outputs).
+      slot_ok: bool[K] real instance slots.
+      sem_prob: f32[N, S] semantic probabilities (softmax).
+      valid: bool[N] points of this scene.
+      superpoint: i32[N] superpoint id per point (0..num_superpoints-1; others are not
+        voted), or None to skip the superpoint vote.
+      num_superpoints: P, static capacity of superpoint ids (required with ``superpoint``).
+      bins: Otsu histogram bins over [0, 1].
+      min_score, min_points: filters (0.1 and 100 in the released code).
+      ignore_classes: classes that cannot label an instance (ScanNet: wall 0, floor 1).
+    Returns:
+      `Instances` with K slots.
+    """
+    masks = jnp.asarray(masks, jnp.float32)
+    if masks.ndim != 2:
+        raise ValueError(f"postprocess: masks must be f32[K, N], got shape {masks.shape}")
+    k, n = masks.shape
+    slot_ok = jnp.asarray(slot_ok, bool)
+    sem_prob = jnp.asarray(sem_prob, jnp.float32)
+    valid = jnp.asarray(valid, bool)
+    if slot_ok.shape != (k,):
+        raise ValueError(f"postprocess: slot_ok must be [K]=[{k}], got {slot_ok.shape}")
+    if sem_prob.ndim != 2 or sem_prob.shape[0] != n:
+        raise ValueError(f"postprocess: sem_prob must be f32[N={n}, S], got {sem_prob.shape}")
+    if valid.shape != (n,):
+        raise ValueError(f"postprocess: valid must be [N]=[{n}], got {valid.shape}")
+    if superpoint is None:
+        num_superpoints = 0
+        superpoint = jnp.full((n,), -1, jnp.int32)
+    else:
+        superpoint = jnp.asarray(superpoint, jnp.int32)
+        if superpoint.shape != (n,):
+            raise ValueError(
+                f"postprocess: superpoint must be i32[N]=[{n}], got {superpoint.shape}")
+        if int(num_superpoints) < 1:
+            raise ValueError(
+                "postprocess: pass num_superpoints (the static capacity of superpoint ids, "
+                "e.g. max id + 1 rounded up to a bucket) together with superpoint")
+    s = sem_prob.shape[1]
+    bad = [c for c in ignore_classes if not 0 <= int(c) < s]
+    if bad:
+        raise ValueError(f"postprocess: ignore_classes {bad} are outside 0..{s - 1}")
+    if int(bins) < 2:
+        raise ValueError(f"postprocess: bins must be >= 2, got {bins}")
+    class_ok = np.ones((s,), bool)
+    class_ok[[int(c) for c in ignore_classes]] = False
+    return _postprocess_jit(
+        masks, slot_ok, sem_prob, valid, superpoint, jnp.asarray(class_ok),
+        jnp.float32(min_score), jnp.int32(min_points), bins=int(bins),
+        num_superpoints=int(num_superpoints),
+    )
