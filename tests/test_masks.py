@@ -1,0 +1,113 @@
+"""Tests for dknet_jax.masks: numpy loop reference, chunking invariance, gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dknet_jax.masks import MASK_FILL, decode_masks, scene_point_mask, split_kernels
+
+K, N, CM, H = 5, 23, 16, 16
+L = (CM + 3) * H + H + H + 1
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    kernels = rng.normal(size=(K, L)).astype(np.float32) * 0.3
+    cent = rng.normal(size=(K, 3)).astype(np.float32)
+    inst_batch = np.array([0, 1, 1, 0, 2], np.int32)
+    inst_ok = np.array([1, 1, 1, 1, 0], bool)
+    feats = rng.normal(size=(N, CM)).astype(np.float32)
+    xyz = rng.normal(size=(N, 3)).astype(np.float32)
+    batch_id = rng.integers(0, 2, N).astype(np.int32)
+    valid = np.ones(N, bool)
+    valid[-3:] = False
+    batch_id[-3:] = 2  # padding rows carry batch id B = 2
+    return kernels, cent, inst_batch, inst_ok, feats, xyz, batch_id, valid
+
+
+def _numpy_reference(kernels, cent, inst_batch, inst_ok, feats, xyz, batch_id, valid):
+    """Straight loop over (instance, point) with the documented kernel layout."""
+    ci = CM + 3
+    out = np.full((K, N), MASK_FILL, np.float64)
+    for k in range(K):
+        w = kernels[k].astype(np.float64)
+        w1 = w[:ci * H].reshape(ci, H)
+        b1 = w[ci * H:ci * H + H]
+        w2 = w[ci * H + H:ci * H + 2 * H]
+        b2 = w[ci * H + 2 * H]
+        for i in range(N):
+            if not (inst_ok[k] and valid[i] and batch_id[i] == inst_batch[k]):
+                continue
+            x = np.concatenate([feats[i], cent[k] - xyz[i]])
+            h = np.maximum(x @ w1 + b1, 0.0)
+            out[k, i] = h @ w2 + b2
+    return out
+
+
+def test_kernel_layout_and_length_check():
+    kern = jnp.arange(2 * L, dtype=jnp.float32).reshape(2, L)
+    w1, b1, w2, b2 = split_kernels(kern, CM + 3, H)
+    assert w1.shape == (2, 19, 16) and b1.shape == (2, 16) and w2.shape == (2, 16)
+    assert float(w1[1, 2, 3]) == L + 2 * 16 + 3
+    assert float(b1[0, 0]) == 304 and float(w2[0, 0]) == 320 and float(b2[0]) == 336
+    with pytest.raises(ValueError, match="length"):
+        split_kernels(kern[:, :-1], CM + 3, H)
+
+
+def test_decode_matches_numpy_loop_and_chunking():
+    args = _inputs()
+    ref = _numpy_reference(*args)
+    jargs = [jnp.asarray(a) for a in args]
+    full = jax.jit(functools.partial(decode_masks, chunk_size=N))(*jargs)
+    chunked = jax.jit(functools.partial(decode_masks, chunk_size=4))(*jargs)  # 23 = 5*4 + 3
+    assert full.shape == chunked.shape == (K, N)
+    np.testing.assert_allclose(np.asarray(full), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-6, atol=1e-6)
+    # other scenes, padding rows and the invalid slot are filled
+    pm = np.asarray(scene_point_mask(*jargs[2:4], *jargs[6:8]))
+    assert np.all(np.asarray(full)[~pm] == MASK_FILL)
+    assert not pm[4].any() and pm[0].sum() > 0
+
+
+def test_gradients_flow_and_chunked_grads_equal():
+    args = [jnp.asarray(a) for a in _inputs(1)]
+    rng = np.random.default_rng(5)
+    t = jnp.asarray(rng.random((K, N)) < 0.5, jnp.float32)
+    pm = scene_point_mask(args[2], args[3], args[6], args[7])
+
+    def loss(kernels, cent, feats, chunk):
+        z = decode_masks(kernels, cent, args[2], args[3], feats, args[5], args[6], args[7],
+                         chunk_size=chunk)
+        p = jax.nn.sigmoid(z)
+        return jnp.sum(jnp.where(pm, (p - t) ** 2, 0.0))
+
+    g_full = jax.jit(jax.grad(functools.partial(loss, chunk=N), argnums=(0, 1, 2)))(
+        args[0], args[1], args[4])
+    g_chunk = jax.jit(jax.grad(functools.partial(loss, chunk=6), argnums=(0, 1, 2)))(
+        args[0], args[1], args[4])
+    for a, b in zip(g_full, g_chunk, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert np.all(np.isfinite(np.asarray(a)))
+    gk, gc, gf = (np.asarray(x) for x in g_full)
+    assert np.abs(gk[:4]).sum() > 0 and np.abs(gf).sum() > 0 and np.abs(gc[:4]).sum() > 0
+    assert np.all(gk[4] == 0)  # invalid slot: no gradient
+    # finite-difference check of one kernel entry (the b2 of instance 0)
+    eps = 1e-2
+    kp = args[0].at[0, L - 1].add(eps)
+    km = args[0].at[0, L - 1].add(-eps)
+    loss_j = jax.jit(loss, static_argnums=3)
+    fd = (loss_j(kp, args[1], args[4], N) - loss_j(km, args[1], args[4], N)) / (2 * eps)
+    np.testing.assert_allclose(gk[0, L - 1], float(fd), rtol=2e-2, atol=1e-3)
+
+
+def test_bad_shapes_raise_clear_errors():
+    args = [jnp.asarray(a) for a in _inputs()]
+    with pytest.raises(ValueError, match="disagree on N"):
+        decode_masks(args[0], args[1], args[2], args[3], args[4], args[5][:-1], args[6],
+                     args[7])
+    with pytest.raises(ValueError, match="length"):
+        decode_masks(args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7],
+                     hidden=8)
