@@ -32,23 +32,30 @@ from dknet_jax.eval.scannet_instance import CLASS_IDS, OVERLAPS, summarize  # no
 
 
 def load_official(ref: str):
-    """Imports the official module (its argparse needs argv; stubs only if deps are absent)."""
+    """Imports the official module (its argparse needs argv; stubs only if deps are absent).
+
+    sys.path, sys.argv and the helper modules it imports (``util``, ``util_3d``, stubs) are
+    restored / unregistered afterwards so they do not shadow anything else.
+    """
     bench = os.path.join(ref, "BenchmarkScripts")
     script = os.path.join(bench, "3d_evaluation", "evaluate_semantic_instance.py")
     if not os.path.isfile(script):
-        sys.exit(f"error: {script} not found; --ref must be the scannet_official_eval folder")
+        raise FileNotFoundError(f"{script} not found; --ref must be the scannet_official_eval folder")
+    saved_path, saved_argv, saved_mods = list(sys.path), sys.argv, set(sys.modules)
     for dep in ("imageio", "plyfile"):
         if importlib.util.find_spec(dep) is None:
             sys.path.append(os.path.join(ref, "_stubs"))  # after real packages
     sys.path.insert(0, bench)
-    argv = sys.argv
     sys.argv = ["evaluate_semantic_instance.py", "--pred_path", ".", "--gt_path", "."]
     try:
         spec = importlib.util.spec_from_file_location("official_scannet_eval", script)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
-        sys.argv = argv
+        sys.path[:], sys.argv = saved_path, saved_argv
+        for name in ("util", "util_3d", "imageio", "plyfile"):
+            if name not in saved_mods:
+                sys.modules.pop(name, None)
     return mod
 
 
@@ -92,7 +99,7 @@ def make_trial(rng: np.random.Generator, root: str) -> None:
     gt_dir, pred_dir = os.path.join(root, "gt"), os.path.join(root, "pred")
     os.makedirs(gt_dir)
     os.makedirs(os.path.join(pred_dir, "masks"))
-    classes = rng.choice(CLASS_IDS, size=rng.integers(2, 7), replace=False)
+    classes = rng.choice(CLASS_IDS, size=rng.integers(2, 10), replace=False)
     num_scenes = int(rng.integers(1, 5))
     conf_pool = np.array([0.25, 0.5, 0.75])
     for s in range(num_scenes):
@@ -180,34 +187,33 @@ def same(a: float, b: float, tol: float) -> bool:
     return abs(a - b) <= tol
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ref", required=True, help="folder of the official ScanNet eval scripts")
-    ap.add_argument("--trials", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tol", type=float, default=1e-6)
-    args = ap.parse_args()
-    mod = load_official(os.path.abspath(args.ref))
-    rng = np.random.default_rng(args.seed)
-    max_diff, crash_trials, crash_cells, nan_cells, cells, mid_cells = 0.0, 0, 0, 0, 0, 0
-    for t in range(args.trials):
+def crosscheck(ref_dir: str, trials: int, seed: int = 0, tol: float = 1e-6) -> dict:
+    """Runs ``trials`` random trials; raises AssertionError on the first disagreement.
+
+    Returns counts and the largest absolute difference seen.
+    """
+    mod = load_official(os.path.abspath(ref_dir))
+    rng = np.random.default_rng(seed)
+    max_diff, compared, crash_trials, crash_cells, nan_cells, cells, mid_cells = 0.0, 0, 0, 0, 0, 0, 0
+    for t in range(trials):
         with tempfile.TemporaryDirectory() as root:
             make_trial(rng, root)
             gt_dir, pred_dir = os.path.join(root, "gt"), os.path.join(root, "pred")
             if not any(f.endswith(".txt") for f in os.listdir(pred_dir)):
                 continue
-            ref, crashes = official_ap(mod, gt_dir, pred_dir)
+            ref, crashes = official_ap(mod, gt_dir, pred_dir)  # f64[18, 10]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ev, _ = load_dirs(gt_dir, pred_dir, progress=False)
             ours = ev.compute_ap_matrix()
+        compared += 1
         crash_trials += crashes > 0
         crash_cells += crashes
         nan_cells += int(np.isnan(ref).sum())
         mid_cells += int(np.sum((ref > 0) & (ref < 1)))
         cells += ref.size
         if not np.array_equal(np.isnan(ref), np.isnan(ours)):
-            sys.exit(f"trial {t}: NaN pattern differs\nofficial\n{ref}\nours\n{ours}")
+            raise AssertionError(f"trial {t}: NaN pattern differs\nofficial\n{ref}\nours\n{ours}")
         diff = np.nanmax(np.abs(np.nan_to_num(ref - ours)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -217,18 +223,35 @@ def main():
         for name, d in ref_avg["classes"].items():
             pairs += [(d[k], our_avg["classes"][name][k]) for k in ("ap", "ap50%", "ap25%")]
         for a, b in pairs:
-            if not same(float(a), float(b), args.tol):
-                sys.exit(f"trial {t}: mean differs: official {a} ours {b}")
+            if not same(float(a), float(b), tol):
+                raise AssertionError(f"trial {t}: mean differs: official {a} ours {b}")
             if not (math.isnan(a) or math.isnan(b)):
                 diff = max(diff, abs(float(a) - float(b)))
-        if diff > args.tol:
-            bad = np.argwhere(np.abs(np.nan_to_num(ref - ours)) > args.tol)
-            sys.exit(f"trial {t}: AP differs by {diff} at (class, overlap) {bad[:5].tolist()}"
-                     f" with overlaps {OVERLAPS.tolist()}")
+        if diff > tol:
+            bad = np.argwhere(np.abs(np.nan_to_num(ref - ours)) > tol)
+            raise AssertionError(f"trial {t}: AP differs by {diff} at (class, overlap) "
+                                 f"{bad[:5].tolist()} with overlaps {OVERLAPS.tolist()}")
         max_diff = max(max_diff, diff)
-    print(f"{args.trials} trials, {cells} AP cells ({nan_cells} NaN, {mid_cells} strictly between 0 and 1), official crashed on an "
-          f"empty curve in {crash_trials} trials ({crash_cells} cells, ours 0): "
-          f"max |official - ours| = {max_diff:.3g}")
+    return dict(trials=trials, compared=compared, cells=cells, nan_cells=nan_cells, mid_cells=mid_cells,
+                crash_trials=crash_trials, crash_cells=crash_cells, max_diff=max_diff)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ref", required=True, help="folder of the official ScanNet eval scripts")
+    ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tol", type=float, default=1e-6)
+    args = ap.parse_args()
+    try:
+        r = crosscheck(args.ref, args.trials, args.seed, args.tol)
+    except (AssertionError, FileNotFoundError) as e:
+        sys.exit(f"FAILED: {e}")
+    print(f"{r['trials']} trials ({r['compared']} with prediction files), {r['cells']} AP "
+          f"cells ({r['nan_cells']} NaN, {r['mid_cells']} strictly between 0 and 1); the "
+          f"official script crashed on an empty curve in {r['crash_trials']} trials "
+          f"({r['crash_cells']} cells, ours 0 there); max |official - ours| = "
+          f"{r['max_diff']:.3g}")
 
 
 if __name__ == "__main__":

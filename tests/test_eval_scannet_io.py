@@ -1,0 +1,160 @@
+"""Benchmark file formats and ``scripts/eval_scannet.py`` on temporary folders."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dknet_jax.eval import (
+    BenchmarkFormatError,
+    evaluate_dirs,
+    read_ids,
+    read_prediction,
+    write_gt_ids,
+    write_prediction,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "eval_scannet.py")
+CHAIR, TABLE = 5, 7
+N = 500
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("eval_scannet_cli", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_set(tmp_path, with_second_pred=False):
+    """scene0000_00: chair [0,200) + table [200,400); scene0001_00: chair [0,150).
+    Predictions: perfect chair (0.9) and table (0.8) in scene 0 only."""
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    gt0 = np.zeros(N, np.int64)
+    gt0[:200], gt0[200:400] = CHAIR * 1000 + 1, TABLE * 1000 + 2
+    gt1 = np.zeros(N, np.int64)
+    gt1[:150] = CHAIR * 1000 + 1
+    write_gt_ids(gt_dir / "scene0000_00.txt", gt0)
+    write_gt_ids(gt_dir / "scene0001_00.txt", gt1)
+    masks = np.zeros((2, N), bool)
+    masks[0, :200], masks[1, 200:400] = True, True
+    write_prediction(str(pred_dir), "scene0000_00", masks, [CHAIR, TABLE], [0.9, 0.8])
+    if with_second_pred:
+        write_prediction(str(pred_dir), "scene0001_00", np.zeros((0, N), bool), [], [])
+    return str(gt_dir), str(pred_dir)
+
+
+def test_round_trip(tmp_path):
+    ids = np.array([0, 5001, 7002, 1000, 39005], np.int64)
+    write_gt_ids(tmp_path / "g.txt", ids)
+    np.testing.assert_array_equal(read_ids(tmp_path / "g.txt"), ids)
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 50)) < 0.5
+    scores = np.array([0.123456789012345, 0.5, 1 / 3])
+    path = write_prediction(str(tmp_path), "sc", masks, [5, 1, 39], scores)
+    assert open(path).read().splitlines()[0].startswith("predicted_masks/sc_000.txt 5 ")
+    m, lab, sc, paths = read_prediction(path, str(tmp_path), 50)
+    # wall (1) is not an instance class: skipped, like the official script
+    np.testing.assert_array_equal(m, masks[[0, 2]])
+    np.testing.assert_array_equal(lab, [5, 39])
+    np.testing.assert_array_equal(sc, scores[[0, 2]])  # full precision kept
+    assert len(paths) == 2 and all(os.path.isabs(p) for p in paths)
+
+
+def test_cli_writes_json_and_table_and_skips_scene_without_predictions(tmp_path, capsys):
+    gt_dir, pred_dir = make_set(tmp_path)
+    out = tmp_path / "res" / "results.json"
+    with pytest.warns(UserWarning, match="1 GT scene"):
+        rc = load_script().main(["--gt_dir", gt_dir, "--pred_dir", pred_dir,
+                                 "--out", str(out), "--no_progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"all_ap", "all_ap_50%", "all_ap_25%", "classes"}
+    # scene0001_00 (an unmatched chair) is skipped, not counted as a miss: AP stays 1
+    assert res["all_ap"] == 1.0 and res["classes"]["chair"] == {"ap": 1.0, "ap50%": 1.0,
+                                                               "ap25%": 1.0}
+    assert res["classes"]["sofa"] == {"ap": None, "ap50%": None, "ap25%": None}
+    assert len(res["classes"]) == 18
+    printed = capsys.readouterr().out
+    assert "chair" in printed and "average" in printed
+
+
+def test_empty_prediction_file_counts_the_scene(tmp_path):
+    gt_dir, pred_dir = make_set(tmp_path, with_second_pred=True)
+    res, skipped = evaluate_dirs(gt_dir, pred_dir, progress=False)
+    assert skipped == []
+    # chairs: TP (0.9) + one missed: (P=1, R=.5), (1, 0) -> 0.5; table 1 -> mean 0.75
+    assert res["classes"]["chair"]["ap"] == pytest.approx(0.5)
+    assert res["all_ap"] == pytest.approx(0.75)
+
+
+def test_script_runs_as_a_command(tmp_path):
+    gt_dir, pred_dir = make_set(tmp_path, with_second_pred=True)
+    r = subprocess.run([sys.executable, SCRIPT, "--gt_dir", gt_dir, "--pred_dir", pred_dir,
+                        "--out", str(tmp_path / "r.json"), "--no_progress"],
+                       capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["all_ap"] == pytest.approx(0.75)
+
+
+def _error(gt_dir, pred_dir, capsys):
+    rc = load_script().main(["--gt_dir", gt_dir, "--pred_dir", pred_dir, "--no_progress"])
+    assert rc == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*no prediction file")
+def test_clear_errors(tmp_path, capsys):
+    gt_dir, pred_dir = make_set(tmp_path)
+    assert "does not exist" in _error(gt_dir + "_nope", pred_dir, capsys)
+    assert "does not exist" in _error(gt_dir, str(tmp_path / "nope"), capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no prediction files" in _error(gt_dir, str(empty), capsys)
+
+    mask0 = os.path.join(pred_dir, "predicted_masks", "scene0000_00_000.txt")
+    good = open(mask0).read()
+    open(mask0, "w").write(good + "1\n")  # one line too many
+    err = _error(gt_dir, pred_dir, capsys)
+    assert "wrong number of lines" in err and "501 vs 500" in err
+    open(mask0, "w").write(good.replace("1\n", "2\n", 1))
+    assert "other than 0/1" in _error(gt_dir, pred_dir, capsys)
+    open(mask0, "w").write(good)
+
+    scene = os.path.join(pred_dir, "scene0000_00.txt")
+    lines = open(scene).read()
+    open(scene, "w").write(lines.replace(" 5 ", " 41 ", 1))
+    assert "unknown label id 41" in _error(gt_dir, pred_dir, capsys)
+    open(scene, "w").write(lines.replace("predicted_masks/", "../", 1))
+    assert "outside" in _error(gt_dir, pred_dir, capsys)
+    open(scene, "w").write(lines.replace(" 0.9", "", 1))
+    assert "expected '<relative mask path>" in _error(gt_dir, pred_dir, capsys)
+    open(scene, "w").write(lines.replace("predicted_masks/scene0000_00_000", "nope/x", 1))
+    assert "cannot read mask file" in _error(gt_dir, pred_dir, capsys)
+    open(scene, "w").write(lines)
+
+    write_prediction(pred_dir, "scene0099_00", np.zeros((0, N), bool), [], [])
+    assert "without a GT file" in _error(gt_dir, pred_dir, capsys)
+    with pytest.raises(BenchmarkFormatError):
+        evaluate_dirs(gt_dir, pred_dir, progress=False)
+
+
+def test_mask_path_listed_twice_keeps_the_last_line(tmp_path):
+    gt_dir, pred_dir = make_set(tmp_path, with_second_pred=True)
+    scene = os.path.join(pred_dir, "scene0000_00.txt")
+    first = open(scene).read().splitlines()[0]  # chair mask, 0.9
+    # the same mask listed again with label table: the official dict keeps the last line,
+    # so the chair prediction becomes a table prediction (chair AP 0, table: TP + FP)
+    with open(scene, "a") as f:
+        f.write(first.replace(" 5 ", " 7 ") + "\n")
+    with pytest.warns(UserWarning, match="listed twice"):
+        res, _ = evaluate_dirs(gt_dir, pred_dir, progress=False)
+    assert res["classes"]["chair"]["ap"] == 0.0
+    # table: TP 0.8 and FP 0.9 (the chair mask) -> u=.8 (P=.5,R=1), u=.9 (0,0), (1,0): 0.25
+    assert res["classes"]["table"]["ap"] == pytest.approx(0.25)
