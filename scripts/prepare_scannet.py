@@ -1,0 +1,39 @@
+"""Prepare ScanNet v2 scans (or `make_synthetic.py` rooms) into O/<scene>.npz.
+
+    python scripts/prepare_scannet.py --scannet_root R --out O [--split_dir D]
+        [--workers N] [--overwrite] [--scenes scene0000_00 ...]
+
+Reads R/scans/<scene>/ (and R/scans_test/) plus R/scannetv2-labels.combined.tsv; label
+rules and the files read are documented in `dknet_jax/data/scannet.py`. Existing outputs
+are kept unless --overwrite. Split lists scannetv2_{train,val,test}.txt (from --split_dir,
+default R) are honoured and copied as O/{train,val,test}.txt with the prepared scenes.
+Exit status 1 when a scene failed.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from dknet_jax.data.scannet import prepare_scannet  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scannet_root", required=True, help="folder holding scans/ and the tsv")
+    ap.add_argument("--out", required=True, help="output folder for <scene>.npz")
+    ap.add_argument("--split_dir", default=None, help="folder of scannetv2_*.txt (default: root)")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--overwrite", action="store_true", help="redo scenes already prepared")
+    ap.add_argument("--scenes", nargs="+", default=None, help="only these scene ids")
+    args = ap.parse_args(argv)
+    s = prepare_scannet(args.scannet_root, args.out, split_dir=args.split_dir,
+                        scenes=args.scenes, workers=args.workers, overwrite=args.overwrite)
+    print(f"prepared {len(s.prepared)}, already present {len(s.existing)}, "
+          f"failed {len(s.failed)}; totals: {dict(sorted(s.stats.items()))}")
+    print(f"report: {os.path.join(args.out, 'prepare_report.json')}")
+    return 1 if s.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
