@@ -19,6 +19,11 @@ Backward (``jax.custom_vjp``):
 
 :func:`gather_matmul_reference` is the plain-jnp definition (gathers ``[V, K, Cin]``);
 tests compare both with a brute-force numpy loop, on CPU with ``interpret=True``.
+
+Backend: passing ``plgpu.CompilerParams`` (Triton) selects Pallas' Triton backend even where
+the default GPU backend is Mosaic GPU. JAX 0.11 deprecates the Triton backend (still
+present); a Mosaic GPU port is the way forward once it is removed. f32 dots use Triton's
+default precision (TF32 on Ampere+), like XLA's default f32 matmuls on GPU.
 """
 
 from __future__ import annotations
