@@ -378,7 +378,7 @@ def sofa(rng) -> Obj:
 def toilet(rng) -> Obj:
     c = color(rng, "white")
     bw, tw = U(rng, .2, .26), U(rng, .4, .5)
-    return Obj("toilet", [(Box((-tw / 2, 0, .38), (tw / 2, .2, .78), "-y"), c),
+    return Obj("toilet", [(Box((-tw / 2, 0, .3), (tw / 2, .2, .75), "-y"), c),
                           (Box((-bw / 2, .15, 0), (bw / 2, .55, .3), "-z"), c),
                           (Cylinder(0, .45, .3, .42, U(rng, .17, .2)), c)],
                occluders=[Box((-bw / 2 + .02, .17, -.1), (bw / 2 - .02, .53, .05))])
@@ -426,11 +426,11 @@ def bathtub(rng) -> list[Obj]:
 
 def lamp(rng, z0=0.0, floor=True) -> Obj:
     hp = U(rng, 1.3, 1.7) if floor else U(rng, .25, .45)
-    rs, c = U(rng, .12, .22), color(rng, "metal")
+    rs, hs, c = U(rng, .12, .22), U(rng, .18, .3), color(rng, "metal")
+    # the pole runs up to the shade's closed top, so the lamp is one connected piece
     return Obj("lamp", [(Cylinder(0, 0, z0, z0 + .03, U(rng, .1, .15)), c),
-                        (Cylinder(0, 0, z0 + .03, z0 + hp, .015, top=False), c),
-                        (Cylinder(0, 0, z0 + hp, z0 + hp + U(rng, .18, .3), rs, top=False),
-                         color(rng, "white"))])
+                        (Cylinder(0, 0, z0 + .03, z0 + hp + hs, .015, top=False), c),
+                        (Cylinder(0, 0, z0 + hp, z0 + hp + hs, rs), color(rng, "white"))])
 
 
 def trash_can(rng) -> Obj:

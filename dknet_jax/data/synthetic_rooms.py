@@ -472,6 +472,9 @@ ROOMS = {
                         [("whiteboard", 0, 1), ("picture", 0, 2)]),
 }
 ROOM_WEIGHTS = {"office": 1.4, "bedroom": 1.2, "living_room": 1.2, "conference_room": .8}
+# S3DIS: mostly offices and hallways, as in the real areas
+S3DIS_ROOM_WEIGHTS = {"office": 3.0, "hallway": 1.5, "conferenceRoom": .8, "storage": .6,
+                      "WC": .6, "lounge": .4, "pantry": .3}
 # S3DIS room types reuse the groups (their desks, toilets, ... become table / clutter)
 S3DIS_ROOMS = {
     "office": ROOMS["office"], "conferenceRoom": ROOMS["conference_room"],
@@ -534,7 +537,8 @@ def layout_room(rng: np.random.Generator, style: str = "scannet") -> tuple[list[
         raise ValueError(f"layout_room: style must be 'scannet' or 's3dis', got {style!r}")
     table = ROOMS if style == "scannet" else S3DIS_ROOMS
     names = sorted(table)
-    weights = np.array([ROOM_WEIGHTS.get(n, 1.0) for n in names])
+    wt = ROOM_WEIGHTS if style == "scannet" else S3DIS_ROOM_WEIGHTS
+    weights = np.array([wt.get(n, 1.0) for n in names])
     room_type = str(rng.choice(names, p=weights / weights.sum()))
     (w0, w1), (d0, d1), (n0, n1), curtain_p, steps, items = table[room_type]
     w, d = U(rng, w0, w1), U(rng, d0, d1)

@@ -1,0 +1,279 @@
+"""Synthetic rooms: raw ScanNet / S3DIS files, determinism, annotation consistency, and
+the round trip through the preparation code that also reads real scans."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from plyfile import PlyData, PlyElement
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from dknet_jax.data import labels as L
+from dknet_jax.data import synthetic as syn
+from dknet_jax.data import synthetic_objects as so
+from dknet_jax.data.superpoints import segment_mesh
+
+N_SCENES = 3
+
+
+@pytest.fixture(scope="module")
+def scannet_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scannet")
+    split = syn.make_dataset(root, N_SCENES, seed=7, size="tiny", val_fraction=0.34,
+                             progress=False)
+    return root, split
+
+
+@pytest.fixture(scope="module")
+def tiny_scenes():
+    return [syn.generate_scene(np.random.default_rng([11, i]), "tiny") for i in range(8)]
+
+
+def _read_scene(root, sid):
+    d = Path(root) / "scans" / sid
+    mesh = PlyData.read(str(d / f"{sid}_vh_clean_2.ply"))
+    lab = PlyData.read(str(d / f"{sid}_vh_clean_2.labels.ply"))
+    segs = json.loads((d / f"{sid}_vh_clean_2.0.010000.segs.json").read_text())
+    agg = json.loads((d / f"{sid}.aggregation.json").read_text())
+    return mesh, lab, segs, agg
+
+
+def _label_table(root):
+    with open(Path(root) / "scannetv2-labels.combined.tsv", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    return rows
+
+
+def test_scannet_files_and_formats(scannet_root):
+    root, split = scannet_root
+    ids = sorted(split["train"] + split["val"])
+    assert ids == [f"scene{i:04d}_00" for i in range(N_SCENES)]
+    assert len(split["val"]) == 1
+    for key in ("train", "val"):
+        assert (root / f"scannetv2_{key}.txt").read_text().split() == split[key]
+    for sid in ids:
+        mesh, lab, segs, agg = _read_scene(root, sid)
+        assert mesh.text is False and mesh.byte_order == "<"
+        v = mesh["vertex"].data
+        assert [p.name for p in mesh["vertex"].properties] == [
+            "x", "y", "z", "red", "green", "blue", "alpha"]
+        assert v.dtype["x"] == np.float32 and v.dtype["red"] == np.uint8
+        fprop = mesh["face"].properties[0]
+        assert (fprop.name, fprop.len_dtype, fprop.val_dtype) == ("vertex_indices", "u1", "i4")
+        faces = np.stack(mesh["face"]["vertex_indices"])
+        assert faces.shape[1] == 3 and faces.min() >= 0 and faces.max() < len(v)
+        # labels ply: same vertices, ushort nyu40 ids, palette colours
+        lv = lab["vertex"].data
+        assert len(lv) == len(v) and lv.dtype["label"] == np.uint16
+        assert np.array_equal(lv["x"], v["x"]) and np.array_equal(lv["z"], v["z"])
+        label = lv["label"].astype(int)
+        assert label.max() <= 40
+        assert np.array_equal(np.stack([lv["red"], lv["green"], lv["blue"]], 1),
+                              syn.NYU40_PALETTE[label])
+        # segments: one per vertex, ids are union-find roots (a root is in its own segment)
+        seg = np.asarray(segs["segIndices"])
+        assert segs["sceneId"] == sid and len(seg) == len(v)
+        assert np.array_equal(seg[seg], seg)
+        assert agg["sceneId"] == f"scannet.{sid}"
+        assert agg["segmentsFile"] == f"scannet.{sid}_vh_clean_2.0.010000.segs.json"
+
+
+def test_label_table_is_the_real_format(scannet_root):
+    root, _ = scannet_root
+    raw = (root / "scannetv2-labels.combined.tsv").read_bytes()
+    assert raw.count(b"\r\n") == raw.count(b"\n") > 30  # CRLF everywhere
+    rows = _label_table(root)
+    assert rows[0] == list(syn.LABEL_TABLE_HEADER) and len(rows[0]) == 17
+    assert all(len(r) == 17 for r in rows)
+    table = {r[1]: int(r[4]) for r in rows[1:]}
+    for raw_cat, (nyu, _) in so.RAW_CATEGORIES.items():
+        assert table[raw_cat] == nyu
+    # non-benchmark clutter that the generator places
+    for raw_cat in ("lamp", "pillow", "box", "books"):
+        assert table[raw_cat] not in L.SCANNET_NYU40_IDS
+    assert rows[1 + list(table).index("refrigerator")][7] == "refridgerator"
+
+
+def test_annotation_consistent_with_labels(scannet_root):
+    """segGroups list whole segments, one object each, whose label (via the tsv) equals
+    the labels.ply id of every vertex; vertices in no group are labelled 0."""
+    root, split = scannet_root
+    table = {r[1]: int(r[4]) for r in _label_table(root)[1:]}
+    for sid in split["train"] + split["val"]:
+        mesh, lab, segs, agg = _read_scene(root, sid)
+        seg = np.asarray(segs["segIndices"])
+        label = lab["vertex"]["label"].astype(int)
+        owner = np.full(len(seg), -1)
+        names = []
+        for g in agg["segGroups"]:
+            assert g["id"] == g["objectId"]
+            members = np.isin(seg, g["segments"])
+            assert set(g["segments"]) == set(seg[members].tolist())  # all listed ids exist
+            assert np.all(owner[members] == -1), "a vertex is in two groups"
+            owner[members] = g["objectId"]
+            assert np.all(label[members] == table[g["label"]])
+            names.append(g["label"])
+        assert np.all(label[owner == -1] == 0)
+        # each segment carries one label
+        for s in np.unique(seg):
+            assert len(np.unique(label[seg == s])) == 1
+        assert names.count("floor") == 1 and names.count("wall") >= 4
+
+
+def test_same_seed_same_bytes_other_seed_differs(scannet_root, tmp_path):
+    root, _ = scannet_root
+    syn.make_dataset(tmp_path / "a", 2, seed=7, size="tiny", progress=False)
+    syn.make_dataset(tmp_path / "b", 2, seed=8, size="tiny", progress=False)
+    for f in sorted((tmp_path / "a").rglob("*")):
+        if f.is_file() and "scannetv2_" not in f.name:  # splits depend on the scene count
+            assert f.read_bytes() == (root / f.relative_to(tmp_path / "a")).read_bytes(), f
+    name = "scans/scene0000_00/scene0000_00_vh_clean_2.ply"
+    assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "b" / name).read_bytes()
+
+
+def test_fast_ply_writer_matches_plyfile(tmp_path, tiny_scenes):
+    scene = tiny_scenes[0]
+    label = scene.nyu40.astype(np.uint16)
+    syn._write_ply(tmp_path / "fast.ply", scene, scene.colors, label)
+    v = np.empty(len(scene.vertices), [("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                       ("red", "u1"), ("green", "u1"), ("blue", "u1"),
+                                       ("alpha", "u1"), ("label", "<u2")])
+    v["x"], v["y"], v["z"] = scene.vertices.T
+    v["red"], v["green"], v["blue"] = scene.colors.T
+    v["alpha"], v["label"] = 255, label
+    f = np.empty(len(scene.faces), dtype=[("vertex_indices", "i4", (3,))])
+    f["vertex_indices"] = scene.faces
+    PlyData([PlyElement.describe(v, "vertex"),
+             PlyElement.describe(f, "face", len_types={"vertex_indices": "u1"})],
+            text=False, byte_order="<").write(str(tmp_path / "ref.ply"))
+    assert (tmp_path / "fast.ply").read_bytes() == (tmp_path / "ref.ply").read_bytes()
+
+
+def test_objects_are_whole_connected_and_segment_aligned(tiny_scenes):
+    for scene in tiny_scenes[:4]:
+        seg = segment_mesh(scene.vertices, scene.faces)
+        for s in np.unique(seg):
+            assert len(np.unique(scene.object_id[seg == s])) == 1
+        groups = syn.scannet_seg_groups(scene, seg)
+        for oi in np.unique(scene.object_id):
+            members = np.flatnonzero(scene.object_id == oi)
+            assert len(np.unique(scene.nyu40[members])) == 1
+            if scene.categories[oi] in so.STRUCTURE:  # walls may be cut in pieces by holes
+                continue
+            # parts of an object touch: connected under a radius of a few edge lengths
+            pts = scene.vertices[members]
+            pairs = cKDTree(pts).query_pairs(2.5 * scene.spacing, output_type="ndarray")
+            adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                             shape=(len(pts), len(pts)))
+            n_comp = connected_components(adj, directed=False)[0]
+            assert n_comp == 1, (scene.categories[oi], n_comp)
+        annotated = [oi for oi in np.unique(scene.object_id) if scene.annotated[oi]]
+        assert [g["label"] for g in groups] == [scene.categories[oi] for oi in annotated]
+        for g, oi in zip(groups, annotated, strict=True):
+            assert sorted(g["segments"]) == np.unique(seg[scene.object_id == oi]).tolist()
+
+
+def test_plausible_content(tiny_scenes):
+    inst_classes = set()
+    for scene in tiny_scenes:
+        nyu = scene.object_nyu40[np.unique(scene.object_id)]
+        assert (nyu == 1).sum() >= 4 and (nyu == 2).sum() == 1
+        inst = [n for n in nyu if n in L.SCANNET_INSTANCE_NYU40_IDS]
+        assert 3 <= len(inst) <= 80
+        inst_classes |= set(inst)
+        z = scene.vertices[:, 2]
+        assert 2.3 < z.max() - z.min() < 3.3  # 2.5-3 m high (+ noise), no ceiling
+        assert np.all(scene.vertices[:, :2] > 0)
+        assert np.all(np.isin(scene.nyu40, np.arange(41)))
+        assert len(np.unique(scene.colors, axis=0)) > 100
+    assert len(inst_classes) >= 10, sorted(inst_classes)
+
+
+def test_sizes_roughly_as_specified(tiny_scenes):
+    counts = [len(s.vertices) for s in tiny_scenes]
+    assert 1500 <= min(counts) and max(counts) <= 9000, counts
+    small = syn.generate_scene(np.random.default_rng(3), "small")
+    assert 15000 <= len(small.vertices) <= 50000
+    assert 0.04 <= small.spacing <= 0.15
+
+
+@pytest.mark.slow
+def test_scannet_size():
+    for i in range(2):
+        s = syn.generate_scene(np.random.default_rng(i), "scannet")
+        assert 80000 <= len(s.vertices) <= 230000 and 0.02 <= s.spacing <= 0.045
+
+
+def test_s3dis_layout(tmp_path):
+    split = syn.make_dataset(tmp_path, 3, seed=5, format="s3dis", size="tiny",
+                             val_fraction=0.34, progress=False)
+    assert len(split["val"]) == 1 and split["val"][0].startswith("Area_5/")
+    for name in split["train"] + split["val"]:
+        room = tmp_path / name
+        ann = sorted((room / "Annotations").glob("*.txt"))
+        total = 0
+        classes = []
+        for f in ann:
+            cls, k = f.stem.rsplit("_", 1)
+            assert cls in L.S3DIS_CLASSES and int(k) >= 1
+            classes.append(cls)
+            lines = f.read_text().splitlines()
+            for line in lines[:50]:
+                parts = line.split(" ")
+                assert len(parts) == 6 and all(len(p.split(".")[1]) == 3 for p in parts[:3])
+                assert all(p.isdigit() and int(p) <= 255 for p in parts[3:])
+            total += len(lines)
+        for cls in set(classes):  # k runs 1..count per class
+            ks = sorted(int(f.stem.rsplit("_", 1)[1]) for f in ann
+                        if f.stem.rsplit("_", 1)[0] == cls)
+            assert ks == list(range(1, len(ks) + 1))
+        assert {"ceiling", "floor", "wall"} <= set(classes)
+        whole = np.loadtxt(room / f"{room.name}.txt")
+        assert whole.shape == (total, 6)
+
+
+def test_round_trip_through_scannet_preparation(scannet_root):
+    """prepare_scannet_scene on the generator's files gives back what it placed."""
+    from dknet_jax.data.scannet import prepare_scannet_scene, read_label_table
+
+    root, split = scannet_root
+    table = read_label_table(str(root / "scannetv2-labels.combined.tsv"))
+    for i, sid in enumerate(sorted(split["train"] + split["val"])):
+        scene = syn.generate_scene(np.random.default_rng([7, i]), "tiny")
+        arrays, _ = prepare_scannet_scene(str(root / "scans" / sid), sid, table)
+        np.testing.assert_array_equal(arrays["xyz"], scene.vertices)
+        np.testing.assert_array_equal(arrays["rgb"], scene.colors)
+        np.testing.assert_array_equal(arrays["semantic"], L.map_nyu40(scene.nyu40))
+        inst = arrays["instance"]
+        is_inst = np.isin(scene.nyu40, L.SCANNET_INSTANCE_NYU40_IDS)
+        assert np.all(inst[~is_inst] == -100) and np.all(inst[is_inst] >= 0)
+        # same partition: prepared id <-> generator object id is a bijection
+        pairs = np.unique(np.stack([inst[is_inst], scene.object_id[is_inst]], 1), axis=0)
+        assert len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))
+        seg = segment_mesh(scene.vertices, scene.faces)
+        sp = arrays["superpoint"]
+        pairs = np.unique(np.stack([sp, seg], 1), axis=0)
+        assert len(pairs) == len(np.unique(sp)) == len(np.unique(seg))
+
+
+def test_round_trip_through_s3dis_preparation(tmp_path):
+    from dknet_jax.data.s3dis import prepare_s3dis_room
+
+    split = syn.make_dataset(tmp_path, 1, seed=2, format="s3dis", size="tiny",
+                             val_fraction=0.0, progress=False)
+    scene = syn.generate_scene(np.random.default_rng([2, 0]), "tiny", "s3dis")
+    arrays, _ = prepare_s3dis_room(str(tmp_path / split["train"][0]))
+    # every object comes back as one instance with its class and point count
+    placed = sorted((L.S3DIS_CLASSES.index(so.RAW_CATEGORIES[scene.categories[o]][1]),
+                     int((scene.object_id == o).sum())) for o in np.unique(scene.object_id))
+    got = []
+    for k in np.unique(arrays["instance"]):
+        m = arrays["instance"] == k
+        assert len(np.unique(arrays["semantic"][m])) == 1
+        got.append((int(arrays["semantic"][m][0]), int(m.sum())))
+    assert sorted(got) == placed
+    assert np.abs(np.sort(arrays["xyz"][:, 2]) - np.sort(scene.vertices[:, 2])).max() < 6e-4
