@@ -204,6 +204,20 @@ def test_scene_augmentation_depends_only_on_seed_epoch_scene(split):
                    if key != (0, 0)) > 1e-3
 
 
+def test_transfer_runs_on_each_batch(split):
+    import jax
+
+    ref = take(train_iter(split), 2)
+    with train_iter(split, num_workers=2, transfer=jax.device_put) as it:
+        got = take(it, 2)
+    assert isinstance(got[0].xyz, jax.Array)
+    assert_same(ref, [jax.tree.map(np.asarray, b) for b in got])
+    ev = EvalIterator(split[:2], batch_size=2, voxel_size=0.05, num_classes=S,
+                      buckets=BUCKETS, instance_buckets=IBUCKETS, transfer=jax.device_put)
+    batch, names = next(ev)
+    assert isinstance(batch.vox, jax.Array) and names == ["scene0000_00", "scene0001_00"]
+
+
 def test_epoch_covers_scenes_once_and_crops(split):
     it = train_iter(split, drop_remainder=False, augment_config=None)
     assert it.batches_per_epoch() == 4
