@@ -21,6 +21,14 @@ candidates are found while valid points outside the pool exist; then it is an ex
 condition as ``exhausted`` (conservative: it is also set when the outside points were all
 suppressed already); callers count it per scene and raise ``pool_size`` when it fires.
 
+**Inside the pool** the picks form the lexicographically-first maximal independent set of
+the within-R graph in pool order. ``algorithm="sequential"`` finds it one pick per
+``while_loop`` step; ``"rounds"`` decides every row whose earlier neighbours are decided in
+one K x K masked reduction per round (about 10 rounds on heatmap-like scenes, K at worst).
+Same result; ``"auto"`` picks sequential on CPU and rounds elsewhere. Measured on one H200
+(jax 0.11.2; B=4 scenes x 100k points, vmapped, N_max=200): pool 4096 sequential 5.4 ms,
+rounds 1.1-1.6 ms; on the 2-core CPU both take about 1.3 s.
+
 Batched use: pass the flat packed arrays of B scenes and vmap over per-scene ``valid``
 masks (points of other scenes invalid): ``jax.vmap(ln_nms, in_axes=(None, None, 0))``.
 """
@@ -35,6 +43,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 METHODS = ("ln_nms", "nms", "random")
+ALGORITHMS = ("sequential", "rounds")  # same result; see _lfmis_sequential / _lfmis_rounds
 
 
 def _check_inputs(xyz, score, valid) -> tuple[Array, Array, Array]:
@@ -61,7 +70,20 @@ def _check_sizes(max_candidates: int, pool_size: int) -> None:
         raise ValueError(f"candidate mining: pool_size must be >= 1, got {pool_size}")
 
 
-def _greedy_pool(xyz, score, valid, *, radius, threshold, normalise, max_candidates, pool_size):
+def _resolve_algorithm(algorithm: str) -> str:
+    if algorithm == "auto":
+        return "sequential" if jax.default_backend() == "cpu" else "rounds"
+    if algorithm not in ALGORITHMS:
+        raise ValueError(
+            f"candidate mining: algorithm must be 'auto' or one of {ALGORITHMS}, got "
+            f"{algorithm!r}"
+        )
+    return algorithm
+
+
+def _greedy_pool(
+    xyz, score, valid, *, radius, threshold, normalise, max_candidates, pool_size, algorithm
+):
     """The greedy suppression loop run inside the top-K pool.
 
     Returns (idx i32[max_candidates], ok bool[max_candidates], exhausted bool[]).
@@ -87,45 +109,92 @@ def _greedy_pool(xyz, score, valid, *, radius, threshold, normalise, max_candida
         accept = jnp.ones((k,), bool)
     accept = accept & pool_ok
 
-    def cond(state):
-        removed, n_cand, _, _ = state
-        return (n_cand < m) & jnp.any(~removed)
-
-    def body(state):
-        removed, n_cand, idx, ok = state
-        p = jnp.argmin(removed)  # first remaining pool row = highest remaining point
-        take = accept[p]
-        slot = jnp.where(take, n_cand, m)  # slot m is out of range -> dropped
-        idx = idx.at[slot].set(pool[p].astype(jnp.int32), mode="drop")
-        ok = ok.at[slot].set(True, mode="drop")
-        removed = removed | adj[p]
-        removed = removed.at[p].set(True)
-        return removed, n_cand + take.astype(jnp.int32), idx, ok
-
-    state = (
-        ~pool_ok,
-        jnp.int32(0),
-        jnp.full((m,), n, jnp.int32),
-        jnp.zeros((m,), bool),
-    )
-    removed, n_cand, idx, ok = jax.lax.while_loop(cond, body, state)
+    if algorithm == "sequential":
+        picked, decided = _lfmis_sequential(adj, accept, pool_ok, m)
+    else:
+        picked, decided = _lfmis_rounds(adj, accept, pool_ok, m)
+    cand = picked & accept
+    n_found = jnp.sum(cand)
+    slot = jnp.where(cand, jnp.cumsum(cand) - 1, m)  # pool order = pick order
+    idx = jnp.full((m,), n, jnp.int32).at[slot].set(pool.astype(jnp.int32), mode="drop")
+    ok = jnp.zeros((m,), bool).at[slot].set(True, mode="drop")
     outside = jnp.sum(valid) > jnp.sum(pool_ok)
-    exhausted = jnp.all(removed) & (n_cand < m) & outside
+    exhausted = decided & (n_found < m) & outside
     return idx, ok, exhausted
 
 
+def _lfmis_sequential(adj, accept, pool_ok, m):
+    """The greedy loop, one pick per iteration (cheap per step; best on CPU).
+
+    adj: bool[K, K] within-R among pool rows (sorted by pick priority); accept: bool[K];
+    pool_ok: bool[K]. Returns (picked bool[K]: rows the loop processed, in the lexicographic
+    maximal independent set; decided bool[]: the loop ran out of rows).
+    """
+    k = adj.shape[0]
+
+    def cond(state):
+        removed, _, n_cand = state
+        return (n_cand < m) & jnp.any(~removed)
+
+    def body(state):
+        removed, picked, n_cand = state
+        p = jnp.argmin(removed)  # first remaining row = highest remaining point
+        picked = picked.at[p].set(True)
+        removed = (removed | adj[p]).at[p].set(True)
+        return removed, picked, n_cand + accept[p].astype(jnp.int32)
+
+    init = (~pool_ok, jnp.zeros((k,), bool), jnp.int32(0))
+    removed, picked, _ = jax.lax.while_loop(cond, body, init)
+    return picked, jnp.all(removed)
+
+
+def _lfmis_rounds(adj, accept, pool_ok, m):
+    """The same set, decided in parallel rounds (best on accelerators).
+
+    A row is picked iff no earlier picked row is within R (the greedy loop's invariant).
+    Each round decides every undecided row whose earlier neighbours are decided: "out" if
+    one of them is picked, else "in". The first undecided row is always decided, so at
+    most K rounds; heatmap-like scenes take ~10. Stops early once the decided prefix holds
+    ``m`` accepted picks (later rows cannot change them). Returns as `_lfmis_sequential`.
+    """
+    k = adj.shape[0]
+    pos = jnp.arange(k)
+    earlier = adj & (pos[None, :] < pos[:, None])  # [row, earlier neighbour]
+    undecided, picked_, out = 0, 1, 2
+
+    def prefix_full(st):
+        first_open = jnp.min(jnp.where(st == undecided, pos, k))
+        return jnp.sum((st == picked_) & accept & (pos < first_open)) >= m
+
+    def cond(st):
+        return jnp.any(st == undecided) & ~prefix_full(st)
+
+    def body(st):
+        has_in = jnp.any(earlier & (st == picked_)[None, :], axis=1)
+        pending = jnp.any(earlier & (st == undecided)[None, :], axis=1)
+        open_ = st == undecided
+        st = jnp.where(open_ & has_in, out, st)
+        return jnp.where(open_ & ~has_in & ~pending, picked_, st)
+
+    init = jnp.where(pool_ok, undecided, out).astype(jnp.int8)
+    st = jax.lax.while_loop(cond, body, init)
+    return st == picked_, ~jnp.any(st == undecided)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("radius", "threshold", "max_candidates", "pool_size")
+    jax.jit,
+    static_argnames=("radius", "threshold", "max_candidates", "pool_size", "algorithm"),
 )
-def _ln_nms_jit(xyz, score, valid, *, radius, threshold, max_candidates, pool_size):
+def _ln_nms_jit(xyz, score, valid, *, radius, threshold, max_candidates, pool_size, algorithm):
     return _greedy_pool(
         xyz, score, valid, radius=radius, threshold=threshold, normalise=True,
-        max_candidates=max_candidates, pool_size=pool_size,
+        max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
     )
 
 
 def ln_nms_with_info(
-    xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096
+    xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096,
+    algorithm="auto",
 ) -> tuple[Array, Array, Array]:
     """LN-NMS (paper Sec. 3.3) plus the pool-exhaustion flag.
 
@@ -143,6 +212,8 @@ def ln_nms_with_info(
       radius, threshold: R and T of the paper.
       max_candidates: N_max, the number of output slots.
       pool_size: K, the static pool of top-scoring points (see the module docstring).
+      algorithm: "sequential" (one pick per step), "rounds" (parallel rounds over the
+        K x K mask) or "auto" (sequential on CPU, rounds elsewhere); identical results.
 
     Returns:
       idx: i32[max_candidates] point indices in pick order; N (the sentinel) in empty slots.
@@ -156,11 +227,13 @@ def ln_nms_with_info(
     return _ln_nms_jit(
         xyz, score, valid, radius=float(radius), threshold=float(threshold),
         max_candidates=int(max_candidates), pool_size=int(pool_size),
+        algorithm=_resolve_algorithm(algorithm),
     )
 
 
 def ln_nms(
-    xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096
+    xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096,
+    algorithm="auto",
 ) -> tuple[Array, Array]:
     """LN-NMS candidate mining (public contract, interfaces.md).
 
@@ -174,21 +247,24 @@ def ln_nms(
     """
     idx, ok, _ = ln_nms_with_info(
         xyz, score, valid, radius=radius, threshold=threshold,
-        max_candidates=max_candidates, pool_size=pool_size,
+        max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
     )
     return idx, ok
 
 
-@functools.partial(jax.jit, static_argnames=("radius", "max_candidates", "pool_size"))
-def _nms_jit(xyz, score, valid, *, radius, max_candidates, pool_size):
+@functools.partial(
+    jax.jit, static_argnames=("radius", "max_candidates", "pool_size", "algorithm")
+)
+def _nms_jit(xyz, score, valid, *, radius, max_candidates, pool_size, algorithm):
     return _greedy_pool(
         xyz, score, valid, radius=radius, threshold=0.0, normalise=False,
-        max_candidates=max_candidates, pool_size=pool_size,
+        max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
     )
 
 
 def nms_with_info(
-    xyz, score, valid, *, radius=0.3, score_threshold=None, max_candidates=200, pool_size=4096
+    xyz, score, valid, *, radius=0.3, score_threshold=None, max_candidates=200, pool_size=4096,
+    algorithm="auto",
 ) -> tuple[Array, Array, Array]:
     """Plain NMS (no local normalisation) plus the pool-exhaustion flag.
 
@@ -209,12 +285,13 @@ def nms_with_info(
         valid = valid & (score > jnp.float32(score_threshold))
     return _nms_jit(
         xyz, score, valid, radius=float(radius), max_candidates=int(max_candidates),
-        pool_size=int(pool_size),
+        pool_size=int(pool_size), algorithm=_resolve_algorithm(algorithm),
     )
 
 
 def nms(
-    xyz, score, valid, *, radius=0.3, score_threshold=None, max_candidates=200, pool_size=4096
+    xyz, score, valid, *, radius=0.3, score_threshold=None, max_candidates=200, pool_size=4096,
+    algorithm="auto",
 ) -> tuple[Array, Array]:
     """Plain NMS candidate mining; `nms_with_info` without the flag.
 
@@ -222,7 +299,7 @@ def nms(
     """
     idx, ok, _ = nms_with_info(
         xyz, score, valid, radius=radius, score_threshold=score_threshold,
-        max_candidates=max_candidates, pool_size=pool_size,
+        max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
     )
     return idx, ok
 
@@ -290,11 +367,12 @@ def mine_candidates(
     max_candidates: int = 200,
     pool_size: int = 4096,
     relative: bool = False,
+    algorithm: str = "auto",
 ) -> tuple[Array, Array, Array]:
     """Dispatch to a candidate miner by name (``method`` is static).
 
-    - ``"ln_nms"``: `ln_nms_with_info` with ``radius``, ``threshold``.
-    - ``"nms"``: `nms_with_info` with ``radius``, ``score_threshold``.
+    - ``"ln_nms"``: `ln_nms_with_info` with ``radius``, ``threshold``, ``algorithm``.
+    - ``"nms"``: `nms_with_info` with ``radius``, ``score_threshold``, ``algorithm``.
     - ``"random"``: `random_candidates` with ``key`` (required), ``score_threshold`` as its
       threshold (0 when None) and ``relative``.
 
@@ -307,12 +385,12 @@ def mine_candidates(
     if method == "ln_nms":
         return ln_nms_with_info(
             xyz, score, valid, radius=radius, threshold=threshold,
-            max_candidates=max_candidates, pool_size=pool_size,
+            max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
         )
     if method == "nms":
         return nms_with_info(
             xyz, score, valid, radius=radius, score_threshold=score_threshold,
-            max_candidates=max_candidates, pool_size=pool_size,
+            max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
         )
     if method == "random":
         if key is None:

@@ -57,16 +57,21 @@ def random_scene(rng, n, *, ties=False, box=2.0, fg=0.7):
     return xyz, score, valid
 
 
-@pytest.mark.parametrize("n,pool,mc,ties", [(150, 256, 40, False), (150, 256, 40, True),
-                                            (300, 300, 8, True), (97, 64, 200, False)])
-def test_ln_nms_matches_full_greedy_loop(n, pool, mc, ties):
+ALGOS = pytest.mark.parametrize("algo", ["sequential", "rounds"])
+
+
+@ALGOS
+@pytest.mark.parametrize("n,pool,mc,ties", [(150, 256, 40, True), (300, 300, 8, True),
+                                            (97, 64, 200, False)])
+def test_ln_nms_matches_full_greedy_loop(n, pool, mc, ties, algo):
     rng = np.random.default_rng(n + pool + mc + ties)
     n_exhausted = 0
     for trial in range(25):
-        xyz, score, valid = random_scene(rng, n, ties=ties, box=rng.choice([0.8, 2.0, 4.0]))
+        xyz, score, valid = random_scene(rng, n, ties=ties and trial % 2 == 0,
+                                         box=rng.choice([0.8, 2.0, 4.0]))
         ref = greedy_reference(xyz, score, valid, 0.3, 0.5, mc)
         idx, ok, exhausted = candidates.ln_nms_with_info(
-            xyz, score, valid, max_candidates=mc, pool_size=pool)
+            xyz, score, valid, max_candidates=mc, pool_size=pool, algorithm=algo)
         got = as_list(idx, ok)
         assert np.all(np.asarray(idx)[len(got):] == n), "empty slots hold the sentinel N"
         if bool(exhausted):
@@ -76,13 +81,15 @@ def test_ln_nms_matches_full_greedy_loop(n, pool, mc, ties):
         else:
             assert got == ref, trial
         # The public contract without the flag returns the same slots.
-        idx2, ok2 = candidates.ln_nms(xyz, score, valid, max_candidates=mc, pool_size=pool)
+        idx2, ok2 = candidates.ln_nms(xyz, score, valid, max_candidates=mc, pool_size=pool,
+                                      algorithm=algo)
         assert as_list(idx2, ok2) == got
     if pool >= n:
         assert n_exhausted == 0
 
 
-def test_ln_nms_pool_exhausted_is_flagged_and_a_prefix():
+@ALGOS
+def test_ln_nms_pool_exhausted_is_flagged_and_a_prefix(algo):
     # 60 isolated points (spacing 1 m > R): each is its own local max, so the full loop
     # finds 60 candidates; a pool of 16 can only see 16 of them.
     g = np.arange(60, dtype=np.float32)
@@ -92,12 +99,12 @@ def test_ln_nms_pool_exhausted_is_flagged_and_a_prefix():
     ref = greedy_reference(xyz, score, valid, 0.3, 0.5, 100)
     assert len(ref) == 60
     idx, ok, exhausted = candidates.ln_nms_with_info(
-        xyz, score, valid, max_candidates=100, pool_size=16)
+        xyz, score, valid, max_candidates=100, pool_size=16, algorithm=algo)
     assert bool(exhausted)
     assert as_list(idx, ok) == ref[:16]
     # Enough slots filled inside the pool: not exhausted, exact.
     idx, ok, exhausted = candidates.ln_nms_with_info(
-        xyz, score, valid, max_candidates=10, pool_size=16)
+        xyz, score, valid, max_candidates=10, pool_size=16, algorithm=algo)
     assert not bool(exhausted)
     assert as_list(idx, ok) == ref[:10]
 
@@ -124,7 +131,8 @@ def test_ln_nms_edge_cases():
     assert as_list(idx, ok) == [0]
 
 
-def test_ln_nms_radius_boundary_and_ties_on_a_grid():
+@ALGOS
+def test_ln_nms_radius_boundary_and_ties_on_a_grid(algo):
     # Integer grid, radius exactly the spacing: "within R" includes distance == R.
     # Equal scores everywhere: picks go in index order and suppress their 6-neighbours.
     ax = np.arange(5, dtype=np.float32)
@@ -135,10 +143,12 @@ def test_ln_nms_radius_boundary_and_ties_on_a_grid():
         if score.max() == score.min():
             # Index 1 = (0, 0, 1) is at distance exactly R from index 0: suppressed.
             assert ref[:2] == [0, 2]
-        idx, ok = candidates.ln_nms(xyz, score, np.ones(n, bool), radius=1.0, max_candidates=200)
+        idx, ok = candidates.ln_nms(xyz, score, np.ones(n, bool), radius=1.0, max_candidates=200,
+                                    algorithm=algo)
         assert as_list(idx, ok) == ref
         ref_nms = greedy_reference(xyz, score, np.ones(n, bool), 1.0, 0, 200, normalise=False)
-        idx, ok = candidates.nms(xyz, score, np.ones(n, bool), radius=1.0, max_candidates=200)
+        idx, ok = candidates.nms(xyz, score, np.ones(n, bool), radius=1.0, max_candidates=200,
+                                 algorithm=algo)
         assert as_list(idx, ok) == ref_nms
 
 
@@ -153,7 +163,8 @@ def test_nms_matches_reference_with_threshold():
         assert as_list(idx, ok) == ref
 
 
-def test_vmap_over_scenes_of_a_packed_batch():
+@ALGOS
+def test_vmap_over_scenes_of_a_packed_batch(algo):
     rng = np.random.default_rng(11)
     sizes = [70, 0, 110]  # an empty scene in the middle
     n = 200  # flat capacity, 20 padding rows
@@ -164,7 +175,8 @@ def test_vmap_over_scenes_of_a_packed_batch():
     valid_b = np.stack([(batch == b) & fg for b in range(len(sizes))])
 
     fn = jax.jit(jax.vmap(
-        lambda v: candidates.ln_nms_with_info(xyz, score, v, max_candidates=20, pool_size=64)))
+        lambda v: candidates.ln_nms_with_info(xyz, score, v, max_candidates=20, pool_size=64,
+                                              algorithm=algo)))
     idx, ok, ex = fn(jnp.asarray(valid_b))
     assert idx.shape == (3, 20) and ok.shape == (3, 20) and ex.shape == (3,)
     for b in range(len(sizes)):
@@ -219,5 +231,7 @@ def test_mine_candidates_dispatch_and_errors():
         candidates.ln_nms(xyz[:, :2], score, valid)
     with pytest.raises(ValueError, match="score and valid"):
         candidates.ln_nms(xyz, score[:-1], valid)
+    with pytest.raises(ValueError, match="algorithm must be"):
+        candidates.ln_nms(xyz, score, valid, algorithm="fast")
     with pytest.raises(ValueError, match="max_candidates"):
         candidates.ln_nms(xyz, score, valid, max_candidates=0)
