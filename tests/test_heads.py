@@ -1,4 +1,9 @@
-"""Tests for dknet_jax.model.heads: shapes, hand-counted parameter numbers, masked BN."""
+"""Tests for dknet_jax.model.heads: shapes, hand-counted parameter numbers, masked BN,
+and forward passes against numpy.
+
+Modules are built abstractly (``nnx.eval_shape``) and filled with numpy random values, so
+the tests do not spend CI time compiling JAX random initialisers.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +18,24 @@ def _count(module):
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
+def _concrete(factory, seed=0):
+    """Build ``factory()`` abstractly, then fill params with numpy randoms (BN stats 0/1)."""
+    module = nnx.eval_shape(factory)
+    rng = np.random.default_rng(seed)
+
+    params = nnx.state(module, nnx.Param)
+    stats = nnx.state(module, nnx.BatchStat)
+
+    def fill_stat(path, x):
+        one = "var" in jax.tree_util.keystr(path)
+        return (jnp.ones if one else jnp.zeros)(x.shape, x.dtype)
+
+    nnx.update(module, jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5, x.dtype), params))
+    nnx.update(module, jax.tree_util.tree_map_with_path(fill_stat, stats))
+    return module
+
+
 def _lin(a, b):
     return a * b + b  # weight + bias
 
@@ -25,29 +48,18 @@ def test_num_kernel_params_eq4():
     assert num_kernel_params(19, 16) == 337
 
 
-def test_shapes_and_parameter_counts():
-    s = 20
-    heads = PointHeads(32, s, rngs=nnx.Rngs(0))
-    n = 37
-    feats = jax.random.normal(jax.random.key(0), (n, 32))
-    valid = jnp.arange(n) < 30
-    out = heads(feats, valid)
-    assert out.semantic_logits.shape == (n, s)
-    assert out.offset.shape == (n, 3)
-    assert out.heat_logits.shape == (n,)
-    assert out.reduce_feats.shape == (n, 16)
-    assert out.mask_feats.shape == (n, 16)
-    assert out.foreground.shape == (n,) and out.foreground.dtype == jnp.bool_
-    k = 7
-    fa = jax.random.normal(jax.random.key(1), (k, 35))
-    assert heads.merge_logits(fa, jnp.ones((k, k), bool)).shape == (k, k)
-    assert heads.kernels(jnp.ones((k, 16))).shape == (k, 337)
+@pytest.fixture(scope="module")
+def heads():
+    # first_instance_class=10 so that random weights give both fg and bg rows
+    return _concrete(lambda: PointHeads(32, 20, first_instance_class=10, rngs=nnx.Rngs(0)))
 
+
+def test_parameter_counts(heads):
     # Hand count from the layer sizes (Linear w+b; BN scale+bias per hidden channel):
     sem = _lin(32, 32) + 32 * BN + _lin(32, 32) + 32 * BN + _lin(32, 20)    # 2900
     off = _lin(32, 32) + 32 * BN + _lin(32, 3)                               # 1219
     heat = _lin(35, 32) + 32 * BN + _lin(32, 32) + 32 * BN + _lin(32, 1)     # 2369
-    red = 3 * (_lin(32, 32) + 32 * BN) + _lin(32, 16)                         # 3888
+    red = 3 * (_lin(32, 32) + 32 * BN) + _lin(32, 16)                        # 3888
     mfeat = red                                                              # 3888
     merge = 3 * (_lin(35, 35) + 35 * BN) + _lin(35, 1)                       # 4026
     kern = _lin(16, 16) + _lin(16, 337)                                      # 6001
@@ -63,46 +75,85 @@ def test_shapes_and_parameter_counts():
 
 
 def test_norm_variants_counts():
-    assert _count(MLP(8, [4], 2, norm="none", rngs=nnx.Rngs(0))) == _lin(8, 4) + _lin(4, 2)
-    assert _count(MLP(8, [4], 2, norm="layer", rngs=nnx.Rngs(0))) == _lin(8, 4) + 8 + _lin(4, 2)
+    none = nnx.eval_shape(lambda: MLP(8, [4], 2, norm="none", rngs=nnx.Rngs(0)))
+    layer = nnx.eval_shape(lambda: MLP(8, [4], 2, norm="layer", rngs=nnx.Rngs(0)))
+    assert _count(none) == _lin(8, 4) + _lin(4, 2)
+    assert _count(layer) == _lin(8, 4) + 4 * 2 + _lin(4, 2)
     with pytest.raises(ValueError, match="norm"):
         MLP(8, [4], 2, norm="group", rngs=nnx.Rngs(0))
 
 
-def test_masked_batchnorm_ignores_padding_rows():
-    # Outputs on valid rows must not depend on what the padding rows contain.
-    mlp = MLP(5, [6], 3, norm="batch", rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (10, 5))
-    mask = jnp.arange(10) < 6
-    y1 = mlp(x, mask)
-    x2 = x.at[6:].set(1e3)
-    y2 = mlp(x2, mask)
-    np.testing.assert_allclose(np.asarray(y1[:6]), np.asarray(y2[:6]), rtol=1e-5, atol=1e-5)
-    # ... and equals running the MLP on the valid rows alone (unmasked).
-    y3 = mlp(x[:6])
-    np.testing.assert_allclose(np.asarray(y1[:6]), np.asarray(y3), rtol=1e-5, atol=1e-5)
+def _np_mlp(mlp, x, mask=None):
+    """numpy forward of an MLP with norm='batch' in training mode (masked batch stats)."""
+    h = np.asarray(x, np.float64)
+    m = np.ones(h.shape[0], bool) if mask is None else np.asarray(mask)
+    for lin, bn in zip(mlp.linears, mlp.norms, strict=True):
+        h = h @ np.asarray(lin.kernel[...]) + np.asarray(lin.bias[...])
+        mu, var = h[m].mean(0), h[m].var(0)
+        h = (h - mu) / np.sqrt(var + 1e-4) * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
+        h = np.maximum(h, 0.0)
+    return h @ np.asarray(mlp.out.kernel[...]) + np.asarray(mlp.out.bias[...])
 
 
-def test_hidden_layer_matches_manual_batchnorm():
-    # One hidden layer, training mode: relu(BN(x W1 + b1)) W2 + b2 with batch stats.
-    mlp = MLP(4, [3], 2, norm="batch", rngs=nnx.Rngs(1))
-    x = np.asarray(jax.random.normal(jax.random.key(2), (9, 4)))
-    w1 = np.asarray(mlp.linears[0].kernel[...])
-    b1 = np.asarray(mlp.linears[0].bias[...])
-    w2, b2 = np.asarray(mlp.out.kernel[...]), np.asarray(mlp.out.bias[...])
-    h = x @ w1 + b1
-    h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-4)
-    ref = np.maximum(h, 0) @ w2 + b2
-    np.testing.assert_allclose(np.asarray(mlp(jnp.asarray(x))), ref, rtol=1e-4, atol=1e-5)
+def test_point_heads_forward_vs_numpy(heads):
+    n = 37
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(n, 32)).astype(np.float32)
+    valid = np.arange(n) < 30
+    feats[30:] = 1e3  # padding rows must not influence anything on valid rows
+    k = 7
+    fa = rng.normal(size=(k, 35)).astype(np.float32)
+    pair = np.ones((k, k), bool)
+    pair[:, -1] = pair[-1, :] = False
+
+    @nnx.jit
+    def run(m, f, v, a, p):
+        return m(f, v), m.merge_logits(a, p), m.kernels(a[:, :16])
+
+    out, merge, kern = run(heads, jnp.asarray(feats), jnp.asarray(valid), jnp.asarray(fa),
+                           jnp.asarray(pair))
+    assert out.semantic_logits.shape == (n, 20) and out.offset.shape == (n, 3)
+    assert out.heat_logits.shape == (n,) and out.reduce_feats.shape == (n, 16)
+    assert out.mask_feats.shape == (n, 16) and out.foreground.shape == (n,)
+    assert merge.shape == (k, k) and kern.shape == (k, 337)
+
+    tol = dict(rtol=2e-3, atol=2e-3)
+    v = valid
+    sem = _np_mlp(heads.semantic, feats, v)
+    np.testing.assert_allclose(np.asarray(out.semantic_logits)[v], sem[v], **tol)
+    off = _np_mlp(heads.offset, feats, v)
+    np.testing.assert_allclose(np.asarray(out.offset)[v], off[v], **tol)
+    np.testing.assert_allclose(np.asarray(out.reduce_feats)[v],
+                               _np_mlp(heads.reduce, feats, v)[v], **tol)
+    np.testing.assert_allclose(np.asarray(out.mask_feats)[v],
+                               _np_mlp(heads.mask_feat, feats, v)[v], **tol)
+    fg = v & (sem.argmax(1) >= 10)
+    np.testing.assert_array_equal(np.asarray(out.foreground), fg)
+    assert 5 <= fg.sum() < v.sum()  # both foreground and background rows exercised
+    heat = _np_mlp(heads.heatmap, np.concatenate([feats, off], 1), fg)[:, 0]
+    np.testing.assert_allclose(np.asarray(out.heat_logits)[fg], heat[fg], **tol)
+    diff = np.abs(fa[:, None] - fa[None]).reshape(k * k, 35)
+    ref_merge = _np_mlp(heads.merge, diff, pair.reshape(-1)).reshape(k, k)
+    np.testing.assert_allclose(np.asarray(merge)[pair], ref_merge[pair], **tol)
+    np.testing.assert_allclose(np.asarray(merge), np.asarray(merge).T, rtol=1e-5, atol=1e-5)
+    kl = heads.kernel
+    ref_k = (np.maximum(fa[:, :16] @ np.asarray(kl.linears[0].kernel[...])
+                        + np.asarray(kl.linears[0].bias[...]), 0)
+             @ np.asarray(kl.out.kernel[...]) + np.asarray(kl.out.bias[...]))
+    np.testing.assert_allclose(np.asarray(kern), ref_k, **tol)
 
 
-def test_merge_logits_symmetric_and_eval_mode():
-    heads = PointHeads(32, 20, rngs=nnx.Rngs(0))
-    fa = jax.random.normal(jax.random.key(3), (5, 35))
-    z = heads.merge_logits(fa, jnp.ones((5, 5), bool))
-    np.testing.assert_allclose(np.asarray(z), np.asarray(z.T), rtol=1e-5, atol=1e-6)
-    heads.eval()  # running averages: output independent of the batch composition
-    feats = jax.random.normal(jax.random.key(4), (6, 32))
-    a = heads(feats, jnp.ones(6, bool)).offset[:3]
-    b = heads(feats[:3], jnp.ones(3, bool)).offset
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+def test_eval_mode_uses_running_averages():
+    mlp = _concrete(lambda: MLP(4, [3], 2, norm="batch", rngs=nnx.Rngs(2)), seed=3)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(6, 4)) + 3.0, jnp.float32)
+    step = nnx.jit(lambda m, a: m(a))
+    step(mlp, x)  # one training call updates the running statistics
+    h = np.asarray(x) @ np.asarray(mlp.linears[0].kernel[...]) + np.asarray(
+        mlp.linears[0].bias[...])
+    # PyTorch momentum 0.1 from a zero start
+    np.testing.assert_allclose(np.asarray(mlp.norms[0].mean[...]), 0.1 * h.mean(0),
+                               rtol=1e-4, atol=1e-5)
+    mlp.eval()  # now rows are normalised independently of the batch composition
+    a = step(mlp, x)[:3]
+    b = step(mlp, x[:3])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
