@@ -1,0 +1,53 @@
+"""DKNet on the embedded synthetic rooms: small and CPU-friendly (the README demo).
+
+  python scripts/make_synthetic.py --out demo/raw --scenes 40 --seed 0 --size small
+  python scripts/prepare_scannet.py --scannet_root demo/raw --out demo/prepared
+  python scripts/train.py --config=configs/synthetic.py --workdir demo/work
+
+Same label space and metrics as ScanNet (the generator writes the raw ScanNet layout).
+`--config=configs/synthetic.py:tiny` is the 2-step smoke-test size.
+"""
+
+from dknet_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.data.dataset = "scannet"
+    c.data.root = "demo/prepared"
+    c.data.voxel_size = 0.04             # coarser than ScanNet's 2 cm: fast on a CPU
+    c.data.max_points = 40_000
+    c.data.batch_size = 2
+    c.data.eval_batch_size = 2
+    c.data.point_buckets = (8_192, 16_384, 32_768, 65_536, 131_072)
+    c.data.instance_buckets = (16, 32, 64, 128)
+    c.model.widths = (16, 32, 48, 64, 80)
+    c.model.blocks_per_level = 1
+    c.model.max_candidates = 48
+    c.model.pool_size = 1024
+    c.model.mask_chunk = 8192
+    c.train.epochs = 60
+    c.train.stage_heatmap_epoch = 10
+    c.train.stage_mask_epoch = 20
+    c.train.cosine_start_epoch = 40
+    c.train.final_lr = 1e-5
+    c.train.log_every = 10
+    c.train.eval_every_epochs = 20
+    c.train.ckpt_every_steps = 100
+    if arg == "tiny":
+        c.data.root = "demo/tiny"
+        c.data.max_points = 4_096
+        c.data.point_buckets = (4_096, 8_192)
+        c.data.instance_buckets = (16, 32)
+        c.model.widths = (8, 16)
+        c.model.max_candidates = 8
+        c.model.pool_size = 256
+        c.model.mask_chunk = 2048
+        c.train.epochs = 2
+        c.train.steps_per_epoch = 1
+        c.train.stage_heatmap_epoch = 0
+        c.train.stage_mask_epoch = 1
+        c.train.log_every = 1
+        c.train.eval_every_epochs = 2
+        c.train.ckpt_every_steps = 1
+    return c

@@ -1,0 +1,171 @@
+"""DKNet: the whole model wired from its stages (method.md sections 1-5).
+
+Data flow of :meth:`DKNet.__call__` on one packed ``PointBatch`` of B scenes:
+voxelize -> sparse UNet -> per-point heads -> per-scene heatmap softmax -> candidate
+mining (per scene, K slots each, flattened to M = B*K slots) -> fg/bg context features ->
+pairwise merge scores -> groups (connected components) -> group features -> instance
+kernels -> dynamic-conv masks over every point of the instance's scene.
+
+Every count is static: M candidate slots with a validity mask, masks f32[M, N].
+Ablation switches (config.model): ``candidates`` (ln_nms | nms | random),
+``aggregation`` (full | train_only | none), ``kernel_from`` (aggregate | top | oracle).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dknet_jax import aggregation as agg
+from dknet_jax.candidates import mine_candidates
+from dknet_jax.masks import decode_masks
+from dknet_jax.model.backbone import SparseUNet
+from dknet_jax.model.heads import PointHeadOutputs, PointHeads
+from dknet_jax.sparse.voxelize import voxel_to_point, voxelize
+from dknet_jax.targets import scene_softmax
+from dknet_jax.types import PointBatch
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class DKNetOutputs:
+    """Everything the losses, post-processing and evaluation need.
+
+    Attributes:
+      heads: per-point head outputs (semantic logits, offsets, ...), N rows.
+      heat: f32[N] heatmap H (softmax over each scene's predicted foreground).
+      cand_idx: i32[M] candidate point index (N in empty slots), M = B * max_candidates.
+      cand_ok: bool[M] filled candidate slots.
+      cand_batch: i32[M] scene of each slot.
+      merge_logits: f32[M, M] pairwise merge logits (meaningful on ``pair_mask``).
+      pair_mask: bool[M, M] valid pairs of distinct candidates of one scene.
+      lead: i32[M] group lead slot of each candidate (-1 invalid).
+      inst_ok: bool[M] slots that hold an instance (a group lead).
+      inst_pos: f32[M, 3] instance centroid C_k (shifted position of the lead).
+      mask_logits: f32[M, N] instance mask logits (-1e9 outside the instance's scene).
+      pool_exhausted: bool[B] the LN-NMS pool ran out in a scene (raise pool_size).
+      voxel_overflow: bool[] the voxel capacity or key space overflowed.
+    """
+
+    heads: PointHeadOutputs
+    heat: Array
+    cand_idx: Array
+    cand_ok: Array
+    cand_batch: Array
+    merge_logits: Array
+    pair_mask: Array
+    lead: Array
+    inst_ok: Array
+    inst_pos: Array
+    mask_logits: Array
+    pool_exhausted: Array
+    voxel_overflow: Array
+
+
+class DKNet(nnx.Module):
+    """DKNet from ``config.model`` (see ``dknet_jax/config.py`` for every field)."""
+
+    def __init__(self, model_config, *, impl: str = "auto", rngs: nnx.Rngs):
+        m = model_config
+        self.cfg = m.to_dict() if hasattr(m, "to_dict") else dict(m)
+        self.backbone = SparseUNet(m.in_channels, tuple(m.widths), m.blocks_per_level,
+                                   impl=impl, rngs=rngs)
+        self.heads = PointHeads(
+            feat_dim=m.widths[0], num_classes=m.num_classes,
+            first_instance_class=m.first_instance_class, width=m.head_width,
+            agg_dim=m.agg_dim, mask_feat_dim=m.mask_feat_dim, kernel_hidden=m.kernel_hidden,
+            rngs=rngs)
+
+    def __call__(self, batch: PointBatch, *, key: Array | None = None) -> DKNetOutputs:
+        c = self.cfg
+        n = batch.valid.shape[0]
+        b = batch.scene_valid.shape[0]
+        k = c["max_candidates"]
+
+        vox = voxelize(batch.vox, batch.batch_id, batch.valid, batch.feats, capacity=n)
+        fp = voxel_to_point(self.backbone(vox), vox.point_to_voxel)
+        heads = self.heads(fp, batch.valid)
+        heat = scene_softmax(heads.heat_logits, batch.batch_id, heads.foreground, b)
+        sem_pred = jnp.argmax(heads.semantic_logits, axis=-1).astype(jnp.int32)
+
+        # --- candidates: per scene, K slots each -> M = B*K flat slots ---------------
+        scene_valid = heads.foreground[None, :] & (
+            batch.batch_id[None, :] == jnp.arange(b, dtype=jnp.int32)[:, None])
+        keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), b)
+
+        random = c["candidates"] == "random"
+
+        def mine(valid_b, key_b):
+            return mine_candidates(
+                c["candidates"], batch.xyz, heat, valid_b, key=key_b,
+                radius=c["cand_radius"], threshold=c["cand_threshold"],
+                score_threshold=c["random_cand_threshold"] if random else None,
+                max_candidates=k, pool_size=min(c["pool_size"], n), relative=True)
+
+        idx, ok, exhausted = jax.vmap(mine)(scene_valid, keys)
+        cand_idx, cand_ok = idx.reshape(-1), ok.reshape(-1)
+        cand_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
+        safe = jnp.clip(cand_idx, 0, n - 1)
+        cand_pos = batch.xyz[safe] + heads.offset[safe]
+
+        # --- aggregation -----------------------------------------------------------
+        fg, bg, fg_count = agg.context_features(
+            batch.xyz, heads.reduce_feats, sem_pred, heads.foreground, batch.batch_id,
+            cand_idx, cand_ok, radius=c["cand_radius"])
+        agg_feats = jnp.concatenate([fg, bg, cand_pos], axis=-1)
+        m = cand_idx.shape[0]
+        pair_mask = (cand_ok[:, None] & cand_ok[None, :]
+                     & (cand_batch[:, None] == cand_batch[None, :])
+                     & ~jnp.eye(m, dtype=bool))
+        merge_logits = self.heads.merge_logits(agg_feats, pair_mask)
+        if c["aggregation"] == "full":
+            scores = jnp.where(pair_mask, jax.nn.sigmoid(merge_logits), 0.0)
+            lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=c["merge_threshold"])
+        else:  # every candidate is its own instance
+            lead = jnp.where(cand_ok, jnp.arange(m, dtype=jnp.int32), -1)
+
+        if c["kernel_from"] == "aggregate":
+            inst_feat, inst_pos, inst_ok = agg.group_features(lead, fg, fg_count, cand_pos)
+        elif c["kernel_from"] == "top":  # elimination: the lead's own feature
+            inst_feat, inst_pos, inst_ok = agg.group_features(
+                lead, fg, (lead == jnp.arange(m)).astype(fg.dtype), cand_pos)
+        else:  # oracle: mean reduced feature over the GT instance the lead lies in
+            inst_feat, inst_pos, inst_ok = self._oracle_features(
+                batch, heads, safe, lead, cand_pos)
+
+        kernels = self.heads.kernels(inst_feat)
+        mask_logits = decode_masks(
+            kernels, inst_pos, cand_batch, inst_ok, heads.mask_feats, batch.xyz,
+            batch.batch_id, batch.valid, hidden=c["kernel_hidden"],
+            chunk_size=min(c["mask_chunk"], n))
+        return DKNetOutputs(
+            heads=heads, heat=heat, cand_idx=cand_idx, cand_ok=cand_ok, cand_batch=cand_batch,
+            merge_logits=merge_logits, pair_mask=pair_mask, lead=lead, inst_ok=inst_ok,
+            inst_pos=inst_pos, mask_logits=mask_logits, pool_exhausted=exhausted,
+            voxel_overflow=vox.overflow)
+
+    @staticmethod
+    def _oracle_features(batch, heads, safe, lead, cand_pos):
+        """Table 6 "full instances": kernel input = mean reduced feature over all points
+        of the GT instance that holds the group's lead (training-time analysis only)."""
+        g = batch.instance_class.shape[0]
+        inst = jnp.where(batch.valid & (batch.instance >= 0), batch.instance, g)
+        sums = jax.ops.segment_sum(heads.reduce_feats, inst, num_segments=g)
+        cnt = jax.ops.segment_sum(jnp.ones_like(inst, jnp.float32), inst, num_segments=g)
+        mean = sums / jnp.maximum(cnt, 1.0)[:, None]
+        m = lead.shape[0]
+        inst_ok = lead == jnp.arange(m)
+        cand_inst = batch.instance[safe]
+        feat = jnp.take(mean, jnp.where(cand_inst >= 0, cand_inst, g), axis=0, mode="fill",
+                        fill_value=0.0)
+        inst_ok = inst_ok & (cand_inst >= 0)
+        return (jnp.where(inst_ok[:, None], feat, 0.0),
+                jnp.where(inst_ok[:, None], cand_pos, 0.0), inst_ok)
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of trainable parameters (``nnx.Param`` leaves)."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -1,0 +1,78 @@
+"""The training objective: DKNet outputs + GT batch -> the five loss terms of Eq. 8.
+
+Data flow: ``DKNet(batch) -> DKNetOutputs`` -> **objective** (targets, Hungarian matching,
+each loss term, stage gates) -> scalar loss for ``jax.grad``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dknet_jax import losses as L
+from dknet_jax.aggregation import same_instance
+from dknet_jax.masks import scene_point_mask
+from dknet_jax.matching import majority_class, match_instances
+from dknet_jax.model.dknet import DKNetOutputs
+from dknet_jax.targets import compute_targets
+from dknet_jax.types import PointBatch
+
+Array = jax.Array
+
+
+def loss_weights(loss_config) -> L.LossTerms:
+    """``config.loss`` -> per-term weights."""
+    f = lambda v: jnp.float32(v)
+    return L.LossTerms(semantic=f(loss_config.semantic), offset=f(loss_config.offset),
+                       center=f(loss_config.center), aggregation=f(loss_config.aggregation),
+                       mask=f(loss_config.mask))
+
+
+def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms,
+                   gates: L.LossTerms, num_classes: int, offset_direction: bool = False,
+                   mask_iou_threshold: float = 0.25, aggregation_loss: bool = True):
+    """Eq. 8 on one packed batch.
+
+    Args:
+      out: model outputs; batch: the GT batch the model ran on.
+      weights, gates: per-term weights (``config.loss``) and 0/1 stage gates
+        (``losses.stage_gates``), both traced so stages never recompile.
+      aggregation_loss: False for the "w/o aggregation" ablation (no merge loss).
+    Returns:
+      (total f32[], metrics dict of f32[] scalars: every term, counts of candidates,
+      instances and matched pairs).
+    """
+    t = compute_targets(batch)
+    h = out.heads
+    sem = L.semantic_loss(h.semantic_logits, batch.semantic, batch.valid)
+    off = L.offset_loss(h.offset, t.offset, t.on_instance, direction=offset_direction)
+    center = L.heatmap_loss(out.heat, t.heat, t.on_instance)
+
+    n = batch.valid.shape[0]
+    safe = jnp.clip(out.cand_idx, 0, n - 1)
+    cand_inst = jnp.where(out.cand_ok, batch.instance[safe], -1)
+    if aggregation_loss:
+        target = same_instance(cand_inst, out.cand_ok)
+        merge = L.merge_loss(out.merge_logits, target, out.pair_mask)
+    else:
+        merge = jnp.zeros((), jnp.float32)
+
+    point_mask = scene_point_mask(out.cand_batch, out.inst_ok, batch.batch_id, batch.valid)
+    sem_pred = jnp.argmax(h.semantic_logits, axis=-1)
+    pred_class = majority_class((out.mask_logits > 0) & point_mask, sem_pred, num_classes)
+    _, gt_for_pred = match_instances(
+        out.inst_pos, pred_class, out.cand_batch, out.inst_ok, t.centroid, t.gt_class,
+        t.gt_batch, t.gt_ok)
+    mask, num_counted, _ = L.mask_loss(out.mask_logits, batch.instance, gt_for_pred,
+                                       point_mask, iou_threshold=mask_iou_threshold)
+    terms = L.LossTerms(semantic=sem, offset=off, center=center, aggregation=merge, mask=mask)
+    total = L.total_loss(terms, weights, gates)
+    metrics = {
+        "loss": total, "semantic": sem, "offset": off, "center": center,
+        "aggregation": merge, "mask": mask,
+        "candidates": jnp.sum(out.cand_ok).astype(jnp.float32),
+        "instances": jnp.sum(out.inst_ok).astype(jnp.float32),
+        "matched": num_counted.astype(jnp.float32),
+        "gt_instances": jnp.sum(t.gt_ok).astype(jnp.float32),
+    }
+    return total, metrics

@@ -1,0 +1,195 @@
+"""Training: ``train_and_evaluate(config, workdir)``, the whole loop as flat functions.
+
+Data flow: TrainIterator (bucketed, augmented PointBatch) -> one jit-compiled train step
+[DKNet forward -> objective (stage-gated Eq. 8) -> grads -> AdamW] -> JSON-lines log,
+progress bar, periodic validation (mAP) and orbax checkpoints (last k + best), resumed
+exactly after a kill (step, parameters, optimiser state, RNG key, data-iterator state).
+
+Data parallelism: with several local devices the point axis of each batch is sharded over
+a 1-D ``data`` mesh and parameters are replicated; XLA's SPMD partitioner inserts the
+collectives, so the result equals the single-device computation (BatchNorm statistics
+are global over the batch, as on one device).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from dknet_jax import evaluate as ev
+from dknet_jax.checkpoint import Checkpoints
+from dknet_jax.config import validate
+from dknet_jax.data.dataset import list_scenes
+from dknet_jax.data.pipeline import TrainIterator
+from dknet_jax.data.transforms import AugmentConfig
+from dknet_jax.losses import stage_gates
+from dknet_jax.model.dknet import DKNet, count_params
+from dknet_jax.objective import compute_losses, loss_weights
+from dknet_jax.optim import make_optimizer
+from dknet_jax.sparse.conv import resolve_impl
+
+
+def build_model(config, seed: int | None = None):
+    """DKNet from the config; returns (graphdef, params, rest) split for jit."""
+    impl = resolve_impl(config.kernels.impl)
+    model = DKNet(config.model, impl=impl,
+                  rngs=nnx.Rngs(config.seed if seed is None else seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
+    """jit(params, rest, opt_state, batch, key, epoch) -> (params, rest, opt_state, metrics)."""
+    weights = loss_weights(config.loss)
+    t, m = config.train, config.model
+
+    def step(params, rest, opt_state, batch, key, epoch):
+        def loss_fn(p, r):
+            model = nnx.merge(graphdef, p, r, copy=True)
+            model.train()
+            out = model(batch, key=key)
+            gates = stage_gates(epoch, heatmap_epoch=t.stage_heatmap_epoch,
+                                mask_epoch=t.stage_mask_epoch)
+            total, metrics = compute_losses(
+                out, batch, weights=weights, gates=gates, num_classes=m.num_classes,
+                offset_direction=m.offset_direction_loss,
+                mask_iou_threshold=config.loss.mask_iou_threshold,
+                aggregation_loss=m.aggregation != "none")
+            metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)
+            metrics["pool_exhausted"] = jnp.sum(out.pool_exhausted).astype(jnp.float32)
+            new_rest = nnx.split(model, nnx.Param, ...)[2]
+            return total, (metrics, new_rest)
+
+        (_, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, new_rest, opt_state, metrics
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1, 2))
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=(rep, rep, rep, rep))
+
+
+def shard_batch(batch, mesh: Mesh | None):
+    """Put a numpy PointBatch on the devices: point-axis arrays split over ``data``."""
+    if mesh is None:
+        return jax.device_put(batch)
+    n = batch.valid.shape[0]
+    pts = NamedSharding(mesh, PartitionSpec("data"))
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: jax.device_put(x, pts if x.shape[:1] == (n,) else rep), batch)
+
+
+def _log(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last
+    validation results (or {} if none ran)."""
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    print("Resolved config:\n" + str(config), flush=True)
+    d, t = config.data, config.train
+
+    train_paths = list_scenes(d.root, d.train_split)
+    steps_per_epoch = t.steps_per_epoch or max(len(train_paths) // d.batch_size, 1)
+    total_steps = t.epochs * steps_per_epoch
+    augment = AugmentConfig.for_voxel_size(
+        d.voxel_size, max_points=d.max_points, color_noise=d.color_noise,
+        **({} if d.elastic else {"elastic": ()})) if d.augment else None
+
+    graphdef, params, rest = build_model(config)
+    print(f"DKNet parameters: {count_params(nnx.merge(graphdef, params, rest)):,}", flush=True)
+    tx, schedule = make_optimizer(t, total_steps, steps_per_epoch)
+    opt_state = tx.init(params)
+    key = jax.random.PRNGKey(config.seed)
+
+    ckpt = Checkpoints(workdir, keep=t.keep_checkpoints)
+    step, data_state, best = 0, None, float("-inf")
+    if ckpt.latest_step() is not None:
+        target = {"params": params, "rest": rest, "opt": opt_state, "key": key}
+        state, meta = ckpt.restore(target)
+        params, rest, opt_state = state["params"], state["rest"], state["opt"]
+        key = state["key"]
+        step, data_state = int(meta["step"]), meta["data"]
+        best = float(meta.get("best", best))
+        print(f"Resumed from step {step} in {workdir}", flush=True)
+
+    it = TrainIterator(train_paths, batch_size=d.batch_size, seed=config.seed,
+                       voxel_size=d.voxel_size, num_classes=config.model.num_classes,
+                       buckets=d.point_buckets, instance_buckets=d.instance_buckets,
+                       augment_config=augment, num_workers=1, prefetch=d.prefetch,
+                       state=data_state)
+    devices = jax.local_devices()
+    mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+    train_step = make_train_step(graphdef, tx, config, mesh)
+    log_path = os.path.join(workdir, "metrics.jsonl")
+    shapes: set = set()
+    last_eval: dict = {}
+    pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                disable=not sys.stderr.isatty() and os.environ.get("DKNET_PROGRESS") != "1")
+    acc: dict = {}
+    t_start = time.time()
+    while step < total_steps:
+        batch = next(it)
+        shapes.add(tuple(batch.valid.shape) + tuple(batch.instance_class.shape))
+        epoch = step // steps_per_epoch
+        key, sub = jax.random.split(key)
+        params, rest, opt_state, metrics = train_step(
+            params, rest, opt_state, shard_batch(batch, mesh), sub, jnp.int32(epoch))
+        step += 1
+        pbar.update(1)
+        metrics = jax.device_get(metrics)
+        if metrics["voxel_overflow"] > 0:
+            raise RuntimeError(f"voxel capacity overflow at step {step}: add a larger "
+                               f"config.data.point_buckets entry or lower data.max_points")
+        for name, value in metrics.items():
+            acc.setdefault(name, []).append(float(value))
+        if step % t.log_every == 0 or step == total_steps:
+            record = {"step": step, "epoch": epoch, "lr": float(schedule(step)),
+                      "compiled_shapes": len(shapes), "time": time.time() - t_start}
+            record.update({k: float(np.mean(v)) for k, v in acc.items()})
+            acc = {}
+            _log(log_path, record)
+            pbar.set_postfix(loss=f"{record['loss']:.3f}")
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in record.items()), flush=True)
+        end_of_epoch = step % steps_per_epoch == 0
+        do_eval = (end_of_epoch and ((epoch + 1) % t.eval_every_epochs == 0)) or \
+            step == total_steps
+        if do_eval or step % t.ckpt_every_steps == 0:
+            metric = None
+            if do_eval:
+                last_eval = ev.evaluate_split(graphdef, params, rest, config,
+                                              split=d.val_split, progress=False)
+                metric = ev.headline(last_eval)
+                metric = None if np.isnan(metric) else metric
+                _log(log_path, ev.clean_json({
+                    "step": step, "epoch": epoch, "val": last_eval["instance"],
+                    "val_miou": last_eval["semantic"].get("miou")}))
+                if "table" in last_eval:
+                    print(last_eval["table"], flush=True)
+                best = max(best, metric) if metric is not None else best
+            state = {"params": params, "rest": rest, "opt": opt_state, "key": key}
+            meta = {"step": step, "data": it.state(), "best": best if best > -1e30 else None,
+                    "config": config.to_json_best_effort()}
+            ckpt.save(step, state, meta, metric=metric)
+    pbar.close()
+    ckpt.close()
+    it.close() if hasattr(it, "close") else None
+    return last_eval
