@@ -257,14 +257,16 @@ def segment_points(xyz: np.ndarray, k: int = 10, k_thresh: float = 0.01,
     if voxel_size is not None:
         if voxel_size <= 0:
             raise ValueError(f"segment_points: voxel_size must be > 0, got {voxel_size}")
-        keys = np.floor((pts - pts.min(axis=0)) / voxel_size).astype(np.int64)
-        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        grid = np.floor((pts - pts.min(axis=0)) / voxel_size).astype(np.int64)
+        dims = grid.max(axis=0) + 1
+        keys = (grid[:, 0] * dims[1] + grid[:, 1]) * dims[2] + grid[:, 2]
+        _, inverse = np.unique(keys, return_inverse=True)
         inverse = inverse.reshape(-1)
         cnt = np.bincount(inverse).astype(np.float64)
         nodes = np.stack([np.bincount(inverse, weights=pts[:, c]) for c in range(3)], 1)
         nodes = nodes / cnt[:, None]
         # representative point of a voxel: its lowest point index
-        rep = np.full(first.shape[0], n_in, np.int64)
+        rep = np.full(cnt.shape[0], n_in, np.int64)
         np.minimum.at(rep, inverse, np.arange(n_in))
     else:
         nodes, inverse, rep = pts, None, None
