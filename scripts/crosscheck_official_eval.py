@@ -3,10 +3,11 @@
 Generates random GT / prediction file sets that stress every rule of the protocol
 (several scenes, many classes, overlapping and duplicate masks, void area, GT and
 predictions around the 100-vertex minimum, IoU and void-share exactly at thresholds,
-confidence ties, scenes without a prediction file, empty prediction files), runs the
-benchmark's own ``evaluate_semantic_instance.py`` (imported from --ref, its full-precision
-AP matrix, not the rounded printout) and ``dknet_jax.eval.load_dirs``, and asserts equal
-AP per class and threshold and equal means to 1e-6.
+confidence ties, a mask listed twice, scenes without a prediction file, empty
+prediction files), runs the benchmark's own ``evaluate_semantic_instance.py`` (imported
+from --ref, its full-precision AP matrix, not the rounded printout) and
+``dknet_jax.eval.load_dirs``, and asserts equal AP per class and threshold and equal means
+to 1e-6.
 
 Where the official script crashes on an "empty curve" it is rerun per class and threshold
 and the crashing cells are expected to be 0 (the project's documented guard).
@@ -177,6 +178,9 @@ def make_trial(rng: np.random.Generator, root: str) -> None:
                 _write_ids(os.path.join(pred_dir, name2), mask.astype(np.int64))
                 c2 = conf if rng.random() < 0.5 else float(rng.random())
                 lines.append(f"{name2} {plab} {c2!r}")
+        if lines and rng.random() < 0.2:  # a mask path listed twice: the later line wins
+            again = lines[int(rng.integers(len(lines)))].split()[0]
+            lines.append(f"{again} {int(rng.choice(classes))} {float(rng.random())!r}")
         with open(os.path.join(pred_dir, scene + ".txt"), "w") as f:
             f.write("".join(line + "\n" for line in lines))
 
