@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable
 
@@ -316,13 +317,19 @@ def prepare_scannet(root: str, out: str, *, split_dir: str | None = None,
     """
     from dknet_jax.data.preparation import Job, run_jobs, write_report
 
-    table = read_label_table(os.path.join(root, LABEL_TABLE))
+    notes: list[str] = []
+
+    def note(message: str) -> None:  # run-level warnings: printed now, kept in the report
+        notes.append(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+    table = read_label_table(os.path.join(root, LABEL_TABLE), warn=note)
     split_dir = split_dir or root
     splits = {}
     for name in SPLITS:
         p = os.path.join(split_dir, f"scannetv2_{name}.txt")
         if os.path.isfile(p):
-            splits[name] = read_split(p)
+            splits[name] = read_split(p, warn=note)
     if scenes is None:
         scenes = sorted({d for sub in ("scans", "scans_test")
                          if os.path.isdir(os.path.join(root, sub))
@@ -343,9 +350,8 @@ def prepare_scannet(root: str, out: str, *, split_dir: str | None = None,
             fh.write("".join(f"{s}\n" for s in have))
         extra[f"split_{name}"] = len(have)
         if len(have) < len(listed):
-            msg = (f"{len(listed) - len(have)} scenes of scannetv2_{name}.txt are not "
-                   f"prepared (absent or failed)")
-            summary.warnings[msg] += 1
-            warn_data(msg)
+            note(f"{len(listed) - len(have)} scenes of scannetv2_{name}.txt are not "
+                 f"prepared (absent or failed)")
+    summary.warnings.update(notes)
     write_report(os.path.join(out, "prepare_report.json"), summary, extra)
     return summary
