@@ -1,0 +1,390 @@
+"""Coordinate hashing and kernel maps, built on the device inside ``jit``.
+
+Place in the data flow: ``voxelize`` (voxel coords) -> **hashing** (neighbour tables, down /
+up maps, per-offset tiles) -> ``conv`` (gather-GEMM-scatter) -> ``model/backbone``.
+
+Keys. A row ``(b, x, y, z)`` is packed into one ``uint32`` by mixed radix over the
+bounding box of the set (plus a margin of one cell on each side, so that the +-1
+neighbour queries stay inside the box)::
+
+    key = ((b' * EX + x') * EY + y') * EZ + z'     x' = x - min_x + 1,  EX = max_x - min_x + 3
+
+with ``b' = b - min_b``. The key space is ``EB * EX * EY * EZ`` cells and must stay below
+``KEY_LIMIT`` (~4.29e9): e.g. 8 ScanNet scenes of 15 m x 15 m x 5 m at 2 cm
+(8 * 753 * 753 * 253 = 1.15e9) or 4 S3DIS halls of 60 m x 20 m x 6 m at 5 cm
+(4 * 1203 * 403 * 123 = 2.4e8) fit. Key order equals lexicographic (b, x, y, z) order.
+When the box does not fit, the ``overflow`` flag of the returned frame / map is set;
+callers raise on concrete inputs (:func:`check_key_budget`) and poison outputs with NaN
+under ``jit`` so that the failure is never silent. Padded rows get key ``SENTINEL_KEY``.
+
+Lookup: ``argsort`` the keys once, ``searchsorted`` the queries. The submanifold table
+searches only 13 of the 27 offsets; the mirrored 13 follow by inversion
+(``nbr[j, 26-k] = i`` iff ``nbr[i, k] = j``) and the centre is the identity.
+
+Offsets. ``k = 9a + 3b + c`` for ``(a, b, c) in {0,1,2}^3`` means the displacement
+``(a-1, b-1, c-1)`` and matches ``weight[a, b, c]`` of a ``[3,3,3,Cin,Cout]`` weight;
+offset ``26 - k`` is the mirror of ``k``. Down/up maps use the child offset
+``c = 4(x&1) + 2(y&1) + (z&1)`` which matches ``weight[x&1, y&1, z&1]`` of ``[2,2,2,..]``.
+
+Tiles. For the XLA convolution the existing pairs of a map are compacted into ``NT``
+tiles of ``T`` rows, sorted by offset, each offset's run padded to a multiple of ``T``,
+so that every tile has one offset (see :class:`Tiles`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+SENTINEL_KEY = np.uint32(0xFFFFFFFF)
+# Number of key cells allowed; the f32 product used for the check has a relative error of
+# ~3e-7, so the limit keeps a margin of ~1e-3 below 2**32 - 1.
+KEY_LIMIT = 4.29e9
+
+OFFSETS_3 = np.array(list(itertools.product(range(3), repeat=3)), np.int32) - 1  # [27, 3]
+CENTER = 13
+
+
+@flax.struct.dataclass
+class KeyFrame:
+    """Mixed-radix frame of a coordinate set.
+
+    Attributes:
+      origin: i32[4] per column (b, x, y, z) the value that maps to digit 0 (min - margin).
+      extent: i32[4] number of digits per column.
+      overflow: bool[] the key space ``prod(extent)`` exceeds ``KEY_LIMIT``.
+    """
+
+    origin: Array
+    extent: Array
+    overflow: Array
+
+
+@flax.struct.dataclass
+class Tiles:
+    """Pairs of a kernel map compacted into tiles of one offset each.
+
+    ``NT`` tiles of ``T`` rows; pair row ``p`` lies in tile ``p // T``. Padding rows have
+    ``row == num_rows`` and ``col == num_cols`` (out-of-range sentinels).
+
+    Attributes:
+      row: i32[NT * T] table row of each pair (the voxel that owns the table row).
+      col: i32[NT * T] table entry of each pair (the neighbour / parent it points at).
+      tile_k: i32[NT] offset of each tile.
+      ok: bool[] every existing pair found a place (False: capacity exceeded; the
+        convolution then falls back to the dense per-offset path).
+    """
+
+    row: Array
+    col: Array
+    tile_k: Array
+    ok: Array
+
+    @property
+    def tile_rows(self) -> int:
+        return self.row.shape[0] // self.tile_k.shape[0]
+
+
+@flax.struct.dataclass
+class SubmMap:
+    """Submanifold 3x3x3 kernel map of one level.
+
+    Attributes:
+      nbr: i32[V, 27] row of the neighbour at offset k, ``V`` (sentinel) when missing or
+        when the row itself is padding.
+      tiles: Tiles over ``nbr`` (row = output voxel, col = input voxel), or None.
+      overflow: bool[] the key frame overflowed (results are invalid).
+    """
+
+    nbr: Array
+    tiles: Tiles | None
+    overflow: Array
+
+
+@flax.struct.dataclass
+class DownMap:
+    """Kernel-2 stride-2 map from a fine level (V rows) to a coarse level (Vc rows).
+
+    Attributes:
+      coords: i32[Vc, 4] coarse coordinates ``(b, x//2, y//2, z//2)``, sorted
+        lexicographically; padded rows repeat the last real row's batch + 1.
+      valid: bool[Vc] real coarse rows.
+      parent: i32[V] coarse row of each fine voxel (``Vc`` for padded fine rows).
+      child: i32[V] child offset 0..7 of each fine voxel inside its parent.
+      tiles: Tiles over the [V, 8] child table (row = fine voxel, col = coarse voxel).
+      count: i32[] number of real coarse voxels (may exceed Vc: see overflow).
+      overflow: bool[] key frame overflow or more than Vc coarse voxels.
+    """
+
+    coords: Array
+    valid: Array
+    parent: Array
+    child: Array
+    tiles: Tiles
+    count: Array
+    overflow: Array
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def key_frame(coords: Array, valid: Array, *, margin: int = 1) -> KeyFrame:
+    """Bounding box frame of ``coords: i32[V, 4]`` over rows where ``valid: bool[V]``."""
+    coords = jnp.asarray(coords, jnp.int32)
+    big = jnp.iinfo(jnp.int32).max
+    lo = jnp.min(jnp.where(valid[:, None], coords, big), axis=0)
+    hi = jnp.max(jnp.where(valid[:, None], coords, -big), axis=0)
+    any_valid = jnp.any(valid)
+    lo = jnp.where(any_valid, lo, 0)
+    hi = jnp.where(any_valid, hi, 0)
+    pad = jnp.array([0, margin, margin, margin], jnp.int32)
+    origin = lo - pad
+    # Extents in f32 for the budget check (no int overflow for absurd inputs).
+    ext_f = hi.astype(jnp.float32) - lo.astype(jnp.float32) + 1.0 + 2.0 * pad
+    overflow = jnp.prod(ext_f) > KEY_LIMIT
+    extent = (hi - lo + 1 + 2 * pad).astype(jnp.int32)
+    return KeyFrame(origin=origin, extent=extent, overflow=overflow)
+
+
+def pack_keys(frame: KeyFrame, coords: Array, valid: Array) -> Array:
+    """u32[V] keys of ``coords: i32[V, 4]`` in ``frame``; rows not ``valid`` or outside the
+    frame get ``SENTINEL_KEY``."""
+    d = jnp.asarray(coords, jnp.int32) - frame.origin
+    inside = jnp.all((d >= 0) & (d < frame.extent), axis=-1) & valid
+    du = jnp.where(inside[:, None], d, 0).astype(jnp.uint32)
+    e = frame.extent.astype(jnp.uint32)
+    key = ((du[:, 0] * e[1] + du[:, 1]) * e[2] + du[:, 2]) * e[3] + du[:, 3]
+    return jnp.where(inside, key, SENTINEL_KEY)
+
+
+def _lookup(sorted_keys: Array, order: Array, query: Array, num_rows: int) -> Array:
+    """Row index of each query key (``num_rows`` when absent); sentinel queries miss."""
+    pos = jnp.searchsorted(sorted_keys, query, method="scan")
+    pos = jnp.minimum(pos, num_rows - 1)
+    hit = (sorted_keys[pos] == query) & (query != SENTINEL_KEY)
+    return jnp.where(hit, order[pos], num_rows).astype(jnp.int32)
+
+
+def check_key_budget(coords) -> None:
+    """Host-side check of a concrete ``coords: i32[V, 4]``; raises ValueError when the
+    bounding box (plus the neighbour margin) does not fit the 32-bit key space."""
+    c = np.asarray(coords)
+    if c.size == 0:
+        return
+    ext = c.max(0).astype(np.float64) - c.min(0) + 1 + np.array([0, 2, 2, 2])
+    cells = float(np.prod(ext))
+    if cells > KEY_LIMIT:
+        raise ValueError(
+            f"sparse coordinates span too large a box for the 32-bit voxel keys: "
+            f"(batches, x, y, z) extents {ext.astype(np.int64).tolist()} give {cells:.3g} "
+            f"cells > {KEY_LIMIT:.3g}. Use a coarser voxel size, crop the scenes, shift each "
+            f"scene to start at 0, or use fewer scenes per batch."
+        )
+
+
+def unique_rows(coords: Array, valid: Array, *, capacity: int):
+    """Unique rows of ``coords: i32[N, 4]`` among ``valid: bool[N]`` in a static capacity.
+
+    Returns:
+      ucoords: i32[U, 4] unique rows sorted lexicographically (U = capacity); padded rows
+        are ``(b_pad, 0, 0, 0)`` with b_pad = 1 + the largest real batch index.
+      uvalid: bool[U] real unique rows.
+      inverse: i32[N] unique row of each input row (U for invalid rows or rows whose
+        unique row did not fit the capacity).
+      count: i32[] number of unique rows (may exceed U).
+      overflow: bool[] key frame overflow or count > U.
+    """
+    coords = jnp.asarray(coords, jnp.int32)
+    n = coords.shape[0]
+    u = int(capacity)
+    frame = key_frame(coords, valid, margin=0)
+    keys = pack_keys(frame, coords, valid)
+    order = jnp.argsort(keys).astype(jnp.int32)
+    sk = keys[order]
+    real = sk != SENTINEL_KEY
+    new = real & jnp.concatenate([jnp.ones((1,), bool), sk[1:] != sk[:-1]])
+    rank = jnp.cumsum(new, dtype=jnp.int32) - 1
+    count = jnp.sum(new, dtype=jnp.int32)
+    inv_sorted = jnp.where(real & (rank < u), rank, u)
+    inverse = jnp.zeros((n,), jnp.int32).at[order].set(inv_sorted)
+    first = jnp.where(new & (rank < u), rank, u)
+    ucoords = jnp.zeros((u, 4), jnp.int32).at[first].set(coords[order], mode="drop")
+    uvalid = jnp.arange(u) < count
+    pad_b = jnp.max(jnp.where(valid, coords[:, 0], -1)) + 1
+    pad_row = jnp.zeros((4,), jnp.int32).at[0].set(pad_b)
+    ucoords = jnp.where(uvalid[:, None], ucoords, pad_row)
+    return ucoords, uvalid, inverse, count, frame.overflow | (count > u)
+
+
+# ---------------------------------------------------------------------------- tiles
+
+
+def default_tile_rows(num_pairs: int) -> int:
+    """Tile height for ~``num_pairs`` pairs: large enough for an efficient batched matmul,
+    small enough that per-offset padding (< offsets * T rows) stays a few percent."""
+    t = 2 ** max(3, int(math.floor(math.log2(max(num_pairs, 1) / 1024.0 + 1e-9))) + 1)
+    return int(min(1024, max(8, t)))
+
+
+def build_tiles(table: Array, num_cols: int, *, num_tiles: int, tile_rows: int) -> Tiles:
+    """Compact the existing entries of ``table: i32[V, K]`` (entry < ``num_cols``) into
+    ``num_tiles`` tiles of ``tile_rows`` rows, sorted by column k then row."""
+    num_rows, num_k = table.shape
+    t = tile_rows
+    cap = num_tiles * t
+    mask = table < num_cols  # [V, K]
+    n_k = jnp.sum(mask, axis=0, dtype=jnp.int32)  # [K]
+    padded = (n_k + t - 1) // t  # tiles per offset
+    tile_end = jnp.cumsum(padded)  # [K]
+    tile_start = tile_end - padded
+    rank = jnp.cumsum(mask, axis=0, dtype=jnp.int32) - 1  # [V, K] rank within column
+    pos = tile_start[None, :] * t + rank
+    ok = tile_end[-1] <= num_tiles
+    pos = jnp.where(mask & (pos < cap), pos, cap)
+    rows = jnp.broadcast_to(jnp.arange(num_rows, dtype=jnp.int32)[:, None], table.shape)
+    row = jnp.full((cap,), num_rows, jnp.int32).at[pos.ravel()].set(rows.ravel(), mode="drop")
+    col = jnp.full((cap,), num_cols, jnp.int32).at[pos.ravel()].set(table.ravel(), mode="drop")
+    tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile_k = jnp.searchsorted(tile_end, tile_ids, side="right", method="scan")
+    tile_k = jnp.minimum(tile_k, num_k - 1).astype(jnp.int32)
+    return Tiles(row=row, col=col, tile_k=tile_k, ok=ok)
+
+
+def num_tiles_for(num_pairs: int, num_offsets: int, tile_rows: int) -> int:
+    """Tiles needed for up to ``num_pairs`` pairs over ``num_offsets`` offsets (worst-case
+    padding of each offset's run)."""
+    return int(math.ceil(num_pairs / tile_rows)) + num_offsets
+
+
+# ------------------------------------------------------------------------- kernel maps
+
+
+def subm_map(
+    coords: Array,
+    valid: Array,
+    *,
+    pairs_per_voxel: float | None = 16.0,
+    tile_rows: int | None = None,
+) -> SubmMap:
+    """Submanifold 3x3x3 neighbour table of ``coords: i32[V, 4]`` (rows ``valid: bool[V]``).
+
+    Args:
+      coords: i32[V, 4] unique rows (b, x, y, z) among valid rows, any order.
+      valid: bool[V] real rows.
+      pairs_per_voxel: tile capacity in existing pairs per row (a room at 2 cm has ~12
+        of 27); None builds no tiles (dense per-offset / Pallas path only).
+      tile_rows: tile height T (default from the capacity).
+    Returns:
+      SubmMap with nbr i32[V, 27] (sentinel V).
+    """
+    coords = jnp.asarray(coords, jnp.int32)
+    valid = jnp.asarray(valid, bool)
+    v = coords.shape[0]
+    frame = key_frame(coords, valid)
+    keys = pack_keys(frame, coords, valid)
+    order = jnp.argsort(keys).astype(jnp.int32)
+    sorted_keys = keys[order]
+    half = OFFSETS_3[:CENTER]  # offsets 0..12; 26-k mirrors k
+    shifts = np.concatenate([np.zeros((CENTER, 1), np.int32), half], axis=1)  # [13, 4]
+    q = coords[:, None, :] + jnp.asarray(shifts)[None]  # [V, 13, 4]
+    qkeys = pack_keys(frame, q.reshape(-1, 4), jnp.repeat(valid, CENTER))
+    low = _lookup(sorted_keys, order, qkeys, v).reshape(v, CENTER)  # [V, 13]
+    ids = jnp.arange(v, dtype=jnp.int32)
+    centre = jnp.where(valid, ids, v)[:, None]
+    # Mirror: row j's neighbour at offset 26-k is i when row i's neighbour at k is j.
+    high = jnp.full((v, CENTER), v, jnp.int32)
+    cols = jnp.broadcast_to(jnp.arange(CENTER - 1, -1, -1, dtype=jnp.int32), (v, CENTER))
+    # low[:, k] maps to high column (12 - k) (offset 26 - k = 14 + (12 - k)).
+    high = high.at[low, cols].set(jnp.broadcast_to(ids[:, None], (v, CENTER)), mode="drop")
+    nbr = jnp.concatenate([low, centre, high], axis=1)
+    tiles = None
+    if pairs_per_voxel is not None:
+        pairs = int(math.ceil(pairs_per_voxel * v))
+        t = tile_rows or default_tile_rows(pairs)
+        tiles = build_tiles(nbr, v, num_tiles=num_tiles_for(pairs, 27, t), tile_rows=t)
+    return SubmMap(nbr=nbr, tiles=tiles, overflow=frame.overflow)
+
+
+def down_map(
+    coords: Array,
+    valid: Array,
+    *,
+    capacity: int | None = None,
+    tile_rows: int | None = None,
+) -> DownMap:
+    """Kernel-2 stride-2 map of ``coords: i32[V, 4]`` to its coarse set.
+
+    Coarse rows are ``(b, x//2, y//2, z//2)`` (floor division), unique, sorted
+    lexicographically, in a static ``capacity`` (default V; coarse count <= fine count).
+    """
+    coords = jnp.asarray(coords, jnp.int32)
+    valid = jnp.asarray(valid, bool)
+    v = coords.shape[0]
+    vc = v if capacity is None else int(capacity)
+    coarse = jnp.concatenate([coords[:, :1], coords[:, 1:] >> 1], axis=1)  # floor div
+    child = ((coords[:, 1] & 1) * 4 + (coords[:, 2] & 1) * 2 + (coords[:, 3] & 1)).astype(jnp.int32)
+    ccoords, cvalid, parent, count, overflow = unique_rows(coarse, valid, capacity=vc)
+    table = _child_table(child, parent, vc)
+    t = tile_rows or default_tile_rows(v)
+    tiles = build_tiles(table, vc, num_tiles=num_tiles_for(v, 8, t), tile_rows=t)
+    return DownMap(
+        coords=ccoords,
+        valid=cvalid,
+        parent=parent,
+        child=child,
+        tiles=tiles,
+        count=count,
+        overflow=overflow,
+    )
+
+
+def _child_table(child: Array, parent: Array, num_coarse: int) -> Array:
+    hit = (jnp.arange(8, dtype=jnp.int32)[None, :] == child[:, None]) & (
+        parent[:, None] < num_coarse
+    )
+    return jnp.where(hit, parent[:, None], num_coarse)
+
+
+def match_down_map(
+    coords: Array,
+    valid: Array,
+    coarse_coords: Array,
+    coarse_valid: Array,
+    *,
+    tile_rows: int | None = None,
+) -> DownMap:
+    """Down map from ``coords: i32[V, 4]`` to a given coarse set ``coarse_coords:
+    i32[Vc, 4]`` (unique rows, any order): each fine row's parent is the coarse row equal
+    to ``(b, x//2, y//2, z//2)``, ``Vc`` when absent."""
+    coords = jnp.asarray(coords, jnp.int32)
+    coarse_coords = jnp.asarray(coarse_coords, jnp.int32)
+    valid = jnp.asarray(valid, bool)
+    coarse_valid = jnp.asarray(coarse_valid, bool)
+    v, vc = coords.shape[0], coarse_coords.shape[0]
+    up = jnp.concatenate([coords[:, :1], coords[:, 1:] >> 1], axis=1)
+    both = jnp.concatenate([coarse_coords, up], axis=0)
+    frame = key_frame(both, jnp.concatenate([coarse_valid, valid]), margin=0)
+    ckeys = pack_keys(frame, coarse_coords, coarse_valid)
+    order = jnp.argsort(ckeys).astype(jnp.int32)
+    parent = _lookup(ckeys[order], order, pack_keys(frame, up, valid), vc)
+    child = ((coords[:, 1] & 1) * 4 + (coords[:, 2] & 1) * 2 + (coords[:, 3] & 1)).astype(jnp.int32)
+    t = tile_rows or default_tile_rows(v)
+    tiles = build_tiles(
+        _child_table(child, parent, vc), vc, num_tiles=num_tiles_for(v, 8, t), tile_rows=t
+    )
+    return DownMap(
+        coords=coarse_coords,
+        valid=coarse_valid,
+        parent=parent,
+        child=child,
+        tiles=tiles,
+        count=jnp.sum(coarse_valid, dtype=jnp.int32),
+        overflow=frame.overflow,
+    )

@@ -1,0 +1,141 @@
+"""Kernel maps (dknet_jax.sparse.hashing) against brute-force numpy references."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from dknet_jax.sparse import hashing
+from tests.test_sparse_reference import KINDS, neighbour_table_ref, random_coords
+
+CAP = 224  # every padded test set has this many rows: one compilation per jitted map
+
+
+@functools.partial(jax.jit, static_argnames=("ppv",))
+def _subm(c, v, ppv=27):
+    return hashing.subm_map(c, v, pairs_per_voxel=ppv, tile_rows=8)
+
+
+@functools.partial(jax.jit, static_argnames=("cap",))
+def _down(c, v, cap=CAP):
+    return hashing.down_map(c, v, capacity=cap, tile_rows=8)
+
+
+def _pad(rng, c, total=CAP):
+    """Pad to `total` rows with garbage coords (some duplicating real rows), shuffle."""
+    extra = total - len(c)
+    junk = np.concatenate(
+        [c[rng.integers(0, len(c), extra // 2)], rng.integers(-5, 5, size=(extra - extra // 2, 4))]
+    ).astype(np.int32)
+    allc = np.concatenate([c, junk])
+    valid = np.arange(len(allc)) < len(c)
+    perm = rng.permutation(len(allc))
+    return allc[perm], valid[perm], perm
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_subm_table_matches_bruteforce(kind):
+    rng = np.random.default_rng(1)
+    c = random_coords(rng, kind)
+    cp, valid, perm = _pad(rng, c)
+    smap = _subm(cp, valid)
+    nbr = np.asarray(smap.nbr)
+    v = len(cp)
+    inv = np.argsort(perm)  # padded-row index of original row
+    ref = neighbour_table_ref(c)
+    got = nbr[inv[: len(c)]]
+    want = np.where(ref >= 0, inv[np.maximum(ref, 0)], v)
+    np.testing.assert_array_equal(got, want)
+    assert (nbr[~valid] == v).all()
+    assert not bool(smap.overflow)
+
+    # Tiles hold every existing pair once, one offset per tile.
+    t = smap.tiles
+    assert bool(t.ok)
+    row, col, tk = np.asarray(t.row), np.asarray(t.col), np.asarray(t.tile_k)
+    real = row < v
+    k_of_row = np.repeat(tk, t.tile_rows)[real]
+    pairs = sorted(zip(row[real].tolist(), k_of_row.tolist(), col[real].tolist(), strict=True))
+    ii, kk = np.nonzero(nbr < v)
+    assert pairs == sorted(zip(ii.tolist(), kk.tolist(), nbr[ii, kk].tolist(), strict=True))
+    assert (col[~real] == v).all()
+
+
+def test_tiles_flag_capacity_overflow():
+    rng = np.random.default_rng(2)
+    cp, valid, _ = _pad(rng, random_coords(rng, "clustered"))
+    smap = _subm(cp, valid, ppv=2)
+    assert not bool(smap.tiles.ok)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_down_map_matches_bruteforce(kind):
+    rng = np.random.default_rng(3)
+    c = random_coords(rng, kind)
+    cp, valid, _ = _pad(rng, c)
+    dmap = _down(cp, valid)
+    want = np.unique(np.concatenate([c[:, :1], c[:, 1:] // 2], 1), axis=0)  # lexicographic
+    m = int(dmap.count)
+    assert m == len(want) and not bool(dmap.overflow)
+    np.testing.assert_array_equal(np.asarray(dmap.coords)[:m], want)
+    assert np.asarray(dmap.valid).sum() == m
+    par, child = np.asarray(dmap.parent), np.asarray(dmap.child)
+    cc = np.asarray(dmap.coords)
+    np.testing.assert_array_equal(
+        cc[par[valid]], np.concatenate([cp[valid, :1], cp[valid, 1:] // 2], 1)
+    )
+    x, y, z = (cp[valid, 1:] % 2).T
+    np.testing.assert_array_equal(child[valid], 4 * x + 2 * y + z)
+    assert (par[~valid] == len(cp)).all()
+
+
+def test_down_map_capacity_overflow_flag():
+    rng = np.random.default_rng(4)
+    c = random_coords(rng, "scattered")  # isolated: coarse count == fine count
+    cp, valid, _ = _pad(rng, c)
+    dmap = _down(cp, valid, cap=len(c) // 2)
+    assert bool(dmap.overflow) and int(dmap.count) == len(c)
+
+
+def test_keys_follow_lexicographic_order():
+    rng = np.random.default_rng(5)
+    c = random_coords(rng, "scattered")
+    valid = np.ones(len(c), bool)
+    keys = np.asarray(
+        jax.jit(lambda c, v: hashing.pack_keys(hashing.key_frame(c, v), c, v))(c, valid)
+    )
+    lex = np.lexsort(c.T[::-1])
+    assert (np.diff(keys[lex].astype(np.int64)) > 0).all()
+
+
+def _box(batches, ex, ey, ez):
+    """Corner rows of a (batches, ex, ey, ez) box: the extremes decide the key frame."""
+    return np.array([[0, 0, 0, 0], [batches - 1, ex - 1, ey - 1, ez - 1]], np.int32)
+
+
+def test_key_budget_real_scene_sizes_fit():
+    # 8 ScanNet scenes (15 m x 15 m x 5 m at 2 cm) and 4 S3DIS halls (60 x 20 x 6 m at 5 cm).
+    for c in (_box(8, 750, 750, 250), _box(4, 1200, 400, 120)):
+        hashing.check_key_budget(c)
+        v = np.ones(len(c), bool)
+        assert not bool(hashing.key_frame(c, v).overflow)
+        # neighbour lookups right at the box corners still work
+        cp, vp = np.zeros((CAP, 4), np.int32), np.zeros(CAP, bool)
+        cp[:2], vp[:2] = c, True
+        nbr = np.asarray(_subm(cp, vp).nbr)
+        assert (nbr[:2, hashing.CENTER] == [0, 1]).all() and (nbr[:2, :13] == CAP).all()
+
+
+def test_key_budget_overflow_raises_and_flags():
+    c = _box(4, 2000, 2000, 300)  # 4.8e9 cells
+    with pytest.raises(ValueError, match="32-bit voxel keys"):
+        hashing.check_key_budget(c)
+    v = np.ones(len(c), bool)
+    assert bool(hashing.key_frame(c, v).overflow)
+    cp, vp = np.zeros((CAP, 4), np.int32), np.zeros(CAP, bool)
+    cp[:2], vp[:2] = c, True
+    assert bool(_subm(cp, vp).overflow)
+    # huge coordinates (int32 range) do not wrap around silently either
+    big = np.array([[0, -(2**30), 0, 0], [0, 2**30, 0, 0]], np.int32)
+    assert bool(hashing.key_frame(big, v).overflow)
