@@ -98,9 +98,51 @@ def merge_loss(logits: Array, target: Array, pair_mask: Array) -> Array:
     return _masked_mean(bce_with_logits(logits, target), pair_mask)
 
 
+MASK_SUMS = 7  # columns of mask_pair_sums
+
+
+def mask_pair_sums(mask_logits: Array, target: Array, point_mask: Array) -> Array:
+    """Per-row sums that the mask loss needs; additive over point chunks.
+
+    Args:
+      mask_logits: f32[K, P]; target: bool/f32[K, P] GT mask of the matched instance;
+      point_mask: bool[K, P] points each row is scored on.
+    Returns:
+      f32[K, 7]: [#points, sum BCE, sum p*t, sum p, sum t, sum hard*t, sum hard] with
+      p = sigmoid(logit), hard = logit > 0 (the last two carry no gradient).
+    """
+    w = point_mask.astype(mask_logits.dtype)
+    t = target.astype(mask_logits.dtype) * w
+    p = jax.nn.sigmoid(mask_logits) * w
+    hard = jax.lax.stop_gradient((mask_logits > 0).astype(mask_logits.dtype) * w)
+    return jnp.stack([
+        jnp.sum(w, axis=1), jnp.sum(bce_with_logits(mask_logits, t) * w, axis=1),
+        jnp.sum(p * t, axis=1), jnp.sum(p, axis=1), jnp.sum(t, axis=1),
+        jnp.sum(hard * t, axis=1), jnp.sum(hard, axis=1)], axis=1)
+
+
+def mask_loss_from_sums(sums: Array, matched: Array, *, iou_threshold: float = 0.25,
+                        eps: float = 1e-6):
+    """Eq. 6 from :func:`mask_pair_sums` ``f32[K, 7]`` and ``matched bool[K]``.
+
+    Returns (loss f32[], num_counted i32[], iou f32[K]); loss = 0 when nothing is counted.
+    """
+    n_pts, bce_sum, pt, p_sum, t_sum, hard_t, hard_sum = (sums[:, i] for i in range(MASK_SUMS))
+    bce = bce_sum / jnp.maximum(n_pts, 1.0)
+    dice = 1.0 - 2.0 * pt / (p_sum + t_sum + eps)
+    iou = hard_t / jnp.maximum(hard_sum + t_sum - hard_t, 1.0)
+    counted = matched & (iou > iou_threshold)
+    num = jnp.sum(counted)
+    loss = jnp.sum(jnp.where(counted, bce + dice, 0.0)) / jnp.maximum(num, 1).astype(bce.dtype)
+    return loss, num, iou
+
+
 def mask_loss(mask_logits: Array, instance: Array, gt_for_pred: Array, point_mask: Array, *,
               iou_threshold: float = 0.25, eps: float = 1e-6):
     """Eq. 6: BCE + dice per matched (prediction, GT) pair with IoU > ``iou_threshold``.
+
+    Materialises several f32[K, N] temporaries; ``masks.decoded_mask_loss`` computes the
+    same value chunk by chunk without ever holding [K, N].
 
     Args:
       mask_logits: f32[K, N] from ``masks.decode_masks``.
@@ -114,20 +156,9 @@ def mask_loss(mask_logits: Array, instance: Array, gt_for_pred: Array, point_mas
     """
     matched = gt_for_pred >= 0
     pm = point_mask & matched[:, None]
-    w = pm.astype(mask_logits.dtype)
-    t = ((instance[None, :] == gt_for_pred[:, None]) & pm).astype(mask_logits.dtype)
-    p = jax.nn.sigmoid(mask_logits) * w
-    n_pts = jnp.maximum(jnp.sum(w, axis=1), 1.0)
-    bce = jnp.sum(bce_with_logits(mask_logits, t) * w, axis=1) / n_pts
-    dice = 1.0 - 2.0 * jnp.sum(p * t, axis=1) / (jnp.sum(p, axis=1) + jnp.sum(t, axis=1) + eps)
-    hard = jax.lax.stop_gradient(((mask_logits > 0) & pm).astype(mask_logits.dtype))
-    inter = jnp.sum(hard * t, axis=1)
-    union = jnp.sum(hard, axis=1) + jnp.sum(t, axis=1) - inter
-    iou = inter / jnp.maximum(union, 1.0)
-    counted = matched & (iou > iou_threshold)
-    num = jnp.sum(counted)
-    loss = jnp.sum(jnp.where(counted, bce + dice, 0.0)) / jnp.maximum(num, 1).astype(bce.dtype)
-    return loss, num, iou
+    target = instance[None, :] == gt_for_pred[:, None]
+    return mask_loss_from_sums(mask_pair_sums(mask_logits, target, pm), matched,
+                               iou_threshold=iou_threshold, eps=eps)
 
 
 @flax.struct.dataclass

@@ -2,7 +2,9 @@
 
 Data flow: kernels ``f32[K, L]`` (``PointHeads.kernels``), instance centroids ``C_k`` (from
 aggregation), mask features ``F_m f32[N, Cm]`` (``PointHeads``) -> :func:`decode_masks` ->
-mask logits ``f32[K, N]`` (sigmoid = M) -> ``losses.mask_loss`` / ``postprocess``.
+mask logits ``f32[K, N]`` (sigmoid = M) -> ``losses.mask_loss`` / ``postprocess``. For
+training, :func:`decoded_class_counts` (-> ``matching.class_from_counts``) and
+:func:`decoded_mask_loss` give the matching classes and Eq. 6 without the [K, N] array.
 
 Kernel layout (``L = (Cm+3)*H + H + H + 1``; Cm = 16, H = 16 gives 337), row-major:
 
@@ -16,11 +18,21 @@ For instance k and point i: ``m[k, i] = W2[k] . relu(W1[k]^T [F_m,i, C_k - x_i] 
 Every instance scans every point of its own scene; points of other scenes, padding rows
 and invalid instance slots get ``fill_value`` (a large negative logit, sigmoid = 0).
 
-Memory: the points are processed in chunks of P (``lax.map``), and each chunk's body is
-rematerialised (``jax.checkpoint``) so reverse mode keeps only per-chunk inputs. Peak
-intermediate per chunk: the hidden activations f32[K, P, H] = K*P*H*4 bytes (K = 200,
-P = 16384, H = 16: 210 MB; P = 4096: 52 MB) instead of K*N*H*4 = 3.2 GB for N = 250k
-unchunked. The output itself is f32[K, N] (200 MB at K = 200, N = 250k).
+Memory: the points are processed in chunks of P (``lax.map`` / ``lax.scan``), and each
+chunk's body is rematerialised (``jax.checkpoint``) so reverse mode keeps only per-chunk
+inputs. Peak intermediate per chunk: the hidden activations f32[K, P, H] = K*P*H*4 bytes
+(K = 200, P = 4096, H = 16: 52 MB) instead of K*N*H*4 = 3.2 GB for N = 250k unchunked.
+:func:`decode_masks` still returns f32[K, N] (191 MiB at K = 200, N = 250k);
+:func:`decoded_mask_loss` and :func:`decoded_class_counts` never hold [K, N] at all.
+XLA temp buffers from ``jit(...).lower().compile().memory_analysis()`` on CPU (jax 0.10):
+
+    K=200, N=250k          decode_masks fwd   fwd+bwd
+      P=4096                   264 MiB         433 MiB
+      P=16384                  602 MiB        1041 MiB
+      P=N (unchunked)         6104 MiB       12416 MiB
+    grad of the mask loss, P=4096   decode_masks + losses.mask_loss   decoded_mask_loss
+      K=200, N=250k                        1186 MiB                        243 MiB
+      K=600, N=1M (4 scenes packed)       13892 MiB                        765 MiB
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dknet_jax import losses
 from dknet_jax.model.heads import num_kernel_params
 
 Array = jax.Array
@@ -58,6 +71,49 @@ def scene_point_mask(inst_batch: Array, inst_ok: Array, batch_id: Array,
             & (inst_batch[:, None] == batch_id[None, :]))
 
 
+def _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, what):
+    n = mask_feats.shape[0]
+    if mask_feats.ndim != 2 or xyz.shape != (n, 3) or batch_id.shape != (n,) or \
+            valid.shape != (n,):
+        raise ValueError(f"{what}: mask_feats {mask_feats.shape}, xyz {xyz.shape}, "
+                         f"batch_id {batch_id.shape}, valid {valid.shape} disagree on N")
+    if centroids.shape != (kernels.shape[0], 3):
+        raise ValueError(f"{what}: centroids {centroids.shape} should be "
+                         f"[{kernels.shape[0]}, 3]")
+    if chunk_size <= 0:
+        raise ValueError(f"{what}: chunk_size must be > 0, got {chunk_size}")
+
+
+def _chunked_inputs(kernels, centroids, mask_feats, xyz, per_point, hidden, chunk_size):
+    """Fold C_k into the first bias and cut the per-point arrays into [n_chunks, P, ...].
+
+    [F_m, C_k - x] @ W1 = [F_m, -x] @ W1 + C_k @ W1[Cm:], so the instance-only part is a
+    bias and the per-chunk work is one batched matmul.
+    """
+    n, cm = mask_feats.shape
+    w1, b1, w2, b2 = split_kernels(kernels, cm + 3, hidden)
+    bias1 = b1 + jnp.einsum("kc,kch->kh", centroids, w1[:, cm:, :])
+    p = min(chunk_size, n)
+    n_chunks = -(-n // p)
+    pad = n_chunks * p - n
+
+    def cut(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(n_chunks, p, *a.shape[1:])
+
+    point_in = jnp.concatenate([mask_feats, -xyz], axis=-1)  # [N, Cm+3]
+    return (w1, bias1, w2, b2), cut(point_in), [cut(a) for a in per_point], n_chunks * p
+
+
+def _chunk_logits(params, x, bid, ok, inst_batch, inst_ok):
+    """Logits f32[K, P] and the in-scene mask bool[K, P] of one chunk of P points."""
+    w1, bias1, w2, b2 = params
+    h = jax.nn.relu(jnp.einsum("pc,kch->kph", x, w1) + bias1[:, None, :])
+    logit = jnp.einsum("kph,kh->kp", h, w2) + b2[:, None]
+    inside = inst_ok[:, None] & ok[None, :] & (inst_batch[:, None] == bid[None, :])
+    return logit, inside
+
+
 def decode_masks(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: Array,
                  mask_feats: Array, xyz: Array, batch_id: Array, valid: Array, *,
                  hidden: int = 16, chunk_size: int = 16384,
@@ -76,36 +132,75 @@ def decode_masks(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: A
     Returns:
       f32[K, N] mask logits.
     """
-    n, cm = mask_feats.shape
-    if xyz.shape != (n, 3) or batch_id.shape != (n,) or valid.shape != (n,):
-        raise ValueError(f"decode_masks: mask_feats {mask_feats.shape}, xyz {xyz.shape}, "
-                         f"batch_id {batch_id.shape}, valid {valid.shape} disagree on N")
-    if centroids.shape != (kernels.shape[0], 3):
-        raise ValueError(f"decode_masks: centroids {centroids.shape} should be "
-                         f"[{kernels.shape[0]}, 3]")
-    if chunk_size <= 0:
-        raise ValueError(f"decode_masks: chunk_size must be > 0, got {chunk_size}")
-    w1, b1, w2, b2 = split_kernels(kernels, cm + 3, hidden)
-    # [F_m, C_k - x] @ W1 = [F_m, -x] @ W1 + C_k @ W1[Cm:], so the instance-only part is
-    # folded into the bias once and the per-chunk work is one batched matmul.
-    bias1 = b1 + jnp.einsum("kc,kch->kh", centroids, w1[:, cm:, :])
-    point_in = jnp.concatenate([mask_feats, -xyz], axis=-1)  # [N, Cm+3]
-
-    p = min(chunk_size, n)
-    n_chunks = -(-n // p)
-    pad = n_chunks * p - n
-    chunks = (jnp.pad(point_in, ((0, pad), (0, 0))).reshape(n_chunks, p, cm + 3),
-              jnp.pad(batch_id, (0, pad)).reshape(n_chunks, p),
-              jnp.pad(valid, (0, pad)).reshape(n_chunks, p))
+    _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, "decode_masks")
+    n = mask_feats.shape[0]
+    params, x, (bid, ok), _ = _chunked_inputs(kernels, centroids, mask_feats, xyz,
+                                              [batch_id, valid], hidden, chunk_size)
 
     @jax.checkpoint
     def one_chunk(args):
-        x, bid, ok = args
-        h = jax.nn.relu(jnp.einsum("pc,kch->kph", x, w1) + bias1[:, None, :])
-        logit = jnp.einsum("kph,kh->kp", h, w2) + b2[:, None]
-        inside = inst_ok[:, None] & ok[None, :] & (inst_batch[:, None] == bid[None, :])
+        logit, inside = _chunk_logits(params, *args, inst_batch, inst_ok)
         return jnp.where(inside, logit, fill_value)
 
-    out = jax.lax.map(one_chunk, chunks)  # [n_chunks, K, P]
-    out = jnp.moveaxis(out, 0, 1).reshape(kernels.shape[0], n_chunks * p)
+    out = jax.lax.map(one_chunk, (x, bid, ok))  # [n_chunks, K, P]
+    out = jnp.moveaxis(out, 0, 1).reshape(kernels.shape[0], -1)
     return out[:, :n]
+
+
+def _scan_sums(params, x, per_point, inst_batch, inst_ok, width, body):
+    """Sum ``body(logit, inside, *chunk_arrays) -> f32[K, width]`` over all chunks."""
+
+    @jax.checkpoint
+    def step(acc, args):
+        xc, bid, ok, *rest = args
+        logit, inside = _chunk_logits(params, xc, bid, ok, inst_batch, inst_ok)
+        return acc + body(logit, inside, *rest), None
+
+    init = jnp.zeros((inst_batch.shape[0], width), jnp.float32)
+    acc, _ = jax.lax.scan(step, init, (x, *per_point))
+    return acc
+
+
+def decoded_mask_loss(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: Array,
+                      mask_feats: Array, xyz: Array, batch_id: Array, valid: Array,
+                      instance: Array, gt_for_pred: Array, *, hidden: int = 16,
+                      chunk_size: int = 16384, iou_threshold: float = 0.25):
+    """``losses.mask_loss(decode_masks(...), instance, gt_for_pred, scene_point_mask(...))``
+    computed chunk by chunk: never holds f32[K, N], in reverse mode either.
+
+    Extra args: instance i32[N] GT slot per point (-100 none); gt_for_pred i32[K] from
+    ``matching`` (-1 unmatched). Returns (loss f32[], num_counted i32[], iou f32[K]).
+    """
+    _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size,
+           "decoded_mask_loss")
+    params, x, per_point, _ = _chunked_inputs(kernels, centroids, mask_feats, xyz,
+                                              [batch_id, valid, instance], hidden, chunk_size)
+    matched = gt_for_pred >= 0
+
+    def body(logit, inside, inst):
+        target = inst[None, :] == gt_for_pred[:, None]
+        return losses.mask_pair_sums(logit, target, inside & matched[:, None])
+
+    sums = _scan_sums(params, x, per_point, inst_batch, inst_ok, losses.MASK_SUMS, body)
+    return losses.mask_loss_from_sums(sums, matched, iou_threshold=iou_threshold)
+
+
+def decoded_class_counts(kernels: Array, centroids: Array, inst_batch: Array,
+                         inst_ok: Array, mask_feats: Array, xyz: Array, batch_id: Array,
+                         valid: Array, sem_pred: Array, num_classes: int, *,
+                         hidden: int = 16, chunk_size: int = 16384) -> Array:
+    """f32[K, S]: per instance, how many of its points (logit > 0, own scene) have each
+    predicted class; chunked like :func:`decoded_mask_loss`, no gradient. Feed it to
+    ``matching.class_from_counts`` for the majority class."""
+    _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size,
+           "decoded_class_counts")
+    params, x, per_point, _ = _chunked_inputs(
+        jax.lax.stop_gradient(kernels), jax.lax.stop_gradient(centroids),
+        jax.lax.stop_gradient(mask_feats), xyz, [batch_id, valid, sem_pred], hidden,
+        chunk_size)
+
+    def body(logit, inside, sem):
+        hard = ((logit > 0) & inside).astype(jnp.float32)
+        return hard @ jax.nn.one_hot(sem, num_classes, dtype=jnp.float32)
+
+    return _scan_sums(params, x, per_point, inst_batch, inst_ok, num_classes, body)

@@ -1,7 +1,8 @@
 """Hungarian matching of predicted instances to GT instances (method.md 6, Eq. 5).
 
 Data flow: predicted instance slots (centroids ``C_k`` from aggregation, classes from
-:func:`majority_class` over the decoded masks) and GT (``targets.Targets``) ->
+:func:`majority_class` over the decoded masks, or :func:`class_from_counts` over
+``masks.decoded_class_counts``) and GT (``targets.Targets``) ->
 :func:`match_cost` (inside jit) -> :func:`hungarian` (host, ``scipy`` through
 ``jax.pure_callback``) -> ``gt_for_pred`` for ``losses.mask_loss``.
 
@@ -34,9 +35,15 @@ def majority_class(pred_mask: Array, sem_pred: Array, num_classes: int) -> Array
       i32[K]: most frequent class (ties: lowest class); -1 for an empty mask.
     """
     onehot = jax.nn.one_hot(sem_pred, num_classes, dtype=jnp.float32)
-    counts = pred_mask.astype(jnp.float32) @ onehot  # [K, S], exact for counts < 2^24
+    return class_from_counts(pred_mask.astype(jnp.float32) @ onehot)  # exact below 2^24
+
+
+def class_from_counts(counts: Array) -> Array:
+    """i32[K] majority class from per-class point counts f32[K, S] (ties: lowest class;
+    -1 where the count is all zero). ``masks.decoded_class_counts`` gives the counts
+    without materialising the [K, N] masks."""
     cls = jnp.argmax(counts, axis=-1).astype(jnp.int32)
-    return jnp.where(jnp.any(pred_mask, axis=-1), cls, -1)
+    return jnp.where(jnp.sum(counts, axis=-1) > 0, cls, -1)
 
 
 def match_cost(pred_centroid: Array, pred_class: Array, pred_batch: Array, pred_ok: Array,

@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dknet_jax.masks import MASK_FILL, decode_masks, scene_point_mask, split_kernels
+from dknet_jax import losses, matching
+from dknet_jax.masks import (
+    MASK_FILL,
+    decode_masks,
+    decoded_class_counts,
+    decoded_mask_loss,
+    scene_point_mask,
+    split_kernels,
+)
 
 K, N, CM, H = 5, 23, 16, 16
 L = (CM + 3) * H + H + H + 1
@@ -111,3 +119,49 @@ def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="length"):
         decode_masks(args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7],
                      hidden=8)
+
+
+def test_decoded_mask_loss_equals_dense_loss_and_grads():
+    args = [jnp.asarray(a) for a in _inputs(2)]
+    rng = np.random.default_rng(7)
+    instance = rng.integers(-1, 4, N).astype(np.int32)
+    instance[instance < 0] = -100
+    # bias instance 0 toward GT 1 so at least one pair passes IoU > 0.25
+    instance = jnp.asarray(instance)
+    gt_for_pred = jnp.asarray([1, 0, 2, -1, 3], jnp.int32)
+    kern = args[0].at[:, L - 1].set(0.5)  # b2 > 0: non-empty hard masks
+
+    def dense(kernels, feats):
+        z = decode_masks(kernels, args[1], args[2], args[3], feats, *args[5:8], chunk_size=N)
+        pm = scene_point_mask(args[2], args[3], args[6], args[7])
+        return losses.mask_loss(z, instance, gt_for_pred, pm, iou_threshold=0.1)
+
+    def chunked(kernels, feats):
+        return decoded_mask_loss(kernels, args[1], args[2], args[3], feats, *args[5:8],
+                                 instance, gt_for_pred, chunk_size=4, iou_threshold=0.1)
+
+    d = jax.jit(dense)(kern, args[4])
+    c = jax.jit(chunked)(kern, args[4])
+    assert int(d[1]) >= 1 and int(d[1]) == int(c[1])
+    np.testing.assert_allclose(float(c[0]), float(d[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(c[2]), np.asarray(d[2]), rtol=1e-5, atol=1e-6)
+    gd = jax.jit(jax.grad(lambda k, f: dense(k, f)[0], argnums=(0, 1)))(kern, args[4])
+    gc = jax.jit(jax.grad(lambda k, f: chunked(k, f)[0], argnums=(0, 1)))(kern, args[4])
+    for a, b in zip(gd, gc, strict=True):
+        assert np.abs(np.asarray(a)).sum() > 0
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_decoded_class_counts_vs_dense_majority():
+    args = [jnp.asarray(a) for a in _inputs(3)]
+    kern = args[0].at[:, L - 1].set(0.3)
+    sem = jnp.asarray(np.random.default_rng(8).integers(0, 4, N), jnp.int32)
+    counts = jax.jit(functools.partial(decoded_class_counts, num_classes=4, chunk_size=5))(
+        kern, *args[1:8], sem)
+    z = np.asarray(decode_masks(kern, *args[1:8], chunk_size=N))
+    hard = z > 0  # fill value is negative, so other scenes are never counted
+    ref = np.stack([np.bincount(np.asarray(sem)[hard[k]], minlength=4) for k in range(K)])
+    np.testing.assert_array_equal(np.asarray(counts), ref)
+    np.testing.assert_array_equal(
+        np.asarray(matching.class_from_counts(counts)),
+        np.asarray(matching.majority_class(jnp.asarray(hard), sem, 4)))
