@@ -72,6 +72,10 @@ def test_parameter_counts(heads):
     assert _count(heads.merge) == merge
     assert _count(heads.kernel) == kern
     assert _count(heads) == sem + off + heat + red + mfeat + merge + kern == 24291
+    assert heads.kernel_len == 337 and heads.dynamic_hidden == 16
+    wide = nnx.eval_shape(lambda: PointHeads(32, 20, dynamic_hidden=8, rngs=nnx.Rngs(0)))
+    assert wide.kernel_len == 19 * 8 + 8 + 8 + 1
+    assert _count(wide.kernel) == _lin(16, 16) + _lin(16, 169)
 
 
 def test_norm_variants_counts():

@@ -138,6 +138,7 @@ class PointHeads(nnx.Module):
             raise ValueError(f"PointHeads first_instance_class={first_instance_class} must be "
                              f"in [0, num_classes={num_classes})")
         self.first_instance_class = first_instance_class
+        self.dynamic_hidden = dynamic_hidden  # pass as masks.decode_masks(hidden=...)
         self.kernel_len = num_kernel_params(mask_feat_dim + 3, dynamic_hidden)
         d, w, a = feat_dim, width, 2 * agg_dim + 3
         self.semantic = MLP(d, [w, w], num_classes, norm=norm, rngs=rngs)
