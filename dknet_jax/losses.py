@@ -76,8 +76,10 @@ def offset_loss(pred: Array, target: Array, mask: Array, *, direction: bool = Fa
     """
     loss = _masked_mean(jnp.sum(jnp.abs(pred - target), axis=-1), mask)
     if direction:
-        pn = pred / (jnp.linalg.norm(pred, axis=-1, keepdims=True) + 1e-8)
-        tn = target / (jnp.linalg.norm(target, axis=-1, keepdims=True) + 1e-8)
+        # sqrt(|x|^2 + tiny): finite gradient even for an exactly zero offset
+        norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-16)
+        pn = pred / (norm(pred) + 1e-8)
+        tn = target / (norm(target) + 1e-8)
         loss = loss + _masked_mean(-jnp.sum(pn * tn, axis=-1), mask)
     return loss
 

@@ -71,6 +71,12 @@ def test_offset_loss_l1_and_direction():
     np.testing.assert_allclose(got_d, ref + np.mean(cos), rtol=1e-5)
     assert float(losses.offset_loss(jnp.asarray(pred), jnp.asarray(tgt),
                                     jnp.zeros(n, bool))) == 0.0
+    # a zero predicted (or target) offset must not give NaN gradients
+    zero = jnp.asarray(pred).at[0].set(0.0)
+    tz = jnp.asarray(tgt).at[1].set(0.0)
+    g = jax.jit(jax.grad(lambda p: losses.offset_loss(p, tz, jnp.ones(n, bool),
+                                                      direction=True)))(zero)
+    assert np.all(np.isfinite(np.asarray(g)))
 
 
 def test_heatmap_loss_eq1():
