@@ -46,7 +46,8 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
     h = out.heads
     sem = L.semantic_loss(h.semantic_logits, batch.semantic, batch.valid)
     off = L.offset_loss(h.offset, t.offset, t.on_instance, direction=offset_direction)
-    center = L.heatmap_loss(out.heat, t.heat, t.on_instance)
+    # averaged over instance points that are predicted foreground (H is 0 elsewhere)
+    center = L.heatmap_loss(out.heat, t.heat, t.on_instance & h.foreground)
 
     n = batch.valid.shape[0]
     safe = jnp.clip(out.cand_idx, 0, n - 1)

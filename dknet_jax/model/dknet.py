@@ -71,13 +71,19 @@ class DKNet(nnx.Module):
     def __init__(self, model_config, *, impl: str = "auto", rngs: nnx.Rngs):
         m = model_config
         self.cfg = m.to_dict() if hasattr(m, "to_dict") else dict(m)
-        self.backbone = SparseUNet(m.in_channels, tuple(m.widths), m.blocks_per_level,
-                                   impl=impl, rngs=rngs)
+        self.backbone = SparseUNet(
+            m.in_channels, tuple(m.widths), m.blocks_per_level, impl=impl, rngs=rngs
+        )
         self.heads = PointHeads(
-            feat_dim=m.widths[0], num_classes=m.num_classes,
-            first_instance_class=m.first_instance_class, width=m.head_width,
-            agg_dim=m.agg_dim, mask_feat_dim=m.mask_feat_dim, kernel_hidden=m.kernel_hidden,
-            rngs=rngs)
+            feat_dim=m.widths[0],
+            num_classes=m.num_classes,
+            first_instance_class=m.first_instance_class,
+            width=m.head_width,
+            agg_dim=m.agg_dim,
+            mask_feat_dim=m.mask_feat_dim,
+            kernel_hidden=m.kernel_hidden,
+            rngs=rngs,
+        )
 
     def __call__(self, batch: PointBatch, *, key: Array | None = None) -> DKNetOutputs:
         c = self.cfg
@@ -93,17 +99,26 @@ class DKNet(nnx.Module):
 
         # --- candidates: per scene, K slots each -> M = B*K flat slots ---------------
         scene_valid = heads.foreground[None, :] & (
-            batch.batch_id[None, :] == jnp.arange(b, dtype=jnp.int32)[:, None])
+            batch.batch_id[None, :] == jnp.arange(b, dtype=jnp.int32)[:, None]
+        )
         keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), b)
 
         random = c["candidates"] == "random"
 
         def mine(valid_b, key_b):
             return mine_candidates(
-                c["candidates"], batch.xyz, heat, valid_b, key=key_b,
-                radius=c["cand_radius"], threshold=c["cand_threshold"],
+                c["candidates"],
+                batch.xyz,
+                heat,
+                valid_b,
+                key=key_b,
+                radius=c["cand_radius"],
+                threshold=c["cand_threshold"],
                 score_threshold=c["random_cand_threshold"] if random else None,
-                max_candidates=k, pool_size=min(c["pool_size"], n), relative=True)
+                max_candidates=k,
+                pool_size=min(c["pool_size"], n),
+                relative=True,
+            )
 
         idx, ok, exhausted = jax.vmap(mine)(scene_valid, keys)
         cand_idx, cand_ok = idx.reshape(-1), ok.reshape(-1)
@@ -113,13 +128,23 @@ class DKNet(nnx.Module):
 
         # --- aggregation -----------------------------------------------------------
         fg, bg, fg_count = agg.context_features(
-            batch.xyz, heads.reduce_feats, sem_pred, heads.foreground, batch.batch_id,
-            cand_idx, cand_ok, radius=c["cand_radius"])
+            batch.xyz,
+            heads.reduce_feats,
+            sem_pred,
+            heads.foreground,
+            batch.batch_id,
+            cand_idx,
+            cand_ok,
+            radius=c["cand_radius"],
+        )
         agg_feats = jnp.concatenate([fg, bg, cand_pos], axis=-1)
         m = cand_idx.shape[0]
-        pair_mask = (cand_ok[:, None] & cand_ok[None, :]
-                     & (cand_batch[:, None] == cand_batch[None, :])
-                     & ~jnp.eye(m, dtype=bool))
+        pair_mask = (
+            cand_ok[:, None]
+            & cand_ok[None, :]
+            & (cand_batch[:, None] == cand_batch[None, :])
+            & ~jnp.eye(m, dtype=bool)
+        )
         merge_logits = self.heads.merge_logits(agg_feats, pair_mask)
         if c["aggregation"] == "full":
             scores = jnp.where(pair_mask, jax.nn.sigmoid(merge_logits), 0.0)
@@ -131,21 +156,39 @@ class DKNet(nnx.Module):
             inst_feat, inst_pos, inst_ok = agg.group_features(lead, fg, fg_count, cand_pos)
         elif c["kernel_from"] == "top":  # elimination: the lead's own feature
             inst_feat, inst_pos, inst_ok = agg.group_features(
-                lead, fg, (lead == jnp.arange(m)).astype(fg.dtype), cand_pos)
+                lead, fg, (lead == jnp.arange(m)).astype(fg.dtype), cand_pos
+            )
         else:  # oracle: mean reduced feature over the GT instance the lead lies in
-            inst_feat, inst_pos, inst_ok = self._oracle_features(
-                batch, heads, safe, lead, cand_pos)
+            inst_feat, inst_pos, inst_ok = self._oracle_features(batch, heads, safe, lead, cand_pos)
 
         kernels = self.heads.kernels(inst_feat)
         mask_logits = decode_masks(
-            kernels, inst_pos, cand_batch, inst_ok, heads.mask_feats, batch.xyz,
-            batch.batch_id, batch.valid, hidden=c["kernel_hidden"],
-            chunk_size=min(c["mask_chunk"], n))
+            kernels,
+            inst_pos,
+            cand_batch,
+            inst_ok,
+            heads.mask_feats,
+            batch.xyz,
+            batch.batch_id,
+            batch.valid,
+            hidden=self.heads.dynamic_hidden,
+            chunk_size=min(c["mask_chunk"], n),
+        )
         return DKNetOutputs(
-            heads=heads, heat=heat, cand_idx=cand_idx, cand_ok=cand_ok, cand_batch=cand_batch,
-            merge_logits=merge_logits, pair_mask=pair_mask, lead=lead, inst_ok=inst_ok,
-            inst_pos=inst_pos, mask_logits=mask_logits, pool_exhausted=exhausted,
-            voxel_overflow=vox.overflow)
+            heads=heads,
+            heat=heat,
+            cand_idx=cand_idx,
+            cand_ok=cand_ok,
+            cand_batch=cand_batch,
+            merge_logits=merge_logits,
+            pair_mask=pair_mask,
+            lead=lead,
+            inst_ok=inst_ok,
+            inst_pos=inst_pos,
+            mask_logits=mask_logits,
+            pool_exhausted=exhausted,
+            voxel_overflow=vox.overflow,
+        )
 
     @staticmethod
     def _oracle_features(batch, heads, safe, lead, cand_pos):
@@ -159,11 +202,15 @@ class DKNet(nnx.Module):
         m = lead.shape[0]
         inst_ok = lead == jnp.arange(m)
         cand_inst = batch.instance[safe]
-        feat = jnp.take(mean, jnp.where(cand_inst >= 0, cand_inst, g), axis=0, mode="fill",
-                        fill_value=0.0)
+        feat = jnp.take(
+            mean, jnp.where(cand_inst >= 0, cand_inst, g), axis=0, mode="fill", fill_value=0.0
+        )
         inst_ok = inst_ok & (cand_inst >= 0)
-        return (jnp.where(inst_ok[:, None], feat, 0.0),
-                jnp.where(inst_ok[:, None], cand_pos, 0.0), inst_ok)
+        return (
+            jnp.where(inst_ok[:, None], feat, 0.0),
+            jnp.where(inst_ok[:, None], cand_pos, 0.0),
+            inst_ok,
+        )
 
 
 def count_params(module: nnx.Module) -> int:
