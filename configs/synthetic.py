@@ -23,6 +23,7 @@ def get_config(arg: str | None = None):
     c.data.instance_buckets = (16, 32, 64, 128)
     c.model.widths = (16, 32, 48, 64, 80)
     c.model.blocks_per_level = 1
+    c.model.level_capacity_ratio = 1.0   # coarse synthetic meshes barely shrink per level
     c.model.max_candidates = 48
     c.model.pool_size = 1024
     c.model.mask_chunk = 8192

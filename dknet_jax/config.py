@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.in_channels = 6            # rgb in [-1, 1] + xyz
     m.widths = (32, 64, 96, 128, 160, 192, 224)
     m.blocks_per_level = 2
+    m.level_capacity_ratio = 0.5  # voxel capacity of UNet level l+1 / level l (1.0 never overflows)
     m.num_classes = 20
     m.first_instance_class = 2   # semantic index >= this is an instance ("foreground") class
     m.head_width = 32
@@ -144,6 +145,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.data.max_points={d.max_points} exceeds the largest point bucket "
             f"{max(d.point_buckets)}; add a bucket or lower max_points")
+    if not 0.0 < m.level_capacity_ratio <= 1.0:
+        raise ValueError("config.model.level_capacity_ratio must be in (0, 1]")
     if len(m.widths) < 2:
         raise ValueError("config.model.widths needs at least two levels")
     return config

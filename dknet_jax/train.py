@@ -72,9 +72,15 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
 
         (_, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
         metrics["grad_norm"] = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, new_rest, opt_state, metrics
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # a non-finite step (e.g. a capacity overflow) leaves the state untouched; the host
+        # loop reports it with a clear error instead of training on NaN
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        metrics["skipped"] = (~ok).astype(jnp.float32)
+        return (keep(new_params, params), keep(new_rest, rest), keep(new_opt, opt_state),
+                metrics)
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1, 2))
@@ -156,8 +162,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         pbar.update(1)
         metrics = jax.device_get(metrics)
         if metrics["voxel_overflow"] > 0:
-            raise RuntimeError(f"voxel capacity overflow at step {step}: add a larger "
-                               f"config.data.point_buckets entry or lower data.max_points")
+            raise RuntimeError(
+                f"voxel capacity overflow at step {step} (batch of {batch.valid.shape[0]} "
+                f"points): raise config.model.level_capacity_ratio (1.0 never overflows), add "
+                f"a larger config.data.point_buckets entry, or lower config.data.max_points")
+        if metrics["skipped"] > 0:
+            raise FloatingPointError(
+                f"non-finite loss/gradient at step {step} (loss={metrics['loss']}); the update "
+                f"was skipped. Lower config.train.lr or set config.train.grad_clip")
         for name, value in metrics.items():
             acc.setdefault(name, []).append(float(value))
         if step % t.log_every == 0 or step == total_steps:

@@ -47,7 +47,8 @@ class DKNetOutputs:
       inst_pos: f32[M, 3] instance centroid C_k (shifted position of the lead).
       mask_logits: f32[M, N] instance mask logits (-1e9 outside the instance's scene).
       pool_exhausted: bool[B] the LN-NMS pool ran out in a scene (raise pool_size).
-      voxel_overflow: bool[] the voxel capacity or key space overflowed.
+      voxel_overflow: bool[] the voxel capacity of some UNet level or the key space
+        overflowed (the backbone then returns NaN features).
     """
 
     heads: PointHeadOutputs
@@ -72,7 +73,12 @@ class DKNet(nnx.Module):
         m = model_config
         self.cfg = m.to_dict() if hasattr(m, "to_dict") else dict(m)
         self.backbone = SparseUNet(
-            m.in_channels, tuple(m.widths), m.blocks_per_level, impl=impl, rngs=rngs
+            m.in_channels,
+            tuple(m.widths),
+            m.blocks_per_level,
+            impl=impl,
+            level_capacity_ratio=m.level_capacity_ratio,
+            rngs=rngs,
         )
         self.heads = PointHeads(
             feat_dim=m.widths[0],
@@ -92,7 +98,9 @@ class DKNet(nnx.Module):
         k = c["max_candidates"]
 
         vox = voxelize(batch.vox, batch.batch_id, batch.valid, batch.feats, capacity=n)
-        fp = voxel_to_point(self.backbone(vox), vox.point_to_voxel)
+        fv = self.backbone(vox)  # NaN everywhere when a level's capacity overflowed
+        overflow = vox.overflow | jnp.any(jnp.isnan(fv))
+        fp = voxel_to_point(fv, vox.point_to_voxel)
         heads = self.heads(fp, batch.valid)
         heat = scene_softmax(heads.heat_logits, batch.batch_id, heads.foreground, b)
         sem_pred = jnp.argmax(heads.semantic_logits, axis=-1).astype(jnp.int32)
@@ -187,7 +195,7 @@ class DKNet(nnx.Module):
             inst_pos=inst_pos,
             mask_logits=mask_logits,
             pool_exhausted=exhausted,
-            voxel_overflow=vox.overflow,
+            voxel_overflow=overflow,
         )
 
     @staticmethod
