@@ -1,0 +1,595 @@
+"""Prediction on a user's own scan: file in, instance segmentation files and pictures out.
+
+Data flow: ``readers.read_scan`` (PLY / NPZ / TXT) -> superpoints (``segment_mesh`` when
+the file has faces, else ``segment_points``) -> ``transforms.prepare_eval`` +
+``batching.pack_batch`` (one scene, padded to a point bucket) -> the jit-compiled
+``evaluate.make_predict_fn`` (DKNet forward + post-processing) -> ``evaluate.split_scenes``
+-> :func:`write_outputs`: ScanNet submission files, PLYs coloured by instance and by
+class, a JSON summary and a PNG (``render``).
+
+The model and its config come from a training work dir (:func:`load_model`): the config
+saved in the checkpoint's meta (merged into ``config.base_config()``) unless the caller
+passes one. Scans with more points than the largest point bucket are an error by default
+(the message names the fixes); with ``subsample=True`` the model runs on a fixed random
+subset that fits and every point takes the prediction of its nearest inferred point.
+Coordinates are taken as metres with z up (ScanNet's convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dknet_jax import render as R
+from dknet_jax.config import base_config, validate
+from dknet_jax.data.labels import S3DIS_CLASSES, SCANNET_CLASSES, SCANNET_NYU40_IDS
+from dknet_jax.data.ply import write_ply
+from dknet_jax.data.readers import read_scan
+
+__all__ = [
+    "LoadedModel", "Prediction", "class_names", "compute_superpoints", "config_from_meta",
+    "instance_per_point", "load_model", "predict_file", "run_model", "semantic_colors",
+    "show_viewer", "summarise", "write_outputs",
+]
+
+# ScanNet's nyu40 palette entries of the 20 benchmark classes (util.create_color_palette)
+_SCANNET20_COLORS = np.array([
+    (174, 199, 232), (152, 223, 138), (31, 119, 180), (255, 187, 120), (188, 189, 34),
+    (140, 86, 75), (255, 152, 150), (214, 39, 40), (197, 176, 213), (148, 103, 189),
+    (196, 156, 148), (23, 190, 207), (247, 182, 210), (219, 219, 141), (255, 127, 14),
+    (158, 218, 229), (44, 160, 44), (112, 128, 144), (227, 119, 194), (82, 84, 163)],
+    np.uint8)
+# a fixed palette for the 13 S3DIS classes
+_S3DIS_COLORS = np.array([
+    (0, 255, 0), (0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 255), (100, 100, 255),
+    (200, 200, 100), (170, 120, 200), (255, 0, 0), (200, 100, 100), (10, 200, 100),
+    (200, 200, 200), (50, 50, 50)], np.uint8)
+
+
+# ---------------------------------------------------------------------------------------
+# config and checkpoint
+
+
+def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str, unknown: list) -> None:
+    for key, value in src.items():
+        name = f"{prefix}{key}"
+        if key not in dst:
+            unknown.append(name)
+        elif isinstance(dst[key], ml_collections.ConfigDict):
+            if isinstance(value, dict):
+                _merge(dst[key], value, name + ".", unknown)
+            else:
+                unknown.append(name)
+        elif isinstance(dst[key], tuple) and isinstance(value, list):
+            dst[key] = tuple(value)
+        elif isinstance(dst[key], float) and isinstance(value, int):
+            dst[key] = float(value)
+        else:
+            dst[key] = value
+
+
+def config_from_meta(meta: dict, log: Callable[[str], None] = print
+                     ) -> ml_collections.ConfigDict | None:
+    """The training config saved in a checkpoint's meta (``meta["config"]``: the JSON of
+    ``config.to_json_best_effort()``, or a dict), merged into ``base_config()`` so every
+    field has its schema type; keys the schema no longer has are dropped with a note.
+    Returns None when the meta holds no config."""
+    raw = meta.get("config") if isinstance(meta, dict) else None
+    if raw is None:
+        return None
+    values = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    config = base_config()
+    unknown: list[str] = []
+    _merge(config, values, "", unknown)
+    if unknown:
+        log(f"note: checkpoint config keys not in this version's schema were ignored: "
+            f"{', '.join(unknown[:8])}")
+    return config
+
+
+def class_names(config) -> tuple[str, ...]:
+    """Class names of the config's label space (ScanNet 20 or S3DIS 13)."""
+    return SCANNET_CLASSES if config.data.dataset == "scannet" else S3DIS_CLASSES
+
+
+def semantic_colors(config) -> np.ndarray:
+    """u8[S, 3] fixed colour per semantic class (ScanNet: the benchmark's nyu40 palette)."""
+    return _SCANNET20_COLORS if config.data.dataset == "scannet" else _S3DIS_COLORS
+
+
+def _resolve_checkpoint(path: str) -> tuple[str, bool, int | None]:
+    """(work dir, use best/, step) for a work dir, its ``checkpoints/`` or ``best/``
+    folder, or one step folder inside them."""
+    from dknet_jax.checkpoint import find_checkpoint_dir
+
+    path = os.path.abspath(path).rstrip(os.sep)
+    step = None
+    base, parent = os.path.basename(path), os.path.dirname(path)
+    if base.isdigit() and os.path.basename(parent) in ("checkpoints", "best") \
+            and os.path.isdir(parent):
+        step, path = int(base), parent
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (pass the --workdir of "
+                                f"scripts/train.py, or its checkpoints/ or best/ folder)")
+    best = os.path.basename(path) == "best"
+    workdir = os.path.dirname(path) if best else find_checkpoint_dir(path)
+    return workdir, best, step
+
+
+def _steps(folder: str) -> list[int]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(d) for d in os.listdir(folder)
+                  if d.isdigit() and os.path.isdir(os.path.join(folder, d)))
+
+
+def _read_meta(folder: str, step: int) -> dict:
+    """The JSON meta item of a ``Checkpoints`` step (``<folder>/<step>/meta``), read
+    before the state so the config that builds the restore target is known."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(folder, str(step), "meta")
+    try:
+        return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))
+    except Exception as e:  # orbax raises several types for a missing/corrupt item
+        raise ValueError(f"cannot read the checkpoint meta {path} ({type(e).__name__}: "
+                         f"{e}); is this a work dir of scripts/train.py?") from e
+
+
+def _shape_mismatches(expected, got) -> list[str]:
+    exp = {jax.tree_util.keystr(k): v.shape for k, v in
+           jax.tree_util.tree_leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(k): np.shape(v) for k, v in
+            jax.tree_util.tree_leaves_with_path(got)}
+    out = [f"{k}: missing from the checkpoint" for k in exp if k not in have]
+    out += [f"{k}: not in the model" for k in have if k not in exp]
+    out += [f"{k}: checkpoint {list(have[k])} vs model {list(exp[k])}"
+            for k in exp if k in have and tuple(have[k]) != tuple(exp[k])]
+    return out
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A restored model: ``graphdef``/``params``/``rest`` for ``make_predict_fn``, the
+    config used, and where it came from."""
+    graphdef: object
+    params: object
+    rest: object
+    config: ml_collections.ConfigDict
+    step: int
+    source: str
+    compiled: dict = dataclasses.field(default_factory=dict)  # (N, G) -> executable
+
+
+def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
+               log: Callable[[str], None] = print) -> LoadedModel:
+    """Restore a trained DKNet from a work dir of ``scripts/train.py``.
+
+    ``checkpoint``: the work dir (the best checkpoint if one was ranked, else the latest),
+    its ``checkpoints/`` (latest) or ``best/`` folder, or a step folder inside them.
+    ``config``: replaces the config saved in the checkpoint (must describe the same
+    network). Raises FileNotFoundError / ValueError with a message naming the fix.
+    """
+    from dknet_jax.checkpoint import Checkpoints
+    from dknet_jax.optim import make_optimizer
+    from dknet_jax.train import build_model
+
+    workdir, best, step = _resolve_checkpoint(checkpoint)
+    if not best and step is None and not os.path.basename(
+            os.path.abspath(checkpoint).rstrip(os.sep)) == "checkpoints":
+        best = bool(_steps(os.path.join(workdir, "best")))  # a work dir: prefer best/
+    folder = os.path.join(workdir, "best" if best else "checkpoints")
+    steps = _steps(folder)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint steps in {folder}: train first "
+                                f"(scripts/train.py --workdir {workdir})")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no step {step} in {folder} (has {steps})")
+    meta = _read_meta(folder, step)
+    if config is None:
+        config = config_from_meta(meta, log)
+        if config is None:
+            raise ValueError(f"the checkpoint in {folder}/{step} holds no config; pass the "
+                             f"training config with --config=configs/<name>.py")
+    validate(config)
+    if config.model.kernel_from == "oracle":
+        raise ValueError("config.model.kernel_from='oracle' uses ground truth and cannot "
+                         "predict on a new scan; use 'aggregate' or 'top'")
+    # the restore target needs only shapes: trace the model and optimiser abstractly
+    # (no parameter initialisation), with the structure train.py saves
+    graphdef, params, rest = nnx.split(
+        nnx.eval_shape(lambda: nnx.merge(*build_model(config))), nnx.Param, ...)
+    tx, _ = make_optimizer(config.train, 1, 1)
+    opt = jax.eval_shape(tx.init, params)
+    target = {"params": params, "rest": rest, "opt": opt,
+              "key": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    ckpt = Checkpoints(workdir)
+    try:
+        state, _ = ckpt.restore(target, step=step, best=best)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"the checkpoint {folder}/{step} does not match the network built from the "
+            f"config ({type(e).__name__}: {str(e)[:300]}); pass the config it was trained "
+            f"with (--config=configs/<name>.py)") from e
+    finally:
+        ckpt.close()
+    # orbax restores the saved shapes whatever the target says: compare them here
+    bad = _shape_mismatches({"params": params, "rest": rest},
+                            {"params": state["params"], "rest": state["rest"]})
+    if bad:
+        raise ValueError(
+            f"the checkpoint {folder}/{step} does not match the network built from the "
+            f"config ({len(bad)} arrays differ, e.g. {bad[0]}); pass the config it was "
+            f"trained with (--config=configs/<name>.py)")
+    return LoadedModel(graphdef, state["params"], state["rest"], config, step, folder)
+
+
+# ---------------------------------------------------------------------------------------
+# superpoints and inference
+
+
+def compute_superpoints(xyz: np.ndarray, faces: np.ndarray | None,
+                        voxel_size: float | None = None) -> np.ndarray:
+    """i32[N] superpoint ids 0..P-1: ScanNet's mesh segmentation when there are faces,
+    else the kNN point-cloud variant (on ``voxel_size`` cells when given, which bounds the
+    cost on dense scans)."""
+    from dknet_jax.data.superpoints import compact_ids, segment_mesh, segment_points
+
+    if faces is not None and len(faces):
+        seg = segment_mesh(xyz, faces)
+    else:
+        seg = segment_points(xyz, voxel_size=voxel_size)
+    return compact_ids(seg)
+
+
+def instance_per_point(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """i32[N]: for each point the index of the highest-scoring mask that covers it (ties:
+    the lower index), -1 for none. masks bool[K, N], scores f[K]."""
+    masks = np.asarray(masks, bool)
+    n = masks.shape[1] if masks.ndim == 2 else 0
+    if masks.shape[0] == 0:
+        return np.full(n, -1, np.int32)
+    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, np.float64)))
+    ranked = masks[order]
+    has = ranked.any(axis=0)
+    first = np.argmax(ranked, axis=0)
+    return np.where(has, order[first], -1).astype(np.int32)
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Predictions for every point of one scan (instances sorted by score, highest first).
+
+    Attributes:
+      name: scene name (the input file's stem).
+      xyz: f32[N, 3] input coordinates; rgb: u8[N, 3]; faces: i32[F, 3] or None.
+      masks: bool[K, N] instance masks; labels: i32[K] class indices; scores: f32[K].
+      sem_pred: i32[N] class index per point.
+      instance: i32[N] instance of each point (highest score wins), -1 for none.
+      superpoint: i32[N] superpoint ids, or None when the vote was skipped.
+      inferred: number of points the network saw (< N when subsampled).
+      bucket: the point capacity the scan was padded to.
+      warnings: messages about the run (subsampling, exhausted candidate pool).
+    """
+    name: str
+    xyz: np.ndarray
+    rgb: np.ndarray
+    faces: np.ndarray | None
+    masks: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    sem_pred: np.ndarray
+    instance: np.ndarray
+    superpoint: np.ndarray | None
+    inferred: int
+    bucket: int
+    warnings: list
+
+
+def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, *,
+              name: str = "scan", subsample: bool = False, seed: int = 0,
+              timings: dict | None = None, log: Callable[[str], None] = print
+              ) -> tuple[dict, np.ndarray | None, list]:
+    """Infer one scan. Returns (the scene dict of ``evaluate.split_scenes`` with masks /
+    sem_pred mapped back to all N points, the indices of the inferred subset or None,
+    warnings). ``superpoint`` i32[N] or None (no vote)."""
+    from dknet_jax.data.batching import pack_batch
+    from dknet_jax.data.transforms import prepare_eval
+    from dknet_jax.evaluate import make_predict_fn, split_scenes
+
+    config = model.config
+    timings = {} if timings is None else timings
+    d = config.data
+    n = len(xyz)
+    cap = int(max(d.point_buckets))
+    notes: list[str] = []
+    subset = None
+    if n > cap:
+        if not subsample:
+            raise ValueError(
+                f"{name}: {n} points exceed the largest point bucket ({cap}). Either add a "
+                f"bucket, e.g. --config=<config> --config.data.point_buckets="
+                f"'({', '.join(str(b) for b in d.point_buckets)}, {_round_up(n)})' (memory "
+                f"grows with it), downsample the scan (e.g. one point per "
+                f"{d.voxel_size} m voxel), or pass --subsample to infer on {cap} random "
+                f"points and give every point its nearest inferred point's prediction")
+        rng = np.random.default_rng(seed)
+        subset = np.sort(rng.choice(n, cap, replace=False))
+        notes.append(f"scan has {n} points > largest bucket {cap}: inferred on a random "
+                     f"subset of {cap} points, the rest take their nearest neighbour's "
+                     f"prediction")
+        log("warning: " + notes[-1])
+    sel = slice(None) if subset is None else subset
+    sx, srgb = xyz[sel], rgb[sel]
+    # no superpoints: singleton superpoints make the vote the identity (and reuse the
+    # same compiled function)
+    sp = np.arange(len(sx), dtype=np.int32) if superpoint is None else superpoint[sel]
+    m = len(sx)
+    sample = prepare_eval({"xyz": sx.astype(np.float32), "rgb": srgb,
+                           "semantic": np.full(m, -100, np.int32),
+                           "instance": np.full(m, -100, np.int32),
+                           "superpoint": np.asarray(sp, np.int32), "name": name})
+    batch = pack_batch([sample], buckets=d.point_buckets, instance_buckets=d.instance_buckets,
+                       num_classes=config.model.num_classes, voxel_size=d.voxel_size)
+    key = (batch.valid.shape[0], batch.instance_valid.shape[0])
+    t0 = time.perf_counter()
+    if key not in model.compiled:
+        predict = make_predict_fn(model.graphdef, config)
+        model.compiled[key] = predict.lower(model.params, model.rest, batch).compile()
+    compiled = model.compiled[key]
+    timings["compile_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = jax.block_until_ready(compiled(model.params, model.rest, batch))
+    timings["inference_s"] = time.perf_counter() - t0
+    if bool(pred["voxel_overflow"]):
+        raise ValueError(
+            f"{name}: the voxel grid overflowed (the scan spans "
+            f"{np.ptp(sx, axis=0).round(2).tolist()} m at {d.voxel_size} m voxels); crop "
+            f"the scan or use a larger --config.data.voxel_size")
+    if bool(np.any(np.asarray(pred["pool_exhausted"]))):
+        notes.append("the candidate pool ran out: some instances may be missing; raise "
+                     "--config.model.pool_size")
+        log("warning: " + notes[-1])
+    scene = split_scenes(batch, pred, [name])[0]
+    if subset is not None:
+        from scipy.spatial import cKDTree
+
+        _, nn = cKDTree(sx).query(xyz, k=1)
+        scene["masks"] = scene["masks"][:, nn]
+        scene["sem_pred"] = scene["sem_pred"][nn]
+    scene["bucket"] = int(batch.valid.shape[0])
+    return scene, subset, notes
+
+
+def _round_up(n: int) -> int:
+    return int(2 ** np.ceil(np.log2(max(n, 1))))
+
+
+# ---------------------------------------------------------------------------------------
+# outputs
+
+
+def _box(points: np.ndarray) -> dict:
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    return {"min": lo.tolist(), "max": hi.tolist(), "centre": ((lo + hi) / 2).tolist(),
+            "size": (hi - lo).tolist()}
+
+
+def summarise(pred: Prediction, config, timings: dict | None = None,
+              extra: dict | None = None) -> dict:
+    """JSON-ready summary: per instance (id, class, nyu40 id, score, point count, box
+    min/max/centre/size in the input's coordinates) and scene statistics."""
+    names = class_names(config)
+    scannet = config.data.dataset == "scannet"
+    instances = []
+    for k in range(len(pred.labels)):
+        pts = pred.xyz[pred.masks[k]].astype(np.float64)
+        cls = int(pred.labels[k])
+        instances.append({
+            "id": k, "class": names[cls], "class_index": cls,
+            "nyu40_id": int(SCANNET_NYU40_IDS[cls]) if scannet else None,
+            "score": float(pred.scores[k]), "points": int(pred.masks[k].sum()),
+            "points_assigned": int(np.sum(pred.instance == k)),
+            "box": _box(pts) if len(pts) else None,
+        })
+    counts = np.bincount(pred.sem_pred, minlength=len(names))
+    per_class: dict[str, int] = {}
+    for inst in instances:
+        per_class[inst["class"]] = per_class.get(inst["class"], 0) + 1
+    scene = {
+        "points": int(len(pred.xyz)), "faces": int(len(pred.faces)) if pred.faces is not None
+        else 0, "inferred_points": int(pred.inferred), "point_bucket": int(pred.bucket),
+        "superpoints": int(pred.superpoint.max()) + 1 if pred.superpoint is not None
+        and len(pred.superpoint) else None,
+        "instances": len(instances), "instances_per_class": per_class,
+        "unassigned_points": int(np.sum(pred.instance < 0)),
+        "semantic_points": {names[i]: int(c) for i, c in enumerate(counts) if c},
+        "box": _box(pred.xyz.astype(np.float64)),
+    }
+    out = {"name": pred.name, "dataset": config.data.dataset, "classes": list(names),
+           "scene": scene, "instances": instances, "warnings": list(pred.warnings),
+           "timings_s": dict(timings or {})}
+    out.update(extra or {})
+    return out
+
+
+def instance_colors(pred: Prediction) -> np.ndarray:
+    """u8[N, 3]: a distinct colour per instance, grey for points in none."""
+    palette = R.distinct_colors(len(pred.labels))
+    cols = np.empty((len(pred.xyz), 3), np.uint8)
+    cols[:] = R.GREY
+    on = pred.instance >= 0
+    cols[on] = palette[pred.instance[on]]
+    return cols
+
+
+def _ply(path: str, pred: Prediction, colors: np.ndarray) -> None:
+    x = pred.xyz.astype(np.float32)
+    write_ply(path, {"x": x[:, 0], "y": x[:, 1], "z": x[:, 2], "red": colors[:, 0],
+                     "green": colors[:, 1], "blue": colors[:, 2],
+                     "instance": pred.instance.astype(np.int32),
+                     "semantic": pred.sem_pred.astype(np.int32)},
+              faces=pred.faces, comments=("dknet-jax prediction",))
+
+
+def render_picture(pred: Prediction, config, size=(1280, 520)) -> np.ndarray:
+    """u8[H, W, 3]: top + perspective views coloured by instance, with a legend."""
+    cols = instance_colors(pred)
+    show = np.ones(len(pred.xyz), bool)
+    if config.data.dataset == "s3dis":  # a ceiling hides the room from above
+        show &= pred.sem_pred != S3DIS_CLASSES.index("ceiling")
+    if not show.any():
+        show[:] = True
+    img = R.render_views(pred.xyz[show], cols[show], size=size, shade=True)
+    names = class_names(config)
+    palette = R.distinct_colors(len(pred.labels))
+    entries = [(f"{k} {names[int(c)]} {s:.2f}", tuple(palette[k]))
+               for k, (c, s) in enumerate(zip(pred.labels, pred.scores, strict=True))]
+    title = (f"{pred.name}: {len(pred.xyz)} points, {len(pred.labels)} instances "
+             f"(left: top view, right: perspective; grey = no instance)")
+    return R.add_legend(img, entries, title=title)
+
+
+def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None = None,
+                  extra: dict | None = None) -> dict:
+    """Write every output file; returns {kind: path} and the summary under "summary".
+
+    Files: ``<name>.txt`` + ``predicted_masks/`` (ScanNet submission; ScanNet label space
+    only), ``<name>_instances.ply``, ``<name>_semantic.ply``, ``<name>_summary.json``,
+    ``<name>.png``."""
+    from dknet_jax import eval as E
+
+    os.makedirs(out_dir, exist_ok=True)
+    name = pred.name
+    paths = {}
+    if config.data.dataset == "scannet":
+        paths["submission"] = E.write_prediction(out_dir, name, pred.masks,
+                                                 E.semantic_to_nyu40(pred.labels), pred.scores)
+    paths["instances_ply"] = os.path.join(out_dir, f"{name}_instances.ply")
+    _ply(paths["instances_ply"], pred, instance_colors(pred))
+    paths["semantic_ply"] = os.path.join(out_dir, f"{name}_semantic.ply")
+    _ply(paths["semantic_ply"], pred, semantic_colors(config)[pred.sem_pred])
+    paths["png"] = os.path.join(out_dir, f"{name}.png")
+    R.save_png(paths["png"], render_picture(pred, config))
+    summary = summarise(pred, config, timings, extra)
+    paths["summary"] = os.path.join(out_dir, f"{name}_summary.json")
+    with open(paths["summary"], "w") as f:
+        json.dump(summary, f, indent=2)
+    return {"paths": paths, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------
+# the whole thing
+
+
+def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
+                 config: ml_collections.ConfigDict | None = None, superpoints: str = "auto",
+                 subsample: bool = False, log: Callable[[str], None] = print,
+                 model: LoadedModel | None = None) -> dict:
+    """Read ``input_path``, predict with the model in ``checkpoint`` (or ``model``), write
+    the outputs to ``out_dir``. Returns {"paths", "summary", "prediction", "config"}.
+
+    superpoints: "auto" (compute them; mesh segmentation when the file has faces) or
+    "none" (skip the superpoint vote)."""
+    if superpoints not in ("auto", "none"):
+        raise ValueError(f"superpoints must be 'auto' or 'none', got {superpoints!r}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    scan = read_scan(input_path, warn=lambda m: log("warning: " + m))
+    name = os.path.splitext(os.path.basename(input_path))[0]
+    xyz, rgb, faces = scan["xyz"], scan["rgb"], scan["faces"]
+    timings["load_s"] = time.perf_counter() - t0
+    log(f"loaded {input_path}: {len(xyz)} points"
+        + (f", {len(faces)} faces" if faces is not None else "")
+        + f" ({timings['load_s']:.2f} s)")
+
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(checkpoint, config, log=log)
+    timings["restore_s"] = time.perf_counter() - t0
+    log(f"restored step {model.step} from {model.source} ({timings['restore_s']:.2f} s)")
+
+    sp = None
+    if superpoints == "auto" and not model.config.test.use_superpoints:
+        log("superpoints: skipped (config.test.use_superpoints is off)")
+    elif superpoints == "auto":
+        t0 = time.perf_counter()
+        sp = compute_superpoints(xyz, faces, voxel_size=None if faces is not None
+                                 else model.config.data.voxel_size)
+        timings["superpoints_s"] = time.perf_counter() - t0
+        kind = "mesh" if faces is not None and len(faces) else "point-cloud"
+        log(f"superpoints ({kind}): {int(sp.max()) + 1} ({timings['superpoints_s']:.2f} s)")
+
+    scene, subset, notes = run_model(model, xyz, rgb, sp, name=name, subsample=subsample,
+                                     timings=timings, log=log)
+    log(f"inference: compile {timings['compile_s']:.2f} s, run {timings['inference_s']:.2f} s"
+        f" (bucket {scene['bucket']} points)")
+
+    order = np.lexsort((np.arange(len(scene["scores"])), -scene["scores"]))
+    masks = scene["masks"][order]
+    scores = scene["scores"][order].astype(np.float32)
+    pred = Prediction(
+        name=name, xyz=xyz, rgb=rgb, faces=faces, masks=masks,
+        labels=scene["labels"][order].astype(np.int32), scores=scores,
+        sem_pred=scene["sem_pred"].astype(np.int32),
+        instance=instance_per_point(masks, scores), superpoint=sp,
+        inferred=len(xyz) if subset is None else len(subset), bucket=scene["bucket"],
+        warnings=notes)
+
+    t0 = time.perf_counter()
+    out = write_outputs(out_dir, pred, model.config, timings,
+                        extra={"checkpoint": {"source": model.source, "step": model.step},
+                               "input": os.path.abspath(input_path)})
+    timings["write_s"] = time.perf_counter() - t0
+    out["summary"]["timings_s"] = dict(timings)
+    with open(out["paths"]["summary"], "w") as f:
+        json.dump(out["summary"], f, indent=2)
+    log(f"wrote {len(out['paths'])} outputs to {out_dir} ({timings['write_s']:.2f} s): "
+        f"{len(pred.labels)} instances")
+    out["prediction"] = pred
+    out["config"] = model.config
+    return out
+
+
+def show_viewer(pred: Prediction, config, port: int = 8080) -> None:
+    """Interactive browser viewer (optional ``viser`` package): the scan coloured by
+    instance, by class, or in its own colours; blocks until Ctrl+C. Raises ImportError
+    with the install hint when viser is missing."""
+    try:
+        import viser
+    except ImportError as e:
+        raise ImportError("--viewer needs the optional 'viser' package (pip install viser); "
+                          "the PNG and PLY outputs were written without it") from e
+    server = viser.ViserServer(port=port)
+    scene = getattr(server, "scene", server)  # viser >= 0.2 puts scene calls on .scene
+    xyz = (pred.xyz - pred.xyz.mean(axis=0)).astype(np.float32)
+    spacing = max(R.surface_spacing(xyz), 1e-3)
+    layers = {"instance": instance_colors(pred),
+              "class": semantic_colors(config)[pred.sem_pred], "input": pred.rgb}
+    handles = {k: scene.add_point_cloud(f"/{k}", points=xyz, colors=c, point_size=spacing)
+               for k, c in layers.items()}
+    for k, h in handles.items():
+        h.visible = k == "instance"
+    choice = server.gui.add_dropdown("colour by", options=tuple(layers), initial_value="instance")
+
+    @choice.on_update
+    def _(_event) -> None:
+        for k, h in handles.items():
+            h.visible = k == choice.value
+
+    print(f"viewer running at http://localhost:{port} (Ctrl+C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,60 @@
+"""Instance segmentation of your own scan with a trained DKNet.
+
+  python scripts/predict.py --checkpoint work_dirs/scannet --input room.ply --out out/ \
+      [--config=configs/scannet.py --config.test.score_threshold=0.2] \
+      [--superpoints=auto|none] [--subsample] [--viewer]
+
+Input: PLY (mesh or point cloud, with or without colour), .npz (xyz [+ rgb]) or .txt rows
+``x y z [r g b]``; metres, z up. Writes to --out: ``<name>.txt`` + ``predicted_masks/``
+(ScanNet submission format), ``<name>_instances.ply`` / ``<name>_semantic.ply``,
+``<name>_summary.json`` and ``<name>.png``. The config saved with the checkpoint is used
+unless --config is given. A scan above the largest point bucket is an error unless
+--subsample (infer on a random subset, nearest-neighbour labels for the rest).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file; default: the config saved with the checkpoint")
+_CKPT = flags.DEFINE_string("checkpoint", None, "training work dir (or its best/ or "
+                            "checkpoints/ folder)")
+_INPUT = flags.DEFINE_string("input", None, "scan file: .ply, .npz or .txt")
+_OUT = flags.DEFINE_string("out", None, "output folder")
+_SP = flags.DEFINE_enum("superpoints", "auto", ["auto", "none"],
+                        "auto: compute superpoints for the vote; none: skip the vote")
+_SUB = flags.DEFINE_bool("subsample", False, "infer on a random subset when the scan "
+                         "exceeds the largest point bucket")
+_VIEWER = flags.DEFINE_bool("viewer", False, "open an interactive browser viewer (needs viser)")
+_PORT = flags.DEFINE_integer("port", 8080, "viewer port")
+flags.mark_flags_as_required(["checkpoint", "input", "out"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from dknet_jax.predict import predict_file, show_viewer
+
+    try:
+        out = predict_file(_CKPT.value, _INPUT.value, _OUT.value, config=_CONFIG.value,
+                           superpoints=_SP.value, subsample=_SUB.value)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for kind, path in out["paths"].items():
+        print(f"  {kind:14s} {path}")
+    if _VIEWER.value:
+        try:
+            show_viewer(out["prediction"], out["config"], port=_PORT.value)
+        except ImportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

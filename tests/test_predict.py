@@ -1,0 +1,331 @@
+"""predict.py end to end with a tiny untrained DKNet saved as a real checkpoint: a
+synthetic mesh PLY, a PLY without faces or colours, a .txt; every output file parsed back
+and checked against the input and against each other; hand-built predictions for the
+writers; clear errors on bad input."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import plyfile
+import pytest
+from flax import nnx
+from PIL import Image
+
+from dknet_jax import eval as E
+from dknet_jax import predict as P
+from dknet_jax import render as R
+from dknet_jax.checkpoint import Checkpoints
+from dknet_jax.config import base_config
+from dknet_jax.data.labels import SCANNET_CLASSES, SCANNET_NYU40_IDS
+from dknet_jax.data.ply import write_ply
+from dknet_jax.data.synthetic import generate_scene
+from dknet_jax.optim import make_optimizer
+from dknet_jax.train import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = 4096
+
+
+def _tiny_config():
+    spec = importlib.util.spec_from_file_location(
+        "synthetic_cfg", os.path.join(ROOT, "configs", "synthetic.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("tiny")
+    c.data.point_buckets = (BUCKET,)   # one bucket: one compile for every test scan
+    c.data.max_points = BUCKET
+    c.test.score_threshold = 0.0       # an untrained model: keep whatever it finds
+    c.test.min_points = 1
+    return c
+
+
+def _random_state(config, seed=0):
+    """Untrained parameters without running the (slow, eager) initialisers: shapes from
+    an abstract trace, values random (the semantic bias favours two instance classes so
+    the model finds instances); BatchNorm statistics mean 0 / var 1."""
+    _, params, rest = nnx.split(nnx.eval_shape(lambda: nnx.merge(*build_model(config))),
+                                nnx.Param, ...)
+    rng = np.random.default_rng(seed)
+
+    def param(path, s):
+        x = rng.normal(0, 0.3, s.shape).astype(s.dtype)
+        if "['semantic']['out']['bias']" in jax.tree_util.keystr(path):
+            x[[4, 16]] += 3.0  # chair / toilet: foreground points, so instances appear
+        return x
+
+    params = jax.tree_util.tree_map_with_path(param, params)
+
+    def stat(path, s):
+        name = str(path[-2]) if len(path) > 1 else ""
+        fill = 1.0 if "var" in name else 0.0
+        return np.full(s.shape, fill, s.dtype)
+
+    rest = jax.tree_util.tree_map_with_path(stat, rest)
+    tx, _ = make_optimizer(config.train, 1, 1)
+    return {"params": params, "rest": rest, "opt": tx.init(params),
+            "key": jax.random.PRNGKey(0)}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    config = _tiny_config()
+    wd = str(tmp_path_factory.mktemp("work"))
+    ckpt = Checkpoints(wd)
+    ckpt.save(3, _random_state(config), {"step": 3, "data": None, "best": None,
+                                         "config": config.to_json_best_effort()})
+    ckpt.close()
+    return wd
+
+
+@pytest.fixture(scope="module")
+def model(workdir):
+    return P.load_model(workdir, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return generate_scene(np.random.default_rng(0), "tiny")
+
+
+def _write_mesh_ply(path, scene):
+    v = scene.vertices
+    write_ply(path, {"x": v[:, 0], "y": v[:, 1], "z": v[:, 2], "red": scene.colors[:, 0],
+                     "green": scene.colors[:, 1], "blue": scene.colors[:, 2]},
+              faces=scene.faces)
+
+
+def _check_outputs(out_dir, name, xyz, faces, summary_ret):
+    """Parse every output back; check counts and the cross-file consistency."""
+    n = len(xyz)
+    summary = json.load(open(os.path.join(out_dir, f"{name}_summary.json")))
+    assert summary == json.loads(json.dumps(summary_ret))
+    assert summary["scene"]["points"] == n
+    k = summary["scene"]["instances"]
+    assert len(summary["instances"]) == k
+    for key in ("load_s", "restore_s", "compile_s", "inference_s", "write_s"):
+        assert summary["timings_s"][key] >= 0
+
+    # submission files: one line per instance, each mask has N lines of 0/1
+    pred_file = os.path.join(out_dir, f"{name}.txt")
+    lines = open(pred_file).read().splitlines()
+    assert len(lines) == k
+    for line in lines:
+        rel = line.split()[0]
+        assert len(open(os.path.join(out_dir, rel)).read().splitlines()) == n
+    masks, labels, scores, _ = E.read_prediction(pred_file, out_dir, n)
+    assert masks.shape == (k, n)
+
+    # instance PLY: same points (and faces), per-point instance = best-scoring mask
+    ply = plyfile.PlyData.read(os.path.join(out_dir, f"{name}_instances.ply"))
+    vx = ply["vertex"].data
+    assert len(vx) == n
+    np.testing.assert_allclose(np.stack([vx["x"], vx["y"], vx["z"]], 1), xyz, atol=1e-6)
+    if faces is None:
+        assert "face" not in [e.name for e in ply.elements]
+    else:
+        assert len(ply["face"].data) == len(faces)
+    inst = np.asarray(vx["instance"])
+    cols = np.stack([vx["red"], vx["green"], vx["blue"]], 1)
+    palette = R.distinct_colors(k)
+    for i in range(n) if n < 50 else np.random.default_rng(0).choice(n, 50, replace=False):
+        if inst[i] < 0:
+            assert not masks[:, i].any() and tuple(cols[i]) == R.GREY
+        else:
+            assert masks[inst[i], i]
+            covering = np.flatnonzero(masks[:, i])
+            assert scores[inst[i]] == scores[covering].max()
+            np.testing.assert_array_equal(cols[i], palette[inst[i]])
+
+    # summary instances agree with the mask files (same order as the submission lines)
+    for j, item in enumerate(summary["instances"]):
+        assert item["points"] == int(masks[j].sum())
+        assert item["nyu40_id"] == int(labels[j])
+        assert SCANNET_NYU40_IDS[SCANNET_CLASSES.index(item["class"])] == labels[j]
+        assert item["score"] == pytest.approx(scores[j])
+        if item["points"]:
+            pts = xyz[masks[j]]
+            np.testing.assert_allclose(item["box"]["min"], pts.min(0), atol=1e-5)
+            np.testing.assert_allclose(item["box"]["max"], pts.max(0), atol=1e-5)
+    assert list(scores) == sorted(scores, reverse=True)
+
+    # semantic PLY coloured by the fixed class palette
+    sply = plyfile.PlyData.read(os.path.join(out_dir, f"{name}_semantic.ply"))["vertex"].data
+    sem = np.asarray(sply["semantic"])
+    assert len(sem) == n and sem.min() >= 0 and sem.max() < len(SCANNET_CLASSES)
+    scol = np.stack([sply["red"], sply["green"], sply["blue"]], 1)
+    np.testing.assert_array_equal(scol, P.semantic_colors(base_config())[sem])
+    assert summary["scene"]["semantic_points"] == {
+        SCANNET_CLASSES[c]: int(v) for c, v in enumerate(np.bincount(sem)) if v}
+
+    img = Image.open(os.path.join(out_dir, f"{name}.png"))
+    assert img.size[0] == 1280 and img.size[1] > 520
+    return summary, masks
+
+
+def test_predict_mesh_ply(tmp_path, model, scene):
+    path = tmp_path / "room.ply"
+    _write_mesh_ply(path, scene)
+    logs = []
+    out = P.predict_file(None, str(path), str(tmp_path / "out"), model=model, log=logs.append)
+    summary, _ = _check_outputs(str(tmp_path / "out"), "room", scene.vertices, scene.faces,
+                                out["summary"])
+    # every point is foreground (semantic bias) and no filter is on: instances must appear,
+    # so the mask-file / PLY / summary cross-checks above ran on real masks
+    assert summary["scene"]["instances"] >= 1
+    assert summary["scene"]["faces"] == len(scene.faces)
+    assert summary["scene"]["superpoints"] == len(np.unique(
+        P.compute_superpoints(scene.vertices, scene.faces)))
+    assert summary["checkpoint"]["step"] == 3
+    text = "\n".join(logs)
+    for stage in ("loaded", "superpoints (mesh)", "inference: compile", "wrote"):
+        assert stage in text
+
+
+def test_predict_bare_ply_and_txt(tmp_path, model, scene):
+    xyz = scene.vertices[::2]
+    bare = tmp_path / "bare.ply"
+    write_ply(bare, {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2]}, binary=False)
+    logs = []
+    out = P.predict_file(None, str(bare), str(tmp_path / "o1"), model=model, log=logs.append)
+    _check_outputs(str(tmp_path / "o1"), "bare", xyz, None, out["summary"])
+    assert any("no colours" in m for m in logs)
+    assert any("superpoints (point-cloud)" in m for m in logs)
+    np.testing.assert_array_equal(out["prediction"].rgb, 128)
+
+    txt = tmp_path / "rows.txt"
+    rows = np.concatenate([scene.vertices[1::3], scene.colors[1::3]], 1)
+    np.savetxt(txt, rows, fmt="%.6f %.6f %.6f %d %d %d")
+    out = P.predict_file(None, str(txt), str(tmp_path / "o2"), model=model,
+                         superpoints="none", log=lambda m: None)
+    _check_outputs(str(tmp_path / "o2"), "rows", rows[:, :3].astype(np.float32), None,
+                   out["summary"])
+    assert out["summary"]["scene"]["superpoints"] is None
+
+
+def test_too_many_points_error_and_subsample(tmp_path, model):
+    rng = np.random.default_rng(1)
+    n = BUCKET + 700
+    xyz = rng.uniform(0, 4, (n, 3)).astype(np.float32)
+    path = tmp_path / "big.npz"
+    np.savez(path, xyz=xyz, rgb=rng.integers(0, 255, (n, 3)).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"exceed the largest point bucket.*point_buckets"
+                       r".*--subsample"):
+        P.predict_file(None, str(path), str(tmp_path / "o"), model=model,
+                       superpoints="none", log=lambda m: None)
+    logs = []
+    out = P.predict_file(None, str(path), str(tmp_path / "o"), model=model,
+                         superpoints="none", subsample=True, log=logs.append)
+    pred = out["prediction"]
+    assert pred.inferred == BUCKET and pred.sem_pred.shape == (n,)
+    assert pred.masks.shape[1] == n
+    assert any("random subset" in m for m in logs) and out["summary"]["warnings"]
+    _check_outputs(str(tmp_path / "o"), "big", xyz, None, out["summary"])
+
+
+def test_write_outputs_hand_built(tmp_path):
+    xyz = np.array([[0, 0, 0], [1, 0, 0], [1, 2, 0], [3, 3, 1], [5, 5, 5]], np.float32)
+    masks = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 0]], bool)
+    scores = np.array([0.9, 0.4], np.float32)
+    labels = np.array([4, 16], np.int32)  # chair, toilet
+    pred = P.Prediction(
+        name="hand", xyz=xyz, rgb=np.zeros((5, 3), np.uint8),
+        faces=np.array([[0, 1, 2]], np.int32), masks=masks, labels=labels, scores=scores,
+        sem_pred=np.array([4, 4, 4, 16, 0], np.int32),
+        instance=P.instance_per_point(masks, scores), superpoint=np.arange(5), inferred=5,
+        bucket=8, warnings=[])
+    np.testing.assert_array_equal(pred.instance, [0, 0, 0, 1, -1])  # point 2: 0.9 wins
+    out = P.write_outputs(str(tmp_path), pred, base_config())
+    s = out["summary"]
+    a, b = s["instances"]
+    assert (a["class"], a["nyu40_id"], a["points"], a["points_assigned"]) == ("chair", 5, 3, 3)
+    assert (b["class"], b["nyu40_id"], b["points"], b["points_assigned"]) == \
+        ("toilet", 33, 2, 1)
+    assert a["box"] == {"min": [0, 0, 0], "max": [1, 2, 0], "centre": [0.5, 1, 0],
+                        "size": [1, 2, 0]}
+    assert b["box"]["centre"] == [2, 2.5, 0.5] and b["box"]["size"] == [2, 1, 1]
+    assert s["scene"]["unassigned_points"] == 1
+    assert s["scene"]["instances_per_class"] == {"chair": 1, "toilet": 1}
+    assert s["scene"]["semantic_points"] == {"wall": 1, "chair": 3, "toilet": 1}
+    lines = open(tmp_path / "hand.txt").read().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["5", "33"]
+    assert [float(ln.split()[2]) for ln in lines] == pytest.approx([0.9, 0.4])
+    assert open(tmp_path / lines[1].split()[0]).read() == "0\n0\n1\n1\n0\n"
+    ply = plyfile.PlyData.read(tmp_path / "hand_instances.ply")
+    cols = np.stack([ply["vertex"].data[c] for c in ("red", "green", "blue")], 1)
+    pal = R.distinct_colors(2)
+    np.testing.assert_array_equal(cols, [pal[0], pal[0], pal[0], pal[1], R.GREY])
+    assert ply["face"].data["vertex_indices"][0].tolist() == [0, 1, 2]
+
+
+def test_instance_per_point_ties_and_empty():
+    masks = np.array([[1, 1, 0], [0, 1, 1], [0, 1, 0]], bool)
+    # instances 1 and 2 tie at 0.5 > 0.3: the lower index wins point 1
+    np.testing.assert_array_equal(
+        P.instance_per_point(masks, np.array([0.3, 0.5, 0.5])), [0, 1, 1])
+    np.testing.assert_array_equal(P.instance_per_point(np.zeros((0, 4), bool), np.zeros(0)),
+                                  [-1, -1, -1, -1])
+
+
+def test_config_from_meta_types_and_unknown_keys():
+    c = base_config()
+    c.model.widths = (8, 16)
+    c.test.score_threshold = 0.25
+    values = json.loads(c.to_json_best_effort())
+    values["model"]["not_a_field"] = 3
+    values["data"]["voxel_size"] = 1  # an int in JSON for a float field
+    notes = []
+    got = P.config_from_meta({"config": json.dumps(values)}, log=notes.append)
+    assert got.model.widths == (8, 16) and isinstance(got.model.widths, tuple)
+    assert got.test.score_threshold == 0.25
+    assert got.data.point_buckets == base_config().data.point_buckets
+    assert isinstance(got.data.voxel_size, float) and got.data.voxel_size == 1.0
+    assert notes and "model.not_a_field" in notes[0]
+    assert P.config_from_meta({"step": 1}) is None
+
+
+def test_bad_inputs_give_clear_messages(tmp_path, model, workdir):
+    out = str(tmp_path / "o")
+    quiet = dict(model=model, log=lambda m: None)
+    with pytest.raises(FileNotFoundError, match="scan file not found.*nope.ply"):
+        P.predict_file(None, str(tmp_path / "nope.ply"), out, **quiet)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        P.predict_file(None, str(empty), out, **quiet)
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, xyz=np.array([[0, 0, 0], [np.nan, 1, 1]], np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        P.predict_file(None, str(nan), out, **quiet)
+    with pytest.raises(ValueError, match="unsupported scan format"):
+        P.predict_file(None, str(tmp_path / "x.obj"), out, **quiet)
+    with pytest.raises(ValueError, match="superpoints must be"):
+        P.predict_file(None, str(empty), out, superpoints="maybe", **quiet)
+    # checkpoints: missing folder, a folder without checkpoints, an empty best/
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        P.load_model(str(tmp_path / "no_such_dir"))
+    (tmp_path / "not_a_workdir").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoints found"):
+        P.load_model(str(tmp_path / "not_a_workdir"))
+    with pytest.raises(FileNotFoundError, match="no step 99"):
+        P.load_model(os.path.join(workdir, "checkpoints", "99"))
+    # a config describing another network
+    other = _tiny_config()
+    other.model.widths = (8, 24)
+    with pytest.raises(ValueError, match="does not match the network"):
+        P.load_model(workdir, config=other, log=lambda m: None)
+
+
+def test_cli_reports_missing_checkpoint(tmp_path):
+    scan = tmp_path / "s.txt"
+    scan.write_text("0 0 0\n1 0 0\n0 1 0\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "predict.py"),
+                        "--checkpoint", str(tmp_path / "missing"), "--input", str(scan),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert "error: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
