@@ -76,7 +76,7 @@ def subm_conv3d(coords, feats, weight, *, impl: str = "auto") -> Array:
     c = _coords(coords, "subm_conv3d")
     f = _feats(feats, c.shape[0], "subm_conv3d")
     if _is_concrete(coords):
-        hashing.check_key_budget(np.asarray(c))
+        hashing.check_key_budget(np.asarray(coords))
     if c.shape[0] == 0:
         return jnp.zeros((0, jnp.shape(weight)[-1]), f.dtype)
     n, nb = c.shape[0], _bucket(c.shape[0])
@@ -112,7 +112,7 @@ def strided_conv3d(coords, feats, weight, *, capacity: int | None = None):
     c = _coords(coords, "strided_conv3d")
     f = _feats(feats, c.shape[0], "strided_conv3d")
     if _is_concrete(coords):
-        cn = np.asarray(c)
+        cn = np.asarray(coords).astype(np.int64)
         hashing.check_key_budget(cn)
         coarse = np.concatenate([cn[:, :1], cn[:, 1:] >> 1], axis=1)
         exact = len(np.unique(coarse, axis=0))
@@ -130,7 +130,10 @@ def strided_conv3d(coords, feats, weight, *, capacity: int | None = None):
     if c.shape[0] == 0 or capacity == 0:
         return jnp.zeros((0, 4), jnp.int32), jnp.zeros((0, jnp.shape(weight)[-1]), f.dtype)
     n, nb, m = c.shape[0], _bucket(c.shape[0]), int(capacity)
-    oc, of = _strided(_pad_rows(c, nb), _pad_rows(f, nb), jnp.asarray(weight), n, _bucket(m))
+    # The coarse count is <= N: the input bucket bounds it, one compilation per bucket.
+    oc, of = _strided(
+        _pad_rows(c, nb), _pad_rows(f, nb), jnp.asarray(weight), n, max(nb, _bucket(m))
+    )
     return oc[:m], of[:m]
 
 
@@ -157,13 +160,15 @@ def inverse_conv3d(coords, coarse_coords, coarse_feats, weight) -> Array:
     cc = _coords(coarse_coords, "inverse_conv3d")
     cf = _feats(coarse_feats, cc.shape[0], "inverse_conv3d", "coarse_feats")
     if _is_concrete(coords, coarse_coords):
-        cn, ccn = np.asarray(c), np.asarray(cc)
+        cn = np.asarray(coords).astype(np.int64)
+        ccn = np.asarray(coarse_coords).astype(np.int64)
         up = np.concatenate([cn[:, :1], cn[:, 1:] >> 1], axis=1)
         hashing.check_key_budget(np.concatenate([ccn, up]))
     if c.shape[0] == 0 or cc.shape[0] == 0:
         return jnp.zeros((c.shape[0], jnp.shape(weight)[-1]), cf.dtype)
     n, m = c.shape[0], cc.shape[0]
-    nb, mb = _bucket(n), _bucket(m)
+    nb = _bucket(n)
+    mb = max(nb, _bucket(m))  # usually m <= n: one compilation per fine bucket
     out = _inverse(
         _pad_rows(c, nb), _pad_rows(cc, mb), _pad_rows(cf, mb), jnp.asarray(weight), n, m
     )

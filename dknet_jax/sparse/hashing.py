@@ -252,8 +252,8 @@ def build_tiles(table: Array, num_cols: int, *, num_tiles: int, tile_rows: int) 
     row = jnp.full((cap,), num_rows, jnp.int32).at[pos.ravel()].set(rows.ravel(), mode="drop")
     col = jnp.full((cap,), num_cols, jnp.int32).at[pos.ravel()].set(table.ravel(), mode="drop")
     tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
-    tile_k = jnp.searchsorted(tile_end, tile_ids, side="right", method="scan")
-    tile_k = jnp.minimum(tile_k, num_k - 1).astype(jnp.int32)
+    tile_k = jnp.sum(tile_end[None, :] <= tile_ids[:, None], axis=1, dtype=jnp.int32)
+    tile_k = jnp.minimum(tile_k, num_k - 1)
     return Tiles(row=row, col=col, tile_k=tile_k, ok=ok)
 
 

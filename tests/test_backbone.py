@@ -1,0 +1,210 @@
+"""Sparse UNet backbone: masked BatchNorm, parameter count, and the padded forward /
+backward against a reference built from the public functional ops on unpadded arrays."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dknet_jax.model.backbone import MaskedBatchNorm, SparseUNet, count_params, count_unet_params
+from dknet_jax.sparse import inverse_conv3d, strided_conv3d, subm_conv3d
+from dknet_jax.sparse.voxelize import voxelize
+
+WIDTHS = (4, 8, 12)
+
+
+def test_masked_batchnorm_ignores_padded_rows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(50, 3)).astype(np.float32)
+    junk = 1e3 * rng.normal(size=(30, 3)).astype(np.float32)
+    xp = np.concatenate([x, junk])
+    valid = np.arange(80) < 50
+    perm = rng.permutation(80)
+    bn_a, bn_b = MaskedBatchNorm(3, momentum=0.5), MaskedBatchNorm(3, momentum=0.5)
+    ya = bn_a(jnp.asarray(x), jnp.ones(50, bool), train=True)
+    yb = bn_b(jnp.asarray(xp[perm]), jnp.asarray(valid[perm]), train=True)
+    want = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-4)  # numpy reference, biased variance
+    np.testing.assert_allclose(ya, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(yb)[np.argsort(perm)[:50]], want, rtol=1e-4, atol=1e-4)
+    assert (np.asarray(yb)[~valid[perm]] == 0).all()
+    np.testing.assert_allclose(bn_b.mean[...], 0.5 * x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bn_b.var[...], 0.5 + 0.5 * x.var(0, ddof=1), rtol=1e-5)
+    # eval mode uses the running statistics
+    bn_b.eval()
+    y_eval = bn_b(jnp.asarray(x), jnp.ones(50, bool))
+    np.testing.assert_allclose(
+        y_eval, (x - 0.5 * x.mean(0)) / np.sqrt(0.5 + 0.5 * x.var(0, ddof=1) + 1e-4), rtol=1e-4
+    )
+
+
+def test_count_params_default_unet():
+    w, nb = (32, 64, 96, 128, 160, 192, 224), 2
+    bn = lambda c: 2 * c
+    block = lambda a, b: bn(a) + 27 * a * b + bn(b) + 27 * b * b + (a * b if a != b else 0)
+    total = 27 * 6 * 32 + bn(32)  # input conv, output BN
+    for i, c in enumerate(w):
+        total += nb * block(c, c)
+        if i + 1 < len(w):
+            d = w[i + 1]
+            total += bn(c) + 8 * c * d + bn(d) + 8 * d * c  # down, up
+            total += block(2 * c, c) + (nb - 1) * block(c, c)  # decoder
+    assert count_unet_params(6, w, nb) == total
+    small = SparseUNet(6, (4, 6), 1, rngs=nnx.Rngs(0))
+    assert count_params(small) == count_unet_params(6, (4, 6), 1)
+
+
+def _scene(seed, n_points=400):
+    """Points on a floor and a wall of two scenes (negative coordinates included)."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 2, n_points)
+    floor = rng.random(n_points) < 0.6
+    vox = np.stack(
+        [rng.integers(-6, 6, n_points), rng.integers(-6, 6, n_points), np.zeros(n_points, int)], 1
+    )
+    vox[~floor] = np.stack(
+        [
+            np.full((~floor).sum(), -7),
+            rng.integers(-6, 6, (~floor).sum()),
+            rng.integers(0, 8, (~floor).sum()),
+        ],
+        1,
+    )
+    feats = rng.normal(size=(n_points, 6)).astype(np.float32)
+    return vox.astype(np.int32), b.astype(np.int32), np.ones(n_points, bool), feats
+
+
+def _bn_ref(x, p):
+    mean, var = x.mean(0), x.var(0)
+    return (x - mean) / jnp.sqrt(var + 1e-4) * p.scale[...] + p.bias[...]
+
+
+def _reference_forward(net, coords, feats):
+    """The same UNet on unpadded arrays with the public functional ops (train-mode BN)."""
+    relu = jax.nn.relu
+
+    def block(blk, c, x):
+        h = subm_conv3d(
+            c,
+            relu(_bn_ref(x, blk.bn1)),
+            blk.conv1.weight[...].reshape(3, 3, 3, *blk.conv1.weight.shape[1:]),
+        )
+        h = subm_conv3d(
+            c,
+            relu(_bn_ref(h, blk.bn2)),
+            blk.conv2.weight[...].reshape(3, 3, 3, *blk.conv2.weight.shape[1:]),
+        )
+        return h + (x if blk.proj is None else x @ blk.proj[...])
+
+    w0 = net.input_conv.weight[...]
+    x = subm_conv3d(coords, feats, w0.reshape(3, 3, 3, *w0.shape[1:]))
+    cs, skips = [coords], []
+    for _ in WIDTHS[1:]:  # coarse sets from numpy: unique (b, x//2, y//2, z//2), sorted
+        c = cs[-1]
+        cs.append(np.unique(np.concatenate([c[:, :1], c[:, 1:] // 2], 1), axis=0))
+    for lvl in range(len(WIDTHS)):
+        for blk in net.encoders[lvl]:
+            x = block(blk, cs[lvl], x)
+        if lvl + 1 < len(WIDTHS):
+            skips.append(x)
+            wd = net.downs[lvl].weight[...]
+            _, x = strided_conv3d(
+                cs[lvl],
+                relu(_bn_ref(x, net.down_bns[lvl])),
+                wd.reshape(2, 2, 2, *wd.shape[1:]),
+                capacity=len(cs[lvl + 1]),
+            )
+    for lvl in range(len(WIDTHS) - 2, -1, -1):
+        wu = net.ups[lvl].weight[...]
+        x = inverse_conv3d(
+            cs[lvl],
+            cs[lvl + 1],
+            relu(_bn_ref(x, net.up_bns[lvl])),
+            wu.reshape(2, 2, 2, *wu.shape[1:]),
+        )
+        x = jnp.concatenate([skips[lvl], x], -1)
+        for blk in net.decoders[lvl]:
+            x = block(blk, cs[lvl], x)
+    return relu(_bn_ref(x, net.output_bn)), cs
+
+
+def test_unet_padded_forward_backward_equals_functional_reference():
+    vox, b, valid, f = _scene(1)
+    net = SparseUNet(6, WIDTHS, 1, impl="xla", level_capacity_ratio=0.75, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+
+    @jax.jit
+    def run(params, vox, b, valid, f):
+        def loss(params):
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            v = voxelize(vox, b, valid, f, capacity=512)
+            out = m(v, train=True)
+            return jnp.sum(jnp.where(v.valid[:, None], out, 0) ** 2), (out, v)
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (lval, (out, v)), grads = run(params, vox, b, valid, f)
+    m = int(v.num)
+    coords = np.asarray(v.coords)[:m]
+    ref_net = nnx.merge(graphdef, params, rest, copy=True)
+
+    def ref_loss(params):
+        ref, cs = _reference_forward(
+            nnx.merge(graphdef, params, rest, copy=True), coords, np.asarray(v.feats)[:m]
+        )
+        return jnp.sum(ref**2), (ref, cs)
+
+    (rval, (ref, cs)), rgrads = jax.jit(jax.value_and_grad(ref_loss, has_aux=True))(params)
+    del ref_net
+    assert [len(c) for c in cs][-1] < m  # the U really went down
+    np.testing.assert_allclose(np.asarray(out)[:m], ref, rtol=1e-3, atol=1e-3)
+    assert (np.asarray(out)[m:] == 0).all()
+    np.testing.assert_allclose(lval, rval, rtol=1e-4)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-3, atol=2e-3 * float(np.abs(r).max()))
+    assert any(float(np.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_unet_overflow_gives_nan_not_silent_truncation():
+    rng = np.random.default_rng(2)
+    vox = (rng.integers(-50, 50, size=(200, 3)) * 3).astype(np.int32)  # isolated voxels
+    f = rng.normal(size=(200, 6)).astype(np.float32)
+    net = SparseUNet(
+        6, (4, 4), 1, impl="xla", level_capacity_ratio=0.25, min_level_capacity=8, rngs=nnx.Rngs(0)
+    )
+
+    @nnx.jit
+    def run(net, vox, f):
+        v = voxelize(vox, jnp.zeros(200, jnp.int32), jnp.ones(200, bool), f, capacity=256)
+        return net(v, train=False), net.kernel_maps(v)[0].down.overflow
+
+    out, overflow = run(net, vox, f)
+    assert np.isnan(np.asarray(out)).all() and bool(overflow)
+
+
+@pytest.mark.slow
+def test_unet_room_sized_forward_backward():
+    """>= 100k voxels at 2 cm (floor + 4 walls of a 6 m x 5 m room); full-size UNet."""
+    xs, ys = np.meshgrid(np.arange(300), np.arange(250), indexing="ij")
+    floor = np.stack([xs.ravel(), ys.ravel(), np.zeros(xs.size, int)], 1)
+    zs = np.arange(1, 120)
+    wx = np.stack(np.meshgrid(np.arange(300), [0, 249], zs, indexing="ij"), -1).reshape(-1, 3)
+    wy = np.stack(np.meshgrid([0, 299], np.arange(250), zs, indexing="ij"), -1).reshape(-1, 3)
+    vox = np.concatenate([floor, wx, wy]).astype(np.int32)
+    n = len(vox)
+    assert n >= 100_000
+    f = np.random.default_rng(0).normal(size=(n, 6)).astype(np.float32)
+    net = SparseUNet(rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+
+    @jax.jit
+    def step(params):
+        def loss(params):
+            v = voxelize(vox, np.zeros(n, np.int32), np.ones(n, bool), f, capacity=n)
+            return jnp.mean(nnx.merge(graphdef, params, rest, copy=True)(v, train=True) ** 2)
+
+        return jax.value_and_grad(loss)(params)
+
+    val, grads = step(params)
+    assert np.isfinite(float(val))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
