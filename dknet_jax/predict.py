@@ -144,6 +144,14 @@ def _read_meta(folder: str, step: int) -> dict:
                          f"{e}); is this a work dir of scripts/train.py?") from e
 
 
+def _abstract_model(config):
+    """(graphdef, params, rest) of DKNet with ShapeDtypeStruct leaves: traced, not
+    initialised (the eager initialisers take seconds)."""
+    from dknet_jax.train import build_model
+
+    return nnx.split(nnx.eval_shape(lambda: nnx.merge(*build_model(config))), nnx.Param, ...)
+
+
 def _shape_mismatches(expected, got) -> list[str]:
     exp = {jax.tree_util.keystr(k): v.shape for k, v in
            jax.tree_util.tree_leaves_with_path(expected)}
@@ -166,7 +174,7 @@ class LoadedModel:
     config: ml_collections.ConfigDict
     step: int
     source: str
-    compiled: dict = dataclasses.field(default_factory=dict)  # (N, G) -> executable
+    compiled: dict = dataclasses.field(default_factory=dict)  # (ratio, N, G) -> executable
 
 
 def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
@@ -180,7 +188,6 @@ def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
     """
     from dknet_jax.checkpoint import Checkpoints
     from dknet_jax.optim import make_optimizer
-    from dknet_jax.train import build_model
 
     workdir, best, step = _resolve_checkpoint(checkpoint)
     if not best and step is None and not os.path.basename(
@@ -207,8 +214,7 @@ def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
                          "predict on a new scan; use 'aggregate' or 'top'")
     # the restore target needs only shapes: trace the model and optimiser abstractly
     # (no parameter initialisation), with the structure train.py saves
-    graphdef, params, rest = nnx.split(
-        nnx.eval_shape(lambda: nnx.merge(*build_model(config))), nnx.Param, ...)
+    graphdef, params, rest = _abstract_model(config)
     tx, _ = make_optimizer(config.train, 1, 1)
     opt = jax.eval_shape(tx.init, params)
     target = {"params": params, "rest": rest, "opt": opt,
@@ -305,7 +311,7 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
     warnings). ``superpoint`` i32[N] or None (no vote)."""
     from dknet_jax.data.batching import pack_batch
     from dknet_jax.data.transforms import prepare_eval
-    from dknet_jax.evaluate import make_predict_fn, split_scenes
+    from dknet_jax.evaluate import split_scenes
 
     config = model.config
     timings = {} if timings is None else timings
@@ -341,19 +347,20 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
                            "superpoint": np.asarray(sp, np.int32), "name": name})
     batch = pack_batch([sample], buckets=d.point_buckets, instance_buckets=d.instance_buckets,
                        num_classes=config.model.num_classes, voxel_size=d.voxel_size)
-    key = (batch.valid.shape[0], batch.instance_valid.shape[0])
-    t0 = time.perf_counter()
-    if key not in model.compiled:
-        predict = make_predict_fn(model.graphdef, config)
-        model.compiled[key] = predict.lower(model.params, model.rest, batch).compile()
-    compiled = model.compiled[key]
-    timings["compile_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pred = jax.block_until_ready(compiled(model.params, model.rest, batch))
-    timings["inference_s"] = time.perf_counter() - t0
-    if bool(pred["voxel_overflow"]):
+    ratio = float(config.model.level_capacity_ratio)
+    timings["compile_s"] = timings["inference_s"] = 0.0
+    while True:
+        pred = _infer(model, batch, ratio, timings)
+        if not bool(pred["voxel_overflow"]):
+            break
+        if ratio < 1.0:  # a sparse scan fills the coarse UNet levels: give them room
+            notes.append(f"a UNet level overflowed with model.level_capacity_ratio={ratio}; "
+                         f"reran with 1.0 (never overflows, more memory)")
+            log("warning: " + notes[-1])
+            ratio = 1.0
+            continue
         raise ValueError(
-            f"{name}: the voxel grid overflowed (the scan spans "
+            f"{name}: the voxel key space overflowed (the scan spans "
             f"{np.ptp(sx, axis=0).round(2).tolist()} m at {d.voxel_size} m voxels); crop "
             f"the scan or use a larger --config.data.voxel_size")
     if bool(np.any(np.asarray(pred["pool_exhausted"]))):
@@ -369,6 +376,29 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
         scene["sem_pred"] = scene["sem_pred"][nn]
     scene["bucket"] = int(batch.valid.shape[0])
     return scene, subset, notes
+
+
+def _infer(model: LoadedModel, batch, ratio: float, timings: dict) -> dict:
+    """Compile (cached per capacity ratio and batch shape) and run the predict function;
+    adds to timings["compile_s"] / ["inference_s"]."""
+    from dknet_jax.evaluate import make_predict_fn
+
+    key = (ratio, batch.valid.shape[0], batch.instance_valid.shape[0])
+    t0 = time.perf_counter()
+    if key not in model.compiled:
+        config = model.config
+        graphdef = model.graphdef
+        if ratio != config.model.level_capacity_ratio:
+            config = ml_collections.ConfigDict(config.to_dict())
+            config.model.level_capacity_ratio = ratio
+            graphdef = _abstract_model(config)[0]  # same parameters, other capacities
+        predict = make_predict_fn(graphdef, config)
+        model.compiled[key] = predict.lower(model.params, model.rest, batch).compile()
+    timings["compile_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = jax.block_until_ready(model.compiled[key](model.params, model.rest, batch))
+    timings["inference_s"] += time.perf_counter() - t0
+    return pred
 
 
 def _round_up(n: int) -> int:
