@@ -131,8 +131,9 @@ def project_perspective(xyz: np.ndarray, size: tuple[int, int], *, azimuth: floa
 def surface_spacing(xyz: np.ndarray, sample: int = 4000) -> float:
     """Typical distance (metres) between neighbouring samples of a scanned surface: the
     median distance from a point to its 4th-nearest neighbour (the larger step of a
-    regular grid whose two steps differ by less than 2x), over a fixed subsample of at most ``sample``
-    points, corrected for the subsampling (surfaces are 2-D: spacing ~ 1/sqrt(density))."""
+    regular grid whose two steps differ by less than 2x), over a fixed subsample of at
+    most ``sample`` points, corrected for the subsampling (surfaces are 2-D: spacing ~
+    1/sqrt(density))."""
     from scipy.spatial import cKDTree
 
     pts = np.asarray(xyz, np.float64)
@@ -281,7 +282,9 @@ def add_legend(image: np.ndarray, entries, *, title: str | None = None,
         need = sw + 4 + tw + 14
         if x + need > w - pad and x > pad:
             if rows == max_rows:
-                items.append((None, f"+ {len(entries) - i} more", None, x))
+                more = f"+ {len(entries) - i} more"
+                x = min(x, max(pad, w - pad - int(probe.textlength(more, font=font))))
+                items.append((None, more, None, x))
                 break
             rows, x = rows + 1, pad
         items.append((rows - 1, text, color, x))

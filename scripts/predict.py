@@ -4,16 +4,14 @@
       [--config=configs/scannet.py --config.test.score_threshold=0.2] \
       [--superpoints=auto|none] [--subsample] [--viewer]
 
-Input: PLY (mesh or point cloud, with or without colour), .npz (xyz [+ rgb]) or .txt rows
-``x y z [r g b]``; metres, z up. Writes to --out: ``<name>.txt`` + ``predicted_masks/``
-(ScanNet submission format), ``<name>_instances.ply`` / ``<name>_semantic.ply``,
-``<name>_summary.json`` and ``<name>.png``. The config saved with the checkpoint is used
-unless --config is given. A scan above the largest point bucket is an error unless
---subsample (infer on a random subset, nearest-neighbour labels for the rest).
+Input: PLY (mesh or points, colour optional), .npz (xyz [+ rgb]) or .txt ``x y z [r g b]``
+in metres, z up. Writes ScanNet submission files, instance/semantic PLYs, a JSON summary
+and a PNG (see dknet_jax/predict.py). --subsample: infer a too-large scan on a subset.
 """
 
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 from absl import app, flags, logging  # noqa: E402
@@ -38,6 +36,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # library internals
     from dknet_jax.predict import predict_file, show_viewer
 
     try:

@@ -266,6 +266,28 @@ def test_write_outputs_hand_built(tmp_path):
     assert ply["face"].data["vertex_indices"][0].tolist() == [0, 1, 2]
 
 
+def test_write_outputs_s3dis_label_space(tmp_path):
+    c = base_config()
+    c.data.dataset = "s3dis"
+    xyz = np.array([[0, 0, 0], [1, 1, 1], [2, 0, 1]], np.float32)
+    masks = np.array([[0, 1, 1]], bool)
+    pred = P.Prediction(
+        name="area", xyz=xyz, rgb=np.zeros((3, 3), np.uint8), faces=None, masks=masks,
+        labels=np.array([8], np.int32), scores=np.array([0.7], np.float32),
+        sem_pred=np.array([1, 8, 8], np.int32), instance=np.array([-1, 0, 0], np.int32),
+        superpoint=None, inferred=3, bucket=4, warnings=[])
+    out = P.write_outputs(str(tmp_path), pred, c)
+    assert "submission" not in out["paths"]  # nyu40 files only for the ScanNet labels
+    assert not os.path.exists(tmp_path / "area.txt")
+    inst = out["summary"]["instances"][0]
+    assert (inst["class"], inst["nyu40_id"], inst["points"]) == ("chair", None, 2)
+    assert out["summary"]["scene"]["semantic_points"] == {"floor": 1, "chair": 2}
+    sply = plyfile.PlyData.read(tmp_path / "area_semantic.ply")["vertex"].data
+    cols = np.stack([sply[k] for k in ("red", "green", "blue")], 1)
+    np.testing.assert_array_equal(cols, P.semantic_colors(c)[[1, 8, 8]])
+    assert len(np.unique(P.semantic_colors(c), axis=0)) == 13
+
+
 def test_instance_per_point_ties_and_empty():
     masks = np.array([[1, 1, 0], [0, 1, 1], [0, 1, 0]], bool)
     # instances 1 and 2 tie at 0.5 > 0.3: the lower index wins point 1
