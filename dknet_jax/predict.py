@@ -36,7 +36,8 @@ from dknet_jax.data.readers import read_scan
 
 __all__ = [
     "LoadedModel", "Prediction", "class_names", "compute_superpoints", "config_from_meta",
-    "instance_per_point", "load_model", "predict_file", "run_model", "semantic_colors",
+    "instance_colors", "instance_per_point", "load_model", "predict_file", "render_picture",
+    "run_model", "semantic_colors",
     "show_viewer", "summarise", "write_outputs",
 ]
 
