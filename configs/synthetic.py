@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
     if arg == "tiny":
         c.data.root = "demo/tiny"
         c.data.max_points = 4_096
-        c.data.point_buckets = (4_096, 8_192)
+        c.data.point_buckets = (4_096, 8_192, 16_384)
         c.data.instance_buckets = (16, 32)
         c.model.widths = (8, 16)
         c.model.max_candidates = 8

@@ -133,7 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         params, rest, opt_state = state["params"], state["rest"], state["opt"]
         key = state["key"]
         step, data_state = int(meta["step"]), meta["data"]
-        best = float(meta.get("best", best))
+        best = float(meta["best"]) if meta.get("best") is not None else best
         print(f"Resumed from step {step} in {workdir}", flush=True)
 
     it = TrainIterator(train_paths, batch_size=d.batch_size, seed=config.seed,
