@@ -10,7 +10,7 @@ and GT files in <out>/gt (score them with scripts/eval_scannet.py).
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dknet_jax.evaluate import evaluate_checkpoint
@@ -26,6 +26,7 @@ flags.mark_flags_as_required(["config", "checkpoint"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint op at INFO
     out = _OUT.value or os.path.join(_CKPT.value, f"eval_{_SPLIT.value}")
     evaluate_checkpoint(_CONFIG.value, _CKPT.value, split=_SPLIT.value, out_dir=out,
                         best=_BEST.value)

@@ -6,7 +6,7 @@
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dknet_jax.train import train_and_evaluate
@@ -20,6 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint op at INFO
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
