@@ -1,0 +1,365 @@
+"""Inference benchmark: per-scene latency (warm), compile time, and a per-stage breakdown.
+
+Place in the data flow: a standalone measurement of inference (``EvalIterator`` ->
+``evaluate.make_predict_fn`` [DKNet forward -> post-processing]) on synthetic rooms, for
+``docs/benchmarks.md`` ("Inference"). Data and config helpers come from
+``scripts/bench_train.py`` (same cached rooms).
+
+    python scripts/bench_infer.py                 # ScanNet config, 8 ScanNet-sized rooms
+    python scripts/bench_infer.py --quick         # synthetic config, small rooms (minutes on a CPU)
+    python scripts/bench_infer.py --gpu_budget    # 4 rooms, 3 reps: ~2 minutes on a GPU
+
+One scene per batch (ScanNet's ``eval_batch_size`` 1), padded to its point bucket. Every
+stage below is jit-compiled on its own, fed the previous stage's outputs for the same
+scene, and timed warm (median of ``--reps`` calls, ``block_until_ready``); the whole fused
+``make_predict_fn`` is timed the same way. The stages replay ``DKNet.__call__`` and
+``make_predict_fn`` step by step, and the script checks that their final output equals the
+fused function's (same kept instances, labels, scores, masks):
+
+  backbone     voxelize + sparse UNet + voxel -> point gather
+  heads        point heads (semantic, offset, heatmap, reduce, mask features) + per-scene
+               heatmap softmax
+  candidates   LN-NMS (config.model.candidates) per scene, K slots
+  aggregation  fg/bg context features + pairwise merge MLP + groups (connected
+               components) + group features
+  masks        kernel MLP + dynamic-conv decoder (mask logits of every slot over the scene)
+  postprocess  sigmoid/softmax, Otsu thresholds, coverage, superpoint vote, scores, filters
+
+The model is randomly initialised unless ``--checkpoint`` is given: an untrained model
+predicts most points as foreground and fills most candidate slots, so candidate-dependent
+stages run close to their worst case (the counts are printed). Input batches are on the
+device before timing; outputs stay on the device (no host transfer in the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train (helpers)
+from bench_train import (  # noqa: E402
+    REPO,
+    compiled_gib,
+    device_line,
+    device_peak_gib,
+    host_peak_gib,
+    load_config,
+    scene_paths,
+    table,
+)
+
+PUBLISHED_MS = {"PointGroup": 452, "SoftGroup": 345, "ISBNet": 237, "SPFormer": 247}
+STAGES = ("backbone", "heads", "candidates", "aggregation", "masks", "postprocess")
+
+
+def make_stage_fns(graphdef, config):
+    """One jit function per stage; each takes (params, rest, ...) or plain arrays."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dknet_jax import aggregation as agg
+    from dknet_jax.candidates import mine_candidates
+    from dknet_jax.masks import decode_masks
+    from dknet_jax.postprocess import postprocess
+    from dknet_jax.sparse.voxelize import voxel_to_point, voxelize
+    from dknet_jax.targets import scene_softmax
+
+    m, te = config.model, config.test
+    k = m.max_candidates
+    if m.kernel_from == "oracle":
+        raise SystemExit("bench_infer: kernel_from=oracle needs GT instances (training-time "
+                         "analysis only); benchmark 'aggregate' or 'top'")
+
+    def model_of(params, rest):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        model.eval()
+        return model
+
+    def backbone(params, rest, batch):
+        model = model_of(params, rest)
+        n = batch.valid.shape[0]
+        vox = voxelize(batch.vox, batch.batch_id, batch.valid, batch.feats, capacity=n)
+        fv = model.backbone(vox)
+        overflow = vox.overflow | jnp.any(jnp.isnan(fv))
+        return voxel_to_point(fv, vox.point_to_voxel), overflow
+
+    def heads(params, rest, batch, fp):
+        model = model_of(params, rest)
+        h = model.heads(fp, batch.valid)
+        b = batch.scene_valid.shape[0]
+        heat = scene_softmax(h.heat_logits, batch.batch_id, h.foreground, b)
+        return h, heat
+
+    def candidates(batch, foreground, heat):
+        n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
+        scene_valid = foreground[None, :] & (
+            batch.batch_id[None, :] == jnp.arange(b, dtype=jnp.int32)[:, None])
+        keys = jax.random.split(jax.random.PRNGKey(0), b)
+        random = m.candidates == "random"
+
+        def mine(valid_b, key_b):
+            return mine_candidates(
+                m.candidates, batch.xyz, heat, valid_b, key=key_b, radius=m.cand_radius,
+                threshold=m.cand_threshold,
+                score_threshold=m.random_cand_threshold if random else None,
+                max_candidates=k, pool_size=min(m.pool_size, n), relative=True)
+
+        idx, ok, exhausted = jax.vmap(mine)(scene_valid, keys)
+        return idx.reshape(-1), ok.reshape(-1), exhausted
+
+    def aggregation(params, rest, batch, h, heat, cand_idx, cand_ok):
+        model = model_of(params, rest)
+        n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
+        cand_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
+        safe = jnp.clip(cand_idx, 0, n - 1)
+        cand_pos = batch.xyz[safe] + h.offset[safe]
+        sem_pred = jnp.argmax(h.semantic_logits, axis=-1).astype(jnp.int32)
+        fg, bg, fg_count = agg.context_features(
+            batch.xyz, h.reduce_feats, sem_pred, h.foreground, batch.batch_id, cand_idx,
+            cand_ok, radius=m.cand_radius)
+        feats = jnp.concatenate([fg, bg, cand_pos], axis=-1)
+        mm = cand_idx.shape[0]
+        pair_mask = (cand_ok[:, None] & cand_ok[None, :]
+                     & (cand_batch[:, None] == cand_batch[None, :])
+                     & ~jnp.eye(mm, dtype=bool))
+        logits = model.heads.merge_logits(feats, pair_mask)
+        if m.aggregation == "full":
+            scores = jnp.where(pair_mask, jax.nn.sigmoid(logits), 0.0)
+            lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=m.merge_threshold)
+        else:
+            lead = jnp.where(cand_ok, jnp.arange(mm, dtype=jnp.int32), -1)
+        weight = fg_count if m.kernel_from == "aggregate" else \
+            (lead == jnp.arange(mm)).astype(fg.dtype)
+        inst_feat, inst_pos, inst_ok = agg.group_features(lead, fg, weight, cand_pos)
+        return inst_feat, inst_pos, inst_ok
+
+    def masks(params, rest, batch, mask_feats, inst_feat, inst_pos, inst_ok):
+        model = model_of(params, rest)
+        n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
+        cand_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
+        kernels = model.heads.kernels(inst_feat)
+        return decode_masks(kernels, inst_pos, cand_batch, inst_ok, mask_feats, batch.xyz,
+                            batch.batch_id, batch.valid, hidden=model.heads.dynamic_hidden,
+                            chunk_size=min(m.mask_chunk, n))
+
+    def post(batch, semantic_logits, mask_logits, inst_ok):
+        n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
+        sem_prob = jax.nn.softmax(semantic_logits, axis=-1)
+        probs = jax.nn.sigmoid(mask_logits).reshape(b, k, n)
+        ok = inst_ok.reshape(b, k)
+        superpoint = batch.superpoint if te.use_superpoints else None
+        ignore = tuple(range(m.first_instance_class))
+
+        def one_scene(a):
+            masks_b, ok_b, scene = a
+            valid_b = batch.valid & (batch.batch_id == scene)
+            r = postprocess(masks_b, ok_b, sem_prob, valid_b, superpoint,
+                            num_superpoints=n if superpoint is not None else 0,
+                            min_score=te.score_threshold, min_points=te.min_points,
+                            ignore_classes=ignore)
+            return r.masks, r.labels, r.scores, r.keep
+
+        out = jax.lax.map(one_scene, (probs, ok, jnp.arange(b, dtype=jnp.int32)))
+        return dict(zip(("masks", "labels", "scores", "keep"), out, strict=True))
+
+    return {name: jax.jit(fn) for name, fn in zip(
+        STAGES, (backbone, heads, candidates, aggregation, masks, post), strict=True)}
+
+
+def timed(fn, args, reps: int, compiled: dict, tag):
+    """(compile s or None if cached, warm median s, output) of jit ``fn`` on ``args``."""
+    import jax
+
+    t_comp = None
+    if tag not in compiled:
+        t0 = time.perf_counter()
+        exe = fn.lower(*args).compile()  # the jit call below reuses this executable
+        t_comp = time.perf_counter() - t0
+        compiled[tag] = compiled_gib(exe)
+    out = jax.block_until_ready(fn(*args))  # warm-up (first run: allocations, autotuning)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return t_comp, float(np.median(times)), out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help="config file[:arg] (default configs/scannet.py; --quick: "
+                        "configs/synthetic.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set model.candidates=nms (repeatable)")
+    p.add_argument("--scenes", type=int, default=None, help="rooms (default 8)")
+    p.add_argument("--reps", type=int, default=3, help="timed warm calls per stage")
+    p.add_argument("--size", default=None, choices=("tiny", "small", "scannet"))
+    p.add_argument("--data_dir", default=None, help="use these prepared scenes instead")
+    p.add_argument("--cache_dir", default=None,
+                   help="where synthetic rooms are cached (default $TMP/dknet_bench/<size>_s0)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="processes generating rooms")
+    p.add_argument("--impl", default=None, choices=("auto", "xla", "pallas"))
+    p.add_argument("--checkpoint", default=None, help="workdir to restore weights from")
+    p.add_argument("--no_stages", action="store_true", help="time only the fused function")
+    p.add_argument("--quick", action="store_true", help="synthetic config, 3 small rooms")
+    p.add_argument("--gpu_budget", action="store_true", help="4 ScanNet-sized rooms")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    defaults = dict(config="configs/synthetic.py" if args.quick else "configs/scannet.py",
+                    scenes=3 if args.quick else 4 if args.gpu_budget else 8,
+                    size="small" if args.quick else "scannet")
+    for key, v in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, v)
+    if not os.path.isabs(args.config) and not os.path.isfile(args.config.partition(":")[0]):
+        args.config = os.path.join(REPO, args.config)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    overrides = list(args.set) + ["data.eval_batch_size=1"]
+    if args.impl:
+        overrides.append(f"kernels.impl={args.impl}")
+    config = load_config(args.config, overrides)
+    paths = scene_paths(args, args.size)
+
+    import jax
+
+    from dknet_jax.data.pipeline import EvalIterator
+    from dknet_jax.evaluate import make_predict_fn, restore_for_inference
+    from dknet_jax.sparse.conv import resolve_impl
+    from dknet_jax.train import build_model
+
+    dev = device_line()
+    print(dev, flush=True)
+    d, m = config.data, config.model
+    if args.checkpoint:
+        graphdef, params, rest, meta = restore_for_inference(config, args.checkpoint)
+        print(f"restored step {meta['step']} from {args.checkpoint}", flush=True)
+    else:
+        graphdef, params, rest = build_model(config)
+    predict = make_predict_fn(graphdef, config)
+    stage_fns = None if args.no_stages else make_stage_fns(graphdef, config)
+    it = EvalIterator(paths, batch_size=1, voxel_size=d.voxel_size, num_classes=m.num_classes,
+                      buckets=d.point_buckets, instance_buckets=d.instance_buckets,
+                      num_workers=1, prefetch=1)
+    compiled: dict = {}
+    rows = []
+    for batch_np, names in it:
+        batch = jax.device_put(batch_np)
+        n_pts = int(np.asarray(batch_np.valid).sum())
+        bucket = int(batch_np.valid.shape[0])
+        shape = (bucket, int(batch_np.instance_class.shape[0]))
+        r = {"scene": names[0], "points": n_pts, "bucket": bucket}
+        c, t, fused = timed(predict, (params, rest, batch), args.reps, compiled,
+                            ("fused", shape))
+        r["fused_s"], r["fused_compile_s"] = t, c
+        if bool(fused["voxel_overflow"]):
+            r["warning"] = "voxel capacity overflow"
+        r["kept"] = int(np.asarray(fused["keep"]).sum())
+        if stage_fns is not None:
+            f = stage_fns
+            c1, t1, (fp, overflow) = timed(f["backbone"], (params, rest, batch), args.reps,
+                                           compiled, ("backbone", shape))
+            c2, t2, (h, heat) = timed(f["heads"], (params, rest, batch, fp), args.reps,
+                                      compiled, ("heads", shape))
+            c3, t3, (cand_idx, cand_ok, exhausted) = timed(
+                f["candidates"], (batch, h.foreground, heat), args.reps, compiled,
+                ("candidates", shape))
+            c4, t4, (inst_feat, inst_pos, inst_ok) = timed(
+                f["aggregation"], (params, rest, batch, h, heat, cand_idx, cand_ok),
+                args.reps, compiled, ("aggregation", shape))
+            c5, t5, mask_logits = timed(
+                f["masks"], (params, rest, batch, h.mask_feats, inst_feat, inst_pos, inst_ok),
+                args.reps, compiled, ("masks", shape))
+            c6, t6, out = timed(f["postprocess"],
+                                (batch, h.semantic_logits, mask_logits, inst_ok), args.reps,
+                                compiled, ("postprocess", shape))
+            r["stage_s"] = dict(zip(STAGES, (t1, t2, t3, t4, t5, t6), strict=True))
+            r["stage_compile_s"] = dict(zip(STAGES, (c1, c2, c3, c4, c5, c6), strict=True))
+            r["foreground"] = int(np.asarray(h.foreground).sum())
+            r["candidates"] = int(np.asarray(cand_ok).sum())
+            r["instances"] = int(np.asarray(inst_ok).sum())
+            r["pool_exhausted"] = bool(np.asarray(exhausted).any())
+            same = all(np.array_equal(np.asarray(out[key]), np.asarray(fused[key]))
+                       for key in ("keep", "labels", "masks")) and np.allclose(
+                np.asarray(out["scores"]), np.asarray(fused["scores"]), atol=1e-5)
+            r["stages_match_fused"] = bool(same)
+        rows.append(r)
+        msg = (f"{r['scene']}: {n_pts} points (bucket {bucket}) fused {t * 1e3:.0f} ms"
+               + (f", compile {c:.1f}s" if c is not None else ""))
+        if "stage_s" in r:
+            msg += (" | " + " ".join(f"{s} {v * 1e3:.0f}" for s, v in r["stage_s"].items())
+                    + f" ms | cands {r['candidates']} inst {r['instances']} kept {r['kept']}"
+                    + ("" if r["stages_match_fused"] else " | STAGES DIFFER FROM FUSED"))
+        print(msg, flush=True)
+    it.close()
+    results = {"device": dev, "config": args.config, "overrides": overrides,
+               "impl": resolve_impl(config.kernels.impl),
+               "checkpoint": args.checkpoint, "scenes": rows,
+               "host_peak_gib": host_peak_gib(), "device_peak_gib": device_peak_gib(),
+               "xla_memory_gib": {f"{k[0]} {k[1]}": v for k, v in compiled.items()}}
+    _report(args, results)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2, default=str)
+    return results
+
+
+def _report(args, res: dict) -> None:
+    rows = res["scenes"]
+    med = lambda xs: float(np.median(xs)) * 1e3
+    pts = [r["points"] for r in rows]
+    out = [("device", res["device"]),
+           ("config", f"{os.path.relpath(res['config'], REPO)} {' '.join(res['overrides'])}"),
+           ("sparse conv impl", res["impl"]),
+           ("weights", res["checkpoint"] or "random init (untrained)"),
+           ("scenes (points min/median/max)",
+            f"{len(rows)} ({min(pts)}/{int(np.median(pts))}/{max(pts)}), buckets "
+            f"{sorted({r['bucket'] for r in rows})}")]
+    if "stage_s" in rows[0]:
+        total = [sum(r["stage_s"].values()) for r in rows]
+        for s in STAGES:
+            vals = [r["stage_s"][s] for r in rows]
+            share = 100 * np.median([r["stage_s"][s] / tt for r, tt in zip(rows, total, strict=True)])
+            comp = [r["stage_compile_s"][s] for r in rows if r["stage_compile_s"][s] is not None]
+            out.append((f"  {s}", f"{med(vals):8.1f} ms  ({share:4.1f}%)  compile "
+                                  f"{np.sum(comp):.1f} s"))
+        out.append(("  sum of stages", f"{med(total):8.1f} ms"))
+        out.append(("foreground / candidates / instances / kept",
+                    " / ".join(str(int(np.median([r[k] for r in rows])))
+                               for k in ("foreground", "candidates", "instances", "kept"))
+                    + " (medians)"))
+        out.append(("staged output == fused output",
+                    "yes" if all(r["stages_match_fused"] for r in rows) else
+                    "NO: " + ", ".join(r["scene"] for r in rows if not r["stages_match_fused"])))
+    fc = [r["fused_compile_s"] for r in rows if r["fused_compile_s"] is not None]
+    out += [("fused make_predict_fn (warm)",
+             f"{med([r['fused_s'] for r in rows]):8.1f} ms median, "
+             f"{min(r['fused_s'] for r in rows) * 1e3:.1f}-"
+             f"{max(r['fused_s'] for r in rows) * 1e3:.1f} ms"),
+            ("fused compile", f"{len(fc)} shape(s), {', '.join(f'{c:.1f}' for c in fc)} s"),
+            ("host peak RSS", f"{res['host_peak_gib']:.2f} GiB"),
+            ("device peak in use", "-" if res["device_peak_gib"] is None
+             else f"{res['device_peak_gib']:.2f} GiB")]
+    out.append(("published per scene (older GPUs)",
+                ", ".join(f"{k} {v} ms" for k, v in PUBLISHED_MS.items())))
+    if any("warning" in r for r in rows):
+        out.append(("WARNING", ", ".join(f"{r['scene']}: {r['warning']}" for r in rows
+                                         if "warning" in r)))
+    print()
+    print(table(out, "DKNet inference, one scene per batch"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
