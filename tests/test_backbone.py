@@ -128,35 +128,36 @@ def _reference_forward(net, coords, feats):
     return relu(_bn_ref(x, net.output_bn)), cs
 
 
+_NET = SparseUNet(6, WIDTHS, 1, impl="xla", level_capacity_ratio=0.75, rngs=nnx.Rngs(0))
+_GRAPH, _PARAMS, _REST = nnx.split(_NET, nnx.Param, ...)
+
+
+@jax.jit
+def _run(params, vox, b, valid, f):
+    """Voxelize (capacity 512; levels 512 / 384 / 288) + UNet forward + gradient."""
+
+    def loss(params):
+        m = nnx.merge(_GRAPH, params, _REST, copy=True)
+        v = voxelize(vox, b, valid, f, capacity=512)
+        out = m(v, train=True)
+        return jnp.sum(jnp.where(v.valid[:, None], out, 0) ** 2), (out, v)
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+
 def test_unet_padded_forward_backward_equals_functional_reference():
-    vox, b, valid, f = _scene(1)
-    net = SparseUNet(6, WIDTHS, 1, impl="xla", level_capacity_ratio=0.75, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-
-    @jax.jit
-    def run(params, vox, b, valid, f):
-        def loss(params):
-            m = nnx.merge(graphdef, params, rest, copy=True)
-            v = voxelize(vox, b, valid, f, capacity=512)
-            out = m(v, train=True)
-            return jnp.sum(jnp.where(v.valid[:, None], out, 0) ** 2), (out, v)
-
-        return jax.value_and_grad(loss, has_aux=True)(params)
-
-    (lval, (out, v)), grads = run(params, vox, b, valid, f)
+    (lval, (out, v)), grads = _run(_PARAMS, *_scene(1))
     m = int(v.num)
     coords = np.asarray(v.coords)[:m]
-    ref_net = nnx.merge(graphdef, params, rest, copy=True)
 
     def ref_loss(params):
         ref, cs = _reference_forward(
-            nnx.merge(graphdef, params, rest, copy=True), coords, np.asarray(v.feats)[:m]
+            nnx.merge(_GRAPH, params, _REST, copy=True), coords, np.asarray(v.feats)[:m]
         )
         return jnp.sum(ref**2), (ref, cs)
 
-    (rval, (ref, cs)), rgrads = jax.jit(jax.value_and_grad(ref_loss, has_aux=True))(params)
-    del ref_net
-    assert [len(c) for c in cs][-1] < m  # the U really went down
+    (rval, (ref, cs)), rgrads = jax.jit(jax.value_and_grad(ref_loss, has_aux=True))(_PARAMS)
+    assert len(cs[-1]) < m  # the U really went down
     np.testing.assert_allclose(np.asarray(out)[:m], ref, rtol=1e-3, atol=1e-3)
     assert (np.asarray(out)[m:] == 0).all()
     np.testing.assert_allclose(lval, rval, rtol=1e-4)
@@ -165,21 +166,15 @@ def test_unet_padded_forward_backward_equals_functional_reference():
     assert any(float(np.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 
-def test_unet_overflow_gives_nan_not_silent_truncation():
+def test_unet_level_overflow_gives_nan_not_silent_truncation():
+    # 400 isolated voxels: level 1 needs 400 rows but has 384 -> overflow -> NaN.
     rng = np.random.default_rng(2)
-    vox = (rng.integers(-50, 50, size=(200, 3)) * 3).astype(np.int32)  # isolated voxels
-    f = rng.normal(size=(200, 6)).astype(np.float32)
-    net = SparseUNet(
-        6, (4, 4), 1, impl="xla", level_capacity_ratio=0.25, min_level_capacity=8, rngs=nnx.Rngs(0)
-    )
-
-    @nnx.jit
-    def run(net, vox, f):
-        v = voxelize(vox, jnp.zeros(200, jnp.int32), jnp.ones(200, bool), f, capacity=256)
-        return net(v, train=False), net.kernel_maps(v)[0].down.overflow
-
-    out, overflow = run(net, vox, f)
-    assert np.isnan(np.asarray(out)).all() and bool(overflow)
+    vox = (rng.permutation(20**3)[:400, None] // np.array([400, 20, 1]) % 20 * 3).astype(np.int32)
+    b, valid = np.zeros(400, np.int32), np.ones(400, bool)
+    f = rng.normal(size=(400, 6)).astype(np.float32)
+    (lval, (out, v)), _ = _run(_PARAMS, vox, b, valid, f)
+    assert int(v.num) == 400 and not bool(v.overflow)
+    assert np.isnan(np.asarray(out)).all() and np.isnan(float(lval))
 
 
 @pytest.mark.slow
@@ -198,13 +193,13 @@ def test_unet_room_sized_forward_backward():
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
 
     @jax.jit
-    def step(params):
+    def step(params, vox, f):  # arrays as arguments: XLA would constant-fold the maps
         def loss(params):
-            v = voxelize(vox, np.zeros(n, np.int32), np.ones(n, bool), f, capacity=n)
+            v = voxelize(vox, jnp.zeros(n, jnp.int32), jnp.ones(n, bool), f, capacity=n)
             return jnp.mean(nnx.merge(graphdef, params, rest, copy=True)(v, train=True) ** 2)
 
         return jax.value_and_grad(loss)(params)
 
-    val, grads = step(params)
+    val, grads = step(params, vox, f)
     assert np.isfinite(float(val))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

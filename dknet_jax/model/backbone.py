@@ -180,8 +180,12 @@ class SparseUNet(nnx.Module):
       level_capacity_ratio: capacity of level l+1 relative to level l (surfaces at 2 cm
         keep ~0.3 of their voxels per halving; 1.0 never overflows).
       min_level_capacity: lower bound of every level's capacity.
-      pairs_per_voxel: tile capacity of the submanifold maps in neighbour pairs per row
-        (room-like sets have ~12; more falls back to the dense per-offset path).
+      pairs_per_voxel: tile capacity of the submanifold maps in neighbour pairs per
+        expected voxel (room-like sets have ~12-13 of 27).
+      expected_level_ratio: expected voxels of level l+1 per voxel of level l (~0.23 for
+        rooms at 2 cm); tiles hold ``pairs_per_voxel * V * ratio**l`` pairs at level l.
+        A level with more pairs falls back to the dense per-offset path (correct, ~2x
+        slower for that level), so both numbers trade speed, never correctness.
     """
 
     def __init__(
@@ -193,7 +197,8 @@ class SparseUNet(nnx.Module):
         impl: str = "auto",
         level_capacity_ratio: float = 0.5,
         min_level_capacity: int = 64,
-        pairs_per_voxel: float = 16.0,
+        pairs_per_voxel: float = 14.0,
+        expected_level_ratio: float = 0.3,
         rngs: nnx.Rngs,
     ):
         widths = tuple(int(w) for w in widths)
@@ -209,6 +214,7 @@ class SparseUNet(nnx.Module):
         self.level_capacity_ratio = level_capacity_ratio
         self.min_level_capacity = min_level_capacity
         self.pairs_per_voxel = pairs_per_voxel
+        self.expected_level_ratio = expected_level_ratio
         self.use_running_average = False
         nb = blocks_per_level
         self.input_conv = SubmConv3d(in_channels, widths[0], impl=impl, rngs=rngs)
@@ -247,7 +253,13 @@ class SparseUNet(nnx.Module):
         coords, valid = voxels.coords, voxels.valid
         levels = []
         for lvl in range(len(caps)):
-            smap = hashing.subm_map(coords, valid, pairs_per_voxel=self.pairs_per_voxel)
+            # Tiles are sized for the expected count; the row capacity keeps a safe margin.
+            expected = min(
+                caps[lvl],
+                max(self.min_level_capacity, voxels.capacity * self.expected_level_ratio**lvl),
+            )
+            ppv = self.pairs_per_voxel * expected / caps[lvl]
+            smap = hashing.subm_map(coords, valid, pairs_per_voxel=ppv)
             down = None
             if lvl + 1 < len(caps):
                 down = hashing.down_map(coords, valid, capacity=caps[lvl + 1])

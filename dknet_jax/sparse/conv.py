@@ -12,11 +12,14 @@ Two XLA formulations:
   Used when the tile capacity overflowed (``lax.cond`` on ``Tiles.ok``) and by the
   functional API.
 
-Backward passes reuse the maps and never build ``[V, 27, C]``: for a submanifold map the
-gradient w.r.t. features is the same convolution with mirrored offsets and transposed
-weights (``W'[k] = W[26-k]^T``; the pair set is symmetric), for strided / inverse maps it
-is the transposed map (gather and scatter indices swapped). Weight gradients are per-tile
-outer products summed per offset. Only the inputs are saved as residuals.
+Backward passes reuse the maps and never build ``[V, 27, C]``; only the inputs are saved
+as residuals (gathers are recomputed). On the table path the feature gradient of a
+submanifold conv is the same convolution with mirrored offsets and transposed weights
+(``W'[k] = W[26-k]^T``; the pair set is symmetric), gathers only. On the tiled path the
+pairs are walked in the transposed direction (gather and scatter indices swapped, which
+for a submanifold map *is* the mirrored convolution): the gathered output-gradient rows
+serve both dW (per-tile outer products, summed per offset) and dx, one ``[R, C]`` gather
+fewer than re-gathering for a separate mirrored conv.
 
 ``impl``: ``"xla"``, ``"pallas"`` (``pallas_kernels.sparse_conv.gather_matmul`` on the
 neighbour table; submanifold convs only, strided / inverse stay on XLA) or ``"auto"``
@@ -71,16 +74,8 @@ def _tile_apply(x, w, gather_idx, scatter_idx, tile_k, num_out):
     return jax.ops.segment_sum(y, scatter_idx, num_segments=num_out)
 
 
-def _tile_weight_grad(x, g, gather_idx, scatter_idx, tile_k, num_k):
-    nt = tile_k.shape[0]
-    xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, x.shape[1])
-    gg = jnp.take(g, scatter_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, g.shape[1])
-    dw_t = jnp.einsum("tic,tid->tcd", xg, gg, preferred_element_type=jnp.float32)
-    return jax.ops.segment_sum(dw_t, tile_k, num_segments=num_k)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def tile_conv(x, w, gather_idx, scatter_idx, tile_k, num_out, mirrored):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def tile_conv(x, w, gather_idx, scatter_idx, tile_k, num_out):
     """Tiled pair convolution.
 
     ``out[scatter_idx[p]] += x[gather_idx[p]] @ w[tile_k[p // T]]`` over all pair rows p.
@@ -88,29 +83,33 @@ def tile_conv(x, w, gather_idx, scatter_idx, tile_k, num_out, mirrored):
     Args:
       x: f[Vin, Cin]; w: f[K, Cin, Cout]; gather_idx, scatter_idx: i32[NT * T] (out-of-range
         = padding); tile_k: i32[NT]; num_out: Vout (static).
-      mirrored: the pairs form a submanifold map (pair (i, j, k) exists iff (j, i, K-1-k)
-        does), so the feature gradient reuses the same indices with ``W[K-1-k]^T``.
     Returns:
       f[Vout, Cout].
     """
     return _tile_apply(x, w, gather_idx, scatter_idx, tile_k, num_out)
 
 
-def _tile_conv_fwd(x, w, gather_idx, scatter_idx, tile_k, num_out, mirrored):
+def _tile_conv_fwd(x, w, gather_idx, scatter_idx, tile_k, num_out):
     out = _tile_apply(x, w, gather_idx, scatter_idx, tile_k, num_out)
     return out, (x, w, gather_idx, scatter_idx, tile_k)
 
 
-def _tile_conv_bwd(num_out, mirrored, res, g):
+def _tile_conv_bwd(num_out, res, g):
+    # The transposed map: gather the output gradient once per pair row and use it twice,
+    # for dW (outer products with the gathered inputs) and for dx (times W^T, summed into
+    # the input rows). For a submanifold map this is the mirrored convolution
+    # (W[26-k]^T on the same pairs) with one gather fewer than re-gathering g[col].
     x, w, gather_idx, scatter_idx, tile_k = res
     g = g.astype(x.dtype)
-    if mirrored:
-        wm = jnp.swapaxes(w[::-1], 1, 2)
-        dx = _tile_apply(g, wm, gather_idx, scatter_idx, tile_k, x.shape[0])
-    else:
-        wt = jnp.swapaxes(w, 1, 2)
-        dx = _tile_apply(g, wt, scatter_idx, gather_idx, tile_k, x.shape[0])
-    dw = _tile_weight_grad(x, g, gather_idx, scatter_idx, tile_k, w.shape[0]).astype(w.dtype)
+    nt = tile_k.shape[0]
+    gg = jnp.take(g, scatter_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, g.shape[1])
+    xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, x.shape[1])
+    dw_t = jnp.einsum("tic,tid->tcd", xg, gg, preferred_element_type=jnp.float32)
+    dw = jax.ops.segment_sum(dw_t, tile_k, num_segments=w.shape[0]).astype(w.dtype)
+    dxg = jnp.einsum("tid,tcd->tic", gg, w[tile_k], preferred_element_type=jnp.float32)
+    dx = jax.ops.segment_sum(
+        dxg.reshape(-1, x.shape[1]).astype(x.dtype), gather_idx, num_segments=x.shape[0]
+    )
     return dx, dw, None, None, None
 
 
@@ -211,7 +210,7 @@ def subm_conv(x: Array, weight: Array, smap: SubmMap, *, impl: str = "auto") -> 
     v = x.shape[0]
 
     def tiled(x, w):
-        return tile_conv(x, w, tiles.col, tiles.row, tiles.tile_k, v, True)
+        return tile_conv(x, w, tiles.col, tiles.row, tiles.tile_k, v)
 
     def dense(x, w):
         return table_conv(x, w, smap.nbr)
@@ -231,7 +230,7 @@ def strided_conv(x: Array, weight: Array, dmap: DownMap) -> Array:
     w = _flat_weight(weight, 8, "strided_conv")
     _check_feats(x, w, dmap.parent.shape[0], "strided_conv")
     t = dmap.tiles
-    return tile_conv(x, w, t.row, t.col, t.tile_k, dmap.coords.shape[0], False)
+    return tile_conv(x, w, t.row, t.col, t.tile_k, dmap.coords.shape[0])
 
 
 def inverse_conv(xc: Array, weight: Array, dmap: DownMap) -> Array:
@@ -246,4 +245,4 @@ def inverse_conv(xc: Array, weight: Array, dmap: DownMap) -> Array:
     w = _flat_weight(weight, 8, "inverse_conv")
     _check_feats(xc, w, dmap.coords.shape[0], "inverse_conv")
     t = dmap.tiles
-    return tile_conv(xc, w, t.col, t.row, t.tile_k, dmap.parent.shape[0], False)
+    return tile_conv(xc, w, t.col, t.row, t.tile_k, dmap.parent.shape[0])
