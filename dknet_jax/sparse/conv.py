@@ -95,11 +95,16 @@ def _tile_conv_fwd(x, w, gather_idx, scatter_idx, tile_k, num_out):
 
 
 def _tile_conv_bwd(num_out, res, g):
+    x, w, gather_idx, scatter_idx, tile_k = res
+    dx, dw = _tile_grads(x, w, gather_idx, scatter_idx, tile_k, g)
+    return dx, dw, None, None, None
+
+
+def _tile_grads(x, w, gather_idx, scatter_idx, tile_k, g):
     # The transposed map: gather the output gradient once per pair row and use it twice,
     # for dW (outer products with the gathered inputs) and for dx (times W^T, summed into
     # the input rows). For a submanifold map this is the mirrored convolution
     # (W[26-k]^T on the same pairs) with one gather fewer than re-gathering g[col].
-    x, w, gather_idx, scatter_idx, tile_k = res
     g = g.astype(x.dtype)
     nt = tile_k.shape[0]
     gg = jnp.take(g, scatter_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, g.shape[1])
@@ -110,7 +115,7 @@ def _tile_conv_bwd(num_out, res, g):
     dx = jax.ops.segment_sum(
         dxg.reshape(-1, x.shape[1]).astype(x.dtype), gather_idx, num_segments=x.shape[0]
     )
-    return dx, dw, None, None, None
+    return dx, dw
 
 
 tile_conv.defvjp(_tile_conv_fwd, _tile_conv_bwd)
@@ -149,6 +154,10 @@ def _table_conv_fwd(x, w, nbr):
 
 def _table_conv_bwd(res, g):
     x, w, nbr = res
+    return (*_table_grads(x, w, nbr, g), None)
+
+
+def _table_grads(x, w, nbr, g):
     g = g.astype(x.dtype)
     dx = _table_apply(g, jnp.swapaxes(w[::-1], 1, 2), nbr)
 
@@ -157,7 +166,7 @@ def _table_conv_bwd(res, g):
         return None, jnp.dot(xk.T, g, preferred_element_type=jnp.float32)
 
     _, dw = lax.scan(step, None, nbr.T)
-    return dx, dw.astype(w.dtype), None
+    return dx, dw.astype(w.dtype)
 
 
 table_conv.defvjp(_table_conv_fwd, _table_conv_bwd)
@@ -207,15 +216,41 @@ def subm_conv(x: Array, weight: Array, smap: SubmMap, *, impl: str = "auto") -> 
     tiles = smap.tiles
     if tiles is None:
         return table_conv(x, w, smap.nbr)
+    return _subm_tiled_or_table(x, w, tiles.col, tiles.row, tiles.tile_k, tiles.ok, smap.nbr)
+
+
+@jax.custom_vjp
+def _subm_tiled_or_table(x, w, col, row, tile_k, ok, nbr):
+    """Tiled conv when the tiles hold every pair (``ok``), else the per-offset table conv.
+    One custom VJP around two ``lax.cond`` (forward, backward): much cheaper to compile
+    than differentiating a cond of two custom-VJP functions."""
+    return _subm_tt_fwd(x, w, col, row, tile_k, ok, nbr)[0]
+
+
+def _subm_tt_fwd(x, w, col, row, tile_k, ok, nbr):
     v = x.shape[0]
+    out = lax.cond(
+        ok,
+        lambda x, w: _tile_apply(x, w, col, row, tile_k, v),
+        lambda x, w: _table_apply(x, w, nbr),
+        x,
+        w,
+    )
+    return out, (x, w, col, row, tile_k, ok, nbr)
 
-    def tiled(x, w):
-        return tile_conv(x, w, tiles.col, tiles.row, tiles.tile_k, v)
 
-    def dense(x, w):
-        return table_conv(x, w, smap.nbr)
+def _subm_tt_bwd(res, g):
+    x, w, col, row, tile_k, ok, nbr = res
+    dx, dw = lax.cond(
+        ok,
+        lambda g: _tile_grads(x, w, col, row, tile_k, g),
+        lambda g: _table_grads(x, w, nbr, g),
+        g,
+    )
+    return dx, dw, None, None, None, None, None
 
-    return lax.cond(tiles.ok, tiled, dense, x, w)
+
+_subm_tiled_or_table.defvjp(_subm_tt_fwd, _subm_tt_bwd)
 
 
 def strided_conv(x: Array, weight: Array, dmap: DownMap) -> Array:
