@@ -262,6 +262,8 @@ def parse_args(argv=None):
     p.add_argument("--impl", default=None, choices=("auto", "xla", "pallas"),
                    help="sparse-conv kernels (config.kernels.impl)")
     p.add_argument("--no_epoch", action="store_true", help="skip the epoch measurement")
+    p.add_argument("--no_stages", action="store_true",
+                   help="skip the one-step-per-stage measurement")
     p.add_argument("--quick", action="store_true",
                    help="synthetic config, small rooms, batch 2, 3 steps")
     p.add_argument("--gpu_budget", action="store_true",
@@ -374,13 +376,12 @@ def main(argv=None) -> dict:
           f"(min {results['step_min_s']:.3f}s); loss {results['loss']:.3f}", flush=True)
 
     # --- stage gates: one step in each stage, same executable --------------------------
-    stage_times = {}
-    for name, e in stages.items():
-        stage_times[name] = run(e)[0]
-    results["stage_step_s"] = stage_times
-    results["compiles_after_stages"] = step._cache_size()
-    print("stage steps: " + ", ".join(f"{k} {v:.3f}s" for k, v in stage_times.items())
-          + f"; jit cache size {step._cache_size()}", flush=True)
+    if not args.no_stages:
+        stage_times = {name: run(e)[0] for name, e in stages.items()}
+        results["stage_step_s"] = stage_times
+        results["compiles_after_stages"] = step._cache_size()
+        print("stage steps: " + ", ".join(f"{k} {v:.3f}s" for k, v in stage_times.items())
+              + f"; jit cache size {step._cache_size()}", flush=True)
 
     # --- one epoch through the pipeline ------------------------------------------------
     if not args.no_epoch:
@@ -428,8 +429,9 @@ def _report(args, r: dict) -> dict:
                  ("scenes / s (warm)", f"{r['batch_size'] / r['step_s']:.2f}"),
                  ("candidates / instances / GT in batch",
                   f"{r['candidates']:.0f} / {r['instances']:.0f} / {r['gt_instances']:.0f}")]
-        rows += [(f"stage {k}", fmt(v)) for k, v in r["stage_step_s"].items()]
-        rows.append(("compiles after 3 stages", str(r["compiles_after_stages"])))
+        if "stage_step_s" in r:
+            rows += [(f"stage {k}", fmt(v)) for k, v in r["stage_step_s"].items()]
+            rows.append(("compiles after 3 stages", str(r["compiles_after_stages"])))
         if "epoch_s" in r:
             rows += [("epoch (pipeline + steps)", f"{fmt(r['epoch_s'])} for {r['epoch_batches']}"
                       f" batches, shapes {r['epoch_shapes']}"),
