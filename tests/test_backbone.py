@@ -11,7 +11,7 @@ from dknet_jax.model.backbone import MaskedBatchNorm, SparseUNet, count_params, 
 from dknet_jax.sparse import inverse_conv3d, strided_conv3d, subm_conv3d
 from dknet_jax.sparse.voxelize import voxelize
 
-WIDTHS = (4, 8, 12)
+WIDTHS = (4, 8)  # two levels: down, up, skip concat (3+ levels: the slow room test, bench)
 
 
 def test_masked_batchnorm_ignores_padded_rows():
@@ -134,7 +134,7 @@ _GRAPH, _PARAMS, _REST = nnx.split(_NET, nnx.Param, ...)
 
 @jax.jit
 def _run(params, vox, b, valid, f):
-    """Voxelize (capacity 512; levels 512 / 384 / 288) + UNet forward + gradient."""
+    """Voxelize (capacity 512; levels 512 / 384) + UNet forward + gradient."""
 
     def loss(params):
         m = nnx.merge(_GRAPH, params, _REST, copy=True)
