@@ -22,9 +22,10 @@ Measured (model from ``--config``, randomly initialised, weights updated by ever
 - compile: ``jit(step).lower(...).compile()`` wall time for the first batch shape
   (the later ``jit`` call reuses that executable), and XLA's memory analysis of it;
 - warm step: median over ``--steps`` steps on one device-resident batch (no input
-  pipeline in the timing), in the mask stage (all loss terms on);
-- stage gates: one step at the first epoch of each of the three loss stages with the same
-  jit function; its cache size must stay 1 (the gates are traced, never static);
+  pipeline in the timing) after one untimed step;
+- stage gates: the timed steps cycle through the first epoch of each of the three loss
+  stages (semantic+offset, +heatmap+aggregation, +mask; ``--no_stages``: mask stage only)
+  with the same jit function, whose cache size must stay 1 (the gates are traced);
 - epoch: one pass of the iterator (augmentation, packing, transfer, steps) over all
   scenes, the distinct (points, instances) batch shapes and the compiles it caused;
 - peak memory: host ``ru_maxrss``; device ``memory_stats()["peak_bytes_in_use"]`` when
@@ -234,6 +235,12 @@ def compiled_gib(compiled) -> float | None:
             + m.temp_size_in_bytes) / GiB
 
 
+def cache_size(jitted) -> int | None:
+    """Number of executables a jit function holds (private JAX API; None if absent)."""
+    fn = getattr(jitted, "_cache_size", None)
+    return fn() if callable(fn) else None
+
+
 def table(rows, title: str) -> str:
     w = max(len(r[0]) for r in rows)
     lines = [title, "-" * len(title)] + [f"{k:<{w}}  {v}" for k, v in rows]
@@ -263,7 +270,7 @@ def parse_args(argv=None):
                    help="sparse-conv kernels (config.kernels.impl)")
     p.add_argument("--no_epoch", action="store_true", help="skip the epoch measurement")
     p.add_argument("--no_stages", action="store_true",
-                   help="skip the one-step-per-stage measurement")
+                   help="time every step in the mask stage instead of cycling the stages")
     p.add_argument("--quick", action="store_true",
                    help="synthetic config, small rooms, batch 2, 3 steps")
     p.add_argument("--gpu_budget", action="store_true",
@@ -356,7 +363,7 @@ def main(argv=None) -> dict:
         print(results["error"], flush=True)
         return _report(args, results)
 
-    # --- warm step time (mask stage: every loss term on) --------------------------------
+    # --- warm steps, cycling through the three loss stages (same executable) ----------
     def run(epoch_value):
         nonlocal params, rest, opt_state
         t0 = time.perf_counter()
@@ -366,29 +373,32 @@ def main(argv=None) -> dict:
         return time.perf_counter() - t0, metrics
 
     first, metrics = run(t.stage_mask_epoch)  # first call: executable already compiled
-    times = [run(t.stage_mask_epoch)[0] for _ in range(args.steps)]
+    order = [t.stage_mask_epoch] if args.no_stages else list(stages.values())
+    names = {e: n for n, e in stages.items()}
+    times, per_stage = [], {}
+    for i in range(args.steps):
+        e = order[i % len(order)]
+        dt, _ = run(e)
+        times.append(dt)
+        per_stage.setdefault(names[e], []).append(dt)
     results.update(first_step_s=first, step_s=float(np.median(times)),
                    step_min_s=float(np.min(times)), steps_timed=len(times),
                    loss=float(metrics["loss"]), voxel_overflow=bool(metrics["voxel_overflow"]),
                    candidates=float(metrics["candidates"]), instances=float(metrics["instances"]),
-                   gt_instances=float(metrics["gt_instances"]))
+                   gt_instances=float(metrics["gt_instances"]),
+                   stage_step_s={k: float(np.median(v)) for k, v in per_stage.items()},
+                   compiles_after_stages=cache_size(step))
     print(f"warm step: median {results['step_s']:.3f}s over {len(times)} "
-          f"(min {results['step_min_s']:.3f}s); loss {results['loss']:.3f}", flush=True)
-
-    # --- stage gates: one step in each stage, same executable --------------------------
-    if not args.no_stages:
-        stage_times = {name: run(e)[0] for name, e in stages.items()}
-        results["stage_step_s"] = stage_times
-        results["compiles_after_stages"] = step._cache_size()
-        print("stage steps: " + ", ".join(f"{k} {v:.3f}s" for k, v in stage_times.items())
-              + f"; jit cache size {step._cache_size()}", flush=True)
+          f"(min {results['step_min_s']:.3f}s); loss {results['loss']:.3f}; per stage "
+          + ", ".join(f"{k} {v:.3f}s" for k, v in results["stage_step_s"].items())
+          + f"; jit cache size {cache_size(step)}", flush=True)
 
     # --- one epoch through the pipeline ------------------------------------------------
     if not args.no_epoch:
         it = iterator(1)
         n_batches = it.batches_per_epoch(0)
         shapes = []
-        before = step._cache_size()
+        before = cache_size(step)
         te = time.perf_counter()
         for b in it:
             shapes.append((int(b.valid.shape[0]), int(b.instance_class.shape[0])))
@@ -398,8 +408,8 @@ def main(argv=None) -> dict:
             jax.block_until_ready(metrics)
         results.update(epoch_s=time.perf_counter() - te, epoch_batches=n_batches,
                        epoch_shapes=sorted(set(shapes)),
-                       epoch_new_compiles=step._cache_size() - before,
-                       total_compiles=step._cache_size())
+                       epoch_new_compiles=None if before is None else cache_size(step) - before,
+                       total_compiles=cache_size(step))
         print(f"epoch: {n_batches} batches in {results['epoch_s']:.1f}s, shapes "
               f"{results['epoch_shapes']}, new compiles {results['epoch_new_compiles']}",
               flush=True)
@@ -429,9 +439,8 @@ def _report(args, r: dict) -> dict:
                  ("scenes / s (warm)", f"{r['batch_size'] / r['step_s']:.2f}"),
                  ("candidates / instances / GT in batch",
                   f"{r['candidates']:.0f} / {r['instances']:.0f} / {r['gt_instances']:.0f}")]
-        if "stage_step_s" in r:
-            rows += [(f"stage {k}", fmt(v)) for k, v in r["stage_step_s"].items()]
-            rows.append(("compiles after 3 stages", str(r["compiles_after_stages"])))
+        rows += [(f"stage {k}", fmt(v)) for k, v in r["stage_step_s"].items()]
+        rows.append(("compiles after the timed steps", str(r["compiles_after_stages"])))
         if "epoch_s" in r:
             rows += [("epoch (pipeline + steps)", f"{fmt(r['epoch_s'])} for {r['epoch_batches']}"
                       f" batches, shapes {r['epoch_shapes']}"),
