@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- kernels ----------------------------------------------------------------------
     c.kernels = k = ml_collections.ConfigDict()
-    k.impl = "auto"              # auto: Pallas on GPU, XLA elsewhere
+    k.impl = "auto"              # auto = xla for now (see sparse/conv.py AUTO_PALLAS_ON_GPU); pallas = opt in
 
     return c
 

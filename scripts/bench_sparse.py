@@ -165,8 +165,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for c, sf, sb, df, db in rows:
         print(
-            f"| {c} -> {c} | {gflop(c):.2f} | {sf * 1e3:.0f} | {df * 1e3:.0f} | {sf / df:.2f} "
-            f"| {sb * 1e3:.0f} | {db * 1e3:.0f} | {sb / db:.2f} |"
+            f"| {c} -> {c} | {gflop(c):.2f} | {sf * 1e3:.3g} | {df * 1e3:.3g} | {sf / df:.2f} "
+            f"| {sb * 1e3:.3g} | {db * 1e3:.3g} | {sb / db:.2f} |"
         )
     print(f"\npeak memory after the conv benchmark: {_peak_mem()}")
 
