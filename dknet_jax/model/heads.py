@@ -59,15 +59,25 @@ class MLP(nnx.Module):
     other norms). Leading dims are flattened for the norm and restored.
     """
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, *,
-                 norm: str = "batch", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int,
+        *,
+        norm: str = "batch",
+        rngs: nnx.Rngs,
+    ):
         if norm not in NORMS:
             raise ValueError(f"MLP norm={norm!r} is not one of {NORMS}")
         self.norm_kind = norm
         dims = [in_dim, *hidden]
-        self.linears = nnx.List([
-            nnx.Linear(a, b, kernel_init=_torch_linear_init, rngs=rngs)
-            for a, b in zip(dims[:-1], dims[1:], strict=True)])
+        self.linears = nnx.List(
+            [
+                nnx.Linear(a, b, kernel_init=_torch_linear_init, rngs=rngs)
+                for a, b in zip(dims[:-1], dims[1:], strict=True)
+            ]
+        )
         if norm == "batch":
             norms = [nnx.BatchNorm(b, momentum=0.9, epsilon=1e-4, rngs=rngs) for b in hidden]
         elif norm == "layer":
@@ -130,13 +140,25 @@ class PointHeads(nnx.Module):
       norm: "batch" (masked BatchNorm) | "layer" | "none".
     """
 
-    def __init__(self, feat_dim: int = 32, num_classes: int = 20, *,
-                 first_instance_class: int = 2, width: int = 32, agg_dim: int = 16,
-                 mask_feat_dim: int = 16, kernel_hidden: int = 16, dynamic_hidden: int = 16,
-                 norm: str = "batch", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        feat_dim: int = 32,
+        num_classes: int = 20,
+        *,
+        first_instance_class: int = 2,
+        width: int = 32,
+        agg_dim: int = 16,
+        mask_feat_dim: int = 16,
+        kernel_hidden: int = 16,
+        dynamic_hidden: int = 16,
+        norm: str = "batch",
+        rngs: nnx.Rngs,
+    ):
         if not 0 <= first_instance_class < num_classes:
-            raise ValueError(f"PointHeads first_instance_class={first_instance_class} must be "
-                             f"in [0, num_classes={num_classes})")
+            raise ValueError(
+                f"PointHeads first_instance_class={first_instance_class} must be "
+                f"in [0, num_classes={num_classes})"
+            )
         self.first_instance_class = first_instance_class
         self.dynamic_hidden = dynamic_hidden  # pass as masks.decode_masks(hidden=...)
         self.kernel_len = num_kernel_params(mask_feat_dim + 3, dynamic_hidden)
@@ -157,16 +179,22 @@ class PointHeads(nnx.Module):
         are excluded by ``scene_softmax``.
         """
         if feats.ndim != 2 or valid.shape != feats.shape[:1]:
-            raise ValueError(f"PointHeads expects feats [N, D] and valid [N], got "
-                             f"{feats.shape} and {valid.shape}")
+            raise ValueError(
+                f"PointHeads expects feats [N, D] and valid [N], got "
+                f"{feats.shape} and {valid.shape}"
+            )
         sem = self.semantic(feats, valid)
         off = self.offset(feats, valid)
         fg = valid & (jnp.argmax(sem, axis=-1) >= self.first_instance_class)
         heat = self.heatmap_logits(feats, off, fg)
         return PointHeadOutputs(
-            semantic_logits=sem, offset=off, heat_logits=heat,
-            reduce_feats=self.reduce(feats, valid), mask_feats=self.mask_feat(feats, valid),
-            foreground=fg)
+            semantic_logits=sem,
+            offset=off,
+            heat_logits=heat,
+            reduce_feats=self.reduce(feats, valid),
+            mask_feats=self.mask_feat(feats, valid),
+            foreground=fg,
+        )
 
     def heatmap_logits(self, feats: Array, offset: Array, mask: Array) -> Array:
         """``feats f32[N, D]``, ``offset f32[N, 3]``, ``mask bool[N]`` -> logits f32[N]."""
