@@ -24,38 +24,47 @@ from dknet_jax.data.pipeline import EvalIterator
 from dknet_jax.postprocess import postprocess
 
 
+def postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok):
+    """Post-process every scene of a packed batch (jit-able, ``lax.map`` over scenes).
+
+    ``semantic_logits`` f32[N, S], ``mask_logits`` f32[B*K, N], ``inst_ok`` bool[B*K] ->
+    dict of ``masks`` bool[B, K, N], ``labels`` i32[B, K], ``scores`` f32[B, K],
+    ``keep`` bool[B, K]."""
+    m, te = config.model, config.test
+    k = m.max_candidates
+    n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
+    sem_prob = jax.nn.softmax(semantic_logits, axis=-1)
+    probs = jax.nn.sigmoid(mask_logits).reshape(b, k, n)
+    superpoint = batch.superpoint if te.use_superpoints else None
+
+    def one_scene(args):
+        masks_b, ok_b, scene = args
+        valid_b = batch.valid & (batch.batch_id == scene)
+        r = postprocess(masks_b, ok_b, sem_prob, valid_b, superpoint,
+                        num_superpoints=n if superpoint is not None else 0,
+                        min_score=te.score_threshold, min_points=te.min_points,
+                        ignore_classes=tuple(range(m.first_instance_class)))
+        return r.masks, r.labels, r.scores, r.keep
+
+    out = jax.lax.map(one_scene, (probs, inst_ok.reshape(b, k), jnp.arange(b, dtype=jnp.int32)))
+    return dict(zip(("masks", "labels", "scores", "keep"), out, strict=True))
+
+
 def make_predict_fn(graphdef, config):
     """jit(params, rest, batch) -> dict of device arrays for a packed batch of B scenes:
     ``masks`` bool[B, K, N], ``labels`` i32[B, K], ``scores`` f32[B, K], ``keep`` bool[B, K],
     ``sem_pred`` i32[N], ``pool_exhausted`` bool[B], ``voxel_overflow`` bool[]."""
-    m, te = config.model, config.test
-    k = m.max_candidates
-    ignore = tuple(range(m.first_instance_class))
 
     def predict(params, rest, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
         out = model(batch)
-        n = batch.valid.shape[0]
-        b = batch.scene_valid.shape[0]
-        sem_prob = jax.nn.softmax(out.heads.semantic_logits, axis=-1)
-        probs = jax.nn.sigmoid(out.mask_logits).reshape(b, k, n)
-        inst_ok = out.inst_ok.reshape(b, k)
-        superpoint = batch.superpoint if te.use_superpoints else None
-
-        def one_scene(masks_b, ok_b, scene):
-            valid_b = batch.valid & (batch.batch_id == scene)
-            r = postprocess(masks_b, ok_b, sem_prob, valid_b, superpoint,
-                            num_superpoints=n if superpoint is not None else 0,
-                            min_score=te.score_threshold, min_points=te.min_points,
-                            ignore_classes=ignore)
-            return r.masks, r.labels, r.scores, r.keep
-
-        masks, labels, scores, keep = jax.lax.map(
-            lambda a: one_scene(*a), (probs, inst_ok, jnp.arange(b, dtype=jnp.int32)))
-        return {"masks": masks, "labels": labels, "scores": scores, "keep": keep,
-                "sem_pred": jnp.argmax(sem_prob, axis=-1).astype(jnp.int32),
-                "pool_exhausted": out.pool_exhausted, "voxel_overflow": out.voxel_overflow}
+        result = postprocess_batch(config, batch, out.heads.semantic_logits, out.mask_logits,
+                                   out.inst_ok)
+        result.update(
+            sem_pred=jnp.argmax(out.heads.semantic_logits, axis=-1).astype(jnp.int32),
+            pool_exhausted=out.pool_exhausted, voxel_overflow=out.voxel_overflow)
+        return result
 
     return jax.jit(predict)
 

@@ -65,12 +65,12 @@ def make_stage_fns(graphdef, config):
 
     from dknet_jax import aggregation as agg
     from dknet_jax.candidates import mine_candidates
+    from dknet_jax.evaluate import postprocess_batch
     from dknet_jax.masks import decode_masks
-    from dknet_jax.postprocess import postprocess
     from dknet_jax.sparse.voxelize import voxel_to_point, voxelize
     from dknet_jax.targets import scene_softmax
 
-    m, te = config.model, config.test
+    m = config.model
     k = m.max_candidates
     if m.kernel_from == "oracle":
         raise SystemExit("bench_infer: kernel_from=oracle needs GT instances (training-time "
@@ -149,24 +149,7 @@ def make_stage_fns(graphdef, config):
                             chunk_size=min(m.mask_chunk, n))
 
     def post(batch, semantic_logits, mask_logits, inst_ok):
-        n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
-        sem_prob = jax.nn.softmax(semantic_logits, axis=-1)
-        probs = jax.nn.sigmoid(mask_logits).reshape(b, k, n)
-        ok = inst_ok.reshape(b, k)
-        superpoint = batch.superpoint if te.use_superpoints else None
-        ignore = tuple(range(m.first_instance_class))
-
-        def one_scene(a):
-            masks_b, ok_b, scene = a
-            valid_b = batch.valid & (batch.batch_id == scene)
-            r = postprocess(masks_b, ok_b, sem_prob, valid_b, superpoint,
-                            num_superpoints=n if superpoint is not None else 0,
-                            min_score=te.score_threshold, min_points=te.min_points,
-                            ignore_classes=ignore)
-            return r.masks, r.labels, r.scores, r.keep
-
-        out = jax.lax.map(one_scene, (probs, ok, jnp.arange(b, dtype=jnp.int32)))
-        return dict(zip(("masks", "labels", "scores", "keep"), out, strict=True))
+        return postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok)
 
     return {name: jax.jit(fn) for name, fn in zip(
         STAGES, (backbone, heads, candidates, aggregation, masks, post), strict=True)}
