@@ -47,7 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.in_channels = 6            # rgb in [-1, 1] + xyz
     m.widths = (32, 64, 96, 128, 160, 192, 224)
     m.blocks_per_level = 2
-    m.level_capacity_ratio = 0.5  # voxel capacity of UNet level l+1 / level l (1.0 never overflows)
+    # voxel capacity of UNet level l+1 / level l: one number for every level, or one per
+    # level transition (1.0 never overflows; an overflowing batch is skipped with a warning)
+    m.level_capacity_ratio = (0.5,)
+    m.expected_level_ratio = 0.3  # expected voxel ratio per level: sizes the conv tiles (speed only)
     m.num_classes = 20
     m.first_instance_class = 2   # semantic index >= this is an instance ("foreground") class
     m.head_width = 32
@@ -145,8 +148,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.data.max_points={d.max_points} exceeds the largest point bucket "
             f"{max(d.point_buckets)}; add a bucket or lower max_points")
-    if not 0.0 < m.level_capacity_ratio <= 1.0:
-        raise ValueError("config.model.level_capacity_ratio must be in (0, 1]")
+    ratios = m.level_capacity_ratio
+    ratios = tuple(ratios) if isinstance(ratios, (tuple, list)) else (ratios,)
+    if not all(0.0 < r <= 1.0 for r in ratios) or len(ratios) not in (1, len(m.widths) - 1):
+        raise ValueError("config.model.level_capacity_ratio must be a number in (0, 1] or "
+                         "one per level transition (len(model.widths) - 1 numbers)")
+    if not 0.0 < m.expected_level_ratio <= 1.0:
+        raise ValueError("config.model.expected_level_ratio must be in (0, 1]")
     if len(m.widths) < 2:
         raise ValueError("config.model.widths needs at least two levels")
     return config

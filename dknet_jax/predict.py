@@ -348,17 +348,17 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
                            "superpoint": np.asarray(sp, np.int32), "name": name})
     batch = pack_batch([sample], buckets=d.point_buckets, instance_buckets=d.instance_buckets,
                        num_classes=config.model.num_classes, voxel_size=d.voxel_size)
-    ratio = float(config.model.level_capacity_ratio)
+    ratio = _ratios(config.model.level_capacity_ratio)
     timings["compile_s"] = timings["inference_s"] = 0.0
     while True:
         pred = _infer(model, batch, ratio, timings)
         if not bool(pred["voxel_overflow"]):
             break
-        if ratio < 1.0:  # a sparse scan fills the coarse UNet levels: give them room
+        if ratio != (1.0,):  # a sparse scan fills the coarse UNet levels: give them room
             notes.append(f"a UNet level overflowed with model.level_capacity_ratio={ratio}; "
                          f"reran with 1.0 (never overflows, more memory)")
             log("warning: " + notes[-1])
-            ratio = 1.0
+            ratio = (1.0,)
             continue
         raise ValueError(
             f"{name}: the voxel key space overflowed (the scan spans "
@@ -379,7 +379,12 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
     return scene, subset, notes
 
 
-def _infer(model: LoadedModel, batch, ratio: float, timings: dict) -> dict:
+def _ratios(value) -> tuple[float, ...]:
+    """``model.level_capacity_ratio`` (a number or a sequence) as a tuple of floats."""
+    return tuple(float(r) for r in value) if isinstance(value, (tuple, list)) else (float(value),)
+
+
+def _infer(model: LoadedModel, batch, ratio: tuple, timings: dict) -> dict:
     """Compile (cached per capacity ratio and batch shape) and run the predict function;
     adds to timings["compile_s"] / ["inference_s"]."""
     from dknet_jax.evaluate import make_predict_fn
@@ -389,7 +394,7 @@ def _infer(model: LoadedModel, batch, ratio: float, timings: dict) -> dict:
     if key not in model.compiled:
         config = model.config
         graphdef = model.graphdef
-        if ratio != config.model.level_capacity_ratio:
+        if ratio != _ratios(config.model.level_capacity_ratio):
             config = ml_collections.ConfigDict(config.to_dict())
             config.model.level_capacity_ratio = ratio
             graphdef = _abstract_model(config)[0]  # same parameters, other capacities

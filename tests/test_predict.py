@@ -41,7 +41,7 @@ def _tiny_config():
     c.data.max_points = BUCKET
     c.test.score_threshold = 0.0       # an untrained model: keep whatever it finds
     c.test.min_points = 1
-    c.model.level_capacity_ratio = 0.5  # too small for sparse rooms: exercises the rerun
+    c.model.level_capacity_ratio = (0.5,)  # too small for sparse rooms: exercises the rerun
     return c
 
 

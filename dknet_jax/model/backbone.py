@@ -159,12 +159,24 @@ class ResidualBlock(nnx.Module):
 # --------------------------------------------------------------------------- UNet
 
 
-def level_capacities(v: int, num_levels: int, ratio: float, minimum: int) -> list[int]:
-    """Static row capacities V_0..V_{L-1}: V_0 = v, then ceil(ratio * V_{l-1}) rounded up
-    to a multiple of 8, at least ``minimum`` and at most V_{l-1}."""
+def _per_level(ratio, num_levels: int, name: str) -> tuple[float, ...]:
+    """A float, or one value per level transition (``num_levels - 1`` of them)."""
+    ratios = tuple(float(r) for r in ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
+    if len(ratios) == 1:
+        ratios = ratios * (num_levels - 1)
+    if len(ratios) != num_levels - 1 or not all(0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(f"{name} must be a number in (0, 1] or {num_levels - 1} of them "
+                         f"(one per level transition), got {ratio!r}")
+    return ratios
+
+
+def level_capacities(v: int, num_levels: int, ratio, minimum: int) -> list[int]:
+    """Static row capacities V_0..V_{L-1}: V_0 = v, then ceil(ratio_l * V_{l-1}) rounded up
+    to a multiple of 8, at least ``minimum`` and at most V_{l-1}. ``ratio`` is a float or
+    one value per level transition."""
     caps = [int(v)]
-    for _ in range(num_levels - 1):
-        c = -(-int(ratio * caps[-1]) // 8) * 8
+    for r in _per_level(ratio, num_levels, "level_capacity_ratio"):
+        c = -(-int(r * caps[-1]) // 8) * 8
         caps.append(min(caps[-1], max(minimum, c)))
     return caps
 
@@ -177,8 +189,9 @@ class SparseUNet(nnx.Module):
       widths: channel width of each level (7 levels: 32 ... 224).
       blocks_per_level: residual blocks per level on each side of the U.
       impl: sparse conv implementation, "auto" | "xla" | "pallas".
-      level_capacity_ratio: capacity of level l+1 relative to level l (surfaces at 2 cm
-        keep ~0.3 of their voxels per halving; 1.0 never overflows).
+      level_capacity_ratio: capacity of level l+1 relative to level l, a float or one
+        value per level transition (surfaces at 2 cm keep ~0.3 of their voxels per
+        halving; 1.0 never overflows).
       min_level_capacity: lower bound of every level's capacity.
       pairs_per_voxel: tile capacity of the submanifold maps in neighbour pairs per
         expected voxel (room-like sets have ~12-13 of 27).
@@ -195,7 +208,7 @@ class SparseUNet(nnx.Module):
         blocks_per_level: int = 2,
         *,
         impl: str = "auto",
-        level_capacity_ratio: float = 0.5,
+        level_capacity_ratio: float | Sequence[float] = 0.5,
         min_level_capacity: int = 64,
         pairs_per_voxel: float = 14.0,
         expected_level_ratio: float = 0.3,
@@ -207,11 +220,12 @@ class SparseUNet(nnx.Module):
                 f"SparseUNet needs >= 1 level and >= 1 block per level, got "
                 f"widths={widths}, blocks_per_level={blocks_per_level}"
             )
-        if not 0.0 < level_capacity_ratio <= 1.0:
-            raise ValueError(f"level_capacity_ratio must be in (0, 1], got {level_capacity_ratio}")
+        _per_level(level_capacity_ratio, len(widths), "level_capacity_ratio")
         conv.resolve_impl(impl)  # validate early
         self.widths = widths
-        self.level_capacity_ratio = level_capacity_ratio
+        self.level_capacity_ratio = (tuple(level_capacity_ratio)
+                                     if isinstance(level_capacity_ratio, (list, tuple))
+                                     else level_capacity_ratio)
         self.min_level_capacity = min_level_capacity
         self.pairs_per_voxel = pairs_per_voxel
         self.expected_level_ratio = expected_level_ratio

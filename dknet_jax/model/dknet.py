@@ -78,6 +78,7 @@ class DKNet(nnx.Module):
             m.blocks_per_level,
             impl=impl,
             level_capacity_ratio=m.level_capacity_ratio,
+            expected_level_ratio=m.expected_level_ratio,
             rngs=rngs,
         )
         self.heads = PointHeads(
