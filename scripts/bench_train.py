@@ -13,7 +13,7 @@ Data: rooms come from ``dknet_jax.data.synthetic.generate_scene`` (room i drawn 
 ``default_rng([seed, i])``, as ``make_synthetic.py`` does) and are converted in memory to
 prepared-scene arrays with the same label rules as ``prepare_scannet.py`` (semantic =
 nyu40 -> benchmark index, one instance per annotated object of an instance class,
-superpoints = ScanNet's mesh segmentator) and cached as ``<cache>/sceneXXXX_00.npz``. No
+superpoints = ScanNet's mesh segmentator) and cached as ``<cache>/scene<NNNN>_00.npz``. No
 PLY file is written or read, so plyfile is not needed. ``--data_dir`` uses already
 prepared scenes instead (``prepare_scannet.py`` output; its ``train/`` folder or split
 list if present).

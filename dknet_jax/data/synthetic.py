@@ -311,7 +311,7 @@ def make_dataset(out, scenes: int, seed: int, format: str = "scannet", size: str
     """Write `scenes` synthetic rooms under `out` in the raw ScanNet or S3DIS layout.
 
     Scene i is drawn from numpy Generator([seed, i]), so it does not depend on `scenes`
-    and the same seed gives byte-identical files. ScanNet: scans/sceneXXXX_00/ files, the
+    and the same seed gives byte-identical files. ScanNet: scans/scene<NNNN>_00/ files, the
     label table and scannetv2_{train,val}.txt. S3DIS: validation rooms go to Area_5, the
     others round-robin to Areas 1-4 and 6.
 
