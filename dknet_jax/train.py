@@ -72,7 +72,7 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
             return total, (metrics, new_rest)
 
         (_, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # a non-finite step (e.g. a capacity overflow) leaves the state untouched; the host
