@@ -211,5 +211,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
             ckpt.save(step, state, meta, metric=metric)
     pbar.close()
     ckpt.close()
-    it.close() if hasattr(it, "close") else None
+    it.close()
     return last_eval
