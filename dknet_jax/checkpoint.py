@@ -63,6 +63,15 @@ class Checkpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         out = mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        # orbax restores the saved shapes even when the target's differ (a changed config)
+        want = jax.tree_util.tree_leaves_with_path(abstract)
+        got = jax.tree.leaves(out["state"])
+        for (path, a), b in zip(want, got, strict=True):
+            if tuple(a.shape) != tuple(b.shape):
+                raise ValueError(
+                    f"checkpoint {mgr.directory}/{step} does not match the model: "
+                    f"{jax.tree_util.keystr(path)} has shape {tuple(b.shape)} there but "
+                    f"{tuple(a.shape)} here; use the config it was trained with")
         return out["state"], out["meta"]
 
     def close(self) -> None:

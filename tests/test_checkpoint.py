@@ -37,3 +37,11 @@ def test_missing(tmp_path):
         find_checkpoint_dir(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Checkpoints(str(tmp_path / "w")).restore(_state(0))
+
+
+def test_shape_mismatch_is_a_clear_error(tmp_path):
+    ck = Checkpoints(str(tmp_path))
+    ck.save(1, _state(1), {"step": 1})
+    other = {"params": {"w": np.zeros((4, 2), np.float32)}, "step": np.asarray(0, np.int32)}
+    with pytest.raises(ValueError, match=r"shape \(3, 2\) there but \(4, 2\) here"):
+        ck.restore(other)
