@@ -44,6 +44,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train (helpers)
 from bench_train import (  # noqa: E402
     REPO,
+    apply_defaults,
     compiled_gib,
     device_line,
     device_peak_gib,
@@ -200,12 +201,7 @@ def parse_args(argv=None):
     defaults = dict(config="configs/synthetic.py" if args.quick else "configs/scannet.py",
                     scenes=3 if args.quick else 4 if args.gpu_budget else 8,
                     size="small" if args.quick else "scannet")
-    for key, v in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, v)
-    if not os.path.isabs(args.config) and not os.path.isfile(args.config.partition(":")[0]):
-        args.config = os.path.join(REPO, args.config)
-    return args
+    return apply_defaults(args, defaults)
 
 
 def main(argv=None) -> dict:

@@ -282,6 +282,12 @@ def parse_args(argv=None):
                     batch_size=2 if quick else 4, steps=3 if quick or args.gpu_budget else 5,
                     scenes=4 if quick or args.gpu_budget else 8,
                     size="small" if quick else "scannet")
+    return apply_defaults(args, defaults)
+
+
+def apply_defaults(args, defaults: dict):
+    """Fill flags left at None from ``defaults``; resolve a relative --config against the
+    repo root when it is not a path from the current folder."""
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -34,10 +34,7 @@ def main(argv=None) -> int:
                       workers=args.workers, overwrite=args.overwrite,
                       voxel_size=args.voxel_size, k=args.k, k_thresh=args.k_thresh,
                       seg_min_verts=args.seg_min_verts)
-    print(f"prepared {len(s.prepared)}, already present {len(s.existing)}, "
-          f"failed {len(s.failed)}; totals: {dict(sorted(s.stats.items()))}")
-    print(f"report: {os.path.join(args.out, 'prepare_report.json')}")
-    return 1 if s.failed else 0
+    return s.report(args.out)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     s = prepare_scannet(args.scannet_root, args.out, split_dir=args.split_dir,
                         scenes=args.scenes, workers=args.workers, overwrite=args.overwrite)
-    print(f"prepared {len(s.prepared)}, already present {len(s.existing)}, "
-          f"failed {len(s.failed)}; totals: {dict(sorted(s.stats.items()))}")
-    print(f"report: {os.path.join(args.out, 'prepare_report.json')}")
-    return 1 if s.failed else 0
+    return s.report(args.out)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,14 @@ class Summary:
     stats: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     warnings: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
+    def report(self, out: str) -> int:
+        """Print the one-line outcome and the report path; return the CLI exit status
+        (1 when a scene failed)."""
+        print(f"prepared {len(self.prepared)}, already present {len(self.existing)}, "
+              f"failed {len(self.failed)}; totals: {dict(sorted(self.stats.items()))}")
+        print(f"report: {os.path.join(out, 'prepare_report.json')}")
+        return 1 if self.failed else 0
+
     def to_json(self) -> dict:
         return {"prepared": len(self.prepared), "existing": len(self.existing),
                 "failed": self.failed, "stats": dict(self.stats),
