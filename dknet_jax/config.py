@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     lo.aggregation = 1.0
     lo.mask = 1.0
     lo.mask_iou_threshold = 0.25
+    lo.mask_iou_fallback = True  # no pair above the gate -> count all matched (*code*)
 
     # --- training -------------------------------------------------------------------
     c.train = t = ml_collections.ConfigDict()

@@ -19,7 +19,10 @@ Formulas (method.md 2, 4, 6; the released code where the paper is silent):
 - merge (Eq. 2): BCE-with-logits averaged over valid pairs.
 - mask (Eq. 6): per matched prediction k (gt ``g = gt_for_pred[k]``), over the points of
   k's scene: mean BCE(sigmoid(m_k), 1[instance == g]) + ``1 - 2 sum(p t) / (sum p + sum t)``;
-  counted only when IoU(m_k > 0, gt) > iou_threshold; averaged over counted pairs.
+  counted only when IoU(m_k > 0, gt) > iou_threshold; averaged over counted pairs. When
+  no matched pair passes the gate, every matched pair is counted (``iou_fallback``, the
+  released code's rule): an untrained decoder rarely reaches IoU 0.25, and without the
+  fallback the gate would give it no gradient at all.
 """
 
 from __future__ import annotations
@@ -124,8 +127,11 @@ def mask_pair_sums(mask_logits: Array, target: Array, point_mask: Array) -> Arra
 
 
 def mask_loss_from_sums(sums: Array, matched: Array, *, iou_threshold: float = 0.25,
-                        eps: float = 1e-6):
+                        iou_fallback: bool = True, eps: float = 1e-6):
     """Eq. 6 from :func:`mask_pair_sums` ``f32[K, 7]`` and ``matched bool[K]``.
+
+    ``iou_fallback``: when no matched pair has IoU > ``iou_threshold``, count every matched
+    pair instead of none (the released code does this; False = the gate alone).
 
     Returns (loss f32[], num_counted i32[], iou f32[K]); loss = 0 when nothing is counted.
     """
@@ -134,13 +140,15 @@ def mask_loss_from_sums(sums: Array, matched: Array, *, iou_threshold: float = 0
     dice = 1.0 - 2.0 * pt / (p_sum + t_sum + eps)
     iou = hard_t / jnp.maximum(hard_sum + t_sum - hard_t, 1.0)
     counted = matched & (iou > iou_threshold)
+    if iou_fallback:
+        counted = jnp.where(jnp.any(counted), counted, matched)
     num = jnp.sum(counted)
     loss = jnp.sum(jnp.where(counted, bce + dice, 0.0)) / jnp.maximum(num, 1).astype(bce.dtype)
     return loss, num, iou
 
 
 def mask_loss(mask_logits: Array, instance: Array, gt_for_pred: Array, point_mask: Array, *,
-              iou_threshold: float = 0.25, eps: float = 1e-6):
+              iou_threshold: float = 0.25, iou_fallback: bool = True, eps: float = 1e-6):
     """Eq. 6: BCE + dice per matched (prediction, GT) pair with IoU > ``iou_threshold``.
 
     Materialises several f32[K, N] temporaries; ``masks.decoded_mask_loss`` computes the
@@ -153,6 +161,7 @@ def mask_loss(mask_logits: Array, instance: Array, gt_for_pred: Array, point_mas
       point_mask: bool[K, N] the points each prediction is scored on (its scene's valid
         points: ``masks.scene_point_mask``).
       iou_threshold: pairs with IoU(mask_logits > 0, gt) <= this are not counted.
+      iou_fallback: count every matched pair when none passes the threshold.
     Returns:
       (loss f32[], num_counted i32[], iou f32[K]); loss = 0 when no pair is counted.
     """
@@ -160,7 +169,8 @@ def mask_loss(mask_logits: Array, instance: Array, gt_for_pred: Array, point_mas
     pm = point_mask & matched[:, None]
     target = instance[None, :] == gt_for_pred[:, None]
     return mask_loss_from_sums(mask_pair_sums(mask_logits, target, pm), matched,
-                               iou_threshold=iou_threshold, eps=eps)
+                               iou_threshold=iou_threshold, iou_fallback=iou_fallback,
+                               eps=eps)
 
 
 @flax.struct.dataclass

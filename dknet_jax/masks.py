@@ -164,7 +164,8 @@ def _scan_sums(params, x, per_point, inst_batch, inst_ok, width, body):
 def decoded_mask_loss(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: Array,
                       mask_feats: Array, xyz: Array, batch_id: Array, valid: Array,
                       instance: Array, gt_for_pred: Array, *, hidden: int = 16,
-                      chunk_size: int = 16384, iou_threshold: float = 0.25):
+                      chunk_size: int = 16384, iou_threshold: float = 0.25,
+                      iou_fallback: bool = True):
     """``losses.mask_loss(decode_masks(...), instance, gt_for_pred, scene_point_mask(...))``
     computed chunk by chunk: never holds f32[K, N], in reverse mode either.
 
@@ -182,7 +183,8 @@ def decoded_mask_loss(kernels: Array, centroids: Array, inst_batch: Array, inst_
         return losses.mask_pair_sums(logit, target, inside & matched[:, None])
 
     sums = _scan_sums(params, x, per_point, inst_batch, inst_ok, losses.MASK_SUMS, body)
-    return losses.mask_loss_from_sums(sums, matched, iou_threshold=iou_threshold)
+    return losses.mask_loss_from_sums(sums, matched, iou_threshold=iou_threshold,
+                                      iou_fallback=iou_fallback)
 
 
 def decoded_class_counts(kernels: Array, centroids: Array, inst_batch: Array,

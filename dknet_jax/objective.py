@@ -30,13 +30,15 @@ def loss_weights(loss_config) -> L.LossTerms:
 
 def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms,
                    gates: L.LossTerms, num_classes: int, offset_direction: bool = False,
-                   mask_iou_threshold: float = 0.25, aggregation_loss: bool = True):
+                   mask_iou_threshold: float = 0.25, mask_iou_fallback: bool = True,
+                   aggregation_loss: bool = True):
     """Eq. 8 on one packed batch.
 
     Args:
       out: model outputs; batch: the GT batch the model ran on.
       weights, gates: per-term weights (``config.loss``) and 0/1 stage gates
         (``losses.stage_gates``), both traced so stages never recompile.
+      mask_iou_threshold, mask_iou_fallback: the Eq. 6 IoU gate (``losses.mask_loss``).
       aggregation_loss: False for the "w/o aggregation" ablation (no merge loss).
     Returns:
       (total f32[], metrics dict of f32[] scalars: every term, counts of candidates,
@@ -65,7 +67,8 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
         out.inst_pos, pred_class, out.cand_batch, out.inst_ok, t.centroid, t.gt_class,
         t.gt_batch, t.gt_ok)
     mask, num_counted, _ = L.mask_loss(out.mask_logits, batch.instance, gt_for_pred,
-                                       point_mask, iou_threshold=mask_iou_threshold)
+                                       point_mask, iou_threshold=mask_iou_threshold,
+                                       iou_fallback=mask_iou_fallback)
     terms = L.LossTerms(semantic=sem, offset=off, center=center, aggregation=merge, mask=mask)
     total = L.total_loss(terms, weights, gates)
     metrics = {

@@ -65,6 +65,7 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
                 out, batch, weights=weights, gates=gates, num_classes=m.num_classes,
                 offset_direction=m.offset_direction_loss,
                 mask_iou_threshold=config.loss.mask_iou_threshold,
+                mask_iou_fallback=config.loss.mask_iou_fallback,
                 aggregation_loss=m.aggregation != "none")
             metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)
             metrics["pool_exhausted"] = jnp.sum(out.pool_exhausted).astype(jnp.float32)

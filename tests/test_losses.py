@@ -1,5 +1,7 @@
 """Tests for dknet_jax.losses against formulas written out in numpy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,8 +103,10 @@ def test_merge_loss_bce_over_valid_pairs():
     np.testing.assert_allclose(big, 200.0, rtol=1e-6)
 
 
-def _np_mask_loss(z, inst, gt_for_pred, point_mask, thr=0.25):
-    total, count = 0.0, 0
+def _np_mask_loss(z, inst, gt_for_pred, point_mask, thr=0.25, fallback=True):
+    """Loop reference of Eq. 6; with ``fallback`` (the released code) every matched pair
+    counts when none passes the IoU gate."""
+    pairs = []
     for k in range(z.shape[0]):
         g = gt_for_pred[k]
         if g < 0:
@@ -115,13 +119,13 @@ def _np_mask_loss(z, inst, gt_for_pred, point_mask, thr=0.25):
         inter = (hard & (t > 0)).sum()
         union = (hard | (t > 0)).sum()
         iou = inter / max(union, 1)
-        if iou <= thr:
-            continue
         bce = _np_bce(zk, t).mean()
         dice = 1 - 2 * (p * t).sum() / (p.sum() + t.sum() + 1e-6)
-        total += bce + dice
-        count += 1
-    return (total / count if count else 0.0), count
+        pairs.append((iou, bce + dice))
+    counted = [v for iou, v in pairs if iou > thr]
+    if not counted and fallback:
+        counted = [v for _, v in pairs]
+    return (sum(counted) / len(counted) if counted else 0.0), len(counted)
 
 
 def test_mask_loss_vs_numpy():
@@ -151,14 +155,42 @@ def test_mask_loss_zero_without_counted_pairs_and_finite_grad():
     inst = jnp.asarray(np.arange(n) % 3, jnp.int32)
     gfp = jnp.asarray([0, 1, -1], jnp.int32)
     pm = jnp.ones((k, n), bool)
-    loss_fn = jax.jit(losses.mask_loss)
+    loss_fn = jax.jit(functools.partial(losses.mask_loss, iou_fallback=False))
     loss, num, _ = loss_fn(z, inst, gfp, pm)
     assert float(loss) == 0.0 and int(num) == 0
-    grad = jax.jit(jax.grad(lambda zz: losses.mask_loss(zz, inst, gfp, pm)[0]))(z)
+    grad = jax.jit(jax.grad(lambda zz: loss_fn(zz, inst, gfp, pm)[0]))(z)
     assert np.all(np.isfinite(np.asarray(grad)))
-    # nothing matched at all
-    loss2, num2, _ = loss_fn(z, inst, jnp.full(k, -1, jnp.int32), pm)
-    assert float(loss2) == 0.0 and int(num2) == 0
+    # nothing matched at all: 0 with or without the fallback
+    for fallback in (False, True):
+        loss2, num2, _ = jax.jit(functools.partial(losses.mask_loss, iou_fallback=fallback))(
+            z, inst, jnp.full(k, -1, jnp.int32), pm)
+        assert float(loss2) == 0.0 and int(num2) == 0
+
+
+def test_mask_loss_fallback_counts_every_matched_pair_when_none_passes():
+    # Untrained decoder: no matched pair reaches IoU 0.25. The gate alone gives no
+    # gradient; the fallback (released code) scores every matched pair.
+    k, n = 4, 30
+    inst = jnp.asarray(np.arange(n) % 3, jnp.int32)
+    z = jnp.asarray(RNG.normal(size=(k, n)) - 3.0, jnp.float32)  # mostly empty masks
+    gfp = jnp.asarray([0, -1, 2, 1], jnp.int32)
+    pm = jnp.ones((k, n), bool)
+    loss, num, iou = jax.jit(losses.mask_loss)(z, inst, gfp, pm)
+    assert float(jnp.max(iou)) <= 0.25
+    ref, ref_num = _np_mask_loss(np.asarray(z), np.asarray(inst), np.asarray(gfp),
+                                 np.asarray(pm), fallback=True)
+    assert int(num) == ref_num == 3
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    grad = jax.grad(lambda zz: losses.mask_loss(zz, inst, gfp, pm)[0])(z)
+    g = np.asarray(grad)
+    assert np.all(np.abs(g[[0, 2, 3]]).sum(1) > 0) and np.all(g[1] == 0)
+    # once one pair passes the gate, only that pair counts again
+    z2 = z.at[3].set(jnp.where(inst == 1, 4.0, -4.0))
+    loss2, num2, _ = jax.jit(losses.mask_loss)(z2, inst, gfp, pm)
+    ref2, ref_num2 = _np_mask_loss(np.asarray(z2), np.asarray(inst), np.asarray(gfp),
+                                   np.asarray(pm), fallback=True)
+    assert int(num2) == ref_num2 == 1
+    np.testing.assert_allclose(float(loss2), ref2, rtol=1e-5)
 
 
 def test_mask_loss_with_fill_logits_outside_scene_has_finite_grad():
