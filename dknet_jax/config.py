@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     # level transition (1.0 never overflows; an overflowing batch is skipped with a warning)
     m.level_capacity_ratio = (0.5,)
     m.expected_level_ratio = 0.3  # expected voxel ratio per level: sizes the conv tiles (speed only)
+    # conv tile capacity in neighbour pairs per expected voxel, one value or one per level
+    # (speed only: a level with more pairs takes the slower per-offset path, same result)
+    m.pairs_per_voxel = (14.0,)
     m.num_classes = 20
     m.first_instance_class = 2   # semantic index >= this is an instance ("foreground") class
     m.head_width = 32
@@ -154,6 +157,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not all(0.0 < r <= 1.0 for r in ratios) or len(ratios) not in (1, len(m.widths) - 1):
         raise ValueError("config.model.level_capacity_ratio must be a number in (0, 1] or "
                          "one per level transition (len(model.widths) - 1 numbers)")
+    ppv = m.pairs_per_voxel
+    ppv = tuple(ppv) if isinstance(ppv, (tuple, list)) else (ppv,)
+    if len(ppv) not in (1, len(m.widths)) or not all(0.0 < x <= 27.0 for x in ppv):
+        raise ValueError(f"config.model.pairs_per_voxel must be one number in (0, 27] or "
+                         f"{len(m.widths)} of them (one per level), got {ppv!r}")
     if not 0.0 < m.expected_level_ratio <= 1.0:
         raise ValueError("config.model.expected_level_ratio must be in (0, 1]")
     if len(m.widths) < 2:

@@ -203,3 +203,33 @@ def test_unet_room_sized_forward_backward():
     val, grads = step(params, vox, f)
     assert np.isfinite(float(val))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_pairs_per_voxel_per_level_changes_speed_not_result():
+    # Level 0 with tiles for 1 pair per voxel cannot hold a room's ~6-12: it takes the
+    # per-offset fallback, the other levels get roomy tiles. Same output and gradients.
+    ppv = (1.0,) + (27.0,) * (len(WIDTHS) - 1)
+    net = SparseUNet(6, WIDTHS, 1, impl="xla", level_capacity_ratio=0.75,
+                     pairs_per_voxel=ppv, rngs=nnx.Rngs(0))
+    graph, params, rest = nnx.split(net, nnx.Param, ...)
+    args = _scene(1)
+
+    @jax.jit
+    def run(params, vox, b, valid, f):
+        def loss(params):
+            m = nnx.merge(graph, params, rest, copy=True)
+            v = voxelize(vox, b, valid, f, capacity=512)
+            maps = m.kernel_maps(v)
+            out = m(v, train=True)
+            return jnp.sum(jnp.where(v.valid[:, None], out, 0) ** 2), (out, maps[0].subm.tiles.ok)
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (lval, (out, ok0)), grads = run(params, *args)
+    (rval, (ref, _)), rgrads = _run(_PARAMS, *args)
+    assert not bool(ok0)  # level 0 really overflowed its tiles
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lval, rval, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4 * float(np.abs(r).max()))
+    with pytest.raises(ValueError, match="pairs_per_voxel"):
+        SparseUNet(6, WIDTHS, 1, pairs_per_voxel=(8.0, 8.0, 8.0), rngs=nnx.Rngs(0))

@@ -194,7 +194,8 @@ class SparseUNet(nnx.Module):
         halving; 1.0 never overflows).
       min_level_capacity: lower bound of every level's capacity.
       pairs_per_voxel: tile capacity of the submanifold maps in neighbour pairs per
-        expected voxel (room-like sets have ~12-13 of 27).
+        expected voxel (room-like sets have ~12-13 of 27), a float or one value per level
+        (coarse levels are denser: 4 cm synthetic rooms have ~5 at level 0, ~14 at 2).
       expected_level_ratio: expected voxels of level l+1 per voxel of level l (~0.23 for
         rooms at 2 cm); tiles hold ``pairs_per_voxel * V * ratio**l`` pairs at level l.
         A level with more pairs falls back to the dense per-offset path (correct, ~2x
@@ -210,7 +211,7 @@ class SparseUNet(nnx.Module):
         impl: str = "auto",
         level_capacity_ratio: float | Sequence[float] = 0.5,
         min_level_capacity: int = 64,
-        pairs_per_voxel: float = 14.0,
+        pairs_per_voxel: float | Sequence[float] = 14.0,
         expected_level_ratio: float = 0.3,
         rngs: nnx.Rngs,
     ):
@@ -227,7 +228,13 @@ class SparseUNet(nnx.Module):
                                      if isinstance(level_capacity_ratio, (list, tuple))
                                      else level_capacity_ratio)
         self.min_level_capacity = min_level_capacity
-        self.pairs_per_voxel = pairs_per_voxel
+        ppv = (tuple(float(x) for x in pairs_per_voxel)
+               if isinstance(pairs_per_voxel, (list, tuple)) else (float(pairs_per_voxel),))
+        ppv = ppv * len(widths) if len(ppv) == 1 else ppv
+        if len(ppv) != len(widths) or not all(0.0 < x <= 27.0 for x in ppv):
+            raise ValueError(f"pairs_per_voxel must be a number in (0, 27] or {len(widths)} "
+                             f"of them (one per level), got {pairs_per_voxel!r}")
+        self.pairs_per_voxel = ppv
         self.expected_level_ratio = expected_level_ratio
         self.use_running_average = False
         nb = blocks_per_level
@@ -272,7 +279,7 @@ class SparseUNet(nnx.Module):
                 caps[lvl],
                 max(self.min_level_capacity, voxels.capacity * self.expected_level_ratio**lvl),
             )
-            ppv = self.pairs_per_voxel * expected / caps[lvl]
+            ppv = self.pairs_per_voxel[lvl] * expected / caps[lvl]
             smap = hashing.subm_map(coords, valid, pairs_per_voxel=ppv)
             down = None
             if lvl + 1 < len(caps):

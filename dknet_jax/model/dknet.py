@@ -7,6 +7,10 @@ pairwise merge scores -> groups (connected components) -> group features -> inst
 kernels -> dynamic-conv masks over every point of the instance's scene.
 
 Every count is static: M candidate slots with a validity mask, masks f32[M, N].
+``decode_masks=False`` stops at the kernels (``mask_logits`` is None): the training step
+then computes the mask loss chunk by chunk (``masks.decoded_mask_loss``) and never holds
+the f32[M, N] logits (``config.model.chunked_mask_loss``).
+
 Ablation switches (config.model): ``candidates`` (ln_nms | nms | random),
 ``aggregation`` (full | train_only | none), ``kernel_from`` (aggregate | top | oracle).
 """
@@ -19,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dknet_jax import aggregation as agg
+from dknet_jax import masks as mask_decoder
 from dknet_jax.candidates import mine_candidates
-from dknet_jax.masks import decode_masks
 from dknet_jax.model.backbone import SparseUNet
 from dknet_jax.model.heads import PointHeadOutputs, PointHeads
 from dknet_jax.sparse.voxelize import voxel_to_point, voxelize
@@ -45,7 +49,11 @@ class DKNetOutputs:
       lead: i32[M] group lead slot of each candidate (-1 invalid).
       inst_ok: bool[M] slots that hold an instance (a group lead).
       inst_pos: f32[M, 3] instance centroid C_k (shifted position of the lead).
-      mask_logits: f32[M, N] instance mask logits (-1e9 outside the instance's scene).
+      kernels: f32[M, L] instance kernels of the dynamic mask decoder (layout:
+        ``masks.split_kernels``); with ``inst_pos``, ``cand_batch``, ``inst_ok`` and
+        ``heads.mask_feats`` they define the masks (``masks.decode_masks``).
+      mask_logits: f32[M, N] instance mask logits (-1e9 outside the instance's scene),
+        or None when the model ran with ``decode_masks=False``.
       pool_exhausted: bool[B] the LN-NMS pool ran out in a scene (raise pool_size).
       voxel_overflow: bool[] the voxel capacity of some UNet level or the key space
         overflowed (the backbone then returns NaN features).
@@ -61,7 +69,8 @@ class DKNetOutputs:
     lead: Array
     inst_ok: Array
     inst_pos: Array
-    mask_logits: Array
+    kernels: Array
+    mask_logits: Array | None
     pool_exhausted: Array
     voxel_overflow: Array
 
@@ -79,6 +88,7 @@ class DKNet(nnx.Module):
             impl=impl,
             level_capacity_ratio=m.level_capacity_ratio,
             expected_level_ratio=m.expected_level_ratio,
+            pairs_per_voxel=m.pairs_per_voxel,
             rngs=rngs,
         )
         self.heads = PointHeads(
@@ -92,7 +102,15 @@ class DKNet(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, batch: PointBatch, *, key: Array | None = None) -> DKNetOutputs:
+    def __call__(self, batch: PointBatch, *, key: Array | None = None,
+                 decode_masks: bool = True) -> DKNetOutputs:
+        """Forward pass on one packed batch.
+
+        ``key`` drives random candidate sampling (``candidates="random"``);
+        ``decode_masks`` (static): False skips the dynamic-conv decoder and returns
+        ``mask_logits=None`` (the kernels and the rest are unchanged), for the chunked
+        training loss that never holds the f32[M, N] logits.
+        """
         c = self.cfg
         n = batch.valid.shape[0]
         b = batch.scene_valid.shape[0]
@@ -171,18 +189,20 @@ class DKNet(nnx.Module):
             inst_feat, inst_pos, inst_ok = self._oracle_features(batch, heads, safe, lead, cand_pos)
 
         kernels = self.heads.kernels(inst_feat)
-        mask_logits = decode_masks(
-            kernels,
-            inst_pos,
-            cand_batch,
-            inst_ok,
-            heads.mask_feats,
-            batch.xyz,
-            batch.batch_id,
-            batch.valid,
-            hidden=self.heads.dynamic_hidden,
-            chunk_size=min(c["mask_chunk"], n),
-        )
+        mask_logits = None
+        if decode_masks:
+            mask_logits = mask_decoder.decode_masks(
+                kernels,
+                inst_pos,
+                cand_batch,
+                inst_ok,
+                heads.mask_feats,
+                batch.xyz,
+                batch.batch_id,
+                batch.valid,
+                hidden=self.heads.dynamic_hidden,
+                chunk_size=min(c["mask_chunk"], n),
+            )
         return DKNetOutputs(
             heads=heads,
             heat=heat,
@@ -194,6 +214,7 @@ class DKNet(nnx.Module):
             lead=lead,
             inst_ok=inst_ok,
             inst_pos=inst_pos,
+            kernels=kernels,
             mask_logits=mask_logits,
             pool_exhausted=exhausted,
             voxel_overflow=overflow,
