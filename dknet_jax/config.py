@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.merge_threshold = 0.5
     m.kernel_from = "aggregate"  # Table 6: aggregate (weighted mean) | top | oracle
     m.mask_chunk = 16_384        # points per chunk of the dynamic-conv decoder
+    # training: decode the masks chunk by chunk inside the mask loss (masks.decoded_mask_loss)
+    # instead of holding the f32[M, N] logits; same loss, far less memory (False = dense)
+    m.chunked_mask_loss = True
     m.offset_direction_loss = False
 
     # --- loss -----------------------------------------------------------------------
@@ -166,6 +169,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError("config.model.expected_level_ratio must be in (0, 1]")
     if len(m.widths) < 2:
         raise ValueError("config.model.widths needs at least two levels")
+    if not isinstance(m.chunked_mask_loss, bool):
+        raise ValueError(f"config.model.chunked_mask_loss must be True or False, got "
+                         f"{m.chunked_mask_loss!r}")
     return config
 
 

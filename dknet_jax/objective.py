@@ -2,6 +2,13 @@
 
 Data flow: ``DKNet(batch) -> DKNetOutputs`` -> **objective** (targets, Hungarian matching,
 each loss term, stage gates) -> scalar loss for ``jax.grad``.
+
+Two paths to the matching classes and the mask loss (Eq. 5-6), same values up to float
+rounding: *dense* when the outputs carry ``mask_logits`` f32[M, N] (``DKNet(batch)``), and
+*chunked* when they do not (``DKNet(batch, decode_masks=False)``): the masks are decoded
+again from the kernels chunk by chunk (``masks.decoded_class_counts`` and
+``masks.decoded_mask_loss``), so neither the forward nor the backward pass holds [M, N]
+(``config.model.chunked_mask_loss``, the training default).
 """
 
 from __future__ import annotations
@@ -10,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from dknet_jax import losses as L
+from dknet_jax import masks
 from dknet_jax.aggregation import same_instance
-from dknet_jax.masks import scene_point_mask
-from dknet_jax.matching import majority_class, match_instances
+from dknet_jax.matching import class_from_counts, majority_class, match_instances
 from dknet_jax.model.dknet import DKNetOutputs
 from dknet_jax.targets import compute_targets
 from dknet_jax.types import PointBatch
@@ -31,7 +38,7 @@ def loss_weights(loss_config) -> L.LossTerms:
 def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms,
                    gates: L.LossTerms, num_classes: int, offset_direction: bool = False,
                    mask_iou_threshold: float = 0.25, mask_iou_fallback: bool = True,
-                   aggregation_loss: bool = True):
+                   aggregation_loss: bool = True, mask_chunk: int = 16_384):
     """Eq. 8 on one packed batch.
 
     Args:
@@ -40,6 +47,8 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
         (``losses.stage_gates``), both traced so stages never recompile.
       mask_iou_threshold, mask_iou_fallback: the Eq. 6 IoU gate (``losses.mask_loss``).
       aggregation_loss: False for the "w/o aggregation" ablation (no merge loss).
+      mask_chunk: points per chunk (``config.model.mask_chunk``) of the chunked path,
+        taken when ``out.mask_logits`` is None; the dense path ignores it.
     Returns:
       (total f32[], metrics dict of f32[] scalars: every term, counts of candidates,
       instances and matched pairs).
@@ -60,15 +69,29 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
     else:
         merge = jnp.zeros((), jnp.float32)
 
-    point_mask = scene_point_mask(out.cand_batch, out.inst_ok, batch.batch_id, batch.valid)
     sem_pred = jnp.argmax(h.semantic_logits, axis=-1)
-    pred_class = majority_class((out.mask_logits > 0) & point_mask, sem_pred, num_classes)
+    if out.mask_logits is None:  # chunked: decode again from the kernels, never [M, N]
+        decoder = (out.kernels, out.inst_pos, out.cand_batch, out.inst_ok, h.mask_feats,
+                   batch.xyz, batch.batch_id, batch.valid)
+        hidden = _dynamic_hidden(out.kernels, h.mask_feats)
+        counts = masks.decoded_class_counts(*decoder, sem_pred, num_classes, hidden=hidden,
+                                            chunk_size=mask_chunk)
+        pred_class = class_from_counts(counts)
+    else:
+        point_mask = masks.scene_point_mask(out.cand_batch, out.inst_ok, batch.batch_id,
+                                            batch.valid)
+        pred_class = majority_class((out.mask_logits > 0) & point_mask, sem_pred, num_classes)
     _, gt_for_pred = match_instances(
         out.inst_pos, pred_class, out.cand_batch, out.inst_ok, t.centroid, t.gt_class,
         t.gt_batch, t.gt_ok)
-    mask, num_counted, _ = L.mask_loss(out.mask_logits, batch.instance, gt_for_pred,
-                                       point_mask, iou_threshold=mask_iou_threshold,
-                                       iou_fallback=mask_iou_fallback)
+    if out.mask_logits is None:
+        mask, num_counted, _ = masks.decoded_mask_loss(
+            *decoder, batch.instance, gt_for_pred, hidden=hidden, chunk_size=mask_chunk,
+            iou_threshold=mask_iou_threshold, iou_fallback=mask_iou_fallback)
+    else:
+        mask, num_counted, _ = L.mask_loss(out.mask_logits, batch.instance, gt_for_pred,
+                                           point_mask, iou_threshold=mask_iou_threshold,
+                                           iou_fallback=mask_iou_fallback)
     terms = L.LossTerms(semantic=sem, offset=off, center=center, aggregation=merge, mask=mask)
     total = L.total_loss(terms, weights, gates)
     metrics = {
@@ -80,3 +103,13 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
         "gt_instances": jnp.sum(t.gt_ok).astype(jnp.float32),
     }
     return total, metrics
+
+
+def _dynamic_hidden(kernels: Array, mask_feats: Array) -> int:
+    """H of the dynamic decoder from the shapes: L = (Cm + 3) * H + 2 * H + 1."""
+    length, cm = kernels.shape[-1], mask_feats.shape[-1]
+    hidden, rest = divmod(length - 1, cm + 5)
+    if rest or hidden <= 0:
+        raise ValueError(f"compute_losses: kernel length {length} does not fit mask features "
+                         f"of width {cm} (need (Cm + 3) * H + 2 * H + 1)")
+    return hidden

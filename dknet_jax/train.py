@@ -1,7 +1,8 @@
 """Training: ``train_and_evaluate(config, workdir)``, the whole loop as flat functions.
 
 Data flow: TrainIterator (bucketed, augmented PointBatch) -> one jit-compiled train step
-[DKNet forward -> objective (stage-gated Eq. 8) -> grads -> AdamW] -> JSON-lines log,
+[DKNet forward -> objective (stage-gated Eq. 8; mask loss chunked over points unless
+``config.model.chunked_mask_loss=False``) -> grads -> AdamW] -> JSON-lines log,
 progress bar, periodic validation (mAP) and orbax checkpoints (last k + best), resumed
 exactly after a kill (step, parameters, optimiser state, RNG key, data-iterator state).
 
@@ -58,7 +59,8 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
         def loss_fn(p, r):
             model = nnx.merge(graphdef, p, r, copy=True)
             model.train()
-            out = model(batch, key=key)
+            # chunked: no [M, N] mask logits; compute_losses decodes chunk by chunk
+            out = model(batch, key=key, decode_masks=not m.chunked_mask_loss)
             gates = stage_gates(epoch, heatmap_epoch=t.stage_heatmap_epoch,
                                 mask_epoch=t.stage_mask_epoch)
             total, metrics = compute_losses(
@@ -66,7 +68,7 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
                 offset_direction=m.offset_direction_loss,
                 mask_iou_threshold=config.loss.mask_iou_threshold,
                 mask_iou_fallback=config.loss.mask_iou_fallback,
-                aggregation_loss=m.aggregation != "none")
+                aggregation_loss=m.aggregation != "none", mask_chunk=m.mask_chunk)
             metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)
             metrics["pool_exhausted"] = jnp.sum(out.pool_exhausted).astype(jnp.float32)
             new_rest = nnx.split(model, nnx.Param, ...)[2]

@@ -8,6 +8,7 @@ reuses its data and config helpers.
     python scripts/bench_train.py                  # ScanNet config, batch 4, 8 ScanNet-sized rooms
     python scripts/bench_train.py --quick          # synthetic config, small rooms, batch 2 (minutes on a CPU)
     python scripts/bench_train.py --gpu_budget     # 4 rooms, 3 timed steps: ~2 minutes on a GPU
+    python scripts/bench_train.py --quick --compare_mask_loss   # + XLA memory of both mask losses
 
 Data: rooms come from ``dknet_jax.data.synthetic.generate_scene`` (room i drawn from
 ``default_rng([seed, i])``, as ``make_synthetic.py`` does) and are converted in memory to
@@ -21,6 +22,10 @@ list if present).
 Measured (model from ``--config``, randomly initialised, weights updated by every step):
 - compile: ``jit(step).lower(...).compile()`` wall time for the first batch shape
   (the later ``jit`` call reuses that executable), and XLA's memory analysis of it;
+- mask loss: ``config.model.chunked_mask_loss`` (default True: the loss decodes the masks
+  chunk by chunk, no f32[M, N] logits; ``--mask_loss dense`` or
+  ``--set model.chunked_mask_loss=false`` for the dense path); ``--compare_mask_loss``
+  also compiles the step with the other path and reports both XLA memory estimates;
 - warm step: median over ``--steps`` steps on one device-resident batch (no input
   pipeline in the timing) after one untimed step;
 - stage gates: the timed steps cycle through the first epoch of each of the three loss
@@ -77,7 +82,8 @@ def load_config(spec: str, overrides=()):
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw
+            # true/false as on the train.py command line (--config.model.x=false)
+            value = {"true": True, "false": False}.get(raw.strip().lower(), raw)
         node, parts = config, key.split(".")
         for p in parts[:-1]:
             node = node[p]
@@ -235,6 +241,11 @@ def compiled_gib(compiled) -> float | None:
             + m.temp_size_in_bytes) / GiB
 
 
+def mask_loss_name(chunked: bool) -> str:
+    """``config.model.chunked_mask_loss`` -> the name the report uses."""
+    return "chunked" if chunked else "dense"
+
+
 def cache_size(jitted) -> int | None:
     """Number of executables a jit function holds (private JAX API; None if absent)."""
     fn = getattr(jitted, "_cache_size", None)
@@ -268,6 +279,12 @@ def parse_args(argv=None):
                    help="processes generating rooms")
     p.add_argument("--impl", default=None, choices=("auto", "xla", "pallas"),
                    help="sparse-conv kernels (config.kernels.impl)")
+    p.add_argument("--mask_loss", default=None, choices=("chunked", "dense"),
+                   help="training mask loss (config.model.chunked_mask_loss): chunked "
+                        "(default, no [M, N] logits) or dense")
+    p.add_argument("--compare_mask_loss", action="store_true",
+                   help="also compile the step with the other mask loss and report the XLA "
+                        "memory estimate of both")
     p.add_argument("--no_epoch", action="store_true", help="skip the epoch measurement")
     p.add_argument("--no_stages", action="store_true",
                    help="time every step in the mask stage instead of cycling the stages")
@@ -301,6 +318,8 @@ def main(argv=None) -> dict:
     overrides = list(args.set) + [f"data.batch_size={args.batch_size}"]
     if args.impl:
         overrides.append(f"kernels.impl={args.impl}")
+    if args.mask_loss:
+        overrides.append(f"model.chunked_mask_loss={args.mask_loss == 'chunked'}")
     config = load_config(args.config, overrides)
 
     import jax
@@ -354,15 +373,27 @@ def main(argv=None) -> dict:
     t_compile = time.perf_counter() - tc
     est = compiled_gib(compiled)
     avail = available_gib()
+    mode = mask_loss_name(m.chunked_mask_loss)
     print(f"compiled batch shape (points, instances) = {shape} in {t_compile:.1f}s "
           f"(trace+lower {t_lower:.1f}s); XLA estimate {est if est is None else round(est, 2)}"
-          f" GiB, available {avail:.1f} GiB", flush=True)
+          f" GiB ({mode} mask loss), available {avail:.1f} GiB", flush=True)
     results = {"device": device_line(), "config": args.config, "overrides": overrides,
                "impl": resolve_impl(config.kernels.impl), "params": n_params,
                "batch_size": d.batch_size, "scenes": len(paths),
                "scene_points": [min(sizes), int(np.median(sizes)), max(sizes)],
                "batch_shape": shape, "compile_s": t_compile, "lower_s": t_lower,
-               "xla_memory_gib": est}
+               "mask_loss": mode, "xla_memory_gib": est}
+    if args.compare_mask_loss:  # same model, batch and shapes; only the mask-loss path differs
+        other_mode = mask_loss_name(not m.chunked_mask_loss)
+        other = load_config(args.config,
+                            overrides + [f"model.chunked_mask_loss={not m.chunked_mask_loss}"])
+        tc = time.perf_counter()
+        other_est = compiled_gib(make_train_step(graphdef, tx, other).lower(
+            params, rest, opt_state, batch, key, epoch_mask).compile())
+        print(f"compiled the {other_mode} mask loss in {time.perf_counter() - tc:.1f}s; XLA "
+              f"estimate {other_est if other_est is None else round(other_est, 2)} GiB",
+              flush=True)
+        results["xla_memory_gib_by_mask_loss"] = {mode: est, other_mode: other_est}
     if est is not None and est > 0.9 * avail:
         results["error"] = (f"the step needs ~{est:.1f} GiB but only {avail:.1f} GiB are "
                             f"free; lower --batch_size")
@@ -435,7 +466,12 @@ def _report(args, r: dict) -> dict:
             ("scenes (points min/median/max)", f"{r['scenes']} ({r['scene_points']})"),
             ("batch shape (points, instances)", f"{r['batch_size']} scenes -> {r['batch_shape']}"),
             ("compile (lower + XLA)", f"{fmt(r['compile_s'])} (trace+lower {fmt(r['lower_s'])})"),
+            ("mask loss", {"chunked": "chunked (masks.decoded_mask_loss, no [M, N] logits)",
+                           "dense": "dense (f32[M, N] mask logits)"}[r["mask_loss"]]),
             ("XLA memory estimate", fmt(r["xla_memory_gib"], "GiB"))]
+    for name, gib in r.get("xla_memory_gib_by_mask_loss", {}).items():
+        rows.append((f"XLA memory, {name} mask loss",
+                     "-" if gib is None else f"{gib:.4f} GiB ({gib * 1024:.1f} MiB)"))
     if "error" in r:
         rows.append(("result", r["error"]))
     else:
