@@ -14,7 +14,11 @@ stage below is jit-compiled on its own, fed the previous stage's outputs for the
 scene, and timed warm (median of ``--reps`` calls, ``block_until_ready``); the whole fused
 ``make_predict_fn`` is timed the same way. The stages replay ``DKNet.__call__`` and
 ``make_predict_fn`` step by step, and the script checks that their final output equals the
-fused function's (same kept instances, labels, scores, masks):
+fused function's (same kept instances, labels, scores, masks). On a GPU the two need not
+be bitwise equal: XLA fuses differently and scatter-adds there are atomic (summation order
+varies), so a near-tie (e.g. a point between two instances) can flip. The script reports
+the fraction of mask entries that differ and the largest score difference, and flags
+"DIFFER" only beyond 0.1% of mask entries or 1e-3 in a score:
 
   backbone     voxelize + sparse UNet + voxel -> point gather
   heads        point heads (semantic, offset, heatmap, reduce, mask features) + per-scene
@@ -270,17 +274,24 @@ def main(argv=None) -> dict:
             r["candidates"] = int(np.asarray(cand_ok).sum())
             r["instances"] = int(np.asarray(inst_ok).sum())
             r["pool_exhausted"] = bool(np.asarray(exhausted).any())
-            same = all(np.array_equal(np.asarray(out[key]), np.asarray(fused[key]))
-                       for key in ("keep", "labels", "masks")) and np.allclose(
-                np.asarray(out["scores"]), np.asarray(fused["scores"]), atol=1e-5)
-            r["stages_match_fused"] = bool(same)
+            mask_diff = float(np.mean(np.asarray(out["masks"]) != np.asarray(fused["masks"])))
+            score_diff = float(np.max(np.abs(np.asarray(out["scores"], np.float64)
+                                             - np.asarray(fused["scores"], np.float64))))
+            r["stages_bitwise_equal"] = bool(all(
+                np.array_equal(np.asarray(out[key]), np.asarray(fused[key]))
+                for key in ("keep", "labels", "masks", "scores")))
+            r["stages_mask_diff_frac"], r["stages_max_score_diff"] = mask_diff, score_diff
+            r["stages_match_fused"] = bool(mask_diff <= 1e-3 and score_diff <= 1e-3)
         rows.append(r)
         msg = (f"{r['scene']}: {n_pts} points (bucket {bucket}) fused {t * 1e3:.0f} ms"
                + (f", compile {c:.1f}s" if c is not None else ""))
         if "stage_s" in r:
             msg += (" | " + " ".join(f"{s} {v * 1e3:.0f}" for s, v in r["stage_s"].items())
                     + f" ms | cands {r['candidates']} inst {r['instances']} kept {r['kept']}"
-                    + ("" if r["stages_match_fused"] else " | STAGES DIFFER FROM FUSED"))
+                    + ("" if r["stages_bitwise_equal"] else
+                       f" | staged vs fused: {r['stages_mask_diff_frac']:.2e} of mask entries, "
+                       f"max score diff {r['stages_max_score_diff']:.1e}"
+                       + ("" if r["stages_match_fused"] else " DIFFER")))
         print(msg, flush=True)
     it.close()
     results = {"device": dev, "config": args.config, "overrides": overrides,
@@ -319,8 +330,11 @@ def _report(args, res: dict) -> None:
                     " / ".join(str(int(np.median([r[k] for r in rows])))
                                for k in ("foreground", "candidates", "instances", "kept"))
                     + " (medians)"))
+        worst = max(r["stages_mask_diff_frac"] for r in rows)
         out.append(("staged output == fused output",
-                    "yes" if all(r["stages_match_fused"] for r in rows) else
+                    ("yes, bitwise" if all(r["stages_bitwise_equal"] for r in rows) else
+                     f"yes within tolerance (at most {worst:.1e} of mask entries differ)")
+                    if all(r["stages_match_fused"] for r in rows) else
                     "NO: " + ", ".join(r["scene"] for r in rows if not r["stages_match_fused"])))
     fc = [r["fused_compile_s"] for r in rows if r["fused_compile_s"] is not None]
     out += [("fused make_predict_fn (warm)",

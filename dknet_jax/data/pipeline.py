@@ -166,7 +166,10 @@ class _BatchIterator:
     def __del__(self):
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                pool.shutdown(wait=False, cancel_futures=True)
+            except Exception:  # interpreter shutdown: the queue module may be gone already
+                pass
 
 
 @dataclasses.dataclass(frozen=True)
