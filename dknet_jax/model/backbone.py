@@ -159,15 +159,17 @@ class ResidualBlock(nnx.Module):
 # --------------------------------------------------------------------------- UNet
 
 
-def _per_level(ratio, num_levels: int, name: str) -> tuple[float, ...]:
-    """A float, or one value per level transition (``num_levels - 1`` of them)."""
-    ratios = tuple(float(r) for r in ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
-    if len(ratios) == 1:
-        ratios = ratios * (num_levels - 1)
-    if len(ratios) != num_levels - 1 or not all(0.0 < r <= 1.0 for r in ratios):
-        raise ValueError(f"{name} must be a number in (0, 1] or {num_levels - 1} of them "
-                         f"(one per level transition), got {ratio!r}")
-    return ratios
+def _per_level(value, count: int, name: str, upper: float = 1.0,
+               unit: str = "level transition") -> tuple[float, ...]:
+    """A number in (0, ``upper``], or ``count`` of them (one per ``unit``) -> ``count`` floats."""
+    values = (tuple(float(x) for x in value) if isinstance(value, (tuple, list))
+              else (float(value),))
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count or not all(0.0 < x <= upper for x in values):
+        raise ValueError(f"{name} must be a number in (0, {upper:g}] or {count} of them "
+                         f"(one per {unit}), got {value!r}")
+    return values
 
 
 def level_capacities(v: int, num_levels: int, ratio, minimum: int) -> list[int]:
@@ -175,7 +177,7 @@ def level_capacities(v: int, num_levels: int, ratio, minimum: int) -> list[int]:
     to a multiple of 8, at least ``minimum`` and at most V_{l-1}. ``ratio`` is a float or
     one value per level transition."""
     caps = [int(v)]
-    for r in _per_level(ratio, num_levels, "level_capacity_ratio"):
+    for r in _per_level(ratio, num_levels - 1, "level_capacity_ratio"):
         c = -(-int(r * caps[-1]) // 8) * 8
         caps.append(min(caps[-1], max(minimum, c)))
     return caps
@@ -221,20 +223,15 @@ class SparseUNet(nnx.Module):
                 f"SparseUNet needs >= 1 level and >= 1 block per level, got "
                 f"widths={widths}, blocks_per_level={blocks_per_level}"
             )
-        _per_level(level_capacity_ratio, len(widths), "level_capacity_ratio")
+        _per_level(level_capacity_ratio, len(widths) - 1, "level_capacity_ratio")
         conv.resolve_impl(impl)  # validate early
         self.widths = widths
         self.level_capacity_ratio = (tuple(level_capacity_ratio)
                                      if isinstance(level_capacity_ratio, (list, tuple))
                                      else level_capacity_ratio)
         self.min_level_capacity = min_level_capacity
-        ppv = (tuple(float(x) for x in pairs_per_voxel)
-               if isinstance(pairs_per_voxel, (list, tuple)) else (float(pairs_per_voxel),))
-        ppv = ppv * len(widths) if len(ppv) == 1 else ppv
-        if len(ppv) != len(widths) or not all(0.0 < x <= 27.0 for x in ppv):
-            raise ValueError(f"pairs_per_voxel must be a number in (0, 27] or {len(widths)} "
-                             f"of them (one per level), got {pairs_per_voxel!r}")
-        self.pairs_per_voxel = ppv
+        self.pairs_per_voxel = _per_level(pairs_per_voxel, len(widths), "pairs_per_voxel",
+                                          upper=27.0, unit="level")
         self.expected_level_ratio = expected_level_ratio
         self.use_running_average = False
         nb = blocks_per_level
