@@ -9,17 +9,22 @@ Sits between the centroid-heatmap head (``H`` per point) and candidate aggregati
 
 `mine_candidates` dispatches on a method name (static).
 
-**Exactness of the pool recipe.** The greedy loop always processes the highest remaining
-point (ties: lower index first). Sort the valid points by (score desc, index asc) and keep
-the first ``K = min(pool_size, N)``: this pool is closed upward, so (a) while any pool point
-remains, the loop over *all* points processes a pool point, identically to the loop run
-inside the pool, and (b) for a pool point ``p`` the max of valid scores within R equals the
-max over pool points within R (a point outside the pool scores at most ``H_p``). So the
-result equals the full loop's result unless the pool empties before ``max_candidates``
-candidates are found while valid points outside the pool exist; then it is an exact
-*prefix* of the full loop's candidate list. `ln_nms_with_info` / `nms_with_info` return that
-condition as ``exhausted`` (conservative: it is also set when the outside points were all
-suppressed already); callers count it per scene and raise ``pool_size`` when it fires.
+**Exactness: a pool, and the whole scene when the pool runs out.** The greedy loop always
+processes the highest remaining point (ties: lower index first). Sort the valid points by
+(score desc, index asc) and keep the first ``K = min(pool_size, N)``: this pool is closed
+upward, so (a) while any pool point remains, the loop over *all* points processes a pool
+point, identically to the loop run inside the pool, and (b) for a pool point ``p`` the max
+of valid scores within R equals the max over pool points within R (a point outside the pool
+scores at most ``H_p``). So the pool's result equals the full loop's result unless the pool
+empties before ``max_candidates`` candidates are found while valid points outside the pool
+exist (``exhausted``). In that case the loop is run again over every point of the scene
+(`_scene_loop`: one pick per step, O(N) work per pick, no N x N matrix), so the result is
+**always** the full loop's result; the pool is a speed device, never an approximation.
+``exhausted`` is returned so callers can count how often the slower path ran (it is
+conservative: also set when the outside points were all suppressed already). A budget far
+above the number of instances (the released 150 per scene) empties the pool of any scene
+with more foreground points than ``pool_size``, so the full-scene loop is the common path
+there; it costs (picks x N), about the pool loop's (picks x K) plus one pass over N per pick.
 
 **Inside the pool** the picks form the lexicographically-first maximal independent set of
 the within-R graph in pool order. ``algorithm="sequential"`` finds it one pick per
@@ -120,7 +125,49 @@ def _greedy_pool(
     ok = jnp.zeros((m,), bool).at[slot].set(True, mode="drop")
     outside = jnp.sum(valid) > jnp.sum(pool_ok)
     exhausted = decided & (n_found < m) & outside
+    # Exact fallback: rerun the loop over the whole scene where the pool ran out. The loop
+    # does no step where ``exhausted`` is False (and under vmap only those scenes step).
+    full_idx, full_ok = _scene_loop(xyz, score, valid, exhausted, radius=radius,
+                                    threshold=threshold, normalise=normalise, max_candidates=m)
+    idx = jnp.where(exhausted, full_idx, idx)
+    ok = jnp.where(exhausted, full_ok, ok)
     return idx, ok, exhausted
+
+
+def _scene_loop(xyz, score, valid, active, *, radius, threshold, normalise, max_candidates):
+    """The greedy loop over every point of the scene, one pick per step (O(N) per pick).
+
+    Runs only while ``active`` (bool[]); returns (idx i32[max_candidates], N in empty
+    slots; ok bool[max_candidates], a prefix). Same tie rule as the pool (the highest
+    remaining score, lower index first: ``argmax`` returns the first maximum).
+    """
+    n = xyz.shape[0]
+    m = int(max_candidates)
+    r2 = jnp.float32(radius) ** 2
+    masked = jnp.where(valid, score, -jnp.inf)
+
+    def cond(state):
+        removed, _, n_cand = state
+        return active & (n_cand < m) & jnp.any(~removed)
+
+    def body(state):
+        removed, idx, n_cand = state
+        p = jnp.argmax(jnp.where(removed, -jnp.inf, score))
+        d2 = sum((xyz[:, a] - xyz[p, a]) ** 2 for a in range(3))
+        near = d2 <= r2
+        if normalise:
+            nb_max = jnp.max(jnp.where(near, masked, -jnp.inf))
+            norm = jnp.where(nb_max > 0, score[p] / jnp.where(nb_max > 0, nb_max, 1.0), 0.0)
+            take = norm > threshold
+        else:
+            take = jnp.bool_(True)
+        idx = jnp.where(take, idx.at[n_cand].set(p.astype(jnp.int32)), idx)
+        removed = (removed | near).at[p].set(True)
+        return removed, idx, n_cand + take.astype(jnp.int32)
+
+    init = (~valid, jnp.full((m,), n, jnp.int32), jnp.int32(0))
+    _, idx, n_cand = jax.lax.while_loop(cond, body, init)
+    return idx, jnp.arange(m) < n_cand
 
 
 def _lfmis_sequential(adj, accept, pool_ok, m):
@@ -219,8 +266,8 @@ def ln_nms_with_info(
       idx: i32[max_candidates] point indices in pick order; N (the sentinel) in empty slots.
       ok: bool[max_candidates] filled slots (a prefix of the slots).
       exhausted: bool[] the pool emptied before ``max_candidates`` candidates were found
-        while valid points outside the pool exist: the result is then an exact prefix of
-        the full loop's result and may miss candidates. Raise ``pool_size`` when it is set.
+        while valid points outside the pool exist; the loop then ran again over the whole
+        scene (same result, slower). A raised ``pool_size`` makes it rarer.
     """
     _check_sizes(max_candidates, pool_size)
     xyz, score, valid = _check_inputs(xyz, score, valid)
@@ -277,7 +324,7 @@ def nms_with_info(
       xyz: f32[N, 3]; score: f32[N]; valid: bool[N].
     Returns:
       idx i32[max_candidates] (N in empty slots), ok bool[max_candidates], exhausted bool[]
-      (as in `ln_nms_with_info`).
+      (the pool ran out and the whole-scene loop ran; as in `ln_nms_with_info`).
     """
     _check_sizes(max_candidates, pool_size)
     xyz, score, valid = _check_inputs(xyz, score, valid)
