@@ -1,8 +1,9 @@
 """Batched, jit-compiled inference and evaluation over a prepared split.
 
 Data flow: EvalIterator (bucketed PointBatch) -> jitted [DKNet forward -> per-scene
-post-processing] -> host: per-scene masks/labels/scores -> ScanNet AP + mIoU (or S3DIS
-metrics) accumulated in numpy, optional benchmark-format prediction/GT files.
+post-processing -> per-stage diagnostic counts] -> host: per-scene masks/labels/scores ->
+ScanNet AP + mIoU (or S3DIS metrics) accumulated in numpy, the diagnostics accumulated by
+``diagnostics.StageDiagnostics``, optional benchmark-format prediction/GT files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dknet_jax import eval as E
 from dknet_jax.data.dataset import list_scenes
 from dknet_jax.data.labels import S3DIS_CLASSES, SCANNET_CLASSES
 from dknet_jax.data.pipeline import EvalIterator
+from dknet_jax.diagnostics import MIN_GT_POINTS, StageDiagnostics, format_summary, stage_counts
 from dknet_jax.postprocess import postprocess
 
 
@@ -29,7 +31,7 @@ def postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok):
 
     ``semantic_logits`` f32[N, S], ``mask_logits`` f32[B*K, N], ``inst_ok`` bool[B*K] ->
     dict of ``masks`` bool[B, K, N], ``labels`` i32[B, K], ``scores`` f32[B, K],
-    ``keep`` bool[B, K]."""
+    ``keep`` bool[B, K], ``removed_by`` i32[B, K] (``postprocess.Instances.removed_by``)."""
     m, te = config.model, config.test
     k = m.max_candidates
     n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
@@ -44,16 +46,18 @@ def postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok):
                         num_superpoints=n if superpoint is not None else 0,
                         min_score=te.score_threshold, min_points=te.min_points,
                         ignore_classes=tuple(range(m.first_instance_class)))
-        return r.masks, r.labels, r.scores, r.keep
+        return r.masks, r.labels, r.scores, r.keep, r.removed_by
 
     out = jax.lax.map(one_scene, (probs, inst_ok.reshape(b, k), jnp.arange(b, dtype=jnp.int32)))
-    return dict(zip(("masks", "labels", "scores", "keep"), out, strict=True))
+    return dict(zip(("masks", "labels", "scores", "keep", "removed_by"), out, strict=True))
 
 
-def make_predict_fn(graphdef, config):
+def make_predict_fn(graphdef, config, *, diagnostics: bool = True):
     """jit(params, rest, batch) -> dict of device arrays for a packed batch of B scenes:
     ``masks`` bool[B, K, N], ``labels`` i32[B, K], ``scores`` f32[B, K], ``keep`` bool[B, K],
-    ``sem_pred`` i32[N], ``pool_exhausted`` bool[B], ``voxel_overflow`` bool[]."""
+    ``sem_pred`` i32[N], ``pool_exhausted`` bool[B], ``voxel_overflow`` bool[], and with
+    ``diagnostics`` ``diag``: the per-stage counts against the batch's GT
+    (``diagnostics.stage_counts``, computed in the same jit)."""
 
     def predict(params, rest, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
@@ -61,6 +65,11 @@ def make_predict_fn(graphdef, config):
         out = model(batch)
         result = postprocess_batch(config, batch, out.heads.semantic_logits, out.mask_logits,
                                    out.inst_ok)
+        if diagnostics:
+            result["diag"] = stage_counts(batch, out, result,
+                                          first_instance_class=config.model.first_instance_class,
+                                          min_gt_points=MIN_GT_POINTS)
+        del result["removed_by"]
         result.update(
             sem_pred=jnp.argmax(out.heads.semantic_logits, axis=-1).astype(jnp.int32),
             pool_exhausted=out.pool_exhausted, voxel_overflow=out.voxel_overflow)
@@ -122,6 +131,7 @@ def evaluate_split(graphdef, params, rest, config, *, split: str, out_dir: str |
     sem_eval = E.SemanticEvaluator(num_classes=m.num_classes,
                                    class_names=SCANNET_CLASSES if scannet else S3DIS_CLASSES)
     s3dis_scenes, shapes, exhausted = [], set(), 0
+    diag = StageDiagnostics(MIN_GT_POINTS)
     t0 = time.time()
     for batch, names in tqdm(it, total=len(paths), disable=not progress, desc=f"eval {split}",
                              unit="batch"):
@@ -131,6 +141,7 @@ def evaluate_split(graphdef, params, rest, config, *, split: str, out_dir: str |
             raise RuntimeError("voxel capacity overflow during evaluation (a scene exceeds "
                                "its bucket); add a larger data.point_buckets entry")
         exhausted += int(np.sum(np.asarray(pred["pool_exhausted"])))
+        diag.add(pred["diag"])
         for s in split_scenes(batch, pred, names):
             sem_eval.add(s["sem_pred"], s["semantic"])
             if scannet:
@@ -155,6 +166,7 @@ def evaluate_split(graphdef, params, rest, config, *, split: str, out_dir: str |
         results["table"] = E.format_table(inst)
     else:
         results["instance"] = E.s3dis_instance_metrics(s3dis_scenes)
+    results["diagnostics"] = clean_json(diag.summary(miou=results["semantic"].get("miou")))
     return results
 
 
@@ -226,6 +238,7 @@ def evaluate_checkpoint(config, workdir: str, *, split: str, out_dir: str,
     sem = results["semantic"]
     if "miou" in sem:
         print(f"semantic mIoU: {sem['miou']:.4f}")
+    print("per-stage diagnostics:\n" + format_summary(results["diagnostics"]))
     write_json(os.path.join(out_dir, "results.json"), clean_json(results))
     print(f"wrote {os.path.join(out_dir, 'results.json')}")
     return results

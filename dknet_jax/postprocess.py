@@ -25,6 +25,16 @@ batch vmap over scenes. Definitions (all deterministic):
    above k's threshold (the paper's "intra-points"); 0 when there are none or no class.
 6. **Filters**: keep = valid slot, class >= 0, final point count >= ``min_points``,
    score >= ``min_score``. Dropped instances do not hand their points to others.
+7. **Removal reason** (diagnostics only; changes nothing above): every valid slot that is
+   not kept gets exactly one code in ``Instances.removed_by``, the first stage of the
+   pipeline that loses it, checked in this order (``n_pre`` = points whose refined label
+   of step 3 is the slot, ``n`` = final points after step 4):
+   ``REMOVED_OTSU`` (1): ``n_pre == 0`` (no point above its Otsu threshold survives the
+   coverage refinement); ``REMOVED_SUPERPOINT`` (2): ``n_pre > 0`` and the vote emptied it
+   (``n == 0``) or took it below the size filter (``n_pre >= min_points > n``); never
+   without a vote (then ``n == n_pre``); ``REMOVED_CLASS`` (3): class -1 (its points are
+   all predicted as ``ignore_classes``); ``REMOVED_SIZE`` (4): ``n < min_points``;
+   ``REMOVED_SCORE`` (5): score < ``min_score``. Kept and invalid slots: 0.
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+# Instances.removed_by codes (module docstring, step 7); REMOVAL_REASONS[code - 1] names them
+REMOVED_OTSU, REMOVED_SUPERPOINT, REMOVED_CLASS, REMOVED_SIZE, REMOVED_SCORE = 1, 2, 3, 4, 5
+REMOVAL_REASONS = ("otsu", "superpoint", "class", "size", "score")
 
 
 @flax.struct.dataclass
@@ -52,6 +66,8 @@ class Instances:
         of dropped instances keep their slot here, use ``keep`` to filter).
       thresholds: f32[K] Otsu threshold T_k of each slot.
       coverage: f32[K] coverage score S_c,k.
+      removed_by: i32[K] why a valid slot was dropped (``REMOVED_*``, step 7 of the
+        module docstring); 0 for kept and invalid slots.
     """
 
     masks: Array
@@ -61,6 +77,7 @@ class Instances:
     point_instance: Array
     thresholds: Array
     coverage: Array
+    removed_by: Array
 
 
 def _bin(masks, bins):
@@ -137,6 +154,9 @@ def _postprocess_jit(masks, slot_ok, sem_prob, valid, superpoint, class_ok, min_
     inter = (raw[None, :] == slots[:, None]).sum(1)
     coverage = inter.astype(jnp.float32) / jnp.maximum(intra, 1).astype(jnp.float32)
     label = argmax_over(above & (coverage > 0)[:, None], coverage[:, None] * masks)
+    # points per slot before the superpoint vote (label is -1 off valid points)
+    count_pre = jax.ops.segment_sum(jnp.ones((n,), jnp.int32), jnp.where(label >= 0, label, k),
+                                    num_segments=k + 1)[:k]
 
     if num_superpoints > 0:
         p = num_superpoints
@@ -168,6 +188,12 @@ def _postprocess_jit(masks, slot_ok, sem_prob, valid, superpoint, class_ok, min_
     score = jnp.where((intra > 0) & (cls >= 0), mask_mean * sem_mean, 0.0)
 
     keep = slot_ok & (cls >= 0) & (count >= min_points) & (score >= min_score)
+    vote_lost = (count_pre > 0) & (
+        (count == 0) | ((count_pre >= min_points) & (count < min_points)))
+    reason = jnp.select(
+        [count_pre == 0, vote_lost, cls < 0, count < min_points],
+        [REMOVED_OTSU, REMOVED_SUPERPOINT, REMOVED_CLASS, REMOVED_SIZE], REMOVED_SCORE)
+    removed_by = jnp.where(slot_ok & ~keep, reason, 0).astype(jnp.int32)
     return Instances(
         masks=final & keep[:, None],
         labels=cls,
@@ -176,6 +202,7 @@ def _postprocess_jit(masks, slot_ok, sem_prob, valid, superpoint, class_ok, min_
         point_instance=label,
         thresholds=t.astype(jnp.float32) / bins,
         coverage=coverage,
+        removed_by=removed_by,
     )
 
 

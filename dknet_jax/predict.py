@@ -398,7 +398,7 @@ def _infer(model: LoadedModel, batch, ratio: tuple, timings: dict) -> dict:
             config = ml_collections.ConfigDict(config.to_dict())
             config.model.level_capacity_ratio = ratio
             graphdef = _abstract_model(config)[0]  # same parameters, other capacities
-        predict = make_predict_fn(graphdef, config)
+        predict = make_predict_fn(graphdef, config, diagnostics=False)  # no GT
         model.compiled[key] = predict.lower(model.params, model.rest, batch).compile()
     timings["compile_s"] += time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from dknet_jax.config import validate
 from dknet_jax.data.dataset import list_scenes
 from dknet_jax.data.pipeline import TrainIterator
 from dknet_jax.data.transforms import AugmentConfig
+from dknet_jax.diagnostics import format_summary
 from dknet_jax.losses import stage_gates
 from dknet_jax.model.dknet import DKNet, count_params
 from dknet_jax.objective import compute_losses, loss_weights
@@ -204,9 +205,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 metric = None if np.isnan(metric) else metric
                 _log(log_path, ev.clean_json({
                     "step": step, "epoch": epoch, "val": last_eval["instance"],
-                    "val_miou": last_eval["semantic"].get("miou")}))
+                    "val_miou": last_eval["semantic"].get("miou"),
+                    "diagnostics": last_eval["diagnostics"]}))
                 if "table" in last_eval:
                     print(last_eval["table"], flush=True)
+                print(format_summary(last_eval["diagnostics"]), flush=True)
                 best = max(best, metric) if metric is not None else best
             state = {"params": params, "rest": rest, "opt": opt_state, "key": key}
             meta = {"step": step, "data": it.state(), "best": best if best > -1e30 else None,

@@ -56,6 +56,12 @@ def test_two_steps_then_resume_equals_uninterrupted(prepared, tmp_path, monkeypa
             assert np.isfinite(r[name]), (name, r)
     assert steps[1]["mask"] >= 0 and results["scenes"] == 1
     assert "all_ap" in results["instance"]
+    # per-stage diagnostics in the results and in the periodic-eval record
+    diag = results["diagnostics"]
+    assert diag["scenes"] == 1 and diag["post_slots"] == diag["post_kept"] + sum(
+        diag[f"post_removed_{r}"] for r in ("otsu", "superpoint", "class", "size", "score"))
+    evals = [r for r in records if "val" in r]
+    assert evals and evals[-1]["diagnostics"] == json.loads(json.dumps(diag))
 
     # killed after the first checkpoint, then the same command again
     killed = str(tmp_path / "killed")
