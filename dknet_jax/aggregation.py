@@ -12,6 +12,9 @@ the model heads; this module holds the parameter-free, jit-able pieces:
   the connected components of that graph, whatever the order).
 - `group_features`: per-group kernel input (neighbour-count-weighted mean of members' fg)
   and position (that of the lead, the highest-heat member).
+- `compact_groups`: the groups of each scene moved into fewer instance slots (the mask
+  decoder's cost is linear in the slot count, and most candidate slots are duplicates
+  that merging folded into a lead).
 
 Groups are represented by their lead slot: slot i holds group data iff ``lead[i] == i``.
 """
@@ -221,3 +224,40 @@ def group_features(lead, fg, fg_count, cand_pos) -> tuple[Array, Array, Array]:
     feat = jnp.where(group_ok[:, None], feat, 0.0)
     pos = jnp.where(group_ok[:, None], cand_pos, 0.0)
     return feat, pos, group_ok
+
+
+def compact_groups(group_ok, arrays, *, scenes: int, slots: int):
+    """Move each scene's groups into ``slots`` instance slots, in lead-slot order.
+
+    Candidate slots come per scene in pick order (highest heatmap first), so the first
+    ``slots`` groups of a scene are those whose lead has the highest heat. A scene with more
+    groups than ``slots`` keeps the first ``slots`` of them and is flagged in ``overflow``
+    (the caller counts it; ``slots`` equal to the candidate budget never overflows).
+
+    Args:
+      group_ok: bool[B*K] group leads (``group_features``), K candidate slots per scene.
+      arrays: arrays with leading dim B*K (features, positions ...), moved alike.
+      scenes: B; slots: instance slots per scene (<= K).
+    Returns:
+      (moved arrays with leading dim B*slots (zeros in empty slots), inst_ok bool[B*slots],
+      source i32[B*slots] the candidate slot each instance came from (B*K when empty),
+      overflow bool[B]).
+    """
+    m = group_ok.shape[0]
+    k = m // scenes
+    if k * scenes != m or not 0 < slots <= k:
+        raise ValueError(f"compact_groups: {m} slots are not {scenes} scenes of K slots, or "
+                         f"slots={slots} is not in [1, K]")
+    ok = group_ok.reshape(scenes, k)
+    rank = jnp.cumsum(ok, axis=1) - 1
+    keep = ok & (rank < slots)
+    base = (jnp.arange(scenes, dtype=jnp.int32) * slots)[:, None]
+    dest = jnp.where(keep, base + rank, scenes * slots).reshape(-1)  # out of range: dropped
+    source = jnp.full((scenes * slots,), m, jnp.int32).at[dest].set(
+        jnp.arange(m, dtype=jnp.int32), mode="drop")
+    inst_ok = source < m
+    safe = jnp.clip(source, 0, m - 1)
+    moved = [jnp.where(inst_ok.reshape((-1,) + (1,) * (a.ndim - 1)), a[safe], 0)
+             for a in arrays]
+    overflow = jnp.sum(ok, axis=1) > slots
+    return moved, inst_ok, source, overflow

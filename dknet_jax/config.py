@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.cand_radius = 0.3          # R (metres)
     m.cand_threshold = 0.5       # T of LN-NMS
     m.max_candidates = 150       # N_max (paper 200, code 150)
+    # instance slots per scene after merging (0 = max_candidates, the released code): the
+    # mask decoder's cost is linear in it; a scene with more groups keeps the highest-heat
+    # ones and is counted (train metric / diagnostic ``instance_overflow``)
+    m.max_instances = 0
     m.pool_size = 4096           # LN-NMS top-K pool (static)
     m.random_cand_threshold = 0.1
     m.aggregation = "full"       # Table 5: full | train_only | none
@@ -145,6 +149,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m, t, d = config.model, config.train, config.data
     if not 0 <= m.first_instance_class < m.num_classes:
         raise ValueError("config.model.first_instance_class must be in [0, num_classes)")
+    if not 0 <= m.max_instances <= m.max_candidates:
+        raise ValueError(f"config.model.max_instances must be in [0, max_candidates="
+                         f"{m.max_candidates}] (0 = max_candidates), got {m.max_instances!r}")
     if m.pool_size < m.max_candidates:
         raise ValueError("config.model.pool_size must be >= config.model.max_candidates")
     if not (0 <= t.stage_heatmap_epoch <= t.stage_mask_epoch):

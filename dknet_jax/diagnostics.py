@@ -44,7 +44,9 @@ ScanNet benchmark's minimum region size).
   ``min_points``), ``post_removed_class`` (no instance class), ``post_removed_size``
   (< ``min_points``), ``post_removed_score`` (< ``min_score``), ``post_kept``;
   slots = kept + the five removals.
-- ``scenes`` (real scenes), ``pool_exhausted`` (scenes whose LN-NMS pool ran out).
+- ``scenes`` (real scenes), ``pool_exhausted`` (scenes whose LN-NMS pool ran out, so the
+  exact whole-scene loop ran), ``instance_overflow`` (scenes with more groups than
+  instance slots, ``model.max_instances``: the lowest-heat groups were dropped).
 
 The funnel at a glance: gt_big -> gt_big_with_candidate -> mask_iou50 (before
 post-processing) -> final_iou50 (after); merge precision/recall tell whether a mask loss
@@ -67,7 +69,7 @@ Array = jax.Array
 MIN_GT_POINTS = 100  # ScanNet benchmark: smaller GT regions are not evaluated
 
 COUNT_KEYS = (
-    "scenes", "pool_exhausted",
+    "scenes", "pool_exhausted", "instance_overflow",
     "sem_points", "sem_correct",
     "offset_points", "offset_error_sum", "offset_zero_sum",
     "gt_big", "gt_big_with_candidate", "cand_total", "cand_on_big", "cand_on_none",
@@ -118,7 +120,9 @@ def stage_counts(
     valid = batch.valid
     i32 = lambda x: jnp.sum(x, dtype=jnp.int32)
     f32 = lambda x: jnp.sum(x, dtype=jnp.float32)
-    c = {"scenes": i32(batch.scene_valid), "pool_exhausted": i32(out.pool_exhausted)}
+    c = {"scenes": i32(batch.scene_valid), "pool_exhausted": i32(out.pool_exhausted),
+         "instance_overflow": jnp.int32(0) if out.instance_overflow is None
+         else i32(out.instance_overflow)}
 
     # semantic
     labelled = valid & (batch.semantic >= 0)
@@ -168,7 +172,7 @@ def stage_counts(
     c["merge_gt_pos"] = i32(gt_pos)
 
     # masks before post-processing (instance slots, valid points of the slot's scene)
-    in_scene = valid[None, :] & (batch.batch_id[None, :] == out.cand_batch[:, None])
+    in_scene = valid[None, :] & (batch.batch_id[None, :] == out.instance_batch[:, None])
     raw = (jax.nn.sigmoid(out.mask_logits) > 0.5) & in_scene & out.inst_ok[:, None]
     best = jnp.where(big, _best_iou(raw, inst_slot, tg.count), 0.0)
     c["mask_iou_sum"] = f32(best)
@@ -216,6 +220,7 @@ class StageDiagnostics:
         s = {
             "scenes": c["scenes"],
             "pool_exhausted_scenes": c["pool_exhausted"],
+            "instance_overflow_scenes": c["instance_overflow"],
             "min_gt_points": self.min_gt_points,
             "semantic_acc": _ratio(c["sem_correct"], c["sem_points"]),
             "semantic_miou": math.nan if miou is None else float(miou),
@@ -261,7 +266,8 @@ def format_summary(s: dict) -> str:
         f"semantic acc {_f(s['semantic_acc'])} mIoU {_f(s['semantic_miou'])} | offsets "
         f"{_f(s['offset_error_m'], '.3f')} m (zero {_f(s['offset_error_zero_m'], '.3f')} m, "
         f"ratio {_f(s['offset_error_ratio'])}) | pool exhausted in "
-        f"{s['pool_exhausted_scenes']}/{s['scenes']} scenes",
+        f"{s['pool_exhausted_scenes']}/{s['scenes']} scenes, instance slots overflowed in "
+        f"{s.get('instance_overflow_scenes', 0)}",
         f"candidates: recall {_f(s['candidate_recall'])}, {_f(s['candidates_per_gt'], '.1f')} "
         f"per GT, {_pct(s['candidates_off_instance'])} of {s['candidates_total']} on no "
         f"instance | merge P {_f(s['merge_precision'])} R {_f(s['merge_recall'])}",

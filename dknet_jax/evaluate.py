@@ -29,12 +29,13 @@ from dknet_jax.postprocess import postprocess
 def postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok):
     """Post-process every scene of a packed batch (jit-able, ``lax.map`` over scenes).
 
-    ``semantic_logits`` f32[N, S], ``mask_logits`` f32[B*K, N], ``inst_ok`` bool[B*K] ->
+    ``semantic_logits`` f32[N, S], ``mask_logits`` f32[B*K, N], ``inst_ok`` bool[B*K] (K
+    instance slots per scene) ->
     dict of ``masks`` bool[B, K, N], ``labels`` i32[B, K], ``scores`` f32[B, K],
     ``keep`` bool[B, K], ``removed_by`` i32[B, K] (``postprocess.Instances.removed_by``)."""
     m, te = config.model, config.test
-    k = m.max_candidates
     n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
+    k = inst_ok.shape[0] // b  # instance slots per scene
     sem_prob = jax.nn.softmax(semantic_logits, axis=-1)
     probs = jax.nn.sigmoid(mask_logits).reshape(b, k, n)
     superpoint = batch.superpoint if te.use_superpoints else None
@@ -55,7 +56,8 @@ def postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok):
 def make_predict_fn(graphdef, config, *, diagnostics: bool = True):
     """jit(params, rest, batch) -> dict of device arrays for a packed batch of B scenes:
     ``masks`` bool[B, K, N], ``labels`` i32[B, K], ``scores`` f32[B, K], ``keep`` bool[B, K],
-    ``sem_pred`` i32[N], ``pool_exhausted`` bool[B], ``voxel_overflow`` bool[], and with
+    ``sem_pred`` i32[N], ``pool_exhausted`` bool[B], ``instance_overflow`` bool[B],
+    ``voxel_overflow`` bool[], and with
     ``diagnostics`` ``diag``: the per-stage counts against the batch's GT
     (``diagnostics.stage_counts``, computed in the same jit)."""
 
@@ -72,7 +74,8 @@ def make_predict_fn(graphdef, config, *, diagnostics: bool = True):
         del result["removed_by"]
         result.update(
             sem_pred=jnp.argmax(out.heads.semantic_logits, axis=-1).astype(jnp.int32),
-            pool_exhausted=out.pool_exhausted, voxel_overflow=out.voxel_overflow)
+            pool_exhausted=out.pool_exhausted, instance_overflow=out.instance_overflow,
+            voxel_overflow=out.voxel_overflow)
         return result
 
     return jax.jit(predict)

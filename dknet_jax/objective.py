@@ -71,18 +71,18 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
 
     sem_pred = jnp.argmax(h.semantic_logits, axis=-1)
     if out.mask_logits is None:  # chunked: decode again from the kernels, never [M, N]
-        decoder = (out.kernels, out.inst_pos, out.cand_batch, out.inst_ok, h.mask_feats,
+        decoder = (out.kernels, out.inst_pos, out.instance_batch, out.inst_ok, h.mask_feats,
                    batch.xyz, batch.batch_id, batch.valid)
         hidden = _dynamic_hidden(out.kernels, h.mask_feats)
         counts = masks.decoded_class_counts(*decoder, sem_pred, num_classes, hidden=hidden,
                                             chunk_size=mask_chunk)
         pred_class = class_from_counts(counts)
     else:
-        point_mask = masks.scene_point_mask(out.cand_batch, out.inst_ok, batch.batch_id,
+        point_mask = masks.scene_point_mask(out.instance_batch, out.inst_ok, batch.batch_id,
                                             batch.valid)
         pred_class = majority_class((out.mask_logits > 0) & point_mask, sem_pred, num_classes)
     _, gt_for_pred = match_instances(
-        out.inst_pos, pred_class, out.cand_batch, out.inst_ok, t.centroid, t.gt_class,
+        out.inst_pos, pred_class, out.instance_batch, out.inst_ok, t.centroid, t.gt_class,
         t.gt_batch, t.gt_ok)
     if out.mask_logits is None:
         mask, num_counted, _ = masks.decoded_mask_loss(

@@ -364,9 +364,9 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
             f"{name}: the voxel key space overflowed (the scan spans "
             f"{np.ptp(sx, axis=0).round(2).tolist()} m at {d.voxel_size} m voxels); crop "
             f"the scan or use a larger --config.data.voxel_size")
-    if bool(np.any(np.asarray(pred["pool_exhausted"]))):
-        notes.append("the candidate pool ran out: some instances may be missing; raise "
-                     "--config.model.pool_size")
+    if bool(np.any(np.asarray(pred["instance_overflow"]))):
+        notes.append("the scan had more candidate groups than instance slots: the lowest-"
+                     "scoring ones were dropped; raise --config.model.max_instances")
         log("warning: " + notes[-1])
     scene = split_scenes(batch, pred, [name])[0]
     if subset is not None:

@@ -72,6 +72,7 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
                 aggregation_loss=m.aggregation != "none", mask_chunk=m.mask_chunk)
             metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)
             metrics["pool_exhausted"] = jnp.sum(out.pool_exhausted).astype(jnp.float32)
+            metrics["instance_overflow"] = jnp.sum(out.instance_overflow).astype(jnp.float32)
             new_rest = nnx.split(model, nnx.Param, ...)[2]
             return total, (metrics, new_rest)
 

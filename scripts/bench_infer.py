@@ -77,6 +77,7 @@ def make_stage_fns(graphdef, config):
 
     m = config.model
     k = m.max_candidates
+    ki = m.max_instances or k  # instance slots per scene (DKNet.__call__)
     if m.kernel_from == "oracle":
         raise SystemExit("bench_infer: kernel_from=oracle needs GT instances (training-time "
                          "analysis only); benchmark 'aggregate' or 'top'")
@@ -142,14 +143,16 @@ def make_stage_fns(graphdef, config):
         weight = fg_count if m.kernel_from == "aggregate" else \
             (lead == jnp.arange(mm)).astype(fg.dtype)
         inst_feat, inst_pos, inst_ok = agg.group_features(lead, fg, weight, cand_pos)
+        (inst_feat, inst_pos), inst_ok, _, _ = agg.compact_groups(
+            inst_ok, (inst_feat, inst_pos), scenes=b, slots=ki)
         return inst_feat, inst_pos, inst_ok
 
     def masks(params, rest, batch, mask_feats, inst_feat, inst_pos, inst_ok):
         model = model_of(params, rest)
         n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
-        cand_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
+        inst_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), ki)
         kernels = model.heads.kernels(inst_feat)
-        return decode_masks(kernels, inst_pos, cand_batch, inst_ok, mask_feats, batch.xyz,
+        return decode_masks(kernels, inst_pos, inst_batch, inst_ok, mask_feats, batch.xyz,
                             batch.batch_id, batch.valid, hidden=model.heads.dynamic_hidden,
                             chunk_size=min(m.mask_chunk, n))
 

@@ -109,6 +109,7 @@ def test_context_features_vs_brute_force():
     fg, bg, cnt = aggregation.context_features(
         xyz, feats, sem, valid, scene, cand, cand_ok, radius=r, chunk=64)
     fg, bg, cnt = map(np.asarray, (fg, bg, cnt))
+    members = {}  # slot -> (fg rows, bg rows), for the gradient check below
     for c in range(k):
         p = cand[c]
         want_fg, want_bg, n_fg = np.zeros(d), np.zeros(d), 0
@@ -118,6 +119,7 @@ def test_context_features_vs_brute_force():
             b_rows = [q for q in range(n) if valid[q] and scene[q] == scene[p]
                       and sem[q] != sem[p] and np.sum((xyz[q] - xyz[p]) ** 2) <= 4 * r * r]
             n_fg = len(f_rows)
+            members[c] = (f_rows, b_rows)
             if f_rows:
                 want_fg = feats[f_rows].mean(0)
             if b_rows:
@@ -125,11 +127,28 @@ def test_context_features_vs_brute_force():
         np.testing.assert_allclose(fg[c], want_fg, atol=1e-5)
         np.testing.assert_allclose(bg[c], want_bg, atol=1e-5)
         assert cnt[c] == n_fg
-    # Differentiable in feats: d(sum fg[c]) / d feats[q] = 1/count for fg members.
-    g = jax.grad(lambda f: aggregation.context_features(
-        xyz, f, sem, valid, scene, cand, cand_ok, radius=r, chunk=64)[0][0].sum())(feats)
-    if cand_ok[0] and cnt[0] > 0:
-        assert np.isclose(np.asarray(g).sum(), d, atol=1e-4)
+    # Differentiable in feats, through fg and bg of every slot: for the scalar
+    # sum_c <u_c, fg[c]> + <v_c, bg[c]> the gradient at point q is
+    # sum over slots c with q among c's fg rows of u_c / #fg rows, and likewise for bg.
+    filled = [c for c, (f_rows, b_rows) in members.items() if f_rows and b_rows]
+    assert len(filled) >= 5, "the setting should fill fg and bg of several slots"
+    u = rng.normal(size=(k, d)).astype(np.float32)
+    v = rng.normal(size=(k, d)).astype(np.float32)
+
+    def weighted(f):
+        fg_, bg_, _ = aggregation.context_features(
+            xyz, f, sem, valid, scene, cand, cand_ok, radius=r, chunk=64)
+        return (fg_ * u).sum() + (bg_ * v).sum()
+
+    g = np.asarray(jax.grad(weighted)(feats))
+    want = np.zeros((n, d))
+    for c, (f_rows, b_rows) in members.items():
+        for q in f_rows:
+            want[q] += u[c] / len(f_rows)
+        for q in b_rows:
+            want[q] += v[c] / len(b_rows)
+    assert np.abs(want).sum() > 1.0
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
 
 
 def test_group_features_vs_loops():
@@ -153,3 +172,33 @@ def test_group_features_vs_loops():
         want = sum(wj * fg[j] for wj, j in zip(w, members, strict=True)) / w.sum()
         np.testing.assert_allclose(feat[g], want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(gpos[g], pos[g])
+
+
+def test_compact_groups_against_a_loop():
+    rng = np.random.default_rng(7)
+    scenes, k, slots = 3, 9, 4
+    group_ok = rng.uniform(size=scenes * k) < 0.5
+    group_ok[2 * k:] = False  # scene 2 has no group
+    group_ok[:k] = True  # scene 0 has more groups than slots
+    feat = rng.normal(size=(scenes * k, 5)).astype(np.float32)
+    pos = rng.normal(size=(scenes * k, 3)).astype(np.float32)
+    (f, p), ok, source, overflow = aggregation.compact_groups(
+        np.asarray(group_ok), (np.asarray(feat), np.asarray(pos)), scenes=scenes,
+        slots=slots)
+    want_f = np.zeros((scenes * slots, 5), np.float32)
+    want_p = np.zeros((scenes * slots, 3), np.float32)
+    want_src = np.full(scenes * slots, scenes * k)
+    for s in range(scenes):
+        leads = [j for j in range(s * k, (s + 1) * k) if group_ok[j]]
+        for r, j in enumerate(leads[:slots]):  # first slots in lead (= heat) order
+            want_f[s * slots + r], want_p[s * slots + r] = feat[j], pos[j]
+            want_src[s * slots + r] = j
+    np.testing.assert_array_equal(np.asarray(source), want_src)
+    np.testing.assert_array_equal(np.asarray(ok), want_src < scenes * k)
+    np.testing.assert_array_equal(np.asarray(f), want_f)
+    np.testing.assert_array_equal(np.asarray(p), want_p)
+    want_over = [sum(group_ok[s * k:(s + 1) * k]) > slots for s in range(scenes)]
+    assert np.asarray(overflow).tolist() == want_over and want_over[0]
+    with pytest.raises(ValueError, match="slots"):
+        aggregation.compact_groups(np.asarray(group_ok), (np.asarray(feat),), scenes=scenes,
+                           slots=k + 1)

@@ -80,8 +80,10 @@ def _outputs(rng):
         cand_batch=np.repeat(np.arange(B, dtype=np.int32), K),
         lead=lead,
         inst_ok=lead == np.arange(B * K),
+        instance_batch=np.repeat(np.arange(B, dtype=np.int32), K),
         mask_logits=logits,
         pool_exhausted=np.array([True, False]),
+        instance_overflow=np.array([False, True]),
     )
 
 
@@ -138,7 +140,7 @@ def test_stage_counts_hand_built():
     mask_iou = 3 / 5 + 3 / 4 + 2 / 6  # slot 0 on GT 0, slot 2 on GT 1, slot 4 on GT 2
     final_iou = 1.0 + 0.0 + 5 / 6
     want = {
-        "scenes": 2, "pool_exhausted": 1,
+        "scenes": 2, "pool_exhausted": 1, "instance_overflow": 1,
         "gt_big": 3, "gt_big_with_candidate": 2, "cand_total": 6, "cand_on_big": 4,
         "cand_on_none": 1,
         # pairs: (0,1) both; (0,2), (1,2) GT only; (2,3) and (4,5) predicted only
@@ -163,8 +165,10 @@ def test_stage_counts_reads_real_output_fields():
         "inst_ok",
         "mask_logits",
         "pool_exhausted",
+        "instance_overflow",
     }
     assert used <= set(DKNetOutputs.__dataclass_fields__)
+    assert isinstance(DKNetOutputs.instance_batch, property)
 
 
 def test_accumulator_summary_and_format():
@@ -191,6 +195,7 @@ def test_accumulator_summary_and_format():
     )
     assert (s["post_slots"], s["post_removed_size"], s["post_kept"]) == (6, 2, 4)
     assert s["semantic_miou"] == 0.5 and s["pool_exhausted_scenes"] == 2
+    assert s["instance_overflow_scenes"] == 2
     text = dg.format_summary(json.loads(json.dumps(clean_json(s))))
     assert "merge P 0.33 R 0.33" in text
     assert "post: 6 in, -0 otsu, -0 superpoint, -0 class, -2 size, -0 score, 4 kept" in text

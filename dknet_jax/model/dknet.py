@@ -3,10 +3,12 @@
 Data flow of :meth:`DKNet.__call__` on one packed ``PointBatch`` of B scenes:
 voxelize -> sparse UNet -> per-point heads -> per-scene heatmap softmax -> candidate
 mining (per scene, K slots each, flattened to M = B*K slots) -> fg/bg context features ->
-pairwise merge scores -> groups (connected components) -> group features -> instance
-kernels -> dynamic-conv masks over every point of the instance's scene.
+pairwise merge scores -> groups (connected components) -> group features -> the groups
+moved into I = B * max_instances instance slots -> instance kernels -> dynamic-conv masks
+over every point of the instance's scene.
 
-Every count is static: M candidate slots with a validity mask, masks f32[M, N].
+Every count is static: M candidate slots and I instance slots with validity masks, masks
+f32[I, N].
 ``decode_masks=False`` stops at the kernels (``mask_logits`` is None): the training step
 then computes the mask loss chunk by chunk (``masks.decoded_mask_loss``) and never holds
 the f32[M, N] logits (``config.model.chunked_mask_loss``).
@@ -47,14 +49,21 @@ class DKNetOutputs:
       merge_logits: f32[M, M] pairwise merge logits (meaningful on ``pair_mask``).
       pair_mask: bool[M, M] valid pairs of distinct candidates of one scene.
       lead: i32[M] group lead slot of each candidate (-1 invalid).
-      inst_ok: bool[M] slots that hold an instance (a group lead).
-      inst_pos: f32[M, 3] instance centroid C_k (shifted position of the lead).
-      kernels: f32[M, L] instance kernels of the dynamic mask decoder (layout:
-        ``masks.split_kernels``); with ``inst_pos``, ``cand_batch``, ``inst_ok`` and
+      inst_ok: bool[I] instance slots that hold an instance (a group), I = B *
+        max_instances (``config.model.max_instances``; 0 = max_candidates: no group is ever
+        dropped). Each scene's groups fill its slots first, in lead heat order.
+      inst_batch: i32[I] scene of each instance slot.
+      inst_source: i32[I] candidate slot of the instance's lead (M in empty slots).
+      inst_pos: f32[I, 3] instance centroid C_k (shifted position of the lead).
+      kernels: f32[I, L] instance kernels of the dynamic mask decoder (layout:
+        ``masks.split_kernels``); with ``inst_pos``, ``inst_batch``, ``inst_ok`` and
         ``heads.mask_feats`` they define the masks (``masks.decode_masks``).
-      mask_logits: f32[M, N] instance mask logits (-1e9 outside the instance's scene),
+      mask_logits: f32[I, N] instance mask logits (-1e9 outside the instance's scene),
         or None when the model ran with ``decode_masks=False``.
-      pool_exhausted: bool[B] the LN-NMS pool ran out in a scene (raise pool_size).
+      pool_exhausted: bool[B] the LN-NMS pool ran out in a scene, so the exact whole-scene
+        loop ran (same candidates, slower; a larger pool_size makes it rarer).
+      instance_overflow: bool[B] a scene had more groups than instance slots; the groups
+        with the lowest lead heat were dropped (raise max_instances).
       voxel_overflow: bool[] the voxel capacity of some UNet level or the key space
         overflowed (the backbone then returns NaN features).
     """
@@ -73,6 +82,15 @@ class DKNetOutputs:
     mask_logits: Array | None
     pool_exhausted: Array
     voxel_overflow: Array
+    # None in hand-built outputs whose instance slots are the candidate slots (I = M)
+    inst_batch: Array | None = None
+    inst_source: Array | None = None
+    instance_overflow: Array | None = None
+
+    @property
+    def instance_batch(self) -> Array:
+        """i32[I] scene of each instance slot (``cand_batch`` when I = M)."""
+        return self.cand_batch if self.inst_batch is None else self.inst_batch
 
 
 class DKNet(nnx.Module):
@@ -188,13 +206,17 @@ class DKNet(nnx.Module):
         else:  # oracle: mean reduced feature over the GT instance the lead lies in
             inst_feat, inst_pos, inst_ok = self._oracle_features(batch, heads, safe, lead, cand_pos)
 
+        ki = c.get("max_instances") or k
+        (inst_feat, inst_pos), inst_ok, inst_source, inst_overflow = agg.compact_groups(
+            inst_ok, (inst_feat, inst_pos), scenes=b, slots=ki)
+        inst_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), ki)
         kernels = self.heads.kernels(inst_feat)
         mask_logits = None
         if decode_masks:
             mask_logits = mask_decoder.decode_masks(
                 kernels,
                 inst_pos,
-                cand_batch,
+                inst_batch,
                 inst_ok,
                 heads.mask_feats,
                 batch.xyz,
@@ -213,10 +235,13 @@ class DKNet(nnx.Module):
             pair_mask=pair_mask,
             lead=lead,
             inst_ok=inst_ok,
+            inst_batch=inst_batch,
+            inst_source=inst_source,
             inst_pos=inst_pos,
             kernels=kernels,
             mask_logits=mask_logits,
             pool_exhausted=exhausted,
+            instance_overflow=inst_overflow,
             voxel_overflow=overflow,
         )
 
