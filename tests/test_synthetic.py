@@ -277,3 +277,78 @@ def test_round_trip_through_s3dis_preparation(tmp_path):
         got.append((int(arrays["semantic"][m][0]), int(m.sum())))
     assert sorted(got) == placed
     assert np.abs(np.sort(arrays["xyz"][:, 2]) - np.sort(scene.vertices[:, 2])).max() < 6e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Appearance: colour follows class (as in real scans) without giving it away.
+@pytest.fixture(scope="module")
+def object_colours():
+    """raw category -> f64[n, 3] mean RGB of each annotated object in 32 tiny rooms."""
+    out: dict[str, list] = {}
+    for i in range(32):
+        s = syn.generate_scene(np.random.default_rng([26, i]), "tiny")
+        for oi in np.unique(s.object_id):
+            if s.annotated[oi] and s.categories[oi] not in so.STRUCTURE:
+                out.setdefault(s.categories[oi], []).append(
+                    s.colors[s.object_id == oi].astype(float).mean(0))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _colours(table, *raw):
+    return np.concatenate([table.get(r, np.zeros((0, 3))) for r in raw])
+
+
+def test_colour_follows_class(object_colours):
+    """What real rooms look like: white sanitary ware, upholstered sofas far from it,
+    windows brighter and bluer than doors, mostly dark office chairs."""
+    ceramic = _colours(object_colours, "toilet", "bathtub")
+    couch = _colours(object_colours, "couch")
+    window, door = _colours(object_colours, "window"), _colours(object_colours, "door")
+    office = _colours(object_colours, "office chair")
+    assert len(ceramic) >= 4 and len(couch) >= 4 and len(window) >= 10 and len(door) >= 10
+    assert ceramic.mean(1).min() > 160  # every toilet and tub is bright ...
+    assert np.median(np.ptp(ceramic, 1)) < 25  # ... and near neutral
+    assert np.linalg.norm(ceramic.mean(0) - couch.mean(0)) > 100
+    assert window[:, 2].mean() > door[:, 2].mean() + 40
+    assert window.mean() > door.mean()
+    assert np.median(office.mean(1)) < 100
+
+
+def test_colour_varies_within_class_and_overlaps_between(object_colours):
+    """Colour is a cue, not a label: a class has many looks, and wooden chairs look like
+    wooden tables, doors like cabinets."""
+    chairs = _colours(object_colours, "chair", "office chair")
+    tables = _colours(object_colours, "table", "coffee table", "desk")
+    cabinets = _colours(object_colours, "cabinet", "kitchen cabinets", "file cabinet")
+    door, couch = _colours(object_colours, "door"), _colours(object_colours, "couch")
+    assert chairs.mean(1).std() > 20
+    assert np.linalg.norm(couch[:, None] - couch[None], axis=-1).max() > 50
+    for a, b in ((chairs, tables), (door, cabinets)):
+        assert np.linalg.norm(a[:, None] - b[None], axis=-1).min() < 20
+
+
+def test_colour_model_does_not_move_geometry(monkeypatch):
+    """Colours come from a fixed number of draws per object, so a different colour model
+    (here: everything grey) leaves every vertex, face and label where it was."""
+    ref = [syn.generate_scene(np.random.default_rng([4, i]), "tiny", style)
+           for i, style in ((0, "scannet"), (1, "s3dis"))]
+    monkeypatch.setattr(so, "APPEARANCE", {k: (("grey", 1.0),) for k in so.APPEARANCE})
+    for (i, style), a in zip(((0, "scannet"), (1, "s3dis")), ref, strict=True):
+        b = syn.generate_scene(np.random.default_rng([4, i]), "tiny", style)
+        for k in ("vertices", "faces", "nyu40", "object_id"):
+            assert np.array_equal(getattr(a, k), getattr(b, k)), k
+        assert not np.array_equal(a.colors, b.colors)
+
+
+def test_sets_share_a_finish():
+    from dknet_jax.data import synthetic_rooms as sr
+
+    chairs = [o for o in sr.g_table(np.random.default_rng(3), conference=True)
+              if o.raw in ("chair", "office chair")]
+    cabinets = [o for o in sr.g_counter(np.random.default_rng(3))
+                if o.raw == "kitchen cabinets"]
+    for group in (chairs, cabinets):
+        assert len(group) >= 2
+        for o in group[1:]:
+            for p, q in zip(o.parts, group[0].parts, strict=True):
+                assert np.array_equal(p[1], q[1])

@@ -7,11 +7,12 @@ and evaluates on it with no download.
 
 `generate_scene(rng, size, style)` lays out a room (`synthetic_rooms`), tessellates every
 primitive at about ScanNet's vertex spacing, removes what a scanner would not see (floor
-under furniture, wall behind it, random patches), adds sensor noise and colour
-variation, and returns a `SceneMesh`. `write_scannet_scene` writes `_vh_clean_2.ply`,
-`_vh_clean_2.labels.ply`, `_vh_clean_2.0.010000.segs.json` (our `segment_mesh`, ScanNet's
-segmentator) and `.aggregation.json`; `write_s3dis_room` writes `Annotations/<cls>_<k>.txt`
-and `<room>.txt`; `make_dataset` writes a whole dataset with the label table and splits.
+under furniture, wall behind it, random patches), adds sensor noise, lighting, colour
+noise and the scan's exposure and white balance, and returns a `SceneMesh`.
+`write_scannet_scene` writes `_vh_clean_2.ply`, `_vh_clean_2.labels.ply`,
+`_vh_clean_2.0.010000.segs.json` (our `segment_mesh`, ScanNet's segmentator) and
+`.aggregation.json`; `write_s3dis_room` writes `Annotations/<cls>_<k>.txt` and
+`<room>.txt`; `make_dataset` writes a whole dataset with the label table and splits.
 Every object is a separate mesh component, so each superpoint lies inside one object and
 an object's segGroup lists exactly the segments of its vertices.
 """
@@ -154,6 +155,8 @@ def generate_scene(rng: np.random.Generator, size: str = "small",
         verts[:, 2] += rng.uniform(-.05, .05)
     else:  # S3DIS: rooms sit at their place in the area's aligned frame
         verts = verts + [rng.uniform(0, 40), rng.uniform(0, 40), rng.uniform(-.1, .1)]
+    # the scan's exposure and white balance; drawn last, so the geometry does not move
+    cols = np.clip(cols * rng.uniform(.9, 1.1) * rng.normal(1, .03, 3), 0, 255)
     annotated = np.array([o.annotated for o in objs])
     obj_nyu = np.array([so.RAW_CATEGORIES[o.raw][0] if o.annotated else 0 for o in objs],
                        np.int32)

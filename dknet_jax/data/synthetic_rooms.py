@@ -8,7 +8,8 @@ Place in the data flow: synthetic_objects (primitives, furniture) -> **synthetic
 furniture groups against walls or free-standing. Collisions are tested on oriented 2D
 footprints with height ranges, so objects may touch (chairs at a table, books on a
 shelf, kitchen cabinets in a row) but never intersect; doors keep a free passage and
-windows keep tall furniture away.
+windows keep tall furniture away. Sets of like objects (the chairs round a table, a row of
+kitchen cabinets, a pair of nightstands) share one finish, as real sets do.
 """
 
 from __future__ import annotations
@@ -172,15 +173,15 @@ class Layout:
                 continue
             self.registry.append((q, 0, hd, "door"))
             wall.holes.append((s - w / 2, s + w / 2, -1.0, hd))
-            c, cf = so.color(rng, "wood"), so.color(rng, "white")
-            parts = [(Box((-w / 2 - .06, 0, 0), (-w / 2, .015, hd + .06), "-z-y"), cf),
-                     (Box((w / 2, 0, 0), (w / 2 + .06, .015, hd + .06), "-z-y"), cf),
-                     (Box((-w / 2, 0, hd), (w / 2, .015, hd + .06), "-y"), cf)]
+            leaf, frame = so.color(rng, "door"), so.color(rng, "door frame")
+            parts = [(Box((-w / 2 - .06, 0, 0), (-w / 2, .015, hd + .06), "-z-y"), frame),
+                     (Box((w / 2, 0, 0), (w / 2 + .06, .015, hd + .06), "-z-y"), frame),
+                     (Box((-w / 2, 0, hd), (w / 2, .015, hd + .06), "-y"), frame)]
             if rng.random() < .3:  # open into the room, hinged at the left jamb
-                parts.append((Box((0, 0, .01), (w - .01, .04, hd - .01)), c,
+                parts.append((Box((0, 0, .01), (w - .01, .04, hd - .01)), leaf,
                               (U(rng, .5, 1.5), -w / 2, .02, 0.0)))
             else:
-                parts.append((Box((-w / 2, -.05, .01), (w / 2, -.01, hd - .01), "-y"), c))
+                parts.append((Box((-w / 2, -.05, .01), (w / 2, -.01, hd - .01), "-y"), leaf))
             self.objects.append(Obj("door", parts, pose=pose,
                                     occluders=[Box((-w / 2 - .07, -.1, -.1),
                                                    (w / 2 + .07, .03, hd + .07))]))
@@ -203,13 +204,13 @@ class Layout:
             tag = f"window{len(self.registry)}"
             self.registry.append((q, sill - .05, top + .05, tag))
             wall.holes.append((s - w / 2, s + w / 2, sill, top))
-            cf, sd = so.color(rng, "white"), U(rng, .03, .12)
-            parts = [(Box((-w / 2, -.15, sill), (-w / 2 + .05, 0, top)), cf),
-                     (Box((w / 2 - .05, -.15, sill), (w / 2, 0, top)), cf),
-                     (Box((-w / 2 + .05, -.15, top - .05), (w / 2 - .05, 0, top)), cf),
+            frame, sd = so.color(rng, "window frame"), U(rng, .03, .12)
+            parts = [(Box((-w / 2, -.15, sill), (-w / 2 + .05, 0, top)), frame),
+                     (Box((w / 2 - .05, -.15, sill), (w / 2, 0, top)), frame),
+                     (Box((-w / 2 + .05, -.15, top - .05), (w / 2 - .05, 0, top)), frame),
                      (Box((-w / 2 + .05, -.1, sill + .05), (w / 2 - .05, -.09, top - .05)),
-                      so.color(rng, "metal")),
-                     (Box((-w / 2 - .05, -.15, sill - .03), (w / 2 + .05, sd, sill)), cf)]
+                      so.color(rng, "window glass")),
+                     (Box((-w / 2 - .05, -.15, sill - .03), (w / 2 + .05, sd, sill)), frame)]
             occ = [Box((-w / 2 - .06, -.3, sill - .04), (w / 2 + .06, sd + .01, sill + .01))]
             self.objects.append(Obj("window", parts, pose=pose, occluders=occ))
             if curtains:
@@ -229,16 +230,16 @@ class Layout:
             y = U(rng, .07, .12)
             sheet = Sheet((xb, y, z0), (xa - xb, 0, 0), (0, 0, ztop - z0),
                           wave=(U(rng, .02, .05), U(rng, .12, .25), U(rng, 0, 6)))
-            obj = Obj("curtain", [(sheet, so.color(rng, "fabric"))])
+            obj = Obj("curtain", [(sheet, so.color(rng, "curtain"))])
             self._try([obj], [wall.pose(s)], ignore=(tag,))
 
 
-def _wall_item(lay: Layout, raw: str, material: str, z=(1.2, 1.9), w=(.3, 1.0),
+def _wall_item(lay: Layout, raw: str, z=(1.2, 1.9), w=(.3, 1.0),
                hgt=(.3, .8), t=(.02, .04)) -> bool:
     rng = lay.rng
     ww, hh = U(rng, *w), U(rng, *hgt)
     z0 = U(rng, z[0], max(z[0], min(z[1], lay.h - .1) - hh))
-    obj = so.slab(rng, raw, ww, hh, U(rng, *t), z0, material)
+    obj = so.slab(rng, raw, ww, hh, U(rng, *t), z0)
     return lay.against_wall([obj], gap=(.003, .015))
 
 
@@ -247,6 +248,15 @@ def _wall_item(lay: Layout, raw: str, material: str, z=(1.2, 1.9), w=(.3, 1.0),
 def _at(o: Obj, yaw=0.0, x=0.0, y=0.0, z=0.0) -> Obj:
     o.pose = (yaw, x, y, z)
     return o
+
+
+def _matching(objs: list[Obj]) -> None:
+    """Give a set of like objects (the chairs round a table, a row of kitchen cabinets,
+    a pair of nightstands) the colours of the first, part by part, as real sets match.
+    Each object still drew its own colours, so the random stream is unchanged."""
+    for o in objs[1:]:
+        o.parts = [(p[0], ref[1], *p[2:]) for p, ref in zip(o.parts, objs[0].parts,
+                                                              strict=True)]
 
 
 def _chair_facing(rng, office: bool, x: float, y_edge: float, side: int,
@@ -277,6 +287,7 @@ def g_table(rng, conference: bool = False) -> list[Obj]:
             cd = group_bounds([c])[1][1]
             off = U(rng, 0.0, .08)
             objs.append(_at(c, -sx * np.pi / 2, sx * (w / 2 + off + cd), d / 2))
+    _matching(objs[1:])
     return objs
 
 
@@ -304,10 +315,11 @@ def g_bed(rng) -> list[Obj]:
         if rng.random() < .6:
             nw, nd, nh = U(rng, .4, .55), U(rng, .35, .45), U(rng, .45, .6)
             x = sx * (w / 2 + U(rng, 0, .03) + nw / 2)
-            ns = so.against_wall(so.box_obj(rng, "nightstand", nw, nd, nh, "wood"), nh)
+            ns = so.against_wall(so.box_obj(rng, "nightstand", nw, nd, nh), nh)
             objs.append(_at(ns, 0, x, 0))
             if rng.random() < .5:
                 objs.append(_at(so.lamp(rng, nh, floor=False), 0, x, nd / 2))
+    _matching([o for o in objs if o.raw == "nightstand"])
     return objs
 
 
@@ -319,7 +331,7 @@ def g_sofa(rng) -> list[Obj]:
         for sx in (-1, 1):
             objs.append(Obj("pillow", [(Box((sx * (hi[0] - .6) - .2, .2, .45),
                                             (sx * (hi[0] - .6) + .2, .32, .8), "-z"),
-                                        so.color(rng, "bright"))]))
+                                        so.color(rng, "cushion"))]))
     if rng.random() < .6:
         objs.append(_at(so.table(rng, "coffee table", w=U(rng, .8, 1.3), d=U(rng, .5, .7)),
                         0, 0, hi[1] + U(rng, .3, .5)))
@@ -328,9 +340,9 @@ def g_sofa(rng) -> list[Obj]:
 
 def g_tv(rng) -> list[Obj]:
     w, d, h = U(rng, 1.0, 1.8), U(rng, .35, .5), U(rng, .4, .6)
-    stand = so.against_wall(so.box_obj(rng, "tv stand", w, d, h, "wood"), h)
+    stand = so.against_wall(so.box_obj(rng, "tv stand", w, d, h), h)
     tw = min(w, U(rng, .9, 1.4))
-    return [stand, so.slab(rng, "tv", tw, tw * .58, .05, h, "dark", y0=.08)]
+    return [stand, so.slab(rng, "tv", tw, tw * .58, .05, h, y0=.08)]
 
 
 def g_counter(rng) -> list[Obj]:
@@ -340,9 +352,10 @@ def g_counter(rng) -> list[Obj]:
     cw = length / n
     objs = [_at(so.cabinet(rng, "kitchen cabinets", w=cw - .002, d=cd, hgt=ch), 0,
                 -length / 2 + (k + .5) * cw) for k in range(n)]
+    _matching(objs)
     top = Obj("kitchen counter" if rng.random() < .5 else "counter",
               [(Box((-length / 2 - .01, 0, ch), (length / 2 + .01, cd + .03, ch + .04), "-y"),
-                so.color(rng, "white"))],
+                so.color(rng, "counter"))],
               occluders=[Box((-length / 2 + .03, -.3, ch), (length / 2 - .03, .05, ch + .02))])
     objs.append(top)
     sw = U(rng, .5, .7)
@@ -350,7 +363,7 @@ def g_counter(rng) -> list[Obj]:
     objs.append(_at(so.basin(rng, sw, U(rng, .38, .45), ch + .04, .12), 0, sx, .08))
     if rng.random() < .5 and length > 1.6:
         mx = -np.sign(sx) * (length / 2 - .35) if sx else length / 2 - .35
-        objs.append(_at(so.box_obj(rng, "microwave", .48, .36, .28, "metal", z0=ch + .04),
+        objs.append(_at(so.box_obj(rng, "microwave", .48, .36, .28, z0=ch + .04),
                         0, mx, .05))
     return objs
 
@@ -367,7 +380,7 @@ def g_sink(rng) -> list[Obj]:
         top = .9
     if rng.random() < .7:
         objs.append(so.slab(rng, "mirror", U(rng, .5, .8), U(rng, .6, .9), .02,
-                            top + U(rng, .2, .35), "metal", y0=.005))
+                            top + U(rng, .2, .35), y0=.005))
     return objs
 
 
@@ -375,7 +388,7 @@ def g_boxes(rng) -> list[Obj]:
     objs, z = [], 0.0
     for _ in range(int(rng.integers(1, 4))):
         w, d, h = U(rng, .25, .6), U(rng, .25, .5), U(rng, .2, .45)
-        objs.append(_at(so.box_obj(rng, "box", w, d, h, "wood"), 0, rng.normal(0, .03),
+        objs.append(_at(so.box_obj(rng, "box", w, d, h), 0, rng.normal(0, .03),
                         rng.normal(0, .03), z))
         objs[-1].occluders = objs[-1].occluders if z == 0 else []
         z += h
@@ -387,23 +400,21 @@ def g_boxes(rng) -> list[Obj]:
 def g_column(rng, h: float) -> list[Obj]:
     w, d = U(rng, .3, .6), U(rng, .3, .6)
     return [Obj("column", [(Box((-w / 2, 0, 0), (w / 2, d, h), "-z+z-y"),
-                            so.color(rng, "white"))])]
+                            so.color(rng, "wall"))])]
 
 
 def g_fridge(rng):
     h = U(rng, 1.6, 1.9)
     return [so.against_wall(so.box_obj(rng, "refrigerator", U(rng, .6, .8), U(rng, .65, .75),
-                                       h, "white"), h)]
+                                       h), h)]
 
 
 def g_backpack(rng):
-    return [so.box_obj(rng, "backpack", U(rng, .28, .35), U(rng, .15, .22), U(rng, .35, .45),
-                       "bright")]
+    return [so.box_obj(rng, "backpack", U(rng, .28, .35), U(rng, .15, .22), U(rng, .35, .45))]
 
 
 def g_ottoman(rng):
-    return [so.box_obj(rng, "ottoman", U(rng, .4, .6), U(rng, .4, .6), U(rng, .35, .45),
-                       "fabric")]
+    return [so.box_obj(rng, "ottoman", U(rng, .4, .6), U(rng, .4, .6), U(rng, .35, .45))]
 
 
 def g_toilet(rng):
@@ -487,10 +498,10 @@ S3DIS_ROOMS = {
                 []),
     "WC": ROOMS["bathroom"], "pantry": ROOMS["kitchen"],
 }
-_WALL_ITEMS = {  # material, z range of the bottom edge, width, height, thickness
-    "picture": ("bright", (1.1, 1.8), (.3, 1.0), (.3, .8), (.02, .04)),
-    "whiteboard": ("white", (.8, 1.0), (1.2, 2.4), (.9, 1.2), (.015, .03)),
-    "towel": ("fabric", (.9, 1.3), (.3, .6), (.4, .7), (.02, .04)),
+_WALL_ITEMS = {  # z range of the bottom edge, width, height, thickness
+    "picture": ((1.1, 1.8), (.3, 1.0), (.3, .8), (.02, .04)),
+    "whiteboard": ((.8, 1.0), (1.2, 2.4), (.9, 1.2), (.015, .03)),
+    "towel": ((.9, 1.3), (.3, .6), (.4, .7), (.02, .04)),
 }
 
 
@@ -507,9 +518,10 @@ def _structure(lay: Layout, ceiling: bool) -> list[Obj]:
     beams and columns."""
     rng, w, d, h = lay.rng, lay.w, lay.d, lay.h
     holes = () if lay.notch is None else ((lay.notch[0], w + 1, lay.notch[2], d + 1),)
+    floor = "floor " + str(rng.choice(["wood", "carpet", "tile"]))
     out = [Obj("floor", [(Sheet((0, 0, 0), (w, 0, 0), (0, d, 0), holes),
-                          so.color(rng, str(rng.choice(["wood", "fabric", "white"]))))])]
-    wc = so.color(rng, "white")
+                          so.color(rng, floor))])]
+    wc = so.color(rng, "wall")
     for wall in lay.walls:
         L = wall.length
         wh = tuple((L - s1, L - s0, z0, z1) for s0, s1, z0, z1 in wall.holes)
@@ -558,7 +570,7 @@ def layout_room(rng: np.random.Generator, style: str = "scannet") -> tuple[list[
             # redraw a group that won't fit; a room's must-haves get more chances
             any(_place(lay, group(rng), where) for _ in range(8 if lo else 3))
     for raw, lo, hi in items:
-        mat, z, wr, hr, tr = _WALL_ITEMS[raw]
+        z, wr, hr, tr = _WALL_ITEMS[raw]
         for _ in range(int(rng.integers(lo, hi + 1))):
-            _wall_item(lay, raw, mat, z, wr, hr, tr)
+            _wall_item(lay, raw, z, wr, hr, tr)
     return _structure(lay, ceiling=style == "s3dis") + lay.objects, lay, room_type
