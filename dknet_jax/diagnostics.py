@@ -120,9 +120,13 @@ def stage_counts(
     valid = batch.valid
     i32 = lambda x: jnp.sum(x, dtype=jnp.int32)
     f32 = lambda x: jnp.sum(x, dtype=jnp.float32)
-    c = {"scenes": i32(batch.scene_valid), "pool_exhausted": i32(out.pool_exhausted),
-         "instance_overflow": jnp.int32(0) if out.instance_overflow is None
-         else i32(out.instance_overflow)}
+    c = {
+        "scenes": i32(batch.scene_valid),
+        "pool_exhausted": i32(out.pool_exhausted),
+        "instance_overflow": jnp.int32(0)
+        if out.instance_overflow is None
+        else i32(out.instance_overflow),
+    }
 
     # semantic
     labelled = valid & (batch.semantic >= 0)
