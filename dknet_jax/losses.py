@@ -204,3 +204,16 @@ def total_loss(terms: LossTerms, weights: LossTerms, gates: LossTerms) -> Array:
     (``where``, so a non-finite inactive term cannot poison the sum)."""
     parts = jax.tree.map(lambda t, w, g: jnp.where(g > 0, w * g * t, 0.0), terms, weights, gates)
     return sum(jax.tree.leaves(parts))
+
+
+def mask_gate_threshold(epoch: Array, threshold: float, gate_epoch: int) -> Array:
+    """The Eq. 6 IoU threshold in force at ``epoch`` (traced): ``threshold`` from
+    ``gate_epoch`` on, ``-inf`` before it (every matched pair counts, since IoU >= 0);
+    ``gate_epoch = -1``: never gated.
+
+    ``config.loss.mask_iou_gate_epoch``: a gate from the first mask epoch (the released
+    code) lets only pairs that overlap by chance train the decoder, which can then learn
+    their masks for every kernel (see ``configs/synthetic.py``)."""
+    if gate_epoch < 0:
+        return jnp.float32(-jnp.inf)
+    return jnp.where(epoch >= gate_epoch, jnp.float32(threshold), -jnp.inf)

@@ -45,7 +45,8 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
       out: model outputs; batch: the GT batch the model ran on.
       weights, gates: per-term weights (``config.loss``) and 0/1 stage gates
         (``losses.stage_gates``), both traced so stages never recompile.
-      mask_iou_threshold, mask_iou_fallback: the Eq. 6 IoU gate (``losses.mask_loss``).
+      mask_iou_threshold, mask_iou_fallback: the Eq. 6 IoU gate (``losses.mask_loss``); the
+        threshold may be traced (-inf counts every matched pair).
       aggregation_loss: False for the "w/o aggregation" ablation (no merge loss).
       mask_chunk: points per chunk (``config.model.mask_chunk``) of the chunked path,
         taken when ``out.mask_logits`` is None; the dense path ignores it.

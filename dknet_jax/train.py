@@ -35,7 +35,7 @@ from dknet_jax.data.dataset import list_scenes
 from dknet_jax.data.pipeline import TrainIterator
 from dknet_jax.data.transforms import AugmentConfig
 from dknet_jax.diagnostics import format_summary
-from dknet_jax.losses import stage_gates
+from dknet_jax.losses import mask_gate_threshold, stage_gates
 from dknet_jax.model.dknet import DKNet, count_params
 from dknet_jax.objective import compute_losses, loss_weights
 from dknet_jax.optim import make_optimizer
@@ -67,7 +67,8 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
             total, metrics = compute_losses(
                 out, batch, weights=weights, gates=gates, num_classes=m.num_classes,
                 offset_direction=m.offset_direction_loss,
-                mask_iou_threshold=config.loss.mask_iou_threshold,
+                mask_iou_threshold=mask_gate_threshold(
+                    epoch, config.loss.mask_iou_threshold, config.loss.mask_iou_gate_epoch),
                 mask_iou_fallback=config.loss.mask_iou_fallback,
                 aggregation_loss=m.aggregation != "none", mask_chunk=m.mask_chunk)
             metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)

@@ -193,6 +193,28 @@ def test_mask_loss_fallback_counts_every_matched_pair_when_none_passes():
     np.testing.assert_allclose(float(loss2), ref2, rtol=1e-5)
 
 
+def test_mask_gate_threshold_counts_every_matched_pair_before_the_gate_epoch():
+    # One matched pair overlaps its GT (IoU 1), two do not: with the gate in force only
+    # the overlapping pair trains (the starvation the overfit check showed); before
+    # loss.mask_iou_gate_epoch every matched pair counts, whatever its IoU.
+    k, n = 4, 30
+    inst = jnp.asarray(np.arange(n) % 3, jnp.int32)
+    z = jnp.asarray(RNG.normal(size=(k, n)) - 3.0, jnp.float32)
+    z = z.at[3].set(jnp.where(inst == 1, 4.0, -4.0))
+    gfp = jnp.asarray([0, -1, 2, 1], jnp.int32)
+    pm = jnp.ones((k, n), bool)
+    for epoch, want in ((4, 3), (5, 1), (9, 1)):
+        thr = losses.mask_gate_threshold(jnp.int32(epoch), 0.25, 5)
+        loss, num, _ = jax.jit(losses.mask_loss)(z, inst, gfp, pm, iou_threshold=thr)
+        ref, ref_num = _np_mask_loss(np.asarray(z), np.asarray(inst), np.asarray(gfp),
+                                     np.asarray(pm), fallback=True,
+                                     thr=-1.0 if epoch < 5 else 0.25)
+        assert int(num) == ref_num == want, epoch
+        np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    never = losses.mask_gate_threshold(jnp.int32(10**6), 0.25, -1)
+    assert int(jax.jit(losses.mask_loss)(z, inst, gfp, pm, iou_threshold=never)[1]) == 3
+
+
 def test_mask_loss_with_fill_logits_outside_scene_has_finite_grad():
     # decode_masks puts -1e9 outside an instance's scene; loss and grad must stay finite.
     z = jnp.asarray([[3.0, 2.0, -1e9, -1e9], [-1e9, -1e9, 2.0, -3.0]])
