@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     te.score_threshold = 0.1
     te.min_points = 100
     te.use_superpoints = True
+    te.merge_threshold = 0.5     # merge-score threshold of the grouping at inference (*code*)
 
     # --- kernels ----------------------------------------------------------------------
     c.kernels = k = ml_collections.ConfigDict()
@@ -152,6 +153,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if not _get(config, key) > 0:
             raise ValueError(f"config.{key} must be > 0, got {_get(config, key)!r}")
     m, t, d = config.model, config.train, config.data
+    for key in ("model.merge_threshold", "test.merge_threshold"):
+        if not 0.0 < _get(config, key) <= 1.0:
+            raise ValueError(f"config.{key} must be in (0, 1], got {_get(config, key)!r}")
     if not 0 <= m.first_instance_class < m.num_classes:
         raise ValueError("config.model.first_instance_class must be in [0, num_classes)")
     if not 0 <= m.max_instances <= m.max_candidates:

@@ -64,7 +64,7 @@ def make_predict_fn(graphdef, config, *, diagnostics: bool = True):
     def predict(params, rest, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
-        out = model(batch)
+        out = model(batch, merge_threshold=config.test.merge_threshold)
         result = postprocess_batch(config, batch, out.heads.semantic_logits, out.mask_logits,
                                    out.inst_ok)
         if diagnostics:

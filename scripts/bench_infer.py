@@ -137,7 +137,7 @@ def make_stage_fns(graphdef, config):
         logits = model.heads.merge_logits(feats, pair_mask)
         if m.aggregation == "full":
             scores = jnp.where(pair_mask, jax.nn.sigmoid(logits), 0.0)
-            lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=m.merge_threshold)
+            lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=config.test.merge_threshold)
         else:
             lead = jnp.where(cand_ok, jnp.arange(mm, dtype=jnp.int32), -1)
         weight = fg_count if m.kernel_from == "aggregate" else \

@@ -62,3 +62,11 @@ def test_shipped_configs_keep_the_released_candidate_budget(name):
     c = _load(name)
     assert c.model.max_candidates >= 150
     assert c.model.pool_size >= c.model.max_candidates
+
+
+def test_merge_thresholds_checked():
+    for key in ("model", "test"):
+        c = base_config()
+        c[key].merge_threshold = 1.5
+        with pytest.raises(ValueError, match=f"{key}.merge_threshold"):
+            validate(c)

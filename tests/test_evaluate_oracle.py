@@ -133,6 +133,9 @@ def _oracle_logits(k, batch, semantic, instance, wrong):
     return sem_logits, mask_logits, inst_ok, cand_idx
 
 
+MERGE_THRESHOLDS_SEEN: list = []
+
+
 class OracleDKNet(nnx.Module):
     """Stands in for ``DKNet`` (same call, same ``DKNetOutputs``), no parameters.
     ``labels``: (semantic, instance) of the scan rows for ``predict.py``, whose batches
@@ -146,7 +149,8 @@ class OracleDKNet(nnx.Module):
             else nnx.Variable(jnp.stack([jnp.asarray(a, jnp.int32) for a in labels]))
         )
 
-    def __call__(self, batch, *, key=None, decode_masks=True):
+    def __call__(self, batch, *, key=None, decode_masks=True, merge_threshold=None):
+        MERGE_THRESHOLDS_SEEN.append(merge_threshold)  # at trace time
         n, b, k = batch.valid.shape[0], batch.scene_valid.shape[0], self.k
         if self.labels is None:
             semantic, instance = batch.semantic, batch.instance
@@ -253,6 +257,8 @@ def _official(gt_dir, pred_dir):
 @pytest.mark.parametrize("wrong", [False, True])
 def test_evaluate_split_with_oracle_model(root, tmp_path, wrong):
     config = _config(root)
+    config.test.merge_threshold = 0.65  # inference groups with the test-time threshold
+    MERGE_THRESHOLDS_SEEN.clear()
     out_dir = str(tmp_path / "out")
     res = ev.evaluate_split(
         *_oracle_model(config, wrong),
@@ -263,6 +269,7 @@ def test_evaluate_split_with_oracle_model(root, tmp_path, wrong):
         progress=False,
     )
     assert res["scenes"] == 3
+    assert MERGE_THRESHOLDS_SEEN and set(MERGE_THRESHOLDS_SEEN) == {0.65}
     inst = res["instance"]
     if not wrong:
         assert inst["all_ap"] == 1.0 and inst["all_ap_50%"] == 1.0

@@ -121,13 +121,16 @@ class DKNet(nnx.Module):
         )
 
     def __call__(self, batch: PointBatch, *, key: Array | None = None,
-                 decode_masks: bool = True) -> DKNetOutputs:
+                 decode_masks: bool = True,
+                 merge_threshold: float | None = None) -> DKNetOutputs:
         """Forward pass on one packed batch.
 
         ``key`` drives random candidate sampling (``candidates="random"``);
         ``decode_masks`` (static): False skips the dynamic-conv decoder and returns
         ``mask_logits=None`` (the kernels and the rest are unchanged), for the chunked
-        training loss that never holds the f32[M, N] logits.
+        training loss that never holds the f32[M, N] logits. ``merge_threshold`` (static):
+        the merge-score threshold of the grouping, ``config.model.merge_threshold`` when
+        None (training); inference passes ``config.test.merge_threshold``.
         """
         c = self.cfg
         n = batch.valid.shape[0]
@@ -193,7 +196,8 @@ class DKNet(nnx.Module):
         merge_logits = self.heads.merge_logits(agg_feats, pair_mask)
         if c["aggregation"] == "full":
             scores = jnp.where(pair_mask, jax.nn.sigmoid(merge_logits), 0.0)
-            lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=c["merge_threshold"])
+            thr = c["merge_threshold"] if merge_threshold is None else merge_threshold
+            lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=thr)
         else:  # every candidate is its own instance
             lead = jnp.where(cand_ok, jnp.arange(m, dtype=jnp.int32), -1)
 
