@@ -13,6 +13,14 @@ passes one. Scans with more points than the largest point bucket are an error by
 (the message names the fixes); with ``subsample=True`` the model runs on a fixed random
 subset that fits and every point takes the prediction of its nearest inferred point.
 Coordinates are taken as metres with z up (ScanNet's convention).
+
+Output names: the ScanNet submission list ``<scene>.txt`` and its masks
+``predicted_masks/<scene>_NNN.txt`` are named by the scene id (``scene_id``, else the
+``sceneXXXX_XX`` prefix of the input's name, else its stem with whitespace replaced by
+``_``) so ``scripts/eval_scannet.py`` pairs them with the GT ``<scene>.txt``; the PLYs, PNG
+and summary JSON keep the input's stem (``<stem>_instances.ply``, ...). No output may
+replace the input: :func:`predict_file` checks every output path (real paths) before
+inference and stops with an error naming the clash.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -37,7 +46,7 @@ from dknet_jax.data.readers import read_scan
 __all__ = [
     "LoadedModel", "Prediction", "class_names", "compute_superpoints", "config_from_meta",
     "instance_colors", "instance_per_point", "load_model", "predict_file", "render_picture",
-    "run_model", "semantic_colors",
+    "run_model", "scene_id_for", "semantic_colors",
     "show_viewer", "summarise", "write_outputs",
 ]
 
@@ -278,7 +287,7 @@ class Prediction:
     """Predictions for every point of one scan (instances sorted by score, highest first).
 
     Attributes:
-      name: scene name (the input file's stem).
+      name: scene name (the input file's stem); names the PLYs, PNG and summary.
       xyz: f32[N, 3] input coordinates; rgb: u8[N, 3]; faces: i32[F, 3] or None.
       masks: bool[K, N] instance masks; labels: i32[K] class indices; scores: f32[K].
       sem_pred: i32[N] class index per point.
@@ -287,6 +296,8 @@ class Prediction:
       inferred: number of points the network saw (< N when subsampled).
       bucket: the point capacity the scan was padded to.
       warnings: messages about the run (subsampling, exhausted candidate pool).
+      scene_id: names the ScanNet submission list and masks; "" means
+        ``scene_id_for(name)``.
     """
     name: str
     xyz: np.ndarray
@@ -301,6 +312,7 @@ class Prediction:
     inferred: int
     bucket: int
     warnings: list
+    scene_id: str = ""
 
 
 def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, *,
@@ -496,29 +508,86 @@ def render_picture(pred: Prediction, config, size=(1280, 520)) -> np.ndarray:
     return R.add_legend(img, entries, title=title)
 
 
+_SCANNET_SCENE = re.compile(r"scene\d{4}_\d{2}")
+
+
+def scene_id_for(input_path: str, scene_id: str | None = None) -> str:
+    """The scene id that names the ScanNet submission files of ``input_path``:
+    ``scene_id`` when given (checked: no whitespace or path separators), else the
+    ``sceneXXXX_XX`` prefix of the file name (``scene0000_00_vh_clean_2.ply`` ->
+    ``scene0000_00``), else the file stem with each run of whitespace replaced by ``_``."""
+    if scene_id is not None:
+        if (not scene_id or scene_id in (".", "..") or re.search(r"\s", scene_id)
+                or "/" in scene_id or os.sep in scene_id):
+            raise ValueError(f"invalid scene id {scene_id!r}: it names the submission files, "
+                             f"so it needs no whitespace or '/', e.g. --scene_id=scene0000_00")
+        return scene_id
+    stem = os.path.splitext(os.path.basename(input_path))[0]
+    m = _SCANNET_SCENE.match(stem)
+    if m:
+        return m.group(0)
+    return re.sub(r"\s+", "_", stem) or "scan"
+
+
+def _output_paths(out_dir: str, pred_name: str, scene_id: str, scannet: bool) -> dict:
+    """{kind: path} of the files :func:`write_outputs` writes (the mask files under
+    ``"masks"`` as a pattern: ``<out>/predicted_masks/<scene>_NNN.txt``)."""
+    from dknet_jax.eval.scannet_io import DEFAULT_MASK_DIR
+
+    paths = {}
+    if scannet:
+        paths["submission"] = os.path.join(out_dir, f"{scene_id}.txt")
+        paths["masks"] = os.path.join(out_dir, DEFAULT_MASK_DIR, f"{scene_id}_NNN.txt")
+    paths["instances_ply"] = os.path.join(out_dir, f"{pred_name}_instances.ply")
+    paths["semantic_ply"] = os.path.join(out_dir, f"{pred_name}_semantic.ply")
+    paths["png"] = os.path.join(out_dir, f"{pred_name}.png")
+    paths["summary"] = os.path.join(out_dir, f"{pred_name}_summary.json")
+    return paths
+
+
+def _check_no_clash(paths: dict, inputs: list[str]) -> None:
+    """ValueError (one line) when an output path is an input file (compared as real paths,
+    so symlinked folders count); ``paths["masks"]`` is matched as a pattern."""
+    real_inputs = {os.path.realpath(p): p for p in inputs}
+    for kind, path in paths.items():
+        if kind == "masks":
+            folder, pattern = os.path.split(path)
+            rx = re.compile(re.escape(pattern[:-len("NNN.txt")]) + r"\d{3,}\.txt")
+            hits = [p for r, p in real_inputs.items()
+                    if os.path.dirname(r) == os.path.realpath(folder)
+                    and rx.fullmatch(os.path.basename(r))]
+        else:
+            hits = [real_inputs[r] for r in (os.path.realpath(path),) if r in real_inputs]
+        if hits:
+            raise ValueError(
+                f"output {path} ({kind}) would overwrite the input {hits[0]}; pass another "
+                f"--out folder (or rename the input)")
+
+
 def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None = None,
                   extra: dict | None = None) -> dict:
     """Write every output file; returns {kind: path} and the summary under "summary".
 
-    Files: ``<name>.txt`` + ``predicted_masks/`` (ScanNet submission; ScanNet label space
-    only), ``<name>_instances.ply``, ``<name>_semantic.ply``, ``<name>_summary.json``,
+    Files: ``<scene>.txt`` + ``predicted_masks/<scene>_NNN.txt`` (ScanNet submission;
+    ScanNet label space only; ``<scene>`` is ``pred.scene_id`` or ``scene_id_for(name)``),
+    ``<name>_instances.ply``, ``<name>_semantic.ply``, ``<name>_summary.json``,
     ``<name>.png``."""
     from dknet_jax import eval as E
 
     os.makedirs(out_dir, exist_ok=True)
     name = pred.name
-    paths = {}
-    if config.data.dataset == "scannet":
-        paths["submission"] = E.write_prediction(out_dir, name, pred.masks,
+    scene_id = pred.scene_id or scene_id_for(name)
+    paths = _output_paths(out_dir, name, scene_id, config.data.dataset == "scannet")
+    paths.pop("masks", None)
+    if "submission" in paths:
+        paths["submission"] = E.write_prediction(out_dir, scene_id, pred.masks,
                                                  E.semantic_to_nyu40(pred.labels), pred.scores)
-    paths["instances_ply"] = os.path.join(out_dir, f"{name}_instances.ply")
     _ply(paths["instances_ply"], pred, instance_colors(pred))
-    paths["semantic_ply"] = os.path.join(out_dir, f"{name}_semantic.ply")
     _ply(paths["semantic_ply"], pred, semantic_colors(config)[pred.sem_pred])
-    paths["png"] = os.path.join(out_dir, f"{name}.png")
     R.save_png(paths["png"], render_picture(pred, config))
     summary = summarise(pred, config, timings, extra)
-    paths["summary"] = os.path.join(out_dir, f"{name}_summary.json")
+    if "submission" in paths:
+        summary["scene_id"] = scene_id
     with open(paths["summary"], "w") as f:
         json.dump(summary, f, indent=2)
     return {"paths": paths, "summary": summary}
@@ -531,14 +600,17 @@ def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None =
 def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
                  config: ml_collections.ConfigDict | None = None, superpoints: str = "auto",
                  subsample: bool = False, log: Callable[[str], None] = print,
-                 model: LoadedModel | None = None) -> dict:
+                 model: LoadedModel | None = None, scene_id: str | None = None) -> dict:
     """Read ``input_path``, predict with the model in ``checkpoint`` (or ``model``), write
     the outputs to ``out_dir``. Returns {"paths", "summary", "prediction", "config"}.
 
     superpoints: "auto" (compute them; mesh segmentation when the file has faces) or
-    "none" (skip the superpoint vote)."""
+    "none" (skip the superpoint vote). scene_id: names the submission files (default
+    :func:`scene_id_for` of the input). Raises ValueError, before inference, when an output
+    would overwrite the input."""
     if superpoints not in ("auto", "none"):
         raise ValueError(f"superpoints must be 'auto' or 'none', got {superpoints!r}")
+    sid = scene_id_for(input_path, scene_id)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     scan = read_scan(input_path, warn=lambda m: log("warning: " + m))
@@ -554,6 +626,8 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
         model = load_model(checkpoint, config, log=log)
     timings["restore_s"] = time.perf_counter() - t0
     log(f"restored step {model.step} from {model.source} ({timings['restore_s']:.2f} s)")
+    _check_no_clash(_output_paths(out_dir, name, sid, model.config.data.dataset == "scannet"),
+                    [input_path])
 
     sp = None
     if superpoints == "auto" and not model.config.test.use_superpoints:
@@ -580,7 +654,7 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
         sem_pred=scene["sem_pred"].astype(np.int32),
         instance=instance_per_point(masks, scores), superpoint=sp,
         inferred=len(xyz) if subset is None else len(subset), bucket=scene["bucket"],
-        warnings=notes)
+        warnings=notes, scene_id=sid)
 
     t0 = time.perf_counter()
     out = write_outputs(out_dir, pred, model.config, timings,

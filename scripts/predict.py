@@ -2,11 +2,14 @@
 
   python scripts/predict.py --checkpoint work_dirs/scannet --input room.ply --out out/ \
       [--config=configs/scannet.py --config.test.score_threshold=0.2] \
-      [--superpoints=auto|none] [--subsample] [--viewer]
+      [--superpoints=auto|none] [--subsample] [--viewer] [--scene_id=scene0000_00]
 
 Input: PLY (mesh or points, colour optional), .npz (xyz [+ rgb]) or .txt ``x y z [r g b]``
 in metres, z up. Writes ScanNet submission files, instance/semantic PLYs, a JSON summary
 and a PNG (see dknet_jax/predict.py). --subsample: infer a too-large scan on a subset.
+The submission list and masks are named by the scene id (--scene_id, else the input's
+``sceneXXXX_XX`` prefix, else its stem with whitespace as ``_``); the other outputs by the
+input's stem. An output that would overwrite the input is an error (choose another --out).
 """
 
 import os
@@ -27,6 +30,8 @@ _SP = flags.DEFINE_enum("superpoints", "auto", ["auto", "none"],
                         "auto: compute superpoints for the vote; none: skip the vote")
 _SUB = flags.DEFINE_bool("subsample", False, "infer on a random subset when the scan "
                          "exceeds the largest point bucket")
+_SCENE = flags.DEFINE_string("scene_id", None, "names the ScanNet submission files "
+                             "(default: the input's sceneXXXX_XX prefix, else its stem)")
 _VIEWER = flags.DEFINE_bool("viewer", False, "open an interactive browser viewer (needs viser)")
 _PORT = flags.DEFINE_integer("port", 8080, "viewer port")
 flags.mark_flags_as_required(["checkpoint", "input", "out"])
@@ -41,7 +46,8 @@ def main(argv):
 
     try:
         out = predict_file(_CKPT.value, _INPUT.value, _OUT.value, config=_CONFIG.value,
-                           superpoints=_SP.value, subsample=_SUB.value)
+                           superpoints=_SP.value, subsample=_SUB.value,
+                           scene_id=_SCENE.value)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import pytest
 from dknet_jax.eval import (
     BenchmarkFormatError,
     evaluate_dirs,
+    load_dirs,
     read_ids,
     read_prediction,
     write_gt_ids,
@@ -59,8 +60,9 @@ def test_round_trip(tmp_path):
     scores = np.array([0.123456789012345, 0.5, 1 / 3])
     path = write_prediction(str(tmp_path), "sc", masks, [5, 1, 39], scores)
     assert open(path).read().splitlines()[0].startswith("predicted_masks/sc_000.txt 5 ")
-    m, lab, sc, paths = read_prediction(path, str(tmp_path), 50)
-    # wall (1) is not an instance class: skipped, like the official script
+    # wall (1) is not an instance class: skipped, like the official script, with a note
+    with pytest.warns(UserWarning, match=r"1 prediction line\(s\) skipped.*label ids 1;"):
+        m, lab, sc, paths = read_prediction(path, str(tmp_path), 50)
     np.testing.assert_array_equal(m, masks[[0, 2]])
     np.testing.assert_array_equal(lab, [5, 39])
     np.testing.assert_array_equal(sc, scores[[0, 2]])  # full precision kept
@@ -129,8 +131,9 @@ def test_clear_errors(tmp_path, capsys):
 
     scene = os.path.join(pred_dir, "scene0000_00.txt")
     lines = open(scene).read()
-    open(scene, "w").write(lines.replace(" 5 ", " 41 ", 1))
-    assert "unknown label id 41" in _error(gt_dir, pred_dir, capsys)
+    # a label the official script cannot parse (41 or 0 it skips: see the test below)
+    open(scene, "w").write(lines.replace(" 5 ", " chair ", 1))
+    assert "label id / confidence not numbers" in _error(gt_dir, pred_dir, capsys)
     open(scene, "w").write(lines.replace("predicted_masks/", "../", 1))
     assert "outside" in _error(gt_dir, pred_dir, capsys)
     open(scene, "w").write(lines.replace(" 0.9", "", 1))
@@ -158,3 +161,55 @@ def test_mask_path_listed_twice_keeps_the_last_line(tmp_path):
     assert res["classes"]["chair"]["ap"] == 0.0
     # table: TP 0.8 and FP 0.9 (the chair mask) -> u=.8 (P=.5,R=1), u=.9 (0,0), (1,0): 0.25
     assert res["classes"]["table"]["ap"] == pytest.approx(0.25)
+
+
+REF = os.environ.get(
+    "DKNET_SCANNET_EVAL_REF",
+    os.path.join(ROOT, "..", "shared", "reference", "scannet_official_eval"),
+)
+HAVE_REF = os.path.isdir(os.path.join(REF, "BenchmarkScripts"))
+
+
+def test_label_ids_outside_the_instance_classes_are_skipped_like_the_benchmark(tmp_path):
+    """The official script skips (without reading the mask) every line whose label id is
+    not one of the 18 instance classes' nyu40 ids, 0 and 41 included; so must we, with
+    one warning that counts them, and the same AP."""
+    gt_dir, pred_dir = make_set(tmp_path, with_second_pred=True)
+    scene = os.path.join(pred_dir, "scene0000_00.txt")
+    with open(scene, "a") as f:
+        # masks that do not exist: the official script never opens them for these labels;
+        # a non-finite confidence on a skipped line is never used either
+        f.write("predicted_masks/unlabelled.txt 0 0.95\n"
+                "predicted_masks/beyond_nyu40.txt 41 nan\n"
+                "predicted_masks/negative.txt -1 0.5\n"
+                "predicted_masks/float_zero.txt 0.0 0.7\n")
+    with pytest.warns(UserWarning) as record:
+        res, skipped = evaluate_dirs(gt_dir, pred_dir, progress=False)
+    notes = [str(w.message) for w in record if "not an instance class" in str(w.message)]
+    assert len(notes) == 1, [str(w.message) for w in record]  # one warning per run
+    assert "4 prediction line" in notes[0] and "label ids -1, 0, 41;" in notes[0]
+    assert skipped == []
+    # hand-worked (as test_empty_prediction_file_counts_the_scene): chairs TP 0.9 + one
+    # missed -> 0.5, table 1.0, mean over the two classes with GT 0.75
+    assert res["classes"]["chair"]["ap"] == pytest.approx(0.5)
+    assert res["classes"]["table"]["ap"] == pytest.approx(1.0)
+    assert res["all_ap"] == pytest.approx(0.75)
+
+    # the command accepts the set too (exit 0), as the benchmark does
+    with pytest.warns(UserWarning, match="not an instance class"):
+        assert load_script().main(["--gt_dir", gt_dir, "--pred_dir", pred_dir,
+                                   "--no_progress"]) == 0
+
+    if not HAVE_REF:
+        pytest.skip("official ScanNet evaluation scripts not available")
+    spec = importlib.util.spec_from_file_location(
+        "crosscheck_official_eval", os.path.join(ROOT, "scripts", "crosscheck_official_eval.py"))
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    official, crashes = cc.official_ap(cc.load_official(REF), gt_dir, pred_dir)
+    with pytest.warns(UserWarning, match="not an instance class"):
+        ev, _ = load_dirs(gt_dir, pred_dir, progress=False)
+    ap = ev.compute_ap_matrix()
+    assert crashes == 0
+    np.testing.assert_array_equal(np.isnan(official), np.isnan(ap))
+    np.testing.assert_allclose(np.nan_to_num(official), np.nan_to_num(ap), atol=1e-12)

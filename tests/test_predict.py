@@ -355,3 +355,112 @@ def test_cli_reports_missing_checkpoint(tmp_path):
                        timeout=120)
     assert r.returncode == 2
     assert "error: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def _write_txt_scan(path, scene, step=3):
+    rows = np.concatenate([scene.vertices[::step], scene.colors[::step]], 1)
+    np.savetxt(path, rows, fmt="%.6f %.6f %.6f %d %d %d")
+    return rows
+
+
+def test_outputs_never_overwrite_the_input(tmp_path, model, scene):
+    """--input /x/room.txt --out /x would write the submission list over room.txt: stop
+    before inference with a one-line error naming the clash and the fix; also when the
+    out folder is reached through a symlink."""
+    scan = tmp_path / "room.txt"
+    _write_txt_scan(scan, scene)
+    before = scan.read_bytes()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path, target_is_directory=True)
+    for out in (tmp_path, link):
+        logs = []
+        with pytest.raises(ValueError) as e:
+            P.predict_file(None, str(scan), str(out), model=model, superpoints="none",
+                           log=logs.append)
+        msg = str(e.value)
+        assert "\n" not in msg and "would overwrite the input" in msg
+        assert str(scan) in msg and "--out" in msg
+        assert not any(m.startswith("inference") for m in logs)  # stopped before the model
+        assert scan.read_bytes() == before
+        assert not (tmp_path / "predicted_masks").exists()
+        assert not (tmp_path / "room.png").exists()
+    # the submission's mask files are outputs too: scene id scene0000_00 writes
+    # predicted_masks/scene0000_00_000.txt, the input's own name
+    masks = tmp_path / "m" / "predicted_masks"
+    masks.mkdir(parents=True)
+    inside = masks / "scene0000_00_000.txt"
+    _write_txt_scan(inside, scene)
+    with pytest.raises(ValueError, match=r"would overwrite the input .*scene0000_00_000\.txt"):
+        P.predict_file(None, str(inside), str(tmp_path / "m"), model=model,
+                       superpoints="none", log=lambda m: None)
+
+
+def test_scene_id_from_the_name_or_flag_and_no_whitespace(tmp_path):
+    assert P.scene_id_for("/d/scene0000_00_vh_clean_2.ply") == "scene0000_00"
+    assert P.scene_id_for("scene0707_00.txt") == "scene0707_00"
+    assert P.scene_id_for("/d/my room\tscan.npz") == "my_room_scan"
+    assert P.scene_id_for("/d/room.ply", "scene0011_01") == "scene0011_01"
+    for bad in ("a b", "", "x/y", "../up"):
+        with pytest.raises(ValueError, match="scene id"):
+            P.scene_id_for("room.ply", bad)
+
+
+def test_submission_named_by_scene_id_pairs_with_gt(tmp_path, model, scene):
+    """The submission list and masks take the ScanNet scene id (so eval_scannet pairs them
+    with GT); the other outputs keep the file stem; whitespace never reaches the list."""
+    src = tmp_path / "in"
+    src.mkdir()
+    ply = src / "scene0000_00_vh_clean_2.ply"
+    _write_mesh_ply(ply, scene)
+    out = tmp_path / "pred"
+    res = P.predict_file(None, str(ply), str(out), model=model, superpoints="none",
+                         log=lambda m: None)
+    assert res["paths"]["submission"] == str(out / "scene0000_00.txt")
+    assert res["summary"]["scene_id"] == "scene0000_00"
+    for f in ("scene0000_00_vh_clean_2_instances.ply", "scene0000_00_vh_clean_2.png",
+              "scene0000_00_vh_clean_2_summary.json"):
+        assert (out / f).is_file()
+    k = res["summary"]["scene"]["instances"]
+    assert k >= 1
+    assert sorted(os.listdir(out / "predicted_masks")) == [
+        f"scene0000_00_{i:03d}.txt" for i in range(k)]
+    # eval_scannet pairs it with the GT file of the scene
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    E.write_gt_ids(str(gt / "scene0000_00.txt"), np.full(len(scene.vertices), 5001))
+    results, skipped = E.evaluate_dirs(str(gt), str(out), progress=False)
+    assert skipped == [] and results["classes"]["chair"]["ap"] is not None
+
+    # a stem with whitespace: list and masks use '_', the official split(' ') gives 3 parts
+    spaced = tmp_path / "my room.txt"
+    _write_txt_scan(spaced, scene)
+    res = P.predict_file(None, str(spaced), str(tmp_path / "o2"), model=model,
+                         superpoints="none", log=lambda m: None)
+    lst = tmp_path / "o2" / "my_room.txt"
+    assert res["paths"]["submission"] == str(lst)
+    lines = lst.read_text().splitlines()
+    assert lines and all(len(ln.split(" ")) == 3 for ln in lines)
+    assert all(ln.startswith("predicted_masks/my_room_") for ln in lines)
+    assert (tmp_path / "o2" / "my room_instances.ply").is_file()
+
+    # --scene_id wins over the name
+    res = P.predict_file(None, str(spaced), str(tmp_path / "o3"), model=model,
+                         superpoints="none", scene_id="scene0707_00", log=lambda m: None)
+    assert res["paths"]["submission"] == str(tmp_path / "o3" / "scene0707_00.txt")
+    assert (tmp_path / "o3" / "predicted_masks" / "scene0707_00_000.txt").is_file()
+
+
+def test_cli_scene_id_flag_and_clash_error(tmp_path, workdir, scene):
+    scan = tmp_path / "room.txt"
+    _write_txt_scan(scan, scene)
+    before = scan.read_bytes()
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "predict.py"), "--checkpoint",
+           workdir, "--input", str(scan), "--superpoints", "none"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "error: " in r.stderr and "would overwrite the input" in r.stderr
+    assert scan.read_bytes() == before
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "o"), "--scene_id", "bad id"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "scene id" in r.stderr and "Traceback" not in r.stderr

@@ -12,10 +12,11 @@ Formats (ScanNet benchmark):
 
 Reading follows the official script where it defines behaviour: a mask path listed twice
 in one file counts once (first position, last line's label and score), predictions whose
-label is not an instance class are skipped without reading their mask, GT scenes without
-a prediction file are skipped (with a warning). Stricter than the script, with a clear
-message instead: labels outside 1..40, mask values other than 0/1, non-finite scores, and
-one mask file shared by two scenes are errors.
+label id is not one of the 18 instance classes' nyu40 ids (wall, 0, 41, -1, ...) are
+skipped without reading their mask or using their confidence (one warning per run counts
+them), GT scenes without a prediction file are skipped (with a warning). Stricter than the
+script, with a clear message instead: mask values other than 0/1, non-finite scores of
+instance-class predictions, and one mask file shared by two scenes are errors.
 """
 
 from __future__ import annotations
@@ -116,11 +117,7 @@ def read_prediction_list(pred_file: str, pred_root: str) -> list[tuple[str, int,
             conf = float(conf_s)
         except ValueError as e:
             raise BenchmarkFormatError(f"{where}: label id / confidence not numbers: {e}") from e
-        if not 1 <= label <= 40:
-            raise BenchmarkFormatError(
-                f"{where}: unknown label id {label}; use nyu40 ids 1..40 (instance classes "
-                f"{CLASS_IDS.tolist()})")
-        if not math.isfinite(conf):
+        if label in CLASS_IDS and not math.isfinite(conf):
             raise BenchmarkFormatError(f"{where}: confidence {conf_s} is not a finite number")
         if path in entries:
             warnings.warn(f"{where}: mask {rel} listed twice; the later line wins (as the "
@@ -129,13 +126,37 @@ def read_prediction_list(pred_file: str, pred_root: str) -> list[tuple[str, int,
     return [(p, lab, c) for p, (lab, c) in entries.items()]
 
 
-def read_prediction(pred_file: str, pred_root: str, num_vertices: int):
+def _skip_note(skipped: list[tuple[str, int]]) -> str:
+    """The warning text for predictions skipped because of their label id."""
+    ids = sorted({lab for _, lab in skipped})
+    files = sorted({f for f, _ in skipped})
+    return (f"{len(skipped)} prediction line(s) skipped because their label id is not an "
+            f"instance class (label ids {', '.join(map(str, ids[:10]))}"
+            f"{', ...' if len(ids) > 10 else ''}; in {len(files)} file(s), e.g. {files[0]}), "
+            f"as the official script does; the instance classes' nyu40 ids are "
+            f"{CLASS_IDS.tolist()}")
+
+
+def read_prediction(pred_file: str, pred_root: str, num_vertices: int,
+                    skipped: list | None = None):
     """Reads one scene's predictions.
 
     Returns (masks bool[K, N], label_ids i64[K], scores f64[K], paths list[str]) for the
-    predictions of the 18 instance classes (others are skipped unread, like the script).
+    predictions of the 18 instance classes; the others are skipped unread, like the script.
+    ``skipped``: a list that receives (file, label id) per skipped prediction; without it
+    a warning counts them.
     """
-    entries = [e for e in read_prediction_list(pred_file, pred_root) if e[1] in CLASS_IDS]
+    entries = []
+    dropped = []
+    for e in read_prediction_list(pred_file, pred_root):
+        if e[1] in CLASS_IDS:
+            entries.append(e)
+        else:
+            dropped.append((pred_file, e[1]))
+    if skipped is not None:
+        skipped.extend(dropped)
+    elif dropped:
+        warnings.warn(_skip_note(dropped), stacklevel=2)
     masks = np.zeros((len(entries), num_vertices), dtype=bool)
     for i, (path, _, _) in enumerate(entries):
         masks[i] = read_mask(path, num_vertices)
@@ -157,6 +178,11 @@ def write_prediction(pred_dir: str, scene: str, masks, label_ids, scores,
     if masks.ndim != 2 or label_ids.shape[0] != masks.shape[0] or scores.shape[0] != masks.shape[0]:
         raise ValueError(f"need masks [K, N] with K labels and K scores, got {masks.shape}, "
                          f"{label_ids.shape}, {scores.shape}")
+    for what, value in (("scene", scene), ("mask_dir", mask_dir)):
+        if not value or any(c.isspace() for c in value):
+            raise ValueError(f"{what} {value!r} would write an unparsable prediction line "
+                             f"(the benchmark splits lines on spaces); use a name without "
+                             f"whitespace, e.g. the scene id")
     os.makedirs(os.path.join(pred_dir, mask_dir), exist_ok=True)
     lines = []
     for k in range(masks.shape[0]):
@@ -204,6 +230,7 @@ def load_dirs(gt_dir: str, pred_dir: str,
                       f"{[s[:-4] for s in skipped[:5]]}", stacklevel=2)
     ev = ScanNetInstanceEvaluator()
     owner: dict[str, str] = {}
+    dropped: list[tuple[str, int]] = []
     it = pred_files
     if progress:
         from tqdm import tqdm
@@ -211,13 +238,15 @@ def load_dirs(gt_dir: str, pred_dir: str,
     for name in it:
         gt_ids = read_ids(os.path.join(gt_dir, name))
         masks, labels, scores, paths = read_prediction(
-            os.path.join(pred_dir, name), pred_dir, gt_ids.shape[0])
+            os.path.join(pred_dir, name), pred_dir, gt_ids.shape[0], skipped=dropped)
         for p in paths:
             if owner.setdefault(p, name) != name:
                 raise BenchmarkFormatError(
                     f"mask file {p} is listed by {owner[p]} and {name}; every prediction "
                     f"needs its own mask file")
         ev.add_scene(gt_ids, masks, labels, scores)
+    if dropped:
+        warnings.warn(_skip_note(dropped), stacklevel=2)
     return ev, [s[:-4] for s in skipped]
 
 
