@@ -111,15 +111,66 @@ def _log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def truncate_log(path: str, step: int) -> float:
+    """Drop the rows of ``metrics.jsonl`` past ``step`` (the step training restarts from).
+
+    A run killed after its last checkpoint logged steps that the resumed run logs again;
+    keeping only rows with ``"step" <= step`` (and dropping an unparseable last line of a
+    killed write) leaves one clean curve. The file is rewritten through a temporary file
+    and a rename. Returns the ``time`` of the last kept row (0.0 if none), so the resumed
+    run's ``time`` continues from it instead of jumping back.
+    """
+    if not os.path.isfile(path):
+        return 0.0
+    kept, last_time = [], 0.0
+    with open(path) as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+                last_time = float(record.get("time", last_time))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(kept)
+    os.replace(tmp, path)
+    return last_time
+
+
+def _validation_scenes(root: str, split: str) -> list[str]:
+    """Scenes of the validation split; [] for an empty split list or folder (a missing
+    split is `list_scenes`' error, raised before any training)."""
+    folder = os.path.join(root, split)
+    if os.path.isdir(folder) and not any(f.endswith(".npz") for f in os.listdir(folder)):
+        return []
+    return list_scenes(root, split)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last
-    validation results (or {} if none ran)."""
+    validation results (or {} if none ran).
+
+    An empty validation split (e.g. a 0-byte ``val.txt``) warns at the start and skips the
+    periodic evaluation (checkpoints are still saved; ``best/`` stays empty); a missing
+    one is an error before training. On resume, ``metrics.jsonl`` rows past the restored
+    step are dropped (`truncate_log`)."""
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     print("Resolved config:\n" + str(config), flush=True)
     d, t = config.data, config.train
 
     train_paths = list_scenes(d.root, d.train_split)
+    # before any training: a missing split is an error now, not after the first epoch;
+    # an empty one trains without evaluation (instead of logging NaN metrics)
+    has_val = bool(_validation_scenes(d.root, d.val_split))
+    if not has_val:
+        warnings.warn(
+            f"no validation scenes in {os.path.join(d.root, d.val_split)} (split "
+            f"{d.val_split!r} of {d.root} is empty): training runs without evaluation; "
+            f"best/ will not be written. Prepare the split or set config.data.val_split",
+            stacklevel=2)
     steps_per_epoch = t.steps_per_epoch or max(len(train_paths) // d.batch_size, 1)
     total_steps = t.epochs * steps_per_epoch
     augment = AugmentConfig.for_voxel_size(
@@ -152,13 +203,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
     train_step = make_train_step(graphdef, tx, config, mesh)
     log_path = os.path.join(workdir, "metrics.jsonl")
+    # rows past the restored step (logged after the last checkpoint of a killed run) are
+    # logged again below; time continues from the last kept row
+    time_offset = truncate_log(log_path, step)
     shapes: set = set()
     last_eval: dict = {}
     pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
                 disable=not sys.stderr.isatty() and os.environ.get("DKNET_PROGRESS") != "1")
     acc: dict = {}
     overflows = 0
-    t_start = time.time()
+    t_start = time.time() - time_offset
     while step < total_steps:
         batch = next(it)
         shapes.add(tuple(batch.valid.shape) + tuple(batch.instance_class.shape))
@@ -200,7 +254,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             step == total_steps
         if do_eval or step % t.ckpt_every_steps == 0:
             metric = None
-            if do_eval:
+            if do_eval and has_val:
                 last_eval = ev.evaluate_split(graphdef, params, rest, config,
                                               split=d.val_split, progress=False)
                 metric = ev.headline(last_eval)

@@ -5,7 +5,10 @@
 
 Reads R/Area_N/<room>/Annotations/*.txt (rules in `dknet_jax/data/s3dis.py`), computes
 superpoints on a kNN graph, and writes split lists O/Area_N.txt, O/train.txt and O/val.txt
-(val = --test_area). Existing outputs are kept unless --overwrite. Exit status 1 when a
+(val = --test_area). Existing outputs are kept unless --overwrite; the superpoint settings
+(--k, --voxel_size, --k_thresh, --seg_min_verts) are recorded in O/prepare_settings.json
+and a rerun with other values stops (exit status 2) unless --overwrite. Failed rooms are
+named per split in O/prepare_report.json; a split with no room gets no list. Exit status 1 when a
 room failed.
 """
 
@@ -14,6 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from dknet_jax.data.preparation import SettingsMismatch  # noqa: E402
 from dknet_jax.data.s3dis import prepare_s3dis  # noqa: E402
 
 
@@ -30,10 +34,14 @@ def main(argv=None) -> int:
     ap.add_argument("--k_thresh", type=float, default=0.01, help="Felzenszwalb k")
     ap.add_argument("--seg_min_verts", type=int, default=20, help="minimum superpoint size")
     args = ap.parse_args(argv)
-    s = prepare_s3dis(args.s3dis_root, args.out, areas=args.areas, test_area=args.test_area,
-                      workers=args.workers, overwrite=args.overwrite,
-                      voxel_size=args.voxel_size, k=args.k, k_thresh=args.k_thresh,
-                      seg_min_verts=args.seg_min_verts)
+    try:
+        s = prepare_s3dis(args.s3dis_root, args.out, areas=args.areas, test_area=args.test_area,
+                          workers=args.workers, overwrite=args.overwrite,
+                          voxel_size=args.voxel_size, k=args.k, k_thresh=args.k_thresh,
+                          seg_min_verts=args.seg_min_verts)
+    except SettingsMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return s.report(args.out)
 
 

@@ -7,7 +7,10 @@ Reads R/scans/<scene>/ (and R/scans_test/) plus R/scannetv2-labels.combined.tsv;
 rules and the files read are documented in `dknet_jax/data/scannet.py`. Existing outputs
 are kept unless --overwrite. Split lists scannetv2_{train,val,test}.txt (from --split_dir,
 default R) are honoured and copied as O/{train,val,test}.txt with the prepared scenes.
-Exit status 1 when a scene failed.
+The label table's digest is recorded in O/prepare_settings.json; a rerun with another
+table stops (exit status 2) unless --overwrite. Failed scenes are named per split in
+O/prepare_report.json and a split with no prepared scene gets no list. Exit status 1 when a
+scene failed.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from dknet_jax.data.preparation import SettingsMismatch  # noqa: E402
 from dknet_jax.data.scannet import prepare_scannet  # noqa: E402
 
 
@@ -27,8 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="redo scenes already prepared")
     ap.add_argument("--scenes", nargs="+", default=None, help="only these scene ids")
     args = ap.parse_args(argv)
-    s = prepare_scannet(args.scannet_root, args.out, split_dir=args.split_dir,
-                        scenes=args.scenes, workers=args.workers, overwrite=args.overwrite)
+    try:
+        s = prepare_scannet(args.scannet_root, args.out, split_dir=args.split_dir,
+                            scenes=args.scenes, workers=args.workers, overwrite=args.overwrite)
+    except SettingsMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return s.report(args.out)
 
 

@@ -319,3 +319,107 @@ def test_round_trip_synthetic_scannet_and_s3dis(tmp_path):
     assert got["instance"].max() + 1 == len(np.unique(scene.object_id))
     for i in np.unique(got["instance"]):  # each instance one class
         assert len(np.unique(got["semantic"][got["instance"] == i])) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# Reruns with other settings, report totals over reruns, failed scenes in split lists.
+def test_s3dis_rerun_other_settings_stops_same_settings_keep_totals(tmp_path, capsys):
+    import importlib.util
+
+    root, out = str(tmp_path / "s3dis"), str(tmp_path / "out")
+    _write_room(root, 1, "office_1")
+    first = prepare_s3dis(root, out, progress=False, k=8)
+    assert first.prepared == ["Area_1_office_1"]
+    totals = json.load(open(os.path.join(out, "prepare_report.json")))["stats"]
+    assert totals["scenes"] == 1 and totals["points"] > 0
+
+    # same settings: skipped, and the report keeps the totals of the scenes in O
+    again = prepare_s3dis(root, out, progress=False, k=8)
+    assert again.existing == ["Area_1_office_1"] and not again.prepared
+    report = json.load(open(os.path.join(out, "prepare_report.json")))
+    assert report["stats"] == totals and report["existing"] == 1
+    assert again.report(out) == 0 and f"'points': {totals['points']}" in capsys.readouterr().out
+    settings = json.load(open(os.path.join(out, "prepare_settings.json")))
+    assert settings == {"dataset": "s3dis", "k": 8, "voxel_size": 0.02, "k_thresh": 0.01,
+                        "seg_min_verts": 20}
+
+    # other settings: a clear stop naming them and --overwrite, nothing touched
+    npz = os.path.join(out, "Area_1_office_1.npz")
+    os.utime(npz, (1, 1))
+    with pytest.raises(ValueError, match=r"k: 8 there, 6 now.*voxel_size: 0\.02 there, "
+                                               r"0\.05 now.*--overwrite"):
+        prepare_s3dis(root, out, progress=False, k=6, voxel_size=0.05)
+    assert os.path.getmtime(npz) == 1
+    spec = importlib.util.spec_from_file_location(
+        "prepare_s3dis_cli", os.path.join(REPO, "scripts", "prepare_s3dis.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--s3dis_root", root, "--out", out, "--workers", "1", "--k", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "k: 8 there, 6 now" in err and "--overwrite" in err
+
+    # --overwrite redoes the scenes and records the new settings
+    redo = prepare_s3dis(root, out, progress=False, k=6, overwrite=True)
+    assert redo.prepared == ["Area_1_office_1"] and os.path.getmtime(npz) > 1
+    assert json.load(open(os.path.join(out, "prepare_settings.json")))["k"] == 6
+    assert json.load(open(os.path.join(out, "prepare_report.json")))["stats"]["scenes"] == 1
+    assert prepare_s3dis(root, out, progress=False, k=6).existing == ["Area_1_office_1"]
+
+
+def test_scannet_rerun_with_other_label_table_stops(scannet_root, tmp_path):
+    _write_scene(scannet_root, "scene0000_00")
+    out = str(tmp_path / "out")
+    assert prepare_scannet(scannet_root, out, progress=False).prepared == ["scene0000_00"]
+    with open(os.path.join(scannet_root, "scannetv2-labels.combined.tsv"), "a") as fh:
+        fh.write("7\tsofa chair\tsofa chair\t1\t5" + "\tx" * 12 + "\r\n")
+    with pytest.raises(ValueError, match=r"label_table_sha256: .* there, .* now.*"
+                                               r"--overwrite"):
+        prepare_scannet(scannet_root, out, progress=False)
+    s = prepare_scannet(scannet_root, out, progress=False, overwrite=True)
+    assert s.prepared == ["scene0000_00"]
+    assert prepare_scannet(scannet_root, out, progress=False).existing == ["scene0000_00"]
+
+
+def test_failed_val_scene_is_reported_never_an_empty_list(scannet_root, tmp_path, capsys):
+    _write_scene(scannet_root, "scene0000_00", seed=0)
+    _write_scene(scannet_root, "scene0001_00", seed=1, agg=False)  # fails: no aggregation
+    _write_scene(scannet_root, "scene0002_00", seed=2)
+    with open(os.path.join(scannet_root, "scannetv2_train.txt"), "w") as fh:
+        fh.write("scene0000_00\nscene0002_00\n")
+    with open(os.path.join(scannet_root, "scannetv2_val.txt"), "w") as fh:
+        fh.write("scene0001_00\n")
+    out = str(tmp_path / "out")
+    s = prepare_scannet(scannet_root, out, progress=False)
+    assert list(s.failed) == ["scene0001_00"] and s.report(out) == 1
+    # the only val scene failed: no val.txt at all (not a 0-byte list), a loud warning
+    assert not os.path.exists(os.path.join(out, "val.txt"))
+    assert open(os.path.join(out, "train.txt")).read() == "scene0000_00\nscene0002_00\n"
+    err = capsys.readouterr().err
+    assert "split val: 1 scene(s) failed and are not in val.txt: scene0001_00" in err
+    assert "split val: no scene prepared" in err
+    report = json.load(open(os.path.join(out, "prepare_report.json")))
+    assert report["split_failed"] == {"val": ["scene0001_00"]}
+    assert "aggregation" in report["failed"]["scene0001_00"]
+
+    # a val split where one of two scenes fails: the list holds the prepared one
+    with open(os.path.join(scannet_root, "scannetv2_val.txt"), "w") as fh:
+        fh.write("scene0001_00\nscene0002_00\n")
+    s = prepare_scannet(scannet_root, out, progress=False)
+    assert open(os.path.join(out, "val.txt")).read() == "scene0002_00\n"
+    report = json.load(open(os.path.join(out, "prepare_report.json")))
+    assert report["split_failed"] == {"val": ["scene0001_00"]}
+    assert report["stats"]["scenes"] == 2  # both prepared scenes, over the two runs
+
+
+def test_s3dis_failed_val_room_named(tmp_path, capsys):
+    root, out = str(tmp_path / "s3dis"), str(tmp_path / "out")
+    _write_room(root, 1, "office_1")
+    os.makedirs(os.path.join(root, "Area_5", "hallway_1", "Annotations"))  # no points: fails
+    s = prepare_s3dis(root, out, progress=False)
+    assert list(s.failed) == ["Area_5_hallway_1"]
+    assert not os.path.exists(os.path.join(out, "val.txt"))
+    assert open(os.path.join(out, "train.txt")).read() == "Area_1_office_1\n"
+    report = json.load(open(os.path.join(out, "prepare_report.json")))
+    assert report["split_failed"] == {"Area_5": ["Area_5_hallway_1"],
+                                      "val": ["Area_5_hallway_1"]}
+    assert "Area_5_hallway_1" in capsys.readouterr().err

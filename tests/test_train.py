@@ -129,3 +129,53 @@ def test_data_parallel_two_devices_same_loss(prepared, tmp_path):
     for name in ("loss", "semantic", "offset", "center", "aggregation", "mask"):
         np.testing.assert_allclose(out["two"][name], out["one"][name], rtol=2e-4, atol=1e-5,
                                    err_msg=name)
+
+
+def test_empty_val_split_warns_and_skips_evaluation(prepared, tmp_path, monkeypatch):
+    """A 0-byte val.txt: a warning naming the split and root up front, no evaluation
+    records (no NaN), checkpoints saved, best/ left empty. The train step is stubbed (the
+    loop's bookkeeping is under test, not the model)."""
+    import dknet_jax.train as train_mod
+
+    root = tmp_path / "data"
+    root.mkdir()
+    names = open(os.path.join(prepared, "train.txt")).read().split()
+    for n in names:
+        os.symlink(os.path.join(prepared, n + ".npz"), root / (n + ".npz"))
+    (root / "train.txt").write_text("".join(n + "\n" for n in names))
+    (root / "val.txt").write_text("")  # e.g. the only val scene failed to prepare
+
+    def fake_step_factory(graphdef, tx, config, mesh=None):
+        def step(params, rest, opt_state, batch, key, epoch):
+            return params, rest, opt_state, {"loss": np.float32(1.0), "skipped": 0.0,
+                                             "voxel_overflow": 0.0}
+        return step
+
+    monkeypatch.setattr(train_mod, "make_train_step", fake_step_factory)
+    c = _config(str(root))
+    c.train.epochs, c.train.steps_per_epoch, c.train.eval_every_epochs = 2, 1, 1
+    workdir = str(tmp_path / "w")
+    with pytest.warns(UserWarning, match=r"no validation scenes in .*data/val .*without "
+                                         r"evaluation; best/ will not be written"):
+        results = train_mod.train_and_evaluate(c, workdir)
+    assert results == {}
+    records = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2] and all("val" not in r for r in records)
+    assert all(np.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
+    assert ckpt_lib.Checkpoints(workdir).latest_step() == 2
+    assert not [f for f in os.listdir(os.path.join(workdir, "best")) if f.isdigit()]
+
+
+def test_truncate_log_drops_rows_past_the_restored_step(tmp_path):
+    from dknet_jax.train import truncate_log
+
+    path = str(tmp_path / "metrics.jsonl")
+    rows = [{"step": s, "loss": 1.0 / s, "time": 10.0 * s} for s in range(1, 6)]
+    rows.insert(3, {"step": 3, "val": {"all_ap": 0.5}})  # an evaluation record at step 3
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo'  # killed mid-write
+    open(path, "w").write(text)
+    assert truncate_log(path, 3) == 30.0
+    assert [json.loads(x) for x in open(path)] == rows[:4]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert truncate_log(path, 0) == 0.0 and open(path).read() == ""
+    assert truncate_log(str(tmp_path / "absent.jsonl"), 5) == 0.0

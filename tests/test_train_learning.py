@@ -211,12 +211,16 @@ def test_kill_and_resume_with_augmentation(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_lib.Checkpoints, "save", real_save)
     saved_state, saved_meta = _restore_state(_config(prepared, total), killed)
     assert saved_meta["step"] == k
+    with open(os.path.join(killed, "metrics.jsonl"), "a") as fh:  # logged after the checkpoint
+        fh.write(json.dumps({"step": k + 1, "loss": -1.0, "time": 1e9}) + "\n")
     train("resumed", killed)
 
     # metrics.jsonl: 1..k from the killed run, then k+1..2k, each step once
     records = [json.loads(x) for x in open(os.path.join(killed, "metrics.jsonl"))]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, total + 1)), steps
+    times = [r["time"] for r in records if "loss" in r]
+    assert times == sorted(times) and -1.0 not in [r["loss"] for r in records if "loss" in r]
     straight_steps = [
         json.loads(x)["step"]
         for x in open(os.path.join(straight, "metrics.jsonl"))

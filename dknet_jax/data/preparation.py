@@ -9,6 +9,18 @@ Each scene is a `Job`; `run_jobs` skips scenes whose output exists (unless
 a temporary file + rename (a crash never leaves a half-written scene), prints every
 distinct warning once, and returns a `Summary` whose counters say what was skipped or
 unannotated, so nothing is dropped silently.
+
+Settings: the settings that change what a scene's npz holds (`check_settings`; S3DIS: the
+superpoint parameters, ScanNet: the label table) are recorded in
+``O/prepare_settings.json``. A rerun with other settings stops with an error naming them
+(instead of silently keeping scenes made with the old ones) unless ``--overwrite``.
+
+Report: ``O/prepare_report.json`` keeps per-scene counters (``scene_stats``) merged over
+runs, so ``stats`` totals every scene prepared in O, not only this run's (a rerun that
+skips everything keeps the totals). Split lists never drop a scene silently: failed
+scenes are listed per split in ``split_failed`` and named in a warning, and a split with
+no prepared scene gets no list file (training then stops with "split not found") rather
+than a 0-byte one.
 """
 
 from __future__ import annotations
@@ -26,10 +38,29 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["Job", "Summary", "run_jobs", "save_prepared"]
+__all__ = ["Job", "SettingsMismatch", "Summary", "check_settings", "run_jobs", "save_prepared",
+           "write_split_lists", "write_text_atomic"]
+
+SETTINGS_FILE = "prepare_settings.json"
 
 PREPARED_DTYPES = {"xyz": np.float32, "rgb": np.uint8, "semantic": np.int32,
                    "instance": np.int32, "superpoint": np.int32}
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_prepared(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
@@ -72,7 +103,11 @@ class Summary:
     Attributes:
       prepared / existing: scene names written now / skipped because already present.
       failed: scene name -> error message.
-      stats: summed per-scene counters (points, skipped rows, unannotated points, ...).
+      stats: summed per-scene counters (points, skipped rows, unannotated points, ...)
+        of the scenes prepared in this run.
+      scene_stats: scene name -> its counters (this run's scenes).
+      totals: summed counters of every scene prepared in the output folder, this run's and
+        earlier runs' (filled by `write_report`).
       warnings: distinct warning text -> number of scenes that raised it.
     """
 
@@ -81,18 +116,23 @@ class Summary:
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     stats: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     warnings: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    scene_stats: dict[str, dict] = dataclasses.field(default_factory=dict)
+    totals: collections.Counter | None = None
 
     def report(self, out: str) -> int:
         """Print the one-line outcome and the report path; return the CLI exit status
         (1 when a scene failed)."""
         print(f"prepared {len(self.prepared)}, already present {len(self.existing)}, "
-              f"failed {len(self.failed)}; totals: {dict(sorted(self.stats.items()))}")
+              f"failed {len(self.failed)}; totals: "
+              f"{dict(sorted((self.stats if self.totals is None else self.totals).items()))}")
         print(f"report: {os.path.join(out, 'prepare_report.json')}")
         return 1 if self.failed else 0
 
     def to_json(self) -> dict:
         return {"prepared": len(self.prepared), "existing": len(self.existing),
-                "failed": self.failed, "stats": dict(self.stats),
+                "failed": self.failed,
+                "stats": dict(self.stats if self.totals is None else self.totals),
+                "run_stats": dict(self.stats), "scene_stats": self.scene_stats,
                 "warnings": dict(self.warnings)}
 
 
@@ -131,6 +171,7 @@ def run_jobs(jobs: list[Job], *, workers: int = 1, overwrite: bool = False,
         if error is None:
             summary.prepared.append(name)
             summary.stats.update(stats)
+            summary.scene_stats[name] = dict(stats)
         else:
             summary.failed[name] = error
             emit(f"error: {name}: {error}")
@@ -154,8 +195,117 @@ def run_jobs(jobs: list[Job], *, workers: int = 1, overwrite: bool = False,
 
 
 def write_report(path: str, summary: Summary, extra: dict | None = None) -> None:
-    """Write the summary as JSON (``O/prepare_report.json``)."""
+    """Write the summary as JSON (``O/prepare_report.json``), atomically.
+
+    The per-scene counters of an earlier report in ``path`` are kept for the scenes this
+    run did not redo, and ``stats`` (also ``summary.totals``) sums them all: a rerun that
+    skips every scene keeps the totals. A report of an older version without
+    ``scene_stats`` contributes its ``stats`` as the earlier scenes' totals.
+    """
+    scene_stats: dict[str, dict] = {}
+    base: collections.Counter = collections.Counter()
+    if os.path.isfile(path):
+        try:
+            with open(path) as fh:
+                old = json.load(fh)
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old.get("scene_stats"), dict):
+            scene_stats.update(old["scene_stats"])
+        elif isinstance(old.get("stats"), dict) and summary.existing:
+            base.update(old["stats"])
+    scene_stats.update(summary.scene_stats)
+    totals = collections.Counter(base)
+    for stats in scene_stats.values():
+        totals.update(stats)
+    summary.totals = totals
     data = summary.to_json()
+    data["scene_stats"] = dict(sorted(scene_stats.items()))
     data.update(extra or {})
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+class SettingsMismatch(ValueError):
+    """The output folder was prepared with other settings (see `check_settings`)."""
+
+
+def check_settings(out: str, settings: dict, *, overwrite: bool,
+                   scenes: list[str]) -> Callable[[Summary], None]:
+    """Compare ``settings`` with those recorded in ``O/prepare_settings.json``.
+
+    - no record: record ``settings`` now (a folder prepared before records existed is
+      taken to match);
+    - same settings: nothing to do (existing scenes are skipped as usual);
+    - other settings without ``overwrite``: `SettingsMismatch` naming each differing
+      setting, its recorded and its new value, and ``--overwrite``;
+    - other settings with ``overwrite``: every prepared scene in O must be among
+      ``scenes`` (else `SettingsMismatch`: the others would keep the old settings).
+
+    Returns ``commit(summary)``, to call after `run_jobs`: it records the new settings
+    once every scene was redone (no failure; a failed scene keeps its old npz).
+    """
+    path = os.path.join(out, SETTINGS_FILE)
+    settings = json.loads(json.dumps(settings))  # the JSON form, as compared later
+
+    def record() -> None:
+        write_text_atomic(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+    if not os.path.isfile(path):
+        os.makedirs(out, exist_ok=True)
+        record()
+        return lambda summary: None
+    with open(path) as fh:
+        old = json.load(fh)
+    diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings))
+            if old.get(k) != settings.get(k)}
+    if not diff:
+        return lambda summary: None
+    named = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+    if not overwrite:
+        raise SettingsMismatch(
+            f"{out} was prepared with other settings ({named}; recorded in {path}); its "
+            f"scenes would be kept as they are. Rerun with --overwrite to redo every scene "
+            f"with the new settings, use the recorded settings, or choose another --out")
+    wanted = set(scenes)
+    stale = sorted(f[:-4] for f in os.listdir(out)
+                   if f.endswith(".npz") and f[:-4] not in wanted)
+    if stale:
+        raise SettingsMismatch(
+            f"{out} was prepared with other settings ({named}); --overwrite redoes only the "
+            f"scenes of this run, and {len(stale)} other prepared scene(s) there (e.g. "
+            f"{stale[:3]}) would keep the old ones. Prepare all scenes, remove those, or "
+            f"choose another --out")
+
+    def commit(summary: Summary) -> None:
+        if not summary.failed:
+            record()
+
+    return commit
+
+
+def write_split_lists(out: str, lists: dict[str, list[str]],
+                      failed: dict[str, list[str]], note: Callable[[str], None]) -> dict:
+    """Write ``O/<split>.txt`` for each split (atomically) and return the report fields.
+
+    ``lists``: split -> prepared scene names; ``failed``: split -> scenes of that split
+    that failed in this run (named in a warning through ``note``). A split with no
+    prepared scene gets no list file (an old one is removed) and a warning: an empty
+    list would make training or evaluation run on nothing.
+    """
+    extra: dict = {"split_failed": {}}
+    for split, names in lists.items():
+        bad = sorted(failed.get(split, ()))
+        if bad:
+            extra["split_failed"][split] = bad
+            note(f"split {split}: {len(bad)} scene(s) failed and are not in {split}.txt: "
+                 f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''} (errors under "
+                 f"'failed' in prepare_report.json)")
+        path = os.path.join(out, f"{split}.txt")
+        if not names:
+            if os.path.exists(path):
+                os.remove(path)
+            note(f"split {split}: no scene prepared; {path} not written (training or "
+                 f"evaluation on this split stops with 'split not found')")
+            continue
+        write_text_atomic(path, "".join(f"{n}\n" for n in names))
+    return extra

@@ -24,8 +24,10 @@ Rules (the decisions this module documents):
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable
 
@@ -154,31 +156,64 @@ def prepare_s3dis(root: str, out: str, *, areas: list[int] | None = None,
     """Prepare every room: ``O/Area_N_<room>.npz``, split lists ``O/Area_N.txt`` and,
     for the usual protocol, ``O/train.txt`` (areas != test_area) and ``O/val.txt``.
 
+    The superpoint parameters (``k``, ``voxel_size``, ``k_thresh``, ``seg_min_verts``)
+    are recorded in ``O/prepare_settings.json``; a rerun with other values stops with
+    `preparation.SettingsMismatch` unless ``overwrite``. Failed rooms are named per split
+    in the report and a split with no room gets no list (`preparation.write_split_lists`).
+
     Returns:
       `preparation.Summary` (also written to ``O/prepare_report.json``).
     """
-    from dknet_jax.data.preparation import Job, run_jobs, write_report
+    from dknet_jax.data.preparation import (
+        Job,
+        check_settings,
+        run_jobs,
+        write_report,
+        write_split_lists,
+    )
 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"S3DIS root not found: {root}")
     rooms = find_rooms(root, areas)
     if not rooms:
         raise FileNotFoundError(f"no Area_N/<room> folders under {root}")
-    os.makedirs(out, exist_ok=True)
+    # the superpoint parameters decide the arrays: recorded, a rerun must use the same
+    room_params = dict(inspect.signature(prepare_s3dis_room).parameters)
+    settings = {"dataset": "s3dis"}
+    for name in ("k", "voxel_size", "k_thresh", "seg_min_verts"):
+        settings[name] = params.get(name, room_params[name].default)
+    commit = check_settings(out, settings, overwrite=overwrite, scenes=[n for n, _ in rooms])
     jobs = [Job(name, os.path.join(out, f"{name}.npz"), _room_job, (d, params))
             for name, d in rooms]
     summary = run_jobs(jobs, workers=workers, overwrite=overwrite, desc="S3DIS rooms",
                        progress=progress)
+    commit(summary)
     done = sorted(f[:-4] for f in os.listdir(out)  # every prepared room, not just this run's
                   if re.fullmatch(r"Area_\d+_.+\.npz", f))
     lists: dict[str, list[str]] = {"train": [], "val": []}
-    for name in done:
+    failed: dict[str, list[str]] = {}
+
+    def splits_of(name: str) -> list[str]:
         area = name.split("_")[0] + "_" + name.split("_")[1]
-        lists.setdefault(area, []).append(name)
-        lists["val" if area == f"Area_{test_area}" else "train"].append(name)
-    for split, names in lists.items():
-        with open(os.path.join(out, f"{split}.txt"), "w") as fh:
-            fh.write("".join(f"{n}\n" for n in names))
+        return [area, "val" if area == f"Area_{test_area}" else "train"]
+
+    for name in done:
+        for split in splits_of(name):
+            lists.setdefault(split, []).append(name)
+    for name in summary.failed:
+        if name in done:  # an older npz of it is still there (overwrite) and listed
+            continue
+        for split in splits_of(name):
+            failed.setdefault(split, []).append(name)
+            lists.setdefault(split, [])
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+    extra = write_split_lists(out, lists, failed, note)
+    summary.warnings.update(notes)
     write_report(os.path.join(out, "prepare_report.json"), summary,
-                 {"test_area": test_area})
+                 {"test_area": test_area, **extra})
     return summary

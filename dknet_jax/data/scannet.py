@@ -31,6 +31,7 @@ Label rules (the decisions this module documents):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -310,12 +311,22 @@ def prepare_scannet(root: str, out: str, *, split_dir: str | None = None,
     Splits: ``scannetv2_{train,val,test}.txt`` looked up in ``split_dir`` (default R);
     when present, scenes of the test list are prepared as test scenes and
     ``O/<split>.txt`` lists the scenes of each split that have an npz in O (the npz
-    files all stay flat in O). Listed scenes that are absent are counted and reported.
+    files all stay flat in O). Listed scenes that are absent are counted and reported;
+    listed scenes that failed are named per split (``split_failed`` in the report) and a
+    split with no prepared scene gets no list (see `preparation.write_split_lists`).
+    The label table's digest is recorded in ``O/prepare_settings.json``: a rerun with
+    another table stops with `preparation.SettingsMismatch` unless ``overwrite``.
 
     Returns:
       `preparation.Summary` (also written to ``O/prepare_report.json``).
     """
-    from dknet_jax.data.preparation import Job, run_jobs, write_report
+    from dknet_jax.data.preparation import (
+        Job,
+        check_settings,
+        run_jobs,
+        write_report,
+        write_split_lists,
+    )
 
     notes: list[str] = []
 
@@ -323,7 +334,8 @@ def prepare_scannet(root: str, out: str, *, split_dir: str | None = None,
         notes.append(message)
         print(f"warning: {message}", file=sys.stderr)
 
-    table = read_label_table(os.path.join(root, LABEL_TABLE), warn=note)
+    table_path = os.path.join(root, LABEL_TABLE)
+    table = read_label_table(table_path, warn=note)
     split_dir = split_dir or root
     splits = {}
     for name in SPLITS:
@@ -338,20 +350,26 @@ def prepare_scannet(root: str, out: str, *, split_dir: str | None = None,
     if not scenes:
         raise FileNotFoundError(f"no scene folders under {root}/scans")
     test_set = set(splits.get("test", ()))
-    os.makedirs(out, exist_ok=True)
+    # what decides a scene's arrays besides its own files: the label mapping
+    with open(table_path, "rb") as fh:
+        table_digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+    commit = check_settings(out, {"dataset": "scannet", "label_table_sha256": table_digest},
+                            overwrite=overwrite, scenes=scenes)
     jobs = [Job(s, os.path.join(out, f"{s}.npz"), _scene_job,
                 (root, s, table, True if s in test_set else None)) for s in scenes]
     summary = run_jobs(jobs, workers=workers, overwrite=overwrite, desc="ScanNet scenes",
                        progress=progress)
+    commit(summary)
     extra = {}
+    lists, failed = {}, {}
     for name, listed in splits.items():  # every prepared scene in O, not just this run's
-        have = [s for s in listed if os.path.isfile(os.path.join(out, f"{s}.npz"))]
-        with open(os.path.join(out, f"{name}.txt"), "w") as fh:
-            fh.write("".join(f"{s}\n" for s in have))
-        extra[f"split_{name}"] = len(have)
-        if len(have) < len(listed):
-            note(f"{len(listed) - len(have)} scenes of scannetv2_{name}.txt are not "
-                 f"prepared (absent or failed)")
+        lists[name] = [s for s in listed if os.path.isfile(os.path.join(out, f"{s}.npz"))]
+        failed[name] = [s for s in listed if s in summary.failed and s not in lists[name]]
+        extra[f"split_{name}"] = len(lists[name])
+        absent = len(listed) - len(lists[name]) - len(failed[name])
+        if absent:
+            note(f"{absent} scenes of scannetv2_{name}.txt are not prepared (absent)")
+    extra.update(write_split_lists(out, lists, failed, note))
     summary.warnings.update(notes)
     write_report(os.path.join(out, "prepare_report.json"), summary, extra)
     return summary
