@@ -8,15 +8,65 @@ Layout under the work dir::
 
     W/checkpoints/<step>/{state,meta}   last ``keep`` checkpoints
     W/best/<step>/{state,meta}           the single best by ``meta["metric"]``
+
+Unreadable steps (truncated/missing files) raise ``CorruptCheckpointError``; a checkpoint
+whose arrays differ from the target (another config) raises ``CheckpointMismatchError``.
+``restore_latest_readable`` (training resume) moves corrupt steps aside to
+``checkpoints/<step>.corrupt`` and falls back to the newest readable one.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the step and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is readable but its arrays do not match the target (another config)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint step cannot be read (truncated, missing or undecodable files)."""
+
+
+def _flat_shapes(tree) -> dict:
+    return {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(tree).items()}
+
+
+def _differences(want: dict, have: dict) -> list[str]:
+    """``want``/``have``: flat {path tuple: shape}; human-readable differences."""
+    name = "/".join
+    out = [f"{name(k)}: missing from the checkpoint" for k in want if k not in have]
+    out += [f"{name(k)}: in the checkpoint but not in the model" for k in have if k not in want]
+    out += [f"{name(k)} has shape {have[k]} there but {want[k]} here"
+            for k in want if k in have and want[k] != have[k]]
+    return out
+
+
+def _mismatch(where: str, diffs: list[str]) -> CheckpointMismatchError:
+    more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+    return CheckpointMismatchError(
+        f"checkpoint {where} does not match the model: {diffs[0]}{more}; "
+        f"use the config it was trained with")
+
+
+def _aside(path: str, suffix: str) -> str:
+    """Rename ``path`` to a free ``path + suffix[.n]`` (ignored by orbax); return it."""
+    dst, n = path + suffix, 1
+    while os.path.exists(dst):
+        dst, n = f"{path}{suffix}.{n}", n + 1
+    os.rename(path, dst)
+    return dst
 
 
 class Checkpoints:
@@ -34,7 +84,9 @@ class Checkpoints:
         best_opts = ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, enable_async_checkpointing=False,
             best_fn=lambda m: m["metric"], best_mode="max")
-        self._best = ocp.CheckpointManager(os.path.join(workdir, "best"), options=best_opts)
+        best_dir = os.path.join(workdir, "best")
+        _recover_replaced(best_dir)
+        self._best = ocp.CheckpointManager(best_dir, options=best_opts)
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
@@ -48,35 +100,105 @@ class Checkpoints:
         if metric is not None:
             args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave({**meta, "metric": metric}))
+            # a resumed run can reach a step that best/ already holds (from the run it
+            # replaces): move the old one aside, save, then delete it (killed in between,
+            # the next Checkpoints() puts it back if the new one is missing)
+            old = None
+            if step in self._best.all_steps():
+                old = _aside(os.path.join(str(self._best.directory), str(step)), ".replaced")
+                self._best.reload()
+                print(f"note: best/{step} from an earlier run is replaced by this run's "
+                      f"step {step}", file=sys.stderr, flush=True)
             self._best.save(step, args=args, metrics={"metric": float(metric)}, force=True)
+            self._best.wait_until_finished()
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         self._latest.wait_until_finished()
         self._best.wait_until_finished()
 
     def restore(self, target: Any, step: int | None = None, best: bool = False):
         """Restore ``(state, meta)``; ``target`` is a pytree with the state's structure
-        (arrays or ``jax.ShapeDtypeStruct``). Default: the latest step."""
+        (arrays or ``jax.ShapeDtypeStruct``). Default: the latest step.
+
+        Raises CheckpointMismatchError when the arrays differ from ``target`` (another
+        config) and CorruptCheckpointError when the step cannot be read."""
         mgr = self._best if best else self._latest
         if step is None:
             step = mgr.best_step() if best else mgr.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
+        where = f"{mgr.directory}/{step}"
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        try:
+            out = mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - classified below, orbax's stack dropped
+            raise self._classify(where, abstract, e) from None
         # orbax restores the saved shapes even when the target's differ (a changed config)
-        want = jax.tree_util.tree_leaves_with_path(abstract)
-        got = jax.tree.leaves(out["state"])
-        for (path, a), b in zip(want, got, strict=True):
-            if tuple(a.shape) != tuple(b.shape):
-                raise ValueError(
-                    f"checkpoint {mgr.directory}/{step} does not match the model: "
-                    f"{jax.tree_util.keystr(path)} has shape {tuple(b.shape)} there but "
-                    f"{tuple(a.shape)} here; use the config it was trained with")
+        diffs = _differences(_flat_shapes(abstract), _flat_shapes(out["state"]))
+        if diffs:
+            raise _mismatch(where, diffs)
         return out["state"], out["meta"]
+
+    @staticmethod
+    def _classify(where: str, abstract: Any, err: Exception) -> ValueError:
+        """Why restoring ``where`` failed: the tree metadata differs from the target (a
+        config mismatch) or the step's files cannot be read (corruption)."""
+        try:
+            meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where) / "state")
+            diffs = _differences(_flat_shapes(abstract), _flat_shapes(meta.tree))
+        except Exception:  # noqa: BLE001 - the metadata itself is unreadable
+            diffs = []
+        if diffs:
+            return _mismatch(where, diffs)
+        reason = " ".join(str(err).split())[:300]
+        return CorruptCheckpointError(
+            f"checkpoint {where} is corrupt or incomplete (a file is truncated or missing: "
+            f"{type(err).__name__}: {reason}); delete or move that step folder aside and "
+            f"use an older step, or retrain")
+
+    def restore_latest_readable(self, target: Any,
+                                log: Callable[[str], None] | None = None):
+        """Resume: restore the newest readable step of ``checkpoints/``. Corrupt steps are
+        renamed to ``checkpoints/<step>.corrupt`` (kept for inspection, ignored from then
+        on) with a warning; a config mismatch is raised as is. Returns ``(state, meta)``;
+        FileNotFoundError when there is no step, CorruptCheckpointError when none is
+        readable."""
+        log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        bad = []
+        for step in sorted(self._latest.all_steps(), reverse=True):
+            try:
+                return self.restore(target, step=step)
+            except CorruptCheckpointError as e:
+                path = os.path.join(str(self._latest.directory), str(step))
+                moved = _aside(path, ".corrupt")
+                self._latest.reload()
+                bad.append(moved)
+                log(f"warning: {e}\nwarning: moved it to {moved}; falling back to the "
+                    f"previous checkpoint")
+        if bad:
+            raise CorruptCheckpointError(
+                f"no readable checkpoint in {self._latest.directory}: all steps are corrupt "
+                f"(moved to {', '.join(bad)}); delete the work dir to train from scratch")
+        raise FileNotFoundError(f"no checkpoint in {self._latest.directory}")
 
     def close(self) -> None:
         self._latest.close()
         self._best.close()
+
+
+def _recover_replaced(best_dir: str) -> None:
+    """Finish a best/ replacement that was killed midway (see ``Checkpoints.save``)."""
+    if not os.path.isdir(best_dir):
+        return
+    for name in os.listdir(best_dir):
+        step, _, rest = name.partition(".")
+        if step.isdigit() and rest.startswith("replaced"):
+            path = os.path.join(best_dir, name)
+            if os.path.exists(os.path.join(best_dir, step)):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, os.path.join(best_dir, step))
 
 
 def find_checkpoint_dir(path: str) -> str:

@@ -206,7 +206,8 @@ def clean_json(obj):
 def restore_for_inference(config, workdir: str, best: bool = False):
     """Build the model from ``config`` and restore its weights from ``workdir``.
 
-    Returns (graphdef, params, rest, meta)."""
+    Returns (graphdef, params, rest, meta). Raises FileNotFoundError, or a
+    ``CheckpointError`` (a ValueError) whose message names the step and the fix."""
     from dknet_jax.checkpoint import Checkpoints, find_checkpoint_dir
     from dknet_jax.optim import make_optimizer
     from dknet_jax.train import build_model
@@ -217,8 +218,10 @@ def restore_for_inference(config, workdir: str, best: bool = False):
     target = {"params": params, "rest": rest, "opt": tx.init(params),
               "key": jax.random.PRNGKey(0)}
     ckpt = Checkpoints(workdir)
-    state, meta = ckpt.restore(target, best=best)
-    ckpt.close()
+    try:  # CheckpointMismatchError (another config) / CorruptCheckpointError (unreadable)
+        state, meta = ckpt.restore(target, best=best)
+    finally:
+        ckpt.close()
     return graphdef, state["params"], state["rest"], meta
 
 

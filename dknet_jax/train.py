@@ -187,7 +187,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step, data_state, best = 0, None, float("-inf")
     if ckpt.latest_step() is not None:
         target = {"params": params, "rest": rest, "opt": opt_state, "key": key}
-        state, meta = ckpt.restore(target)
+        state, meta = ckpt.restore_latest_readable(target)  # skips corrupt steps
         params, rest, opt_state = state["params"], state["rest"], state["opt"]
         key = state["key"]
         step, data_state = int(meta["step"]), meta["data"]

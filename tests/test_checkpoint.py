@@ -45,3 +45,97 @@ def test_shape_mismatch_is_a_clear_error(tmp_path):
     other = {"params": {"w": np.zeros((4, 2), np.float32)}, "step": np.asarray(0, np.int32)}
     with pytest.raises(ValueError, match=r"shape \(3, 2\) there but \(4, 2\) here"):
         ck.restore(other)
+
+
+def _corrupt(step_dir):
+    """Truncate the array data files of a saved step (a crash or full disk mid-copy)."""
+    files = list((step_dir / "state" / "d").iterdir())
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[:5])
+
+
+def _saved(tmp_path, steps=(1, 2, 3)):
+    ck = Checkpoints(str(tmp_path))
+    for s in steps:
+        ck.save(s, _state(s), {"step": s}, metric=0.1 * s)
+    ck.close()
+    return tmp_path
+
+
+def test_corrupt_step_is_named_as_corrupt_not_a_config_mismatch(tmp_path):
+    _corrupt(_saved(tmp_path) / "checkpoints" / "3")
+    ck = Checkpoints(str(tmp_path))
+    with pytest.raises(ValueError, match=r"checkpoints/3 is corrupt or incomplete") as e:
+        ck.restore(_state(0))
+    ck.close()
+    assert "does not match" not in str(e.value) and "older step" in str(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no orbax stack
+
+
+def test_structure_mismatch_is_a_config_error(tmp_path):
+    _saved(tmp_path, steps=(1,))
+    other = {"params": {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)},
+             "step": np.asarray(0, np.int32)}
+    with pytest.raises(ValueError, match=r"params/b: missing from the checkpoint.*use the "
+                                         r"config it was trained with"):
+        Checkpoints(str(tmp_path)).restore(other)
+
+
+def test_resume_falls_back_past_a_corrupt_latest_and_best_is_replaced(tmp_path, capsys):
+    _corrupt(_saved(tmp_path) / "checkpoints" / "3")
+    ck = Checkpoints(str(tmp_path))
+    state, meta = ck.restore_latest_readable(_state(0))
+    assert meta["step"] == 2
+    np.testing.assert_array_equal(state["params"]["w"], np.full((3, 2), 2, np.float32))
+    err = capsys.readouterr().err
+    assert "checkpoints/3 is corrupt" in err and "3.corrupt" in err
+    assert (tmp_path / "checkpoints" / "3.corrupt").is_dir()
+    assert ck.latest_step() == 2
+    # the resumed run reaches step 3 again: best/3 (of the abandoned run) is replaced
+    ck.save(3, _state(30), {"step": 3}, metric=0.05)
+    assert ck.latest_step() == 3
+    best_state, best_meta = ck.restore(_state(0), best=True)
+    assert best_meta["metric"] == pytest.approx(0.05)
+    np.testing.assert_array_equal(best_state["params"]["w"], np.full((3, 2), 30, np.float32))
+    assert sorted(os.listdir(tmp_path / "best")) == ["3"]
+    ck.close()
+
+
+def test_best_step_reached_again_after_a_hand_deleted_checkpoint(tmp_path):
+    import shutil
+    _saved(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "3")  # the user removed the bad step by hand
+    ck = Checkpoints(str(tmp_path))
+    ck.save(3, _state(33), {"step": 3}, metric=0.9)  # was StepAlreadyExistsError
+    _, best_meta = ck.restore(_state(0), best=True)
+    assert best_meta["step"] == 3 and best_meta["metric"] == pytest.approx(0.9)
+    ck.close()
+    # a replacement killed midway is finished by the next Checkpoints()
+    os.rename(tmp_path / "best" / "3", tmp_path / "best" / "3.replaced")
+    assert Checkpoints(str(tmp_path)).restore(_state(0), best=True)[1]["step"] == 3
+
+
+def test_all_steps_corrupt(tmp_path):
+    _saved(tmp_path, steps=(1,))
+    _corrupt(tmp_path / "checkpoints" / "1")
+    with pytest.raises(ValueError, match="no readable checkpoint.*1.corrupt"):
+        Checkpoints(str(tmp_path)).restore_latest_readable(_state(0), log=lambda m: None)
+
+
+def test_predict_and_evaluate_report_corruption(tmp_path):
+    from dknet_jax import predict as P
+    from dknet_jax.evaluate import restore_for_inference
+    from tests.test_predict import _random_state, _tiny_config
+
+    config = _tiny_config()
+    ck = Checkpoints(str(tmp_path))
+    ck.save(3, _random_state(config), {"step": 3, "data": None, "best": None,
+                                       "config": config.to_json_best_effort()})
+    ck.close()
+    _corrupt(tmp_path / "checkpoints" / "3")
+    for load in (lambda: P.load_model(str(tmp_path), log=lambda m: None),
+                 lambda: restore_for_inference(config, str(tmp_path))):
+        with pytest.raises(ValueError, match="checkpoints/3 is corrupt or incomplete") as e:
+            load()
+        assert "does not match" not in str(e.value)
