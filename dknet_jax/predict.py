@@ -14,6 +14,16 @@ passes one. Scans with more points than the largest point bucket are an error by
 subset that fits and every point takes the prediction of its nearest inferred point.
 Coordinates are taken as metres with z up (ScanNet's convention).
 
+Map coordinates: a scan in georeferenced coordinates (e.g. a double-precision PLY with
+offsets like 5e5 / 4e6 m) is read in float64 and, when any coordinate lies beyond 1 km,
+shifted by a per-scan origin (the whole-metre floor of its bounding-box minimum, float64)
+before anything is cast to float32, so the model sees centimetres, not float32's 0.25 m
+steps at 4e6 m (``readers.scan_origin``). The outputs are in the input's coordinates: the
+PLYs carry the coordinates exactly as read (float64 when the input's are doubles that
+float32 cannot hold), the summary's boxes are computed in float64, and the summary records
+``scene.origin``. A scan larger than a room (over 100 m in x or y, or 20 m in z: wrong
+units, or a whole site) is predicted with a warning in the log and the summary.
+
 Output names: the ScanNet submission list ``<scene>.txt`` and its masks
 ``predicted_masks/<scene>_NNN.txt`` are named by the scene id (``scene_id``, else the
 ``sceneXXXX_XX`` prefix of the input's name, else its stem with whitespace replaced by
@@ -196,7 +206,7 @@ def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
     ``config``: replaces the config saved in the checkpoint (must describe the same
     network). Raises FileNotFoundError / ValueError with a message naming the fix.
     """
-    from dknet_jax.checkpoint import Checkpoints
+    from dknet_jax.checkpoint import Checkpoints, CorruptCheckpointError
     from dknet_jax.optim import make_optimizer
 
     workdir, best, step = _resolve_checkpoint(checkpoint)
@@ -232,6 +242,8 @@ def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
     ckpt = Checkpoints(workdir)
     try:
         state, _ = ckpt.restore(target, step=step, best=best)
+    except CorruptCheckpointError:
+        raise  # unreadable files, not a config mismatch: its message names the step
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"the checkpoint {folder}/{step} does not match the network built from the "
@@ -288,7 +300,8 @@ class Prediction:
 
     Attributes:
       name: scene name (the input file's stem); names the PLYs, PNG and summary.
-      xyz: f32[N, 3] input coordinates; rgb: u8[N, 3]; faces: i32[F, 3] or None.
+      xyz: f32[N, 3] coordinates the model saw: the input's minus ``origin``;
+        rgb: u8[N, 3]; faces: i32[F, 3] or None.
       masks: bool[K, N] instance masks; labels: i32[K] class indices; scores: f32[K].
       sem_pred: i32[N] class index per point.
       instance: i32[N] instance of each point (highest score wins), -1 for none.
@@ -298,6 +311,9 @@ class Prediction:
       warnings: messages about the run (subsampling, exhausted candidate pool).
       scene_id: names the ScanNet submission list and masks; "" means
         ``scene_id_for(name)``.
+      origin: f64[3] subtracted from the input's coordinates (None: 0).
+      xyz_input: the input's coordinates exactly as read (f32 or f64), or None for
+        ``xyz + origin``; the PLYs and the summary use :meth:`coords`.
     """
     name: str
     xyz: np.ndarray
@@ -313,6 +329,20 @@ class Prediction:
     bucket: int
     warnings: list
     scene_id: str = ""
+    origin: np.ndarray | None = None
+    xyz_input: np.ndarray | None = None
+
+    def coords(self) -> np.ndarray:
+        """[N, 3] the input's coordinates: ``xyz_input`` as read, else ``xyz + origin``
+        in float64."""
+        if self.xyz_input is not None:
+            return np.asarray(self.xyz_input)
+        xyz = np.asarray(self.xyz, np.float64)
+        return xyz if self.origin is None else xyz + np.asarray(self.origin, np.float64)
+
+    def origin_list(self) -> list[float]:
+        return [0.0] * 3 if self.origin is None else np.asarray(
+            self.origin, np.float64).tolist()
 
 
 def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, *,
@@ -436,12 +466,14 @@ def _box(points: np.ndarray) -> dict:
 def summarise(pred: Prediction, config, timings: dict | None = None,
               extra: dict | None = None) -> dict:
     """JSON-ready summary: per instance (id, class, nyu40 id, score, point count, box
-    min/max/centre/size in the input's coordinates) and scene statistics."""
+    min/max/centre/size in the input's coordinates, in float64) and scene statistics,
+    with ``scene.origin`` (subtracted before the model, see the module docstring)."""
     names = class_names(config)
     scannet = config.data.dataset == "scannet"
+    world = pred.coords().astype(np.float64)
     instances = []
     for k in range(len(pred.labels)):
-        pts = pred.xyz[pred.masks[k]].astype(np.float64)
+        pts = world[pred.masks[k]]
         cls = int(pred.labels[k])
         instances.append({
             "id": k, "class": names[cls], "class_index": cls,
@@ -462,7 +494,7 @@ def summarise(pred: Prediction, config, timings: dict | None = None,
         "instances": len(instances), "instances_per_class": per_class,
         "unassigned_points": int(np.sum(pred.instance < 0)),
         "semantic_points": {names[i]: int(c) for i, c in enumerate(counts) if c},
-        "box": _box(pred.xyz.astype(np.float64)),
+        "box": _box(world), "origin": pred.origin_list(),
     }
     out = {"name": pred.name, "dataset": config.data.dataset, "classes": list(names),
            "scene": scene, "instances": instances, "warnings": list(pred.warnings),
@@ -482,7 +514,9 @@ def instance_colors(pred: Prediction) -> np.ndarray:
 
 
 def _ply(path: str, pred: Prediction, colors: np.ndarray) -> None:
-    x = pred.xyz.astype(np.float32)
+    x = pred.coords()  # the input's coordinates; float64 unless float32 holds them exactly
+    if x.dtype != np.float64 or np.array_equal(x.astype(np.float32), x):
+        x = x.astype(np.float32)
     write_ply(path, {"x": x[:, 0], "y": x[:, 1], "z": x[:, 2], "red": colors[:, 0],
                      "green": colors[:, 1], "blue": colors[:, 2],
                      "instance": pred.instance.astype(np.int32),
@@ -613,12 +647,21 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
     sid = scene_id_for(input_path, scene_id)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    scan = read_scan(input_path, warn=lambda m: log("warning: " + m))
+    read_notes: list[str] = []
+
+    def reader_warning(message: str) -> None:
+        read_notes.append(message)
+        log("warning: " + message)
+
+    scan = read_scan(input_path, warn=reader_warning)
     name = os.path.splitext(os.path.basename(input_path))[0]
-    xyz, rgb, faces = scan["xyz"], scan["rgb"], scan["faces"]
+    xyz, rgb, faces = scan["xyz"], scan["rgb"], scan["faces"]  # xyz: f32, minus origin
+    origin = scan["origin"]
     timings["load_s"] = time.perf_counter() - t0
     log(f"loaded {input_path}: {len(xyz)} points"
         + (f", {len(faces)} faces" if faces is not None else "")
+        + (f", coordinates relative to the origin {origin.tolist()} (map coordinates)"
+           if np.any(origin) else "")
         + f" ({timings['load_s']:.2f} s)")
 
     t0 = time.perf_counter()
@@ -654,7 +697,8 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
         sem_pred=scene["sem_pred"].astype(np.int32),
         instance=instance_per_point(masks, scores), superpoint=sp,
         inferred=len(xyz) if subset is None else len(subset), bucket=scene["bucket"],
-        warnings=notes, scene_id=sid)
+        warnings=read_notes + notes, scene_id=sid, origin=origin,
+        xyz_input=scan["xyz_input"])
 
     t0 = time.perf_counter()
     out = write_outputs(out_dir, pred, model.config, timings,

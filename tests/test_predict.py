@@ -464,3 +464,65 @@ def test_cli_scene_id_flag_and_clash_error(tmp_path, workdir, scene):
     r = subprocess.run(cmd + ["--out", str(tmp_path / "o"), "--scene_id", "bad id"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "scene id" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_georeferenced_double_ply_keeps_precision(tmp_path, model, scene, monkeypatch):
+    """Issue 11.2: a double-precision PLY in map coordinates (5e5 / 4e6 / 100 m) on a 1 cm
+    lattice: the model sees centimetre steps (not float32's 0.25 m at 4e6), the output PLYs
+    carry the input's coordinates exactly (float64), the summary boxes are in the input's
+    coordinates and it records the origin."""
+    offset = np.array([5e5, 4e6, 100.0])
+    xyz = np.round(scene.vertices.astype(np.float64), 2) + offset
+    assert len(np.unique(xyz[:, 1])) > 100  # the room spans metres in 1 cm steps
+    path = tmp_path / "site.ply"
+    write_ply(path, {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
+                     "red": scene.colors[:, 0], "green": scene.colors[:, 1],
+                     "blue": scene.colors[:, 2]}, faces=scene.faces)
+    assert plyfile.PlyData.read(path)["vertex"].data["x"].dtype == np.float64
+    seen = {}
+    real_run = P.run_model
+
+    def spy(model_, xyz_, *a, **k):
+        seen["xyz"] = np.array(xyz_)
+        return real_run(model_, xyz_, *a, **k)
+
+    monkeypatch.setattr(P, "run_model", spy)
+    logs = []
+    out = P.predict_file(None, str(path), str(tmp_path / "out"), model=model,
+                         log=logs.append)
+    # the model input keeps the 1 cm resolution
+    assert seen["xyz"].dtype == np.float32
+    for ax in range(3):
+        assert len(np.unique(seen["xyz"][:, ax])) == len(np.unique(xyz[:, ax]))
+    # the output PLYs: the coordinates as read, to the micrometre, stored as float64
+    for kind in ("instances", "semantic"):
+        vx = plyfile.PlyData.read(tmp_path / "out" / f"site_{kind}.ply")["vertex"].data
+        assert vx["x"].dtype == np.float64
+        np.testing.assert_allclose(np.stack([vx["x"], vx["y"], vx["z"]], 1), xyz,
+                                   rtol=0, atol=1e-6)
+    summary, _ = _check_outputs(str(tmp_path / "out"), "site", xyz, scene.faces,
+                                out["summary"])
+    # the origin: the whole-metre floor of the bounding-box minimum
+    assert summary["scene"]["origin"] == np.floor(xyz.min(0)).tolist()
+    assert summary["scene"]["origin"][:2] == [5e5, 4e6]
+    np.testing.assert_allclose(summary["scene"]["box"]["min"], xyz.min(0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(summary["scene"]["box"]["max"], xyz.max(0), rtol=0, atol=1e-6)
+    for inst in summary["instances"]:
+        if inst["box"]:
+            assert inst["box"]["min"][1] >= 4e6
+    assert any("origin" in m for m in logs)
+
+
+def test_implausible_extent_warning_reaches_the_summary(tmp_path, model):
+    """A scan spanning more than a room (here 300 m: millimetres read as metres, or a whole
+    site) is predicted, with a warning in the log and the summary."""
+    rng = np.random.default_rng(2)
+    xyz = rng.uniform(0, 1, (500, 3)) * np.array([300.0, 6.0, 3.0])
+    path = tmp_path / "wide.npz"
+    np.savez(path, xyz=xyz, rgb=rng.integers(0, 255, (500, 3)).astype(np.uint8))
+    logs = []
+    out = P.predict_file(None, str(path), str(tmp_path / "o"), model=model,
+                         superpoints="none", log=logs.append)
+    assert any(m.startswith("warning: ") and "more than a room" in m for m in logs)
+    assert any("more than a room (x/y up to 100 m, z up to 20 m)" in w
+               for w in out["summary"]["warnings"])

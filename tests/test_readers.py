@@ -195,3 +195,62 @@ def test_read_ply_missing_and_labels_property(tmp_path):
     assert c.vertex["label"].dtype == np.uint16 and c.vertex["label"][5] == 5
     with pytest.raises(FileNotFoundError, match="nope.ply"):
         read_ply(os.path.join(tmp_path, "nope.ply"))
+
+
+GEO = np.array([5e5, 4e6, 100.0])  # map coordinates (e.g. UTM easting/northing, height)
+
+
+def _geo_cloud(n=3000, seed=0):
+    """f64[n, 3] room-sized cloud (4 x 4 x 2.5 m) on a 1 cm lattice at map offsets."""
+    rng = np.random.default_rng(seed)
+    steps = np.stack([rng.integers(0, 400, n), np.arange(n) % 400, rng.integers(0, 250, n)], 1)
+    return GEO + 0.01 * steps
+
+
+@pytest.mark.parametrize("ext", ["ply", "npz", "txt"])
+def test_georeferenced_scan_keeps_centimetres(tmp_path, ext):
+    """Issue 11.2: float64 map coordinates (5e5 / 4e6 m) cast straight to float32 keep a
+    0.25 m step in y (16 values across 4 m); the reader subtracts a whole-metre origin in
+    float64 first and keeps the coordinates as read for the outputs."""
+    xyz = _geo_cloud()
+    p = str(tmp_path / f"geo.{ext}")
+    if ext == "ply":
+        write_ply(p, {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2]})
+        assert plyfile.PlyData.read(p)["vertex"].data["y"].dtype == np.float64
+    elif ext == "npz":
+        np.savez(p, xyz=xyz)
+    else:
+        np.savetxt(p, xyz, fmt="%.2f")
+    notes = []
+    out = read_scan(p, warn=notes.append)
+    assert notes == [f"{p}: no colours; using neutral grey (128, 128, 128)"]  # no extent
+    local = out["xyz"]
+    assert local.dtype == np.float32
+    assert len(np.unique(local[:, 1])) == len(np.unique(xyz[:, 1])) == 400
+    np.testing.assert_array_equal(out["origin"], GEO)  # floor of the bbox minimum
+    assert out["origin"].dtype == np.float64
+    np.testing.assert_allclose(local + out["origin"], xyz, rtol=0, atol=1e-6)
+    assert out["xyz_input"].dtype == np.float64
+    np.testing.assert_array_equal(out["xyz_input"], xyz)
+
+
+def test_small_coordinates_keep_origin_zero(tmp_path):
+    p = str(tmp_path / "room.ply")
+    write_ply(p, _vertex())
+    out = read_scan(p)
+    np.testing.assert_array_equal(out["origin"], 0.0)
+    np.testing.assert_array_equal(out["xyz"], XYZ)
+    assert out["xyz_input"].dtype == np.float32
+
+
+@pytest.mark.parametrize("scale,axis", [((150, 4, 3), "x"), ((4, 4, 30), "z"),
+                                        ((4000, 3000, 2500), "x")])
+def test_implausible_extent_warns(tmp_path, scale, axis):
+    """A scan much larger than a room (> 100 m in x/y or > 20 m in z: millimetres, a whole
+    site) is read, with one warning naming the extent and the bounds."""
+    p = str(tmp_path / "big.npz")
+    np.savez(p, xyz=RNG.uniform(0, 1, (50, 3)) * np.array(scale), rgb=RGB[:1].repeat(50, 0))
+    with pytest.warns(DataWarning, match=r"big\.npz: the scan spans .* m, more than a room "
+                      r"\(x/y up to 100 m, z up to 20 m\).*metres"):
+        out = read_scan(p)
+    assert out["xyz"].shape == (50, 3)

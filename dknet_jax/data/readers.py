@@ -8,6 +8,16 @@ Bad input never becomes a stack trace from deep inside numpy: whole-file problem
 (missing file, empty cloud, NaN/inf coordinates, missing columns) raise `ValueError` /
 `FileNotFoundError` naming the file; a malformed text row is skipped with a `DataWarning`
 naming the file and line.
+
+Map coordinates: a scan in georeferenced coordinates (double-precision PLY / npz / text
+with offsets like 5e5 / 4e6 m) would lose its precision in float32 (0.25 m steps at 4e6 m).
+`read_scan` therefore reads coordinates as they are stored (float64 stays float64), and
+when any coordinate lies beyond ``ORIGIN_BEYOND_M`` (1 km; float32 steps there are over
+0.1 mm) subtracts a per-scan origin in float64 -- the whole-metre floor of the bounding-box
+minimum -- before casting to float32; ``xyz + origin`` gives the file's coordinates back,
+and ``xyz_input`` keeps them exactly as read. Ordinary room scans keep origin 0. A scan
+whose extent is implausible for a room (more than ``ROOM_EXTENT_M`` = 100 m in x or y, or
+20 m in z: wrong units such as millimetres, or a whole site) is read with a `DataWarning`.
 """
 
 from __future__ import annotations
@@ -21,12 +31,20 @@ import numpy as np
 from dknet_jax.data.ply import read_ply
 
 __all__ = [
+    "ORIGIN_BEYOND_M",
+    "ROOM_EXTENT_M",
     "DataWarning",
     "Rows",
     "read_rows",
     "read_scan",
+    "scan_origin",
     "warn_data",
 ]
+
+# coordinates beyond this magnitude (m) are shifted by a per-scan origin before float32
+ORIGIN_BEYOND_M = 1000.0
+# largest plausible extent (m) of one room scan in x, y, z; larger ones get a warning
+ROOM_EXTENT_M = (100.0, 100.0, 20.0)
 
 GREY = 128
 # bytes a numeric text row may hold; anything else (NUL, control bytes, letters other
@@ -197,7 +215,27 @@ def _check_xyz(path: str, xyz: np.ndarray) -> np.ndarray:
     if bad.any():
         raise ValueError(f"{path}: {int(bad.sum())} points have NaN or inf coordinates "
                          f"(first at row {int(np.argmax(bad))}); remove them first")
-    return xyz.astype(np.float32)
+    # as stored: float64 stays float64 (map coordinates), float32 stays float32
+    return xyz if xyz.dtype in (np.float32, np.float64) else xyz.astype(np.float64)
+
+
+def scan_origin(xyz: np.ndarray) -> np.ndarray:
+    """f64[3] origin subtracted before the float32 cast: the whole-metre floor of the
+    bounding-box minimum when any coordinate's magnitude exceeds ``ORIGIN_BEYOND_M``
+    (georeferenced scans), else 0 (float32 is already fine to well below 1 mm)."""
+    xyz = np.asarray(xyz, np.float64)
+    if not len(xyz) or np.abs(xyz).max() <= ORIGIN_BEYOND_M:
+        return np.zeros(3)
+    return np.floor(xyz.min(axis=0))
+
+
+def _check_extent(path: str, xyz: np.ndarray, warn: Callable[[str], None]) -> None:
+    size = np.ptp(xyz, axis=0)
+    if np.any(size > np.asarray(ROOM_EXTENT_M)):
+        warn(f"{path}: the scan spans {size[0]:.1f} x {size[1]:.1f} x {size[2]:.1f} m, more "
+             f"than a room (x/y up to {ROOM_EXTENT_M[0]:g} m, z up to {ROOM_EXTENT_M[2]:g} m)"
+             f"; the model expects one room in metres with z up: check the units (mm/cm?) "
+             f"or crop the scan")
 
 
 def _read_ply_scan(path: str, warn) -> dict:
@@ -260,9 +298,12 @@ def read_scan(path: str | os.PathLike, *, warn: Callable[[str], None] = warn_dat
     ``.npz`` (``xyz`` + optional ``rgb``/``faces``) or ``.txt`` rows ``x y z [r g b]``.
 
     Returns:
-      dict ``xyz`` f32[N, 3], ``rgb`` u8[N, 3] (neutral grey 128 with a warning when the
-      file has no colours; float colours in [0, 1] are scaled to 0..255), ``faces``
-      i32[F, 3] or None.
+      dict ``xyz`` f32[N, 3] coordinates relative to ``origin`` f64[3] (`scan_origin`:
+      0 unless the scan is in map coordinates beyond 1 km), ``xyz_input`` the coordinates
+      exactly as read (f64 when the file stores doubles or text, else f32), ``rgb``
+      u8[N, 3] (neutral grey 128 with a warning when the file has no colours; float colours
+      in [0, 1] are scaled to 0..255), ``faces`` i32[F, 3] or None. A scan larger than a
+      room (`ROOM_EXTENT_M`) is read with a warning.
 
     Raises:
       FileNotFoundError: no such file. ValueError: unsupported extension, unreadable file,
@@ -276,7 +317,11 @@ def read_scan(path: str | os.PathLike, *, warn: Callable[[str], None] = warn_dat
     if not os.path.isfile(path):
         raise FileNotFoundError(f"scan file not found: {path}")
     raw = _READERS[ext](path, warn)
-    xyz = _check_xyz(path, raw["xyz"])
+    xyz_input = _check_xyz(path, raw["xyz"])
+    xyz64 = xyz_input.astype(np.float64)
+    origin = scan_origin(xyz64)
+    xyz = (xyz64 - origin).astype(np.float32)  # the float32 cast after the shift
+    _check_extent(path, xyz64, warn)
     rgb = _colours(path, raw["cols"], len(xyz), warn)
     faces = raw["faces"]
     if faces is not None:
@@ -288,4 +333,4 @@ def read_scan(path: str | os.PathLike, *, warn: Callable[[str], None] = warn_dat
         if faces.size and (faces.min() < 0 or faces.max() >= len(xyz)):
             raise ValueError(f"{path}: face indices outside [0, {len(xyz)})")
         faces = faces.astype(np.int32)
-    return {"xyz": xyz, "rgb": rgb, "faces": faces}
+    return {"xyz": xyz, "rgb": rgb, "faces": faces, "origin": origin, "xyz_input": xyz_input}
