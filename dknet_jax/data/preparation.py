@@ -8,7 +8,8 @@ Each scene is a `Job`; `run_jobs` skips scenes whose output exists (unless
 ``overwrite``), runs the rest in a process pool with a tqdm bar, writes each npz through
 a temporary file + rename (a crash never leaves a half-written scene), prints every
 distinct warning once, and returns a `Summary` whose counters say what was skipped or
-unannotated, so nothing is dropped silently.
+unannotated, so nothing is dropped silently. Stopping the run (SIGTERM, Ctrl-C, or
+SIGKILL of the parent) stops the pool workers too, so no scene is written afterwards.
 
 Settings: the settings that change what a scene's npz holds (`check_settings`; S3DIS: the
 superpoint parameters, ScanNet: the label table) are recorded in
@@ -27,12 +28,15 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -47,20 +51,26 @@ PREPARED_DTYPES = {"xyz": np.float32, "rgb": np.uint8, "semantic": np.int32,
                    "instance": np.int32, "superpoint": np.int32}
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
+def _write_atomic(path: str, write, mode: str) -> None:
+    """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it to
+    ``path`` (readers never see a partial file; the temp file is removed on failure)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=folder)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
+    _write_atomic(path, lambda fh: fh.write(text), "w")
 
 
 def save_prepared(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
@@ -72,18 +82,7 @@ def save_prepared(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Non
     """
     path = os.fspath(path)
     out = {k: np.ascontiguousarray(arrays[k], dtype=dt) for k, dt in PREPARED_DTYPES.items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **out)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _write_atomic(path, lambda fh: np.savez(fh, **out), "wb")
 
 
 @dataclasses.dataclass
@@ -148,6 +147,55 @@ def _run_one(job: Job):
         return job.name, f"{type(e).__name__}: {e}", {}, messages
 
 
+def _worker_init(parent_pid: int) -> None:
+    """Pool worker start-up: die with the parent, leave Ctrl-C to the parent."""
+    if sys.platform.startswith("linux"):
+        try:  # the kernel sends SIGKILL to this worker when the parent dies (even by SIGKILL)
+            import ctypes
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL),
+                                                    0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+    # Ctrl-C reaches the whole process group; the parent stops the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """While active (main thread only), SIGTERM raises SystemExit(143) in the main thread,
+    so ``run_jobs`` stops its workers before the process exits; the default SIGTERM would
+    end this process at once and leave the workers running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = 2.0) -> None:
+    """Cancel the queued jobs and end the pool's worker processes (terminate, then kill)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(grace_s)
+
+
 def run_jobs(jobs: list[Job], *, workers: int = 1, overwrite: bool = False,
              desc: str = "scenes", progress: bool = True) -> Summary:
     """Run the preparation jobs; see the module docstring."""
@@ -184,11 +232,21 @@ def run_jobs(jobs: list[Job], *, workers: int = 1, overwrite: bool = False,
     else:
         # spawn, not fork: the caller may have JAX (multithreaded) loaded
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_run_one, job) for job in todo]
-            for fut in cf.as_completed(futures):
-                collect(fut.result())
-                bar.update()
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                      initializer=_worker_init, initargs=(os.getpid(),))
+        try:
+            with _sigterm_exits():
+                futures = [pool.submit(_run_one, job) for job in todo]
+                for fut in cf.as_completed(futures):
+                    collect(fut.result())
+                    bar.update()
+        except BaseException:
+            # SIGTERM, Ctrl-C or an error here: stop the workers now instead of letting
+            # them finish (and write) the remaining scenes after this process is gone
+            bar.close()
+            _stop_pool(pool)
+            raise
+        pool.shutdown()
     bar.close()
     summary.prepared.sort()
     return summary
