@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from dknet_jax.eval import (
     load_dirs,
     read_ids,
     read_prediction,
+    results_to_json,
     write_gt_ids,
     write_prediction,
 )
@@ -213,3 +215,57 @@ def test_label_ids_outside_the_instance_classes_are_skipped_like_the_benchmark(t
     assert crashes == 0
     np.testing.assert_array_equal(np.isnan(official), np.isnan(ap))
     np.testing.assert_allclose(np.nan_to_num(official), np.nan_to_num(ap), atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:.*no prediction file")
+def test_empty_gt_file_is_named_not_the_mask_file(tmp_path):
+    gt_dir, pred_dir = make_set(tmp_path)
+    open(os.path.join(gt_dir, "scene0000_00.txt"), "w").close()
+    with pytest.raises(BenchmarkFormatError, match=r"GT file .*scene0000_00\.txt is empty"):
+        evaluate_dirs(gt_dir, pred_dir, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*no prediction file")
+def test_byte_order_marks_are_dropped(tmp_path):
+    gt_dir, pred_dir = make_set(tmp_path)
+    want, _ = evaluate_dirs(gt_dir, pred_dir, progress=False)
+    for path in (os.path.join(gt_dir, "scene0000_00.txt"),
+                 os.path.join(pred_dir, "scene0000_00.txt"),
+                 os.path.join(pred_dir, "predicted_masks", "scene0000_00_000.txt")):
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + data)
+    got, _ = evaluate_dirs(gt_dir, pred_dir, progress=False)
+    assert results_to_json(got) == results_to_json(want)  # JSON: NaN -> None
+    assert results_to_json(want)["all_ap"] == 1.0
+
+
+def test_comment_line_in_a_prediction_list_is_a_clear_error(tmp_path):
+    # the official read_instance_prediction_file stops on such a line as well
+    gt_dir, pred_dir = make_set(tmp_path, with_second_pred=True)
+    path = os.path.join(pred_dir, "scene0001_00.txt")
+    with open(path, "w") as f:
+        f.write("# predictions of scene0001_00\n")
+    with pytest.raises(BenchmarkFormatError,
+                       match=r"scene0001_00\.txt line 1: comment line .*delete it"):
+        evaluate_dirs(gt_dir, pred_dir, progress=False)
+
+
+def test_all_gt_instances_below_the_minimum_gives_a_note(tmp_path, capsys):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    gt = np.zeros(N, np.int64)
+    gt[:60], gt[60:150] = CHAIR * 1000 + 1, TABLE * 1000 + 2  # 60 and 90 vertices
+    write_gt_ids(gt_dir / "scene0000_00.txt", gt)
+    write_prediction(str(pred_dir), "scene0000_00", gt[None] > 0, [CHAIR], [0.9])
+    with pytest.warns(UserWarning, match=r"all 2 GT instance\(s\) have fewer than 100 "
+                                         r"vertices \(largest 90\)"):
+        results, _ = evaluate_dirs(str(gt_dir), str(pred_dir), progress=False)
+    assert np.isnan(results["all_ap"])
+    # no note when an instance counts
+    gt[:200] = CHAIR * 1000 + 1
+    write_gt_ids(gt_dir / "scene0000_00.txt", gt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_dirs(str(gt_dir), str(pred_dir), progress=False)

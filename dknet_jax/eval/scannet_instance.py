@@ -264,6 +264,23 @@ class ScanNetInstanceEvaluator:
                 inter=inter[np.ix_(p_idx, g_idx)].astype(np.int64))
         self._scenes.append(scene)
 
+    def gt_instance_sizes(self) -> np.ndarray:
+        """i64[G] vertex counts of every GT instance added (before the 100-vertex minimum)."""
+        sizes = [p.gt_size for s in self._scenes for p in s.values()]
+        return np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+
+    def undefined_note(self) -> str | None:
+        """Why every AP is undefined (NaN) when no GT instance counts; None otherwise."""
+        sizes = self.gt_instance_sizes()
+        if np.any(sizes >= MIN_REGION_SIZE):
+            return None
+        if sizes.size == 0:
+            return ("every AP is nan: no GT vertex has an instance-class id (nyu40_id*1000 + "
+                    f"instance with a nyu40 id in {CLASS_IDS.tolist()})")
+        return (f"every AP is nan: all {sizes.size} GT instance(s) have fewer than "
+                f"{MIN_REGION_SIZE} vertices (largest {int(sizes.max())}), and the benchmark "
+                f"ignores smaller ones; GT files need one id per vertex of the full mesh")
+
     def compute_ap_matrix(self) -> np.ndarray:
         """f64[18, 10] AP per class (rows in benchmark order) and overlap ``OVERLAPS``."""
         ap = np.zeros((len(CLASS_NAMES), OVERLAPS.size), dtype=np.float64)

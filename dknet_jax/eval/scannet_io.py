@@ -40,10 +40,14 @@ class BenchmarkFormatError(ValueError):
 def read_ids(path: str) -> np.ndarray:
     """i64[N] integers of a GT file (one per line)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is dropped
             lines = f.read().splitlines()
     except OSError as e:
         raise BenchmarkFormatError(f"cannot read GT file {path}: {e}") from e
+    if not lines:
+        raise BenchmarkFormatError(
+            f"GT file {path} is empty; it needs one integer (nyu40_id*1000+instance) per "
+            f"vertex of the scene's *_vh_clean_2.ply mesh")
     try:
         return np.array([int(x) for x in lines], dtype=np.int64)
     except ValueError as e:
@@ -73,7 +77,7 @@ def read_mask(path: str, num_vertices: int) -> np.ndarray:
         digits, newlines = b[0::2], b[1::2]
         if np.all(newlines == 10) and np.all((digits == 48) | (digits == 49)):
             return digits == 49
-    lines = data.decode("utf-8", errors="replace").splitlines()
+    lines = data.decode("utf-8-sig", errors="replace").splitlines()
     if len(lines) != n:
         raise BenchmarkFormatError(
             f"wrong number of lines in mask file {path}: {len(lines)} vs {n} mesh vertices "
@@ -95,13 +99,17 @@ def read_prediction_list(pred_file: str, pred_root: str) -> list[tuple[str, int,
     order, duplicates of a mask path merged as the official script does."""
     root = os.path.abspath(pred_root)
     entries: dict[str, tuple[int, float]] = {}
-    with open(pred_file) as f:
+    with open(pred_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is dropped
         lines = f.read().splitlines()
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = line.split()
         where = f"{pred_file} line {no}"
+        if line.lstrip().startswith("#"):
+            raise BenchmarkFormatError(
+                f"{where}: comment line {line!r}; the format has no comments (the official "
+                f"script stops on this line too): delete it")
         if len(parts) != 3:
             raise BenchmarkFormatError(
                 f"{where}: expected '<relative mask path> <nyu40 label id> <confidence>', "
@@ -236,9 +244,19 @@ def load_dirs(gt_dir: str, pred_dir: str,
         from tqdm import tqdm
         it = tqdm(pred_files, desc="scenes", unit="scene")
     for name in it:
-        gt_ids = read_ids(os.path.join(gt_dir, name))
-        masks, labels, scores, paths = read_prediction(
-            os.path.join(pred_dir, name), pred_dir, gt_ids.shape[0], skipped=dropped)
+        try:
+            gt_ids = read_ids(os.path.join(gt_dir, name))
+        except UnicodeDecodeError as e:
+            raise BenchmarkFormatError(f"GT file {os.path.join(gt_dir, name)} is not a text "
+                                       f"file ({e.reason} at byte {e.start})") from e
+        try:
+            masks, labels, scores, paths = read_prediction(
+                os.path.join(pred_dir, name), pred_dir, gt_ids.shape[0], skipped=dropped)
+        except UnicodeDecodeError as e:
+            raise BenchmarkFormatError(
+                f"prediction list {os.path.join(pred_dir, name)} or one of its mask files is "
+                f"not a text file ({e.reason} at byte {e.start}); the list holds "
+                f"'<mask path> <label id> <confidence>' lines") from e
         for p in paths:
             if owner.setdefault(p, name) != name:
                 raise BenchmarkFormatError(
@@ -256,4 +274,7 @@ def evaluate_dirs(gt_dir: str, pred_dir: str, progress: bool = True) -> tuple[di
     Returns (results as ``ScanNetInstanceEvaluator.compute``, skipped GT scenes).
     """
     ev, skipped = load_dirs(gt_dir, pred_dir, progress)
+    note = ev.undefined_note()
+    if note:
+        warnings.warn(note, stacklevel=2)
     return ev.compute(), skipped
