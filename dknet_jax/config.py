@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import ml_collections
 
+
+class ConfigError(ValueError):
+    """A config key or value that `validate` rejects (its message names the key)."""
+
+
 # Allowed values of the enum-like fields (the ablation switches).
 CHOICES = {
     "data.dataset": ("scannet", "s3dis"),
@@ -134,7 +139,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check a resolved config against the schema; raise ``ValueError`` naming the key.
+    """Check a resolved config against the schema; raise `ConfigError` (a ValueError) naming the key.
 
     Unknown keys (typos such as ``model.candidate``) and impossible values are errors.
     """
@@ -143,7 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
-            raise ValueError(f"config.{key}={value!r} is not one of {allowed}")
+            raise ConfigError(f"config.{key}={value!r} is not one of {allowed}")
     positive = (
         "data.voxel_size", "data.max_points", "data.batch_size", "data.eval_batch_size",
         "model.num_classes", "model.max_candidates", "model.pool_size", "model.cand_radius",
@@ -151,46 +156,46 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     for key in positive:
         if not _get(config, key) > 0:
-            raise ValueError(f"config.{key} must be > 0, got {_get(config, key)!r}")
+            raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)!r}")
     m, t, d = config.model, config.train, config.data
     for key in ("model.merge_threshold", "test.merge_threshold"):
         if not 0.0 < _get(config, key) <= 1.0:
-            raise ValueError(f"config.{key} must be in (0, 1], got {_get(config, key)!r}")
+            raise ConfigError(f"config.{key} must be in (0, 1], got {_get(config, key)!r}")
     if not 0 <= m.first_instance_class < m.num_classes:
-        raise ValueError("config.model.first_instance_class must be in [0, num_classes)")
+        raise ConfigError("config.model.first_instance_class must be in [0, num_classes)")
     if not 0 <= m.max_instances <= m.max_candidates:
-        raise ValueError(f"config.model.max_instances must be in [0, max_candidates="
+        raise ConfigError(f"config.model.max_instances must be in [0, max_candidates="
                          f"{m.max_candidates}] (0 = max_candidates), got {m.max_instances!r}")
     if m.pool_size < m.max_candidates:
-        raise ValueError("config.model.pool_size must be >= config.model.max_candidates")
+        raise ConfigError("config.model.pool_size must be >= config.model.max_candidates")
     gate = config.loss.mask_iou_gate_epoch
     if not isinstance(gate, int) or gate < -1:
-        raise ValueError(f"config.loss.mask_iou_gate_epoch must be an epoch >= 0 or -1 "
+        raise ConfigError(f"config.loss.mask_iou_gate_epoch must be an epoch >= 0 or -1 "
                          f"(never), got {gate!r}")
     if not (0 <= t.stage_heatmap_epoch <= t.stage_mask_epoch):
-        raise ValueError("need 0 <= train.stage_heatmap_epoch <= train.stage_mask_epoch")
+        raise ConfigError("need 0 <= train.stage_heatmap_epoch <= train.stage_mask_epoch")
     if sorted(d.point_buckets) != list(d.point_buckets) or not d.point_buckets:
-        raise ValueError("config.data.point_buckets must be a non-empty increasing list")
+        raise ConfigError("config.data.point_buckets must be a non-empty increasing list")
     if max(d.point_buckets) < d.max_points:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.max_points={d.max_points} exceeds the largest point bucket "
             f"{max(d.point_buckets)}; add a bucket or lower max_points")
     ratios = m.level_capacity_ratio
     ratios = tuple(ratios) if isinstance(ratios, (tuple, list)) else (ratios,)
     if not all(0.0 < r <= 1.0 for r in ratios) or len(ratios) not in (1, len(m.widths) - 1):
-        raise ValueError("config.model.level_capacity_ratio must be a number in (0, 1] or "
+        raise ConfigError("config.model.level_capacity_ratio must be a number in (0, 1] or "
                          "one per level transition (len(model.widths) - 1 numbers)")
     ppv = m.pairs_per_voxel
     ppv = tuple(ppv) if isinstance(ppv, (tuple, list)) else (ppv,)
     if len(ppv) not in (1, len(m.widths)) or not all(0.0 < x <= 27.0 for x in ppv):
-        raise ValueError(f"config.model.pairs_per_voxel must be one number in (0, 27] or "
+        raise ConfigError(f"config.model.pairs_per_voxel must be one number in (0, 27] or "
                          f"{len(m.widths)} of them (one per level), got {ppv!r}")
     if not 0.0 < m.expected_level_ratio <= 1.0:
-        raise ValueError("config.model.expected_level_ratio must be in (0, 1]")
+        raise ConfigError("config.model.expected_level_ratio must be in (0, 1]")
     if len(m.widths) < 2:
-        raise ValueError("config.model.widths needs at least two levels")
+        raise ConfigError("config.model.widths needs at least two levels")
     if not isinstance(m.chunked_mask_loss, bool):
-        raise ValueError(f"config.model.chunked_mask_loss must be True or False, got "
+        raise ConfigError(f"config.model.chunked_mask_loss must be True or False, got "
                          f"{m.chunked_mask_loss!r}")
     return config
 
@@ -201,8 +206,8 @@ def _check_keys(config, reference, prefix):
         if key not in reference:
             close = [k for k in reference.keys() if k[:3] == key[:3]]
             hint = f" (did you mean {', '.join(prefix + k for k in close)}?)" if close else ""
-            raise ValueError(f"unknown config key config.{name}{hint}")
+            raise ConfigError(f"unknown config key config.{name}{hint}")
         if isinstance(reference[key], ml_collections.ConfigDict):
             if not isinstance(config[key], ml_collections.ConfigDict):
-                raise ValueError(f"config.{name} must be a section, got {config[key]!r}")
+                raise ConfigError(f"config.{name} must be a section, got {config[key]!r}")
             _check_keys(config[key], reference[key], prefix=f"{name}.")

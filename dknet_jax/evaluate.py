@@ -231,6 +231,7 @@ def evaluate_checkpoint(config, workdir: str, *, split: str, out_dir: str,
     from dknet_jax.config import validate
 
     validate(config)
+    list_scenes(config.data.root, split)  # a missing data root or split fails before restoring
     graphdef, params, rest, meta = restore_for_inference(config, workdir, best=best)
     print(f"Restored step {meta['step']} from {workdir}", flush=True)
     results = evaluate_split(graphdef, params, rest, config, split=split, out_dir=out_dir,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from dknet_jax import evaluate as ev
 from dknet_jax.checkpoint import Checkpoints
 from dknet_jax.config import validate
-from dknet_jax.data.dataset import list_scenes
+from dknet_jax.data.dataset import SceneError, list_scenes
 from dknet_jax.data.pipeline import TrainIterator
 from dknet_jax.data.transforms import AugmentConfig
 from dknet_jax.diagnostics import format_summary
@@ -157,14 +157,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     one is an error before training. On resume, ``metrics.jsonl`` rows past the restored
     step are dropped (`truncate_log`)."""
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    print("Resolved config:\n" + str(config), flush=True)
     d, t = config.data, config.train
-
+    # the data is checked before the work dir is created (a typo in the data root leaves
+    # no empty work dir behind)
     train_paths = list_scenes(d.root, d.train_split)
+    if not train_paths:
+        raise SceneError(f"{d.root}: training split {d.train_split!r} is empty; prepare "
+                         f"scenes into it (scripts/prepare_*.py) or set config.data.train_split")
     # before any training: a missing split is an error now, not after the first epoch;
     # an empty one trains without evaluation (instead of logging NaN metrics)
     has_val = bool(_validation_scenes(d.root, d.val_split))
+    os.makedirs(workdir, exist_ok=True)
+    print("Resolved config:\n" + str(config), flush=True)
     if not has_val:
         warnings.warn(
             f"no validation scenes in {os.path.join(d.root, d.val_split)} (split "

@@ -9,12 +9,11 @@ and GT files in <out>/gt (score them with scripts/eval_scannet.py).
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dknet_jax.checkpoint import CheckpointError
+from dknet_jax.cli import run_absl
 from dknet_jax.evaluate import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
@@ -30,14 +29,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint op at INFO
     out = _OUT.value or os.path.join(_CKPT.value, f"eval_{_SPLIT.value}")
-    try:
-        evaluate_checkpoint(_CONFIG.value, _CKPT.value, split=_SPLIT.value, out_dir=out,
-                            best=_BEST.value)
-    except (FileNotFoundError, CheckpointError) as e:  # missing/corrupt/mismatched
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    evaluate_checkpoint(_CONFIG.value, _CKPT.value, split=_SPLIT.value, out_dir=out,
+                        best=_BEST.value)
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main)

@@ -9,12 +9,14 @@ Same seed -> byte-identical files; scene i does not depend on --scenes.
 """
 
 import argparse
+import sys
 import time
 
+from dknet_jax.cli import prepare_output_dir, run_cli
 from dknet_jax.data.synthetic import SIZES, make_dataset
 
 
-def main(argv=None):
+def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="dataset root to write")
     ap.add_argument("--scenes", type=int, required=True, help="number of rooms")
@@ -28,6 +30,7 @@ def main(argv=None):
         ap.error("--scenes must be >= 1")
     if not 0.0 <= args.val_fraction <= 1.0:
         ap.error("--val_fraction must be in [0, 1]")
+    prepare_output_dir(args.out)
     t0 = time.time()
     split = make_dataset(args.out, args.scenes, args.seed, args.format, args.size,
                          args.val_fraction)
@@ -35,5 +38,10 @@ def main(argv=None):
           f"{len(split['val'])} val) to {args.out} in {time.time() - t0:.1f}s")
 
 
+def main(argv=None) -> int:
+    """Exit status; a user error prints one ``error:`` line and gives 2."""
+    return run_cli(_main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

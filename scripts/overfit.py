@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dknet_jax.cli import run_absl
 from dknet_jax.evaluate import clean_json, write_json
 from dknet_jax.overfit import run_overfit
 
@@ -46,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main)

@@ -12,13 +12,13 @@ The submission list and masks are named by the scene id (--scene_id, else the in
 input's stem. An output that would overwrite the input is an error (choose another --out).
 """
 
-import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dknet_jax.cli import prepare_output_dir, run_absl
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file; default: the config saved with the checkpoint")
@@ -42,6 +42,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library internals
+    prepare_output_dir(_OUT.value)  # a bad --out fails before the model loads
     from dknet_jax.predict import predict_file, show_viewer
 
     try:
@@ -63,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main)

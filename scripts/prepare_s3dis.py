@@ -16,12 +16,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from dknet_jax.data.preparation import SettingsMismatch  # noqa: E402
-from dknet_jax.data.s3dis import prepare_s3dis  # noqa: E402
+from dknet_jax.cli import check_input_dir, prepare_output_dir, run_cli
+from dknet_jax.data.s3dis import prepare_s3dis
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--s3dis_root", required=True, help="folder holding Area_1 ... Area_6")
     ap.add_argument("--out", required=True, help="output folder for Area_N_<room>.npz")
@@ -34,15 +33,18 @@ def main(argv=None) -> int:
     ap.add_argument("--k_thresh", type=float, default=0.01, help="Felzenszwalb k")
     ap.add_argument("--seg_min_verts", type=int, default=20, help="minimum superpoint size")
     args = ap.parse_args(argv)
-    try:
-        s = prepare_s3dis(args.s3dis_root, args.out, areas=args.areas, test_area=args.test_area,
-                          workers=args.workers, overwrite=args.overwrite,
-                          voxel_size=args.voxel_size, k=args.k, k_thresh=args.k_thresh,
-                          seg_min_verts=args.seg_min_verts)
-    except SettingsMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_input_dir(args.s3dis_root, "--s3dis_root")
+    prepare_output_dir(args.out)
+    s = prepare_s3dis(args.s3dis_root, args.out, areas=args.areas, test_area=args.test_area,
+                      workers=args.workers, overwrite=args.overwrite,
+                      voxel_size=args.voxel_size, k=args.k, k_thresh=args.k_thresh,
+                      seg_min_verts=args.seg_min_verts)
     return s.report(args.out)
+
+
+def main(argv=None) -> int:
+    """Exit status; a user error prints one ``error:`` line and gives 2."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

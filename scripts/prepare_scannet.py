@@ -17,12 +17,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from dknet_jax.data.preparation import SettingsMismatch  # noqa: E402
-from dknet_jax.data.scannet import prepare_scannet  # noqa: E402
+from dknet_jax.cli import check_input_dir, prepare_output_dir, run_cli
+from dknet_jax.data.scannet import prepare_scannet
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scannet_root", required=True, help="folder holding scans/ and the tsv")
     ap.add_argument("--out", required=True, help="output folder for <scene>.npz")
@@ -31,13 +30,16 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="redo scenes already prepared")
     ap.add_argument("--scenes", nargs="+", default=None, help="only these scene ids")
     args = ap.parse_args(argv)
-    try:
-        s = prepare_scannet(args.scannet_root, args.out, split_dir=args.split_dir,
-                            scenes=args.scenes, workers=args.workers, overwrite=args.overwrite)
-    except SettingsMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_input_dir(args.scannet_root, "--scannet_root")
+    prepare_output_dir(args.out)
+    s = prepare_scannet(args.scannet_root, args.out, split_dir=args.split_dir,
+                        scenes=args.scenes, workers=args.workers, overwrite=args.overwrite)
     return s.report(args.out)
+
+
+def main(argv=None) -> int:
+    """Exit status; a user error prints one ``error:`` line and gives 2."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

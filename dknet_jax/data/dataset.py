@@ -150,7 +150,8 @@ def list_scenes(
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise SceneError(f"{root}: prepared-scene folder does not exist")
+        raise SceneError(f"{root}: prepared-scene folder does not exist (prepare the data "
+                         f"with scripts/prepare_*.py or set config.data.root)")
     if names is None and split is not None:
         folder = os.path.join(root, split)
         if os.path.isdir(folder):
