@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from dknet_jax import io_atomic
 from dknet_jax import render as R
 from dknet_jax.config import base_config, validate
 from dknet_jax.data.labels import S3DIS_CLASSES, SCANNET_CLASSES, SCANNET_NYU40_IDS
@@ -517,11 +518,12 @@ def _ply(path: str, pred: Prediction, colors: np.ndarray) -> None:
     x = pred.coords()  # the input's coordinates; float64 unless float32 holds them exactly
     if x.dtype != np.float64 or np.array_equal(x.astype(np.float32), x):
         x = x.astype(np.float32)
-    write_ply(path, {"x": x[:, 0], "y": x[:, 1], "z": x[:, 2], "red": colors[:, 0],
-                     "green": colors[:, 1], "blue": colors[:, 2],
-                     "instance": pred.instance.astype(np.int32),
-                     "semantic": pred.sem_pred.astype(np.int32)},
-              faces=pred.faces, comments=("dknet-jax prediction",))
+    vertex = {"x": x[:, 0], "y": x[:, 1], "z": x[:, 2], "red": colors[:, 0],
+              "green": colors[:, 1], "blue": colors[:, 2],
+              "instance": pred.instance.astype(np.int32),
+              "semantic": pred.sem_pred.astype(np.int32)}
+    io_atomic.write_atomic(path, lambda fh: write_ply(
+        fh, vertex, faces=pred.faces, comments=("dknet-jax prediction",)), "wb")
 
 
 def render_picture(pred: Prediction, config, size=(1280, 520)) -> np.ndarray:
@@ -598,6 +600,10 @@ def _check_no_clash(paths: dict, inputs: list[str]) -> None:
                 f"--out folder (or rename the input)")
 
 
+def _write_json(path: str, obj) -> None:
+    io_atomic.write_atomic(path, lambda fh: json.dump(obj, fh, indent=2), "w")
+
+
 def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None = None,
                   extra: dict | None = None) -> dict:
     """Write every output file; returns {kind: path} and the summary under "summary".
@@ -618,12 +624,12 @@ def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None =
                                                  E.semantic_to_nyu40(pred.labels), pred.scores)
     _ply(paths["instances_ply"], pred, instance_colors(pred))
     _ply(paths["semantic_ply"], pred, semantic_colors(config)[pred.sem_pred])
-    R.save_png(paths["png"], render_picture(pred, config))
+    image = render_picture(pred, config)
+    io_atomic.write_atomic(paths["png"], lambda fh: R.save_png(fh, image), "wb")
     summary = summarise(pred, config, timings, extra)
     if "submission" in paths:
         summary["scene_id"] = scene_id
-    with open(paths["summary"], "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(paths["summary"], summary)
     return {"paths": paths, "summary": summary}
 
 
@@ -706,8 +712,7 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
                                "input": os.path.abspath(input_path)})
     timings["write_s"] = time.perf_counter() - t0
     out["summary"]["timings_s"] = dict(timings)
-    with open(out["paths"]["summary"], "w") as f:
-        json.dump(out["summary"], f, indent=2)
+    _write_json(out["paths"]["summary"], out["summary"])
     log(f"wrote {len(out['paths'])} outputs to {out_dir} ({timings['write_s']:.2f} s): "
         f"{len(pred.labels)} instances")
     out["prediction"] = pred

@@ -308,10 +308,11 @@ def add_legend(image: np.ndarray, entries, *, title: str | None = None,
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write u8[H, W, 3] as a PNG."""
+    """Write u8[H, W, 3] as a PNG (``path``: a file name or a binary file object)."""
     from PIL import Image
 
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"save_png: need uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
-    Image.fromarray(image, "RGB").save(os.fspath(path))
+    Image.fromarray(image, "RGB").save(
+        path if hasattr(path, "write") else os.fspath(path), format="PNG")

@@ -206,7 +206,7 @@ def test_bad_inputs_have_clear_messages():
         ev.add_scene(gt_scene(), np.zeros((2, 10), bool), [5, 5], [0.1, 0.2])
     with pytest.raises(ValueError, match="one entry per mask"):
         ev.add_scene(gt_scene(), np.zeros((2, N), bool), [5], [0.1, 0.2])
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="NaN.*ill-defined"):
         ev.add_scene(gt_scene(), np.zeros((1, N), bool), [5], [np.nan])
     with pytest.raises(ValueError, match="gt_ids"):
         ev.add_scene(gt_scene().astype(float), np.zeros((0, N), bool), [], [])

@@ -127,8 +127,8 @@ def test_clear_errors(tmp_path, capsys):
     open(mask0, "w").write(good + "1\n")  # one line too many
     err = _error(gt_dir, pred_dir, capsys)
     assert "wrong number of lines" in err and "501 vs 500" in err
-    open(mask0, "w").write(good.replace("1\n", "2\n", 1))
-    assert "other than 0/1" in _error(gt_dir, pred_dir, capsys)
+    open(mask0, "w").write(good.replace("1\n", "0.5\n", 1))
+    assert "one integer (0/1) per line" in _error(gt_dir, pred_dir, capsys)
     open(mask0, "w").write(good)
 
     scene = os.path.join(pred_dir, "scene0000_00.txt")
@@ -269,3 +269,42 @@ def test_all_gt_instances_below_the_minimum_gives_a_note(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate_dirs(str(gt_dir), str(pred_dir), progress=False)
+
+
+def test_nonzero_mask_values_and_infinite_confidences_like_the_benchmark(tmp_path):
+    """The official script reads a mask as ``load_ids(...) != 0`` (any non-zero integer is
+    set) and ranks ``float(conf)`` with ``np.argsort``, so +-inf confidences are valid;
+    NaN makes its ranking ill-defined, so it stays an error that says so."""
+    gt_dir, pred_dir = make_set(tmp_path, with_second_pred=True)
+    scene = os.path.join(pred_dir, "scene0000_00.txt")
+    mask0 = os.path.join(pred_dir, "predicted_masks", "scene0000_00_000.txt")
+    vals = np.zeros(N, np.int64)
+    vals[:100], vals[100:200] = 2, -1  # the perfect chair mask, written as 2 / -1
+    open(mask0, "w").write("".join(f"{v}\n" for v in vals))
+    fp = np.zeros(N, np.int64)
+    fp[250:400] = 7  # a chair on the table: a false positive
+    open(os.path.join(pred_dir, "predicted_masks", "fp.txt"), "w").write(
+        "".join(f"{v}\n" for v in fp))
+    lines = open(scene).read().replace(" 0.9\n", " -inf\n", 1)
+    open(scene, "w").write(lines + "predicted_masks/fp.txt 5 inf\n")
+    res, _ = evaluate_dirs(gt_dir, pred_dir, progress=False)
+    # hand-worked chair: sorted scores [-inf TP, inf FP], one missed chair (scene 1):
+    # thresholds -inf (P=.5, R=.5), inf (P=0, R=0), then (1, 0): AP = .5*.25 + 0*.25 = .125
+    assert res["classes"]["chair"]["ap"] == pytest.approx(0.125)
+    assert res["classes"]["table"]["ap"] == pytest.approx(1.0)
+    assert res["all_ap"] == pytest.approx((0.125 + 1.0) / 2)
+
+    if HAVE_REF:
+        spec = importlib.util.spec_from_file_location(
+            "crosscheck_official_eval", os.path.join(ROOT, "scripts", "crosscheck_official_eval.py"))
+        cc = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cc)
+        official, crashes = cc.official_ap(cc.load_official(REF), gt_dir, pred_dir)
+        ap = load_dirs(gt_dir, pred_dir, progress=False)[0].compute_ap_matrix()
+        assert crashes == 0
+        np.testing.assert_array_equal(np.isnan(official), np.isnan(ap))
+        np.testing.assert_allclose(np.nan_to_num(official), np.nan_to_num(ap), atol=1e-12)
+
+    open(scene, "w").write(lines.replace(" -inf\n", " nan\n", 1))
+    with pytest.raises(BenchmarkFormatError, match="NaN.*ill-defined"):
+        evaluate_dirs(gt_dir, pred_dir, progress=False)

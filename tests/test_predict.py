@@ -526,3 +526,77 @@ def test_implausible_extent_warning_reaches_the_summary(tmp_path, model):
     assert any(m.startswith("warning: ") and "more than a room" in m for m in logs)
     assert any("more than a room (x/y up to 100 m, z up to 20 m)" in w
                for w in out["summary"]["warnings"])
+
+
+def _hand_pred(name="hand"):
+    xyz = np.array([[0, 0, 0], [1, 0, 0], [1, 2, 0], [3, 3, 1], [5, 5, 5]], np.float32)
+    masks = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 0]], bool)
+    scores = np.array([0.9, 0.4], np.float32)
+    return P.Prediction(
+        name=name, xyz=xyz, rgb=np.zeros((5, 3), np.uint8),
+        faces=np.array([[0, 1, 2]], np.int32), masks=masks,
+        labels=np.array([4, 16], np.int32), scores=scores,
+        sem_pred=np.array([4, 4, 4, 16, 0], np.int32),
+        instance=P.instance_per_point(masks, scores), superpoint=np.arange(5), inferred=5,
+        bucket=8, warnings=[])
+
+
+def test_stale_masks_of_an_earlier_run_are_removed(tmp_path):
+    md = tmp_path / "predicted_masks"
+    md.mkdir()
+    for f in ("hand_002.txt", "hand_099.txt", "hand_1000.txt"):  # this scene's, stale
+        (md / f).write_text("1\n" * 5)
+    for f in ("other_099.txt", "hand_x_001.txt", "hand_099.txt.bak", "notes.txt"):
+        (md / f).write_text("keep")  # not this scene's mask pattern: left alone
+    P.write_outputs(str(tmp_path), _hand_pred(), base_config())
+    assert sorted(os.listdir(md)) == ["hand_000.txt", "hand_001.txt", "hand_099.txt.bak",
+                                      "hand_x_001.txt", "notes.txt", "other_099.txt"]
+    listed = [ln.split()[0] for ln in open(tmp_path / "hand.txt").read().splitlines()]
+    assert listed == ["predicted_masks/hand_000.txt", "predicted_masks/hand_001.txt"]
+
+
+@pytest.mark.parametrize("target", ["ply", "png", "mask", "list"])
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, target):
+    """A writer that dies after writing part of its output leaves no truncated final file
+    and no temp file: every output is either complete (from the earlier run) or absent."""
+    P.write_outputs(str(tmp_path / "ref"), _hand_pred(), base_config())
+    ref = {os.path.relpath(os.path.join(d, f), tmp_path / "ref"):
+           open(os.path.join(d, f), "rb").read()
+           for d, _, fs in os.walk(tmp_path / "ref") for f in fs}
+
+    class Boom(RuntimeError):
+        pass
+
+    def partial(fh):  # write part of the output, then die (a path: open it, as before)
+        if isinstance(fh, (str, os.PathLike)):
+            with open(fh, "wb") as f:
+                f.write(b"partial")
+        else:
+            fh.write(b"partial" if "b" in getattr(fh, "mode", "b") else "partial")
+        raise Boom("disk full")
+
+    if target == "ply":
+        monkeypatch.setattr(plyfile.PlyData, "write", lambda self, fh: partial(fh))
+    elif target == "png":
+        monkeypatch.setattr(Image.Image, "save", lambda self, fh, *a, **k: partial(fh))
+    else:
+        import dknet_jax.io_atomic as A
+        real, masks_seen = A.write_atomic, []
+
+        def wrapped(path, write, mode):
+            if os.path.basename(os.path.dirname(path)) == "predicted_masks":
+                masks_seen.append(path)
+            if ((target == "list" and path.endswith("hand.txt"))
+                    or (target == "mask" and len(masks_seen) == 2
+                        and masks_seen[-1] == path)):
+                return real(path, partial, mode)
+            return real(path, write, mode)
+        monkeypatch.setattr(A, "write_atomic", wrapped)
+    out = tmp_path / "out"
+    with pytest.raises(Boom):
+        P.write_outputs(str(out), _hand_pred(), base_config())
+    for d, _, fs in os.walk(out):
+        for f in fs:
+            rel = os.path.relpath(os.path.join(d, f), out)
+            assert not f.endswith(".tmp"), rel
+            assert open(os.path.join(d, f), "rb").read() == ref[rel], rel  # complete

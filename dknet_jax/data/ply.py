@@ -106,7 +106,7 @@ def write_ply(path: str | os.PathLike, vertex: dict[str, np.ndarray],
     """Write a PLY file.
 
     Args:
-      path: output file.
+      path: output file, or a binary file object open for writing.
       vertex: dict property name -> array[V]; dtypes are kept (e.g. f4 x/y/z, u1 red/
         green/blue/alpha as in ScanNet, u2 label for `*.labels.ply`).
       faces: optional int[F, 3]; written as ``list uchar int vertex_indices``.
@@ -126,4 +126,5 @@ def write_ply(path: str | os.PathLike, vertex: dict[str, np.ndarray],
             farr, "face", len_types={"vertex_indices": "u1"},
             val_types={"vertex_indices": "i4"}))
     plyfile.PlyData(elements, text=not binary, byte_order="<",
-                    comments=list(comments)).write(os.fspath(path))
+                    comments=list(comments)).write(
+                        path if hasattr(path, "write") else os.fspath(path))

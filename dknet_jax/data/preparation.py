@@ -35,12 +35,13 @@ import multiprocessing
 import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 
 import numpy as np
 from tqdm import tqdm
+
+from dknet_jax.io_atomic import write_atomic as _write_atomic  # noqa: F401  (shared)
 
 __all__ = ["Job", "SettingsMismatch", "Summary", "check_settings", "run_jobs", "save_prepared",
            "write_split_lists", "write_text_atomic"]
@@ -49,23 +50,6 @@ SETTINGS_FILE = "prepare_settings.json"
 
 PREPARED_DTYPES = {"xyz": np.float32, "rgb": np.uint8, "semantic": np.int32,
                    "instance": np.int32, "superpoint": np.int32}
-
-
-def _write_atomic(path: str, write, mode: str) -> None:
-    """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it to
-    ``path`` (readers never see a partial file; the temp file is removed on failure)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_text_atomic(path: str, text: str) -> None:

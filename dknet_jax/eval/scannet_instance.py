@@ -226,8 +226,9 @@ class ScanNetInstanceEvaluator:
             raise ValueError(
                 f"pred_label_ids ({labels.shape[0]}) and pred_scores ({scores.shape[0]}) need "
                 f"one entry per mask ({k})")
-        if not np.all(np.isfinite(scores)):
-            raise ValueError("pred_scores contain NaN or inf; confidences must be finite")
+        if np.any(np.isnan(scores)):  # +-inf rank as in the official script's np.argsort
+            raise ValueError("pred_scores contain NaN; the official ranking of NaN is "
+                             "ill-defined, give numbers (+-inf are accepted)")
 
         # GT instances: distinct non-zero ids whose label is an instance class
         uniq, inverse, counts = np.unique(gt_ids, return_inverse=True, return_counts=True)

@@ -8,25 +8,29 @@ Formats (ScanNet benchmark):
 - GT ``<gt_dir>/<scene>.txt``: one integer per mesh vertex, ``nyu40_id * 1000 + instance``.
 - Prediction ``<pred_dir>/<scene>.txt``: one line per instance,
   ``<relative/path/to/mask.txt> <nyu40 label id> <confidence>``; the path is relative to
-  ``pred_dir`` and must stay inside it; each mask file has one 0/1 per vertex.
+  ``pred_dir`` and must stay inside it; each mask file has one integer per vertex (0/1;
+  any non-zero value counts as set, as in the official script).
 
 Reading follows the official script where it defines behaviour: a mask path listed twice
 in one file counts once (first position, last line's label and score), predictions whose
 label id is not one of the 18 instance classes' nyu40 ids (wall, 0, 41, -1, ...) are
 skipped without reading their mask or using their confidence (one warning per run counts
 them), GT scenes without a prediction file are skipped (with a warning). Stricter than the
-script, with a clear message instead: mask values other than 0/1, non-finite scores of
-instance-class predictions, and one mask file shared by two scenes are errors.
+script, with a clear message instead: NaN scores of instance-class predictions (the
+script's ranking of NaN is ill-defined; +-inf are accepted and ranked as it does) and one
+mask file shared by two scenes are errors.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 
 import numpy as np
 
+from dknet_jax import io_atomic
 from dknet_jax.eval.scannet_instance import CLASS_IDS, ScanNetInstanceEvaluator
 
 RESULT_FILE_NAME = "semantic_instance_evaluation.txt"  # the script's own output, not a scene
@@ -75,8 +79,8 @@ def read_mask(path: str, num_vertices: int) -> np.ndarray:
     # fast path: exactly "d\n" * N (last newline optional), d in {0, 1}
     if b.size in (2 * n, 2 * n - 1) and n > 0:
         digits, newlines = b[0::2], b[1::2]
-        if np.all(newlines == 10) and np.all((digits == 48) | (digits == 49)):
-            return digits == 49
+        if np.all(newlines == 10) and np.all((digits >= 48) & (digits <= 57)):
+            return digits != 48
     lines = data.decode("utf-8-sig", errors="replace").splitlines()
     if len(lines) != n:
         raise BenchmarkFormatError(
@@ -85,13 +89,9 @@ def read_mask(path: str, num_vertices: int) -> np.ndarray:
     try:
         vals = np.array([int(x) for x in lines], dtype=np.int64)
     except ValueError as e:
-        raise BenchmarkFormatError(f"mask file {path} must hold one 0/1 per line: {e}") from e
-    bad = (vals != 0) & (vals != 1)
-    if np.any(bad):
         raise BenchmarkFormatError(
-            f"mask file {path} has values other than 0/1 (first: {int(vals[bad][0])} on line "
-            f"{int(np.flatnonzero(bad)[0]) + 1})")
-    return vals == 1
+            f"mask file {path} must hold one integer (0/1) per line: {e}") from e
+    return vals != 0  # as the official script: any non-zero value is set
 
 
 def read_prediction_list(pred_file: str, pred_root: str) -> list[tuple[str, int, float]]:
@@ -125,8 +125,11 @@ def read_prediction_list(pred_file: str, pred_root: str) -> list[tuple[str, int,
             conf = float(conf_s)
         except ValueError as e:
             raise BenchmarkFormatError(f"{where}: label id / confidence not numbers: {e}") from e
-        if label in CLASS_IDS and not math.isfinite(conf):
-            raise BenchmarkFormatError(f"{where}: confidence {conf_s} is not a finite number")
+        if label in CLASS_IDS and math.isnan(conf):  # +-inf rank fine (np.argsort)
+            raise BenchmarkFormatError(
+                f"{where}: confidence {conf_s} is NaN; the official script's ranking of a NaN "
+                f"is ill-defined (Python max/min against it depend on argument order, "
+                f"np.unique's NaN handling on the numpy version): give a number (+-inf work)")
         if path in entries:
             warnings.warn(f"{where}: mask {rel} listed twice; the later line wins (as the "
                           f"official script)", stacklevel=2)
@@ -175,7 +178,9 @@ def read_prediction(pred_file: str, pred_root: str, num_vertices: int,
 
 def write_prediction(pred_dir: str, scene: str, masks, label_ids, scores,
                      mask_dir: str = DEFAULT_MASK_DIR) -> str:
-    """Writes ``<pred_dir>/<scene>.txt`` and its masks under ``<pred_dir>/<mask_dir>/``.
+    """Writes ``<pred_dir>/<scene>.txt`` and its masks under ``<pred_dir>/<mask_dir>/``,
+    each through a temp file + rename (the list last); first removes this scene's mask
+    files (``<scene>_NNN.txt``) of an earlier run so the folder never mixes runs.
 
     Args: masks bool[K, N]; label_ids int[K] nyu40 ids; scores float[K] (written at full
     precision so ties are not created). Returns the path of the scene file.
@@ -191,18 +196,25 @@ def write_prediction(pred_dir: str, scene: str, masks, label_ids, scores,
             raise ValueError(f"{what} {value!r} would write an unparsable prediction line "
                              f"(the benchmark splits lines on spaces); use a name without "
                              f"whitespace, e.g. the scene id")
-    os.makedirs(os.path.join(pred_dir, mask_dir), exist_ok=True)
+    folder = os.path.join(pred_dir, mask_dir)
+    os.makedirs(folder, exist_ok=True)
+    # masks of an earlier run of this scene (e.g. _007 when this run has 3) would mix runs
+    own = re.compile(re.escape(scene) + r"_\d{3,}\.txt")
+    for f in os.listdir(folder):
+        if own.fullmatch(f) and os.path.isfile(os.path.join(folder, f)):
+            os.remove(os.path.join(folder, f))
     lines = []
-    for k in range(masks.shape[0]):
+    for k in range(masks.shape[0]):  # each file via a temp file + rename, list last
         rel = f"{mask_dir}/{scene}_{k:03d}.txt"
         buf = np.full(2 * masks.shape[1], 10, dtype=np.uint8)
         buf[0::2] = 48 + masks[k].astype(np.uint8)
-        with open(os.path.join(pred_dir, rel), "wb") as f:
-            f.write(buf.tobytes())
+        data = buf.tobytes()
+        io_atomic.write_atomic(os.path.join(pred_dir, rel), lambda fh, d=data: fh.write(d),
+                               "wb")
         lines.append(f"{rel} {int(label_ids[k])} {float(scores[k])!r}\n")
     out = os.path.join(pred_dir, f"{scene}.txt")
-    with open(out, "w") as f:
-        f.write("".join(lines))
+    text = "".join(lines)
+    io_atomic.write_atomic(out, lambda fh: fh.write(text), "w")
     return out
 
 
