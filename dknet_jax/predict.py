@@ -26,7 +26,7 @@ units, or a whole site) is predicted with a warning in the log and the summary.
 
 Output names: the ScanNet submission list ``<scene>.txt`` and its masks
 ``predicted_masks/<scene>_NNN.txt`` are named by the scene id (``scene_id``, else the
-``sceneXXXX_XX`` prefix of the input's name, else its stem with whitespace replaced by
+``scene<4 digits>_<2 digits>`` prefix of the input's name, else its stem with whitespace replaced by
 ``_``) so ``scripts/eval_scannet.py`` pairs them with the GT ``<scene>.txt``; the PLYs, PNG
 and summary JSON keep the input's stem (``<stem>_instances.ply``, ...). No output may
 replace the input: :func:`predict_file` checks every output path (real paths) before
@@ -550,7 +550,7 @@ _SCANNET_SCENE = re.compile(r"scene\d{4}_\d{2}")
 def scene_id_for(input_path: str, scene_id: str | None = None) -> str:
     """The scene id that names the ScanNet submission files of ``input_path``:
     ``scene_id`` when given (checked: no whitespace or path separators), else the
-    ``sceneXXXX_XX`` prefix of the file name (``scene0000_00_vh_clean_2.ply`` ->
+    ``scene<4 digits>_<2 digits>`` prefix of the file name (``scene0000_00_vh_clean_2.ply`` ->
     ``scene0000_00``), else the file stem with each run of whitespace replaced by ``_``."""
     if scene_id is not None:
         if (not scene_id or scene_id in (".", "..") or re.search(r"\s", scene_id)
