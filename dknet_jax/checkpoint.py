@@ -4,10 +4,16 @@ resume (step, parameters, optimiser state, RNG key, data-iterator state).
 
 Part of the training flow: data -> losses -> optimiser -> **checkpoints**.
 
-Layout under the work dir::
+This module is the one home of the on-disk layout. Under the work dir::
 
     W/checkpoints/<step>/{state,meta}   last ``keep`` checkpoints
     W/best/<step>/{state,meta}           the single best by ``meta["metric"]``
+
+``state`` is :func:`train_state`'s dict (``params``, ``rest`` = BatchNorm statistics and
+other non-parameter model state, ``opt`` = optimiser state, ``key`` = RNG key); ``meta`` is
+JSON: ``step``, ``data`` (iterator state), ``best``, ``config`` (the training config as
+JSON, read back by :func:`config_from_meta`) and, in ``best/``, ``metric``. Inference
+(:func:`restore_model`) reads ``params`` and ``rest`` only, without building an optimiser.
 
 Unreadable steps (truncated/missing files) raise ``CorruptCheckpointError``; a checkpoint
 whose arrays differ from the target (another config) raises ``CheckpointMismatchError``.
@@ -17,14 +23,25 @@ whose arrays differ from the target (another config) raises ``CheckpointMismatch
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+
+from dknet_jax.config import base_config
+
+STATE_KEYS = ("params", "rest", "opt", "key")
+
+
+def train_state(params, rest, opt, key) -> dict:
+    """The pytree a checkpoint's ``state`` item holds (see the module docstring)."""
+    return dict(zip(STATE_KEYS, (params, rest, opt, key), strict=True))
 
 
 class CheckpointError(ValueError):
@@ -56,8 +73,9 @@ def _differences(want: dict, have: dict) -> list[str]:
 def _mismatch(where: str, diffs: list[str]) -> CheckpointMismatchError:
     more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
     return CheckpointMismatchError(
-        f"checkpoint {where} does not match the model: {diffs[0]}{more}; "
-        f"use the config it was trained with")
+        f"checkpoint {where} does not match the network built from the config: "
+        f"{diffs[0]}{more}; use the config it was trained with "
+        f"(--config=configs/<name>.py)")
 
 
 def _aside(path: str, suffix: str) -> str:
@@ -211,3 +229,107 @@ def find_checkpoint_dir(path: str) -> str:
             return cand
     raise FileNotFoundError(
         f"no checkpoints found under {path!r}: pass the --workdir used by scripts/train.py")
+
+
+def resolve(path: str) -> tuple[str, bool, int | None]:
+    """(work dir, use ``best/``, step or None) for a work dir, its ``checkpoints/`` or
+    ``best/`` folder, or one step folder inside them."""
+    path = os.path.abspath(path).rstrip(os.sep)
+    step = None
+    base, parent = os.path.basename(path), os.path.dirname(path)
+    if base.isdigit() and os.path.basename(parent) in ("checkpoints", "best") \
+            and os.path.isdir(parent):
+        step, path = int(base), parent
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (pass the --workdir of "
+                                f"scripts/train.py, or its checkpoints/ or best/ folder)")
+    best = os.path.basename(path) == "best"
+    workdir = os.path.dirname(path) if best else find_checkpoint_dir(path)
+    return workdir, best, step
+
+
+def list_steps(folder: str) -> list[int]:
+    """Sorted step numbers of the step folders in ``folder`` (``checkpoints/`` or
+    ``best/``); [] when it does not exist."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(d) for d in os.listdir(folder)
+                  if d.isdigit() and os.path.isdir(os.path.join(folder, d)))
+
+
+def read_meta(folder: str, step: int) -> dict:
+    """The JSON ``meta`` item of ``<folder>/<step>``, read without the state (so the config
+    that builds the restore target is known first)."""
+    path = os.path.join(folder, str(step), "meta")
+    try:
+        return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))
+    except Exception as e:  # orbax raises several types for a missing/corrupt item
+        raise ValueError(f"cannot read the checkpoint meta {path} ({type(e).__name__}: "
+                         f"{e}); is this a work dir of scripts/train.py?") from e
+
+
+def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str, unknown: list) -> None:
+    for key, value in src.items():
+        name = f"{prefix}{key}"
+        if key not in dst:
+            unknown.append(name)
+        elif isinstance(dst[key], ml_collections.ConfigDict):
+            if isinstance(value, dict):
+                _merge(dst[key], value, name + ".", unknown)
+            else:
+                unknown.append(name)
+        elif isinstance(dst[key], tuple) and isinstance(value, list):
+            dst[key] = tuple(value)
+        elif isinstance(dst[key], float) and isinstance(value, int):
+            dst[key] = float(value)
+        else:
+            dst[key] = value
+
+
+def config_from_meta(meta: dict, log: Callable[[str], None] = print
+                     ) -> ml_collections.ConfigDict | None:
+    """The training config saved in a checkpoint's meta (``meta["config"]``: the JSON of
+    ``config.to_json_best_effort()``, or a dict), merged into ``base_config()`` so every
+    field has its schema type; keys the schema no longer has are dropped with a note.
+    Returns None when the meta holds no config."""
+    raw = meta.get("config") if isinstance(meta, dict) else None
+    if raw is None:
+        return None
+    values = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    config = base_config()
+    unknown: list[str] = []
+    _merge(config, values, "", unknown)
+    if unknown:
+        log(f"note: checkpoint config keys not in this version's schema were ignored: "
+            f"{', '.join(unknown[:8])}")
+    return config
+
+
+def _abstract_leaf(leaf):
+    """A ShapeDtypeStruct for one leaf of orbax's saved-tree metadata."""
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+
+
+def restore_model(workdir: str, step: int, best: bool, params: Any, rest: Any):
+    """Restore the model part (``params``, ``rest``) of step ``step`` of ``checkpoints/``
+    (or ``best/``). ``params`` / ``rest``: the model's trees (arrays or ShapeDtypeStruct).
+    The optimiser state and key are restored as saved (their shapes come from the step's
+    own metadata) and dropped, so inference needs no optimiser. Returns
+    ``(params, rest, meta)``; raises CheckpointMismatchError / CorruptCheckpointError."""
+    where = os.path.join(workdir, "best" if best else "checkpoints", str(step))
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where) / "state").tree
+        others = {k: jax.tree.map(_abstract_leaf, saved[k]) for k in ("opt", "key")}
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is corrupt
+        reason = " ".join(str(e).split())[:300]
+        raise CorruptCheckpointError(
+            f"checkpoint {where} is corrupt or incomplete (its metadata cannot be read: "
+            f"{type(e).__name__}: {reason}); delete or move that step folder aside and "
+            f"use an older step, or retrain") from None
+    ckpt = Checkpoints(workdir)
+    try:
+        state, meta = ckpt.restore(train_state(params, rest, others["opt"], others["key"]),
+                                   step=step, best=best)
+    finally:
+        ckpt.close()
+    return state["params"], state["rest"], meta

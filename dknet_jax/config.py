@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.merge_threshold = 0.5
     m.kernel_from = "aggregate"  # Table 6: aggregate (weighted mean) | top | oracle
     m.mask_chunk = 16_384        # points per chunk of the dynamic-conv decoder
-    # training: decode the masks chunk by chunk inside the mask loss (masks.decoded_mask_loss)
+    # training: decode the masks chunk by chunk inside the mask loss (objective.mask_loss)
     # instead of holding the f32[M, N] logits; same loss, far less memory (False = dense)
     m.chunked_mask_loss = True
     m.offset_direction_loss = False
@@ -138,6 +138,14 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
     return node
 
 
+def level_values(value) -> tuple[float, ...]:
+    """A per-level setting given as one number or one per level (``model.level_capacity_ratio``,
+    ``model.pairs_per_voxel``) -> a tuple of floats (length 1 for a single number)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(float(x) for x in value)
+    return (float(value),)
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check a resolved config against the schema; raise `ConfigError` (a ValueError) naming the key.
 
@@ -181,12 +189,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.data.max_points={d.max_points} exceeds the largest point bucket "
             f"{max(d.point_buckets)}; add a bucket or lower max_points")
     ratios = m.level_capacity_ratio
-    ratios = tuple(ratios) if isinstance(ratios, (tuple, list)) else (ratios,)
+    ratios = level_values(ratios)
     if not all(0.0 < r <= 1.0 for r in ratios) or len(ratios) not in (1, len(m.widths) - 1):
         raise ConfigError("config.model.level_capacity_ratio must be a number in (0, 1] or "
                          "one per level transition (len(model.widths) - 1 numbers)")
     ppv = m.pairs_per_voxel
-    ppv = tuple(ppv) if isinstance(ppv, (tuple, list)) else (ppv,)
+    ppv = level_values(ppv)
     if len(ppv) not in (1, len(m.widths)) or not all(0.0 < x <= 27.0 for x in ppv):
         raise ConfigError(f"config.model.pairs_per_voxel must be one number in (0, 27] or "
                          f"{len(m.widths)} of them (one per level), got {ppv!r}")

@@ -4,8 +4,11 @@ file after a full disk, a crash or a kill; the temp file is removed on failure."
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+
+import numpy as np
 
 
 def write_atomic(path: str | os.PathLike, write, mode: str) -> None:
@@ -24,3 +27,23 @@ def write_atomic(path: str | os.PathLike, write, mode: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """``obj`` as indented JSON (through :func:`clean_json`), written atomically."""
+    write_atomic(path, lambda fh: json.dump(clean_json(obj), fh, indent=2), "w")
+
+
+def clean_json(obj):
+    """NaN -> None recursively, so the JSON is valid."""
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if np.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return clean_json(obj.tolist())
+    return obj

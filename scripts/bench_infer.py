@@ -1,7 +1,7 @@
 """Inference benchmark: per-scene latency (warm), compile time, and a per-stage breakdown.
 
 Place in the data flow: a standalone measurement of inference (``EvalIterator`` ->
-``evaluate.make_predict_fn`` [DKNet forward -> post-processing]) on synthetic rooms, for
+``predictor.make_predict_fn`` [DKNet forward -> post-processing]) on synthetic rooms, for
 ``docs/benchmarks.md`` ("Inference"). Data and config helpers come from
 ``scripts/bench_train.py`` (same cached rooms).
 
@@ -12,8 +12,8 @@ Place in the data flow: a standalone measurement of inference (``EvalIterator`` 
 One scene per batch (ScanNet's ``eval_batch_size`` 1), padded to its point bucket. Every
 stage below is jit-compiled on its own, fed the previous stage's outputs for the same
 scene, and timed warm (median of ``--reps`` calls, ``block_until_ready``); the whole fused
-``make_predict_fn`` is timed the same way. The stages replay ``DKNet.__call__`` and
-``make_predict_fn`` step by step, and the script checks that their final output equals the
+``make_predict_fn`` is timed the same way. The stages are ``DKNet``'s stage methods, the ones
+``DKNet.__call__`` composes, then ``predictor.postprocess_batch``, and the script checks that their final output equals the
 fused function's (same kept instances, labels, scores, masks). On a GPU the two need not
 be bitwise equal: XLA fuses differently and scatter-adds there are atomic (summation order
 varies), so a near-tie (e.g. a point between two instances) can flip. The script reports
@@ -63,22 +63,14 @@ STAGES = ("backbone", "heads", "candidates", "aggregation", "masks", "postproces
 
 
 def make_stage_fns(graphdef, config):
-    """One jit function per stage; each takes (params, rest, ...) or plain arrays."""
+    """One jit function per stage of ``DKNet.__call__`` (its stage methods) plus the
+    post-processing of ``predictor.make_predict_fn``; each takes (params, rest, ...)."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from dknet_jax import aggregation as agg
-    from dknet_jax.candidates import mine_candidates
-    from dknet_jax.evaluate import postprocess_batch
-    from dknet_jax.masks import decode_masks
-    from dknet_jax.sparse.voxelize import voxel_to_point, voxelize
-    from dknet_jax.targets import scene_softmax
+    from dknet_jax.inference.predictor import postprocess_batch
 
-    m = config.model
-    k = m.max_candidates
-    ki = m.max_instances or k  # instance slots per scene (DKNet.__call__)
-    if m.kernel_from == "oracle":
+    if config.model.kernel_from == "oracle":
         raise SystemExit("bench_infer: kernel_from=oracle needs GT instances (training-time "
                          "analysis only); benchmark 'aggregate' or 'top'")
 
@@ -88,73 +80,20 @@ def make_stage_fns(graphdef, config):
         return model
 
     def backbone(params, rest, batch):
-        model = model_of(params, rest)
-        n = batch.valid.shape[0]
-        vox = voxelize(batch.vox, batch.batch_id, batch.valid, batch.feats, capacity=n)
-        fv = model.backbone(vox)
-        overflow = vox.overflow | jnp.any(jnp.isnan(fv))
-        return voxel_to_point(fv, vox.point_to_voxel), overflow
+        return model_of(params, rest).point_features(batch)
 
     def heads(params, rest, batch, fp):
-        model = model_of(params, rest)
-        h = model.heads(fp, batch.valid)
-        b = batch.scene_valid.shape[0]
-        heat = scene_softmax(h.heat_logits, batch.batch_id, h.foreground, b)
-        return h, heat
+        return model_of(params, rest).point_heads(batch, fp)
 
-    def candidates(batch, foreground, heat):
-        n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
-        scene_valid = foreground[None, :] & (
-            batch.batch_id[None, :] == jnp.arange(b, dtype=jnp.int32)[:, None])
-        keys = jax.random.split(jax.random.PRNGKey(0), b)
-        random = m.candidates == "random"
-
-        def mine(valid_b, key_b):
-            return mine_candidates(
-                m.candidates, batch.xyz, heat, valid_b, key=key_b, radius=m.cand_radius,
-                threshold=m.cand_threshold,
-                score_threshold=m.random_cand_threshold if random else None,
-                max_candidates=k, pool_size=min(m.pool_size, n), relative=True)
-
-        idx, ok, exhausted = jax.vmap(mine)(scene_valid, keys)
-        return idx.reshape(-1), ok.reshape(-1), exhausted
+    def candidates(params, rest, batch, h, heat):
+        return model_of(params, rest).mine(batch, h, heat)
 
     def aggregation(params, rest, batch, h, heat, cand_idx, cand_ok):
-        model = model_of(params, rest)
-        n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
-        cand_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
-        safe = jnp.clip(cand_idx, 0, n - 1)
-        cand_pos = batch.xyz[safe] + h.offset[safe]
-        sem_pred = jnp.argmax(h.semantic_logits, axis=-1).astype(jnp.int32)
-        fg, bg, fg_count = agg.context_features(
-            batch.xyz, h.reduce_feats, sem_pred, h.foreground, batch.batch_id, cand_idx,
-            cand_ok, radius=m.cand_radius)
-        feats = jnp.concatenate([fg, bg, cand_pos], axis=-1)
-        mm = cand_idx.shape[0]
-        pair_mask = (cand_ok[:, None] & cand_ok[None, :]
-                     & (cand_batch[:, None] == cand_batch[None, :])
-                     & ~jnp.eye(mm, dtype=bool))
-        logits = model.heads.merge_logits(feats, pair_mask)
-        if m.aggregation == "full":
-            scores = jnp.where(pair_mask, jax.nn.sigmoid(logits), 0.0)
-            lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=config.test.merge_threshold)
-        else:
-            lead = jnp.where(cand_ok, jnp.arange(mm, dtype=jnp.int32), -1)
-        weight = fg_count if m.kernel_from == "aggregate" else \
-            (lead == jnp.arange(mm)).astype(fg.dtype)
-        inst_feat, inst_pos, inst_ok = agg.group_features(lead, fg, weight, cand_pos)
-        (inst_feat, inst_pos), inst_ok, _, _ = agg.compact_groups(
-            inst_ok, (inst_feat, inst_pos), scenes=b, slots=ki)
-        return inst_feat, inst_pos, inst_ok
+        return model_of(params, rest).group(batch, h, heat, cand_idx, cand_ok,
+                                            merge_threshold=config.test.merge_threshold)
 
-    def masks(params, rest, batch, mask_feats, inst_feat, inst_pos, inst_ok):
-        model = model_of(params, rest)
-        n, b = batch.valid.shape[0], batch.scene_valid.shape[0]
-        inst_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), ki)
-        kernels = model.heads.kernels(inst_feat)
-        return decode_masks(kernels, inst_pos, inst_batch, inst_ok, mask_feats, batch.xyz,
-                            batch.batch_id, batch.valid, hidden=model.heads.dynamic_hidden,
-                            chunk_size=min(m.mask_chunk, n))
+    def masks(params, rest, batch, h, groups):
+        return model_of(params, rest).masks(batch, h, groups)[1]
 
     def post(batch, semantic_logits, mask_logits, inst_ok):
         return postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok)
@@ -222,16 +161,17 @@ def main(argv=None) -> dict:
     import jax
 
     from dknet_jax.data.pipeline import EvalIterator
-    from dknet_jax.evaluate import make_predict_fn, restore_for_inference
+    from dknet_jax.inference.predictor import load_model, make_predict_fn
+    from dknet_jax.model import build_model
     from dknet_jax.sparse.conv import resolve_impl
-    from dknet_jax.train import build_model
 
     dev = device_line()
     print(dev, flush=True)
     d, m = config.data, config.model
     if args.checkpoint:
-        graphdef, params, rest, meta = restore_for_inference(config, args.checkpoint)
-        print(f"restored step {meta['step']} from {args.checkpoint}", flush=True)
+        model = load_model(args.checkpoint, config, which="latest")
+        graphdef, params, rest = model.graphdef, model.params, model.rest
+        print(f"restored step {model.step} from {args.checkpoint}", flush=True)
     else:
         graphdef, params, rest = build_model(config)
     predict = make_predict_fn(graphdef, config)
@@ -260,14 +200,15 @@ def main(argv=None) -> dict:
             c2, t2, (h, heat) = timed(f["heads"], (params, rest, batch, fp), args.reps,
                                       compiled, ("heads", shape))
             c3, t3, (cand_idx, cand_ok, exhausted) = timed(
-                f["candidates"], (batch, h.foreground, heat), args.reps, compiled,
+                f["candidates"], (params, rest, batch, h, heat), args.reps, compiled,
                 ("candidates", shape))
-            c4, t4, (inst_feat, inst_pos, inst_ok) = timed(
+            c4, t4, groups = timed(
                 f["aggregation"], (params, rest, batch, h, heat, cand_idx, cand_ok),
                 args.reps, compiled, ("aggregation", shape))
+            inst_ok = groups.inst_ok
             c5, t5, mask_logits = timed(
-                f["masks"], (params, rest, batch, h.mask_feats, inst_feat, inst_pos, inst_ok),
-                args.reps, compiled, ("masks", shape))
+                f["masks"], (params, rest, batch, h, groups), args.reps, compiled,
+                ("masks", shape))
             c6, t6, out = timed(f["postprocess"],
                                 (batch, h.semantic_logits, mask_logits, inst_ok), args.reps,
                                 compiled, ("postprocess", shape))

@@ -9,18 +9,16 @@ instances) to a temporary folder. Results go to stdout (copy them to docs/benchm
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from dknet_jax.config import base_config  # noqa: E402
-from dknet_jax.data.batching import batch_capacities, make_ladder  # noqa: E402
-from dknet_jax.data.dataset import list_scenes  # noqa: E402
-from dknet_jax.data.pipeline import EvalIterator, TrainIterator  # noqa: E402
-from dknet_jax.data.transforms import AugmentConfig  # noqa: E402
+from dknet_jax.config import base_config
+from dknet_jax.data.batching import batch_capacities, make_ladder
+from dknet_jax.data.dataset import list_scenes
+from dknet_jax.data.pipeline import EvalIterator, TrainIterator
+from dknet_jax.data.transforms import AugmentConfig
 
 
 def room(n, seed):

@@ -1,7 +1,7 @@
 """Training-step benchmark: warm step time, compile time, peak memory, compile count.
 
 Place in the data flow: a standalone measurement of the whole training path
-(``TrainIterator`` -> ``train.make_train_step`` [DKNet forward -> objective -> AdamW]) on
+(``TrainIterator`` -> ``training.train.make_train_step`` [DKNet forward -> objective -> AdamW]) on
 synthetic rooms, for ``docs/benchmarks.md`` ("Training step"). ``scripts/bench_infer.py``
 reuses its data and config helpers.
 
@@ -329,9 +329,9 @@ def main(argv=None) -> dict:
     from dknet_jax.data.pipeline import TrainIterator
     from dknet_jax.data.transforms import AugmentConfig
     from dknet_jax.model.dknet import count_params
-    from dknet_jax.optim import make_optimizer
     from dknet_jax.sparse.conv import resolve_impl
-    from dknet_jax.train import build_model, make_train_step, shard_batch
+    from dknet_jax.training.optim import make_optimizer
+    from dknet_jax.training.train import build_model, make_train_step, shard_batch
 
     print(device_line(), flush=True)
     paths = scene_paths(args, args.size)
@@ -466,7 +466,7 @@ def _report(args, r: dict) -> dict:
             ("scenes (points min/median/max)", f"{r['scenes']} ({r['scene_points']})"),
             ("batch shape (points, instances)", f"{r['batch_size']} scenes -> {r['batch_shape']}"),
             ("compile (lower + XLA)", f"{fmt(r['compile_s'])} (trace+lower {fmt(r['lower_s'])})"),
-            ("mask loss", {"chunked": "chunked (masks.decoded_mask_loss, no [M, N] logits)",
+            ("mask loss", {"chunked": "chunked (mask_loss.decoded_mask_loss, no [M, N] logits)",
                            "dense": "dense (f32[M, N] mask logits)"}[r["mask_loss"]]),
             ("XLA memory estimate", fmt(r["xla_memory_gib"], "GiB"))]
     for name, gib in r.get("xla_memory_gib_by_mask_loss", {}).items():

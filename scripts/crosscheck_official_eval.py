@@ -27,9 +27,8 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from dknet_jax.eval import load_dirs  # noqa: E402
-from dknet_jax.eval.scannet_instance import CLASS_IDS, OVERLAPS, summarize  # noqa: E402
+from dknet_jax.eval import load_dirs
+from dknet_jax.eval.scannet_instance import CLASS_IDS, OVERLAPS, summarize
 
 
 def load_official(ref: str):

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dknet_jax.cli import run_absl
-from dknet_jax.evaluate import evaluate_checkpoint
+from dknet_jax.inference.evaluate import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _CKPT = flags.DEFINE_string("checkpoint", None, "work dir of scripts/train.py")

@@ -20,20 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import os
 import statistics
 import sys
 import time
 import traceback
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from pallas_kernels.sparse_conv import (  # noqa: E402
+from pallas_kernels.sparse_conv import (
     default_block_sizes,
     gather_matmul,
     gather_matmul_reference,

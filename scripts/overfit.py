@@ -16,8 +16,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dknet_jax.cli import run_absl
-from dknet_jax.evaluate import clean_json, write_json
-from dknet_jax.overfit import run_overfit
+from dknet_jax.io_atomic import clean_json, write_json
+from dknet_jax.training.overfit import run_overfit
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",

@@ -43,7 +43,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library internals
     prepare_output_dir(_OUT.value)  # a bad --out fails before the model loads
-    from dknet_jax.predict import predict_file, show_viewer
+    from dknet_jax.inference.scan import predict_file, show_viewer
 
     try:
         out = predict_file(_CKPT.value, _INPUT.value, _OUT.value, config=_CONFIG.value,

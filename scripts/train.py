@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dknet_jax.cli import run_absl
-from dknet_jax.train import train_and_evaluate
+from dknet_jax.training.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (get_config())",
                                           lock_config=True)

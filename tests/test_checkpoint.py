@@ -124,8 +124,7 @@ def test_all_steps_corrupt(tmp_path):
 
 
 def test_predict_and_evaluate_report_corruption(tmp_path):
-    from dknet_jax import predict as P
-    from dknet_jax.evaluate import restore_for_inference
+    from dknet_jax.inference.predictor import load_model
     from tests.test_predict import _random_state, _tiny_config
 
     config = _tiny_config()
@@ -134,8 +133,9 @@ def test_predict_and_evaluate_report_corruption(tmp_path):
                                        "config": config.to_json_best_effort()})
     ck.close()
     _corrupt(tmp_path / "checkpoints" / "3")
-    for load in (lambda: P.load_model(str(tmp_path), log=lambda m: None),
-                 lambda: restore_for_inference(config, str(tmp_path))):
+    # predict.py (config from the checkpoint) and evaluate.py (config given, latest step)
+    for load in (lambda: load_model(str(tmp_path), log=lambda m: None),
+                 lambda: load_model(str(tmp_path), config, which="latest")):
         with pytest.raises(ValueError, match="checkpoints/3 is corrupt or incomplete") as e:
             load()
         assert "does not match" not in str(e.value)

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from dknet_jax import diagnostics as dg
-from dknet_jax import postprocess as pp
-from dknet_jax.evaluate import clean_json
+from dknet_jax.inference import diagnostics as dg
+from dknet_jax.inference import postprocess as pp
+from dknet_jax.io_atomic import clean_json
 from dknet_jax.model.dknet import DKNetOutputs
 from dknet_jax.types import PointBatch
 from tests.test_postprocess import postprocess_reference

@@ -37,9 +37,10 @@ import pytest
 from flax import nnx
 
 from dknet_jax import eval as E
-from dknet_jax import evaluate as ev
-from dknet_jax import predict as P
 from dknet_jax.data.labels import SCANNET_NYU40_IDS
+from dknet_jax.inference import evaluate as ev
+from dknet_jax.inference import predictor
+from dknet_jax.inference import scan as P
 from dknet_jax.model.dknet import DKNetOutputs
 from dknet_jax.model.heads import PointHeadOutputs
 
@@ -317,7 +318,7 @@ def test_predict_file_with_oracle_model(root, tmp_path, wrong):
     scan = tmp_path / f"{name}.npz"
     np.savez(scan, xyz=arrays["xyz"], rgb=arrays["rgb"])
     config = _config(root)
-    model = P.LoadedModel(
+    model = predictor.LoadedModel(
         *_oracle_model(config, wrong, (arrays["semantic"], arrays["instance"])), config, 0, "oracle"
     )
     out_dir = tmp_path / "out"

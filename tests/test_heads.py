@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dknet_jax.model.heads import MLP, PointHeads, num_kernel_params
+from dknet_jax.model.heads import MLP, PointHeads
+from dknet_jax.model.mask_decoder import num_kernel_params
 
 
 def _count(module):

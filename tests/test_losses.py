@@ -1,4 +1,4 @@
-"""Tests for dknet_jax.losses against formulas written out in numpy."""
+"""Tests for dknet_jax.objective.terms against formulas written out in numpy."""
 
 import functools
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dknet_jax import losses
+from dknet_jax.objective import terms as losses
 
 RNG = np.random.default_rng(0)
 

@@ -1,4 +1,4 @@
-"""Tests for dknet_jax.masks: numpy loop reference, chunking invariance, gradients."""
+"""Tests for dknet_jax.model.mask_decoder: numpy loop reference, chunking invariance, gradients."""
 
 import functools
 
@@ -7,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dknet_jax import losses, matching
-from dknet_jax.masks import (
+from dknet_jax.model.mask_decoder import (
     MASK_FILL,
     decode_masks,
-    decoded_class_counts,
-    decoded_mask_loss,
     scene_point_mask,
     split_kernels,
 )
+from dknet_jax.objective import matching
+from dknet_jax.objective import terms as losses
+from dknet_jax.objective.mask_loss import decoded_class_counts, decoded_mask_loss
 
 K, N, CM, H = 5, 23, 16, 16
 L = (CM + 3) * H + H + H + 1

@@ -1,4 +1,4 @@
-"""Tests for dknet_jax.matching: brute-force permutation search, scipy, scene separation."""
+"""Tests for dknet_jax.objective.matching: brute-force permutation search, scipy, scene separation."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from dknet_jax import matching
+from dknet_jax.objective import matching
 
 
 def _brute_force(cost):

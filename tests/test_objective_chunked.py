@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dknet_jax import losses as L
-from dknet_jax import masks
 from dknet_jax.config import base_config
+from dknet_jax.model import mask_decoder as masks
 from dknet_jax.model.dknet import DKNetOutputs
-from dknet_jax.model.heads import PointHeadOutputs, num_kernel_params
-from dknet_jax.objective import compute_losses, loss_weights
-from dknet_jax.targets import predicted_foreground, scene_softmax
+from dknet_jax.model.heads import PointHeadOutputs, predicted_foreground, scene_softmax
+from dknet_jax.model.mask_decoder import num_kernel_params
+from dknet_jax.objective import compute_losses, loss_weights, mask_loss
+from dknet_jax.objective import terms as L
 from dknet_jax.types import IGNORE_LABEL, PointBatch
 
 # sizes chosen pairwise distinct where the [M, N] check below could confuse them
@@ -134,8 +134,8 @@ def _setup():
 @functools.lru_cache(maxsize=None)
 def _dense_ious():
     """Sorted IoUs of the matched pairs (dense path, as compute_losses matches them)."""
-    from dknet_jax.matching import majority_class, match_instances
-    from dknet_jax.targets import compute_targets
+    from dknet_jax.objective.matching import majority_class, match_instances
+    from dknet_jax.objective.targets import compute_targets
 
     batch, params = _setup()
 
@@ -231,8 +231,8 @@ def test_chunked_path_passes_chunk_size_gate_and_hidden(monkeypatch):
             return fn(*args, **kw)
         return wrapped
 
-    monkeypatch.setattr(masks, "decoded_mask_loss", spy(masks.decoded_mask_loss))
-    monkeypatch.setattr(masks, "decoded_class_counts", spy(masks.decoded_class_counts))
+    monkeypatch.setattr(mask_loss, "decoded_mask_loss", spy(mask_loss.decoded_mask_loss))
+    monkeypatch.setattr(mask_loss, "decoded_class_counts", spy(mask_loss.decoded_class_counts))
     batch, params = _setup()
     # tracing is enough to see the calls
     jax.make_jaxpr(_loss_fn(batch, decode=False, threshold=0.4, fallback=False, chunk=13))(

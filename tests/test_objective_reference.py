@@ -32,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dknet_jax import losses as L
 from dknet_jax.config import base_config
 from dknet_jax.model.dknet import DKNetOutputs
-from dknet_jax.model.heads import PointHeadOutputs, num_kernel_params
+from dknet_jax.model.heads import PointHeadOutputs
+from dknet_jax.model.mask_decoder import num_kernel_params
 from dknet_jax.objective import compute_losses, loss_weights
+from dknet_jax.objective import terms as L
 from dknet_jax.types import PointBatch
 
 B, N, G, S, K = 2, 26, 6, 5, 4  # scenes, rows, GT slots, classes, candidate slots/scene

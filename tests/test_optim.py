@@ -7,7 +7,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from dknet_jax.optim import learning_rate_schedule, make_optimizer
+from dknet_jax.training.optim import learning_rate_schedule, make_optimizer
 
 
 def test_constant_then_cosine_values():

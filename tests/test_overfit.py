@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from dknet_jax.overfit import run_overfit
+from dknet_jax.training.overfit import run_overfit
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

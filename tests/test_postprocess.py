@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from dknet_jax import postprocess as pp
+from dknet_jax.inference import postprocess as pp
 
 
 def otsu_reference(values, bins=100):

@@ -17,15 +17,16 @@ from flax import nnx
 from PIL import Image
 
 from dknet_jax import eval as E
-from dknet_jax import predict as P
-from dknet_jax import render as R
-from dknet_jax.checkpoint import Checkpoints
+from dknet_jax.checkpoint import Checkpoints, config_from_meta
 from dknet_jax.config import base_config
 from dknet_jax.data.labels import SCANNET_CLASSES, SCANNET_NYU40_IDS
 from dknet_jax.data.ply import write_ply
 from dknet_jax.data.synthetic import generate_scene
-from dknet_jax.optim import make_optimizer
-from dknet_jax.train import build_model
+from dknet_jax.inference import render as R
+from dknet_jax.inference import scan as P
+from dknet_jax.inference.predictor import load_model
+from dknet_jax.model import build_model
+from dknet_jax.training.optim import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = 4096
@@ -85,7 +86,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(workdir):
-    return P.load_model(workdir, log=lambda m: None)
+    return load_model(workdir, log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -305,13 +306,13 @@ def test_config_from_meta_types_and_unknown_keys():
     values["model"]["not_a_field"] = 3
     values["data"]["voxel_size"] = 1  # an int in JSON for a float field
     notes = []
-    got = P.config_from_meta({"config": json.dumps(values)}, log=notes.append)
+    got = config_from_meta({"config": json.dumps(values)}, log=notes.append)
     assert got.model.widths == (8, 16) and isinstance(got.model.widths, tuple)
     assert got.test.score_threshold == 0.25
     assert got.data.point_buckets == base_config().data.point_buckets
     assert isinstance(got.data.voxel_size, float) and got.data.voxel_size == 1.0
     assert notes and "model.not_a_field" in notes[0]
-    assert P.config_from_meta({"step": 1}) is None
+    assert config_from_meta({"step": 1}) is None
 
 
 def test_bad_inputs_give_clear_messages(tmp_path, model, workdir):
@@ -333,17 +334,17 @@ def test_bad_inputs_give_clear_messages(tmp_path, model, workdir):
         P.predict_file(None, str(empty), out, superpoints="maybe", **quiet)
     # checkpoints: missing folder, a folder without checkpoints, an empty best/
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        P.load_model(str(tmp_path / "no_such_dir"))
+        load_model(str(tmp_path / "no_such_dir"))
     (tmp_path / "not_a_workdir").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoints found"):
-        P.load_model(str(tmp_path / "not_a_workdir"))
+        load_model(str(tmp_path / "not_a_workdir"))
     with pytest.raises(FileNotFoundError, match="no step 99"):
-        P.load_model(os.path.join(workdir, "checkpoints", "99"))
+        load_model(os.path.join(workdir, "checkpoints", "99"))
     # a config describing another network
     other = _tiny_config()
     other.model.widths = (8, 24)
     with pytest.raises(ValueError, match="does not match the network"):
-        P.load_model(workdir, config=other, log=lambda m: None)
+        load_model(workdir, config=other, log=lambda m: None)
 
 
 def test_cli_reports_missing_checkpoint(tmp_path):

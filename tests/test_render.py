@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dknet_jax import render as R
+from dknet_jax.inference import render as R
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 WHITE = R.BACKGROUND

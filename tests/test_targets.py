@@ -1,9 +1,10 @@
-"""Tests for dknet_jax.targets against numpy loops."""
+"""Tests for dknet_jax.objective.targets against numpy loops."""
 
 import jax.numpy as jnp
 import numpy as np
 
-from dknet_jax.targets import compute_targets, predicted_foreground, scene_softmax
+from dknet_jax.model.heads import predicted_foreground, scene_softmax
+from dknet_jax.objective.targets import compute_targets
 from dknet_jax.types import IGNORE_LABEL, PointBatch
 
 

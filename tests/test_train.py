@@ -36,14 +36,14 @@ def _config(root):
 
 
 def _params(workdir):
-    from dknet_jax.evaluate import restore_for_inference
+    from dknet_jax.inference.predictor import load_model
 
-    _, params, rest, meta = restore_for_inference(_config("unused"), workdir)
-    return jax.tree.leaves(params) + jax.tree.leaves(rest), meta
+    model = load_model(workdir, _config("unused"), which="latest")
+    return jax.tree.leaves(model.params) + jax.tree.leaves(model.rest), model.meta
 
 
 def test_two_steps_then_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
-    from dknet_jax.train import train_and_evaluate
+    from dknet_jax.training.train import train_and_evaluate
 
     # uninterrupted 2-step run (also the smoke test: log, checkpoints, evaluation)
     straight = str(tmp_path / "straight")
@@ -94,8 +94,9 @@ import jax, numpy as np
 sys.path.insert(0, sys.argv[2])
 import synthetic
 from jax.sharding import Mesh
-from dknet_jax.train import build_model, make_train_step, shard_batch
-from dknet_jax.optim import make_optimizer
+from dknet_jax.model import build_model
+from dknet_jax.training.train import make_train_step, shard_batch
+from dknet_jax.training.optim import make_optimizer
 from dknet_jax.data.dataset import list_scenes
 from dknet_jax.data.pipeline import EvalIterator
 c = synthetic.get_config("tiny"); c.data.root = sys.argv[1]
@@ -135,7 +136,7 @@ def test_empty_val_split_warns_and_skips_evaluation(prepared, tmp_path, monkeypa
     """A 0-byte val.txt: a warning naming the split and root up front, no evaluation
     records (no NaN), checkpoints saved, best/ left empty. The train step is stubbed (the
     loop's bookkeeping is under test, not the model)."""
-    import dknet_jax.train as train_mod
+    from dknet_jax.training import train as train_mod
 
     root = tmp_path / "data"
     root.mkdir()
@@ -167,7 +168,7 @@ def test_empty_val_split_warns_and_skips_evaluation(prepared, tmp_path, monkeypa
 
 
 def test_truncate_log_drops_rows_past_the_restored_step(tmp_path):
-    from dknet_jax.train import truncate_log
+    from dknet_jax.training.train import truncate_log
 
     path = str(tmp_path / "metrics.jsonl")
     rows = [{"step": s, "loss": 1.0 / s, "time": 10.0 * s} for s in range(1, 6)]

@@ -54,8 +54,9 @@ def prepared(tmp_path_factory):
 def test_train_step_fits_one_batch(prepared):
     from dknet_jax.data.dataset import list_scenes
     from dknet_jax.data.pipeline import EvalIterator
-    from dknet_jax.optim import make_optimizer
-    from dknet_jax.train import build_model, make_train_step
+    from dknet_jax.model import build_model
+    from dknet_jax.training.optim import make_optimizer
+    from dknet_jax.training.train import make_train_step
 
     c = synthetic.get_config("tiny")
     c.data.root = prepared
@@ -115,8 +116,8 @@ def _restore_state(config, workdir):
     """(state, meta) of the latest checkpoint in ``workdir``, with the key."""
     from flax import nnx
 
-    from dknet_jax.optim import make_optimizer
-    from dknet_jax.train import build_model
+    from dknet_jax.model import build_model
+    from dknet_jax.training.optim import make_optimizer
 
     # shapes only: the restore target needs no initialised parameters
     _, params, rest = nnx.split(
@@ -137,7 +138,8 @@ def _restore_state(config, workdir):
 
 
 def test_kill_and_resume_with_augmentation(prepared, tmp_path, monkeypatch):
-    import dknet_jax.train as train_mod
+    from dknet_jax.data import pipeline
+    from dknet_jax.training import train as train_mod
 
     k = 2
     total = 2 * k
@@ -145,7 +147,7 @@ def test_kill_and_resume_with_augmentation(prepared, tmp_path, monkeypatch):
     iterator_states: dict[str, list] = {}
     run = {"name": None}
     real_step_factory = train_mod.make_train_step
-    real_iterator = train_mod.TrainIterator
+    real_iterator = pipeline.TrainIterator  # built by pipeline.train_iterator
     real_optimizer = train_mod.make_optimizer
     optimizer_args: list = []
     compiled: dict = {}
@@ -175,7 +177,7 @@ def test_kill_and_resume_with_augmentation(prepared, tmp_path, monkeypatch):
             super().__init__(*a, state=state, **kw)
 
     def stub_eval(*a, **kw):  # the shape of evaluate_split's result, no inference
-        from dknet_jax.diagnostics import StageDiagnostics
+        from dknet_jax.inference.diagnostics import StageDiagnostics
 
         return {
             "instance": {"all_ap": 0.0},
@@ -185,7 +187,7 @@ def test_kill_and_resume_with_augmentation(prepared, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "make_train_step", spy_step_factory)
     monkeypatch.setattr(train_mod, "make_optimizer", spy_optimizer)
-    monkeypatch.setattr(train_mod, "TrainIterator", SpyIterator)
+    monkeypatch.setattr(pipeline, "TrainIterator", SpyIterator)
     monkeypatch.setattr(train_mod.ev, "evaluate_split", stub_eval)
 
     def train(name, workdir):

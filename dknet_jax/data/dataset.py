@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-IGNORE_LABEL = -100
+from dknet_jax.types import IGNORE_LABEL
+
 SCENE_SPEC = {  # key -> (dtype, trailing shape)
     "xyz": (np.float32, (3,)),
     "rgb": (np.uint8, (3,)),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_LABEL = -100
+from dknet_jax.types import IGNORE_LABEL
 
 # ---------------------------------------------------------------------------------------
 # ScanNet v2

@@ -379,3 +379,26 @@ class EvalIterator(_BatchIterator):
 
     def __len__(self) -> int:
         return len(self._groups)
+
+
+def augment_from_config(data_config) -> AugmentConfig | None:
+    """``config.data`` -> the training augmentation (None when ``data.augment`` is off):
+    the released settings scaled to ``voxel_size``, ``max_points`` as the crop,
+    ``color_noise``, and no elastic distortion when ``data.elastic`` is off."""
+    d = data_config
+    if not d.augment:
+        return None
+    return AugmentConfig.for_voxel_size(
+        d.voxel_size, max_points=d.max_points, color_noise=d.color_noise,
+        **({} if d.elastic else {"elastic": ()}))
+
+
+def train_iterator(paths: Sequence[str], config, **kwargs) -> TrainIterator:
+    """The training iterator a full config describes (batch size, seed, voxel size, classes,
+    buckets, augmentation); ``kwargs`` go to :class:`TrainIterator` (``num_workers``,
+    ``prefetch``, ``num_epochs``, ``state``, ...)."""
+    d = config.data
+    return TrainIterator(paths, batch_size=d.batch_size, seed=config.seed,
+                         voxel_size=d.voxel_size, num_classes=config.model.num_classes,
+                         buckets=d.point_buckets, instance_buckets=d.instance_buckets,
+                         augment_config=augment_from_config(d), **kwargs)

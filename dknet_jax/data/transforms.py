@@ -32,8 +32,9 @@ import dataclasses
 import numpy as np
 from scipy.ndimage import uniform_filter1d
 
+from dknet_jax.types import IGNORE_LABEL
+
 POINT_KEYS = ("xyz", "rgb", "semantic", "instance", "superpoint")
-IGNORE_LABEL = -100
 
 
 def _with(sample: dict, **changes) -> dict:

@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from dknet_jax.types import IGNORE_LABEL
+
 
 def boxes_from_masks(xyz, masks) -> np.ndarray:
     """f64[K, 6] boxes (xmin, ymin, zmin, xmax, ymax, zmax) of the member points.
@@ -36,7 +38,7 @@ def boxes_from_masks(xyz, masks) -> np.ndarray:
     return np.concatenate([lo, hi], axis=1)
 
 
-def instance_boxes(xyz, instance, labels_per_point, ignore_label: int = -100):
+def instance_boxes(xyz, instance, labels_per_point, ignore_label: int = IGNORE_LABEL):
     """Boxes and classes of GT instances: (f64[G, 6], i64[G]), instance ids ascending.
 
     Args: xyz f32[N, 3]; instance int[N] ids (``ignore_label`` = none); labels_per_point

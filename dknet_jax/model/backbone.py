@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dknet_jax.config import level_values
 from dknet_jax.sparse import conv, hashing
 from dknet_jax.sparse.voxelize import Voxels, voxel_to_point
 
@@ -162,8 +163,7 @@ class ResidualBlock(nnx.Module):
 def _per_level(value, count: int, name: str, upper: float = 1.0,
                unit: str = "level transition") -> tuple[float, ...]:
     """A number in (0, ``upper``], or ``count`` of them (one per ``unit``) -> ``count`` floats."""
-    values = (tuple(float(x) for x in value) if isinstance(value, (tuple, list))
-              else (float(value),))
+    values = level_values(value)
     if len(values) == 1:
         values = values * count
     if len(values) != count or not all(0.0 < x <= upper for x in values):

@@ -10,7 +10,7 @@ over every point of the instance's scene.
 Every count is static: M candidate slots and I instance slots with validity masks, masks
 f32[I, N].
 ``decode_masks=False`` stops at the kernels (``mask_logits`` is None): the training step
-then computes the mask loss chunk by chunk (``masks.decoded_mask_loss``) and never holds
+then computes the mask loss chunk by chunk (``objective.mask_loss``) and never holds
 the f32[M, N] logits (``config.model.chunked_mask_loss``).
 
 Ablation switches (config.model): ``candidates`` (ln_nms | nms | random),
@@ -25,12 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dknet_jax import aggregation as agg
-from dknet_jax import masks as mask_decoder
 from dknet_jax.candidates import mine_candidates
+from dknet_jax.model import mask_decoder
 from dknet_jax.model.backbone import SparseUNet
-from dknet_jax.model.heads import PointHeadOutputs, PointHeads
+from dknet_jax.model.heads import PointHeadOutputs, PointHeads, scene_softmax
+from dknet_jax.sparse.conv import resolve_impl
 from dknet_jax.sparse.voxelize import voxel_to_point, voxelize
-from dknet_jax.targets import scene_softmax
 from dknet_jax.types import PointBatch
 
 Array = jax.Array
@@ -56,8 +56,8 @@ class DKNetOutputs:
       inst_source: i32[I] candidate slot of the instance's lead (M in empty slots).
       inst_pos: f32[I, 3] instance centroid C_k (shifted position of the lead).
       kernels: f32[I, L] instance kernels of the dynamic mask decoder (layout:
-        ``masks.split_kernels``); with ``inst_pos``, ``inst_batch``, ``inst_ok`` and
-        ``heads.mask_feats`` they define the masks (``masks.decode_masks``).
+        ``mask_decoder.split_kernels``); with ``inst_pos``, ``inst_batch``, ``inst_ok`` and
+        ``heads.mask_feats`` they define the masks (``mask_decoder.decode_masks``).
       mask_logits: f32[I, N] instance mask logits (-1e9 outside the instance's scene),
         or None when the model ran with ``decode_masks=False``.
       pool_exhausted: bool[B] the LN-NMS pool ran out in a scene, so the exact whole-scene
@@ -93,12 +93,43 @@ class DKNetOutputs:
         return self.cand_batch if self.inst_batch is None else self.inst_batch
 
 
+@flax.struct.dataclass
+class Groups:
+    """What :meth:`DKNet.group` returns: per candidate slot (M = B*K) ``cand_batch``,
+    ``merge_logits`` f32[M, M], ``pair_mask`` bool[M, M], ``lead`` i32[M]; per instance slot
+    (M' = B * max_instances) ``inst_feat``, ``inst_pos`` f32[M', 3], ``inst_ok``,
+    ``inst_batch``, ``inst_source`` (see :class:`DKNetOutputs`); ``instance_overflow``
+    bool[B]."""
+
+    cand_batch: Array
+    merge_logits: Array
+    pair_mask: Array
+    lead: Array
+    inst_feat: Array
+    inst_pos: Array
+    inst_ok: Array
+    inst_batch: Array
+    inst_source: Array
+    instance_overflow: Array
+
+
 class DKNet(nnx.Module):
     """DKNet from ``config.model`` (see ``dknet_jax/config.py`` for every field)."""
 
     def __init__(self, model_config, *, impl: str = "auto", rngs: nnx.Rngs):
         m = model_config
-        self.cfg = m.to_dict() if hasattr(m, "to_dict") else dict(m)
+        # the settings the forward pass reads (static: they shape the traced program)
+        self.candidates = m["candidates"]
+        self.max_candidates = int(m["max_candidates"])
+        self.max_instances = int(m.get("max_instances") or m["max_candidates"])
+        self.pool_size = int(m["pool_size"])
+        self.cand_radius = float(m["cand_radius"])
+        self.cand_threshold = float(m["cand_threshold"])
+        self.random_cand_threshold = float(m["random_cand_threshold"])
+        self.aggregation = m["aggregation"]
+        self.merge_threshold = float(m["merge_threshold"])
+        self.kernel_from = m["kernel_from"]
+        self.mask_chunk = int(m["mask_chunk"])
         self.backbone = SparseUNet(
             m.in_channels,
             tuple(m.widths),
@@ -123,7 +154,7 @@ class DKNet(nnx.Module):
     def __call__(self, batch: PointBatch, *, key: Array | None = None,
                  decode_masks: bool = True,
                  merge_threshold: float | None = None) -> DKNetOutputs:
-        """Forward pass on one packed batch.
+        """Forward pass on one packed batch: the stage methods below, in order.
 
         ``key`` drives random candidate sampling (``candidates="random"``);
         ``decode_masks`` (static): False skips the dynamic-conv decoder and returns
@@ -132,49 +163,93 @@ class DKNet(nnx.Module):
         the merge-score threshold of the grouping, ``config.model.merge_threshold`` when
         None (training); inference passes ``config.test.merge_threshold``.
         """
-        c = self.cfg
-        n = batch.valid.shape[0]
-        b = batch.scene_valid.shape[0]
-        k = c["max_candidates"]
+        fp, overflow = self.point_features(batch)
+        heads, heat = self.point_heads(batch, fp)
+        cand_idx, cand_ok, exhausted = self.mine(batch, heads, heat, key)
+        g = self.group(batch, heads, heat, cand_idx, cand_ok, merge_threshold)
+        kernels, mask_logits = self.masks(batch, heads, g, decode_masks)
+        return DKNetOutputs(
+            heads=heads,
+            heat=heat,
+            cand_idx=cand_idx,
+            cand_ok=cand_ok,
+            cand_batch=g.cand_batch,
+            merge_logits=g.merge_logits,
+            pair_mask=g.pair_mask,
+            lead=g.lead,
+            inst_ok=g.inst_ok,
+            inst_batch=g.inst_batch,
+            inst_source=g.inst_source,
+            inst_pos=g.inst_pos,
+            kernels=kernels,
+            mask_logits=mask_logits,
+            pool_exhausted=exhausted,
+            instance_overflow=g.instance_overflow,
+            voxel_overflow=overflow,
+        )
 
+    # --- the stages of __call__ (also timed one by one by scripts/bench_infer.py) -------
+
+    def point_features(self, batch: PointBatch) -> tuple[Array, Array]:
+        """Voxelise, run the sparse UNet, gather back to points: (F_p f32[N, D], overflow
+        bool[]: a voxel capacity overflowed, the features are NaN)."""
+        n = batch.valid.shape[0]
         vox = voxelize(batch.vox, batch.batch_id, batch.valid, batch.feats, capacity=n)
         fv = self.backbone(vox)  # NaN everywhere when a level's capacity overflowed
         overflow = vox.overflow | jnp.any(jnp.isnan(fv))
-        fp = voxel_to_point(fv, vox.point_to_voxel)
-        heads = self.heads(fp, batch.valid)
-        heat = scene_softmax(heads.heat_logits, batch.batch_id, heads.foreground, b)
-        sem_pred = jnp.argmax(heads.semantic_logits, axis=-1).astype(jnp.int32)
+        return voxel_to_point(fv, vox.point_to_voxel), overflow
 
-        # --- candidates: per scene, K slots each -> M = B*K flat slots ---------------
+    def point_heads(self, batch: PointBatch, fp: Array) -> tuple[PointHeadOutputs, Array]:
+        """The point heads and the per-scene heatmap H f32[N] (softmax over each scene's
+        predicted-foreground points)."""
+        heads = self.heads(fp, batch.valid)
+        heat = scene_softmax(heads.heat_logits, batch.batch_id, heads.foreground,
+                             batch.scene_valid.shape[0])
+        return heads, heat
+
+    def mine(self, batch: PointBatch, heads: PointHeadOutputs, heat: Array,
+             key: Array | None = None) -> tuple[Array, Array, Array]:
+        """Candidate mining per scene, K slots each, flattened to M = B*K slots:
+        (cand_idx i32[M] point index, cand_ok bool[M], pool_exhausted bool[B])."""
+        n = batch.valid.shape[0]
+        b = batch.scene_valid.shape[0]
         scene_valid = heads.foreground[None, :] & (
             batch.batch_id[None, :] == jnp.arange(b, dtype=jnp.int32)[:, None]
         )
         keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), b)
 
-        random = c["candidates"] == "random"
+        random = self.candidates == "random"
 
         def mine(valid_b, key_b):
             return mine_candidates(
-                c["candidates"],
+                self.candidates,
                 batch.xyz,
                 heat,
                 valid_b,
                 key=key_b,
-                radius=c["cand_radius"],
-                threshold=c["cand_threshold"],
-                score_threshold=c["random_cand_threshold"] if random else None,
-                max_candidates=k,
-                pool_size=min(c["pool_size"], n),
+                radius=self.cand_radius,
+                threshold=self.cand_threshold,
+                score_threshold=self.random_cand_threshold if random else None,
+                max_candidates=self.max_candidates,
+                pool_size=min(self.pool_size, n),
                 relative=True,
             )
 
         idx, ok, exhausted = jax.vmap(mine)(scene_valid, keys)
-        cand_idx, cand_ok = idx.reshape(-1), ok.reshape(-1)
+        return idx.reshape(-1), ok.reshape(-1), exhausted
+
+    def group(self, batch: PointBatch, heads: PointHeadOutputs, heat: Array,
+              cand_idx: Array, cand_ok: Array,
+              merge_threshold: float | None = None) -> Groups:
+        """Aggregation: context features, pairwise merge scores, groups, group features,
+        and the groups moved into ``max_instances`` instance slots per scene."""
+        n = batch.valid.shape[0]
+        b = batch.scene_valid.shape[0]
+        k = self.max_candidates
+        sem_pred = jnp.argmax(heads.semantic_logits, axis=-1).astype(jnp.int32)
         cand_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
         safe = jnp.clip(cand_idx, 0, n - 1)
         cand_pos = batch.xyz[safe] + heads.offset[safe]
-
-        # --- aggregation -----------------------------------------------------------
         fg, bg, fg_count = agg.context_features(
             batch.xyz,
             heads.reduce_feats,
@@ -183,7 +258,7 @@ class DKNet(nnx.Module):
             batch.batch_id,
             cand_idx,
             cand_ok,
-            radius=c["cand_radius"],
+            radius=self.cand_radius,
         )
         agg_feats = jnp.concatenate([fg, bg, cand_pos], axis=-1)
         m = cand_idx.shape[0]
@@ -194,60 +269,59 @@ class DKNet(nnx.Module):
             & ~jnp.eye(m, dtype=bool)
         )
         merge_logits = self.heads.merge_logits(agg_feats, pair_mask)
-        if c["aggregation"] == "full":
+        if self.aggregation == "full":
             scores = jnp.where(pair_mask, jax.nn.sigmoid(merge_logits), 0.0)
-            thr = c["merge_threshold"] if merge_threshold is None else merge_threshold
+            thr = self.merge_threshold if merge_threshold is None else merge_threshold
             lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=thr)
         else:  # every candidate is its own instance
             lead = jnp.where(cand_ok, jnp.arange(m, dtype=jnp.int32), -1)
 
-        if c["kernel_from"] == "aggregate":
+        if self.kernel_from == "aggregate":
             inst_feat, inst_pos, inst_ok = agg.group_features(lead, fg, fg_count, cand_pos)
-        elif c["kernel_from"] == "top":  # elimination: the lead's own feature
+        elif self.kernel_from == "top":  # elimination: the lead's own feature
             inst_feat, inst_pos, inst_ok = agg.group_features(
                 lead, fg, (lead == jnp.arange(m)).astype(fg.dtype), cand_pos
             )
         else:  # oracle: mean reduced feature over the GT instance the lead lies in
             inst_feat, inst_pos, inst_ok = self._oracle_features(batch, heads, safe, lead, cand_pos)
 
-        ki = c.get("max_instances") or k
+        ki = self.max_instances
         (inst_feat, inst_pos), inst_ok, inst_source, inst_overflow = agg.compact_groups(
             inst_ok, (inst_feat, inst_pos), scenes=b, slots=ki)
-        inst_batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), ki)
-        kernels = self.heads.kernels(inst_feat)
+        return Groups(
+            cand_batch=cand_batch,
+            merge_logits=merge_logits,
+            pair_mask=pair_mask,
+            lead=lead,
+            inst_feat=inst_feat,
+            inst_pos=inst_pos,
+            inst_ok=inst_ok,
+            inst_batch=jnp.repeat(jnp.arange(b, dtype=jnp.int32), ki),
+            inst_source=inst_source,
+            instance_overflow=inst_overflow,
+        )
+
+    def masks(self, batch: PointBatch, heads: PointHeadOutputs, groups: Groups,
+              decode_masks: bool = True) -> tuple[Array, Array | None]:
+        """Instance kernels f32[M', L] from the group features and, with ``decode_masks``,
+        the dynamic-conv mask logits f32[M', N] (else None)."""
+        n = batch.valid.shape[0]
+        kernels = self.heads.kernels(groups.inst_feat)
         mask_logits = None
         if decode_masks:
             mask_logits = mask_decoder.decode_masks(
                 kernels,
-                inst_pos,
-                inst_batch,
-                inst_ok,
+                groups.inst_pos,
+                groups.inst_batch,
+                groups.inst_ok,
                 heads.mask_feats,
                 batch.xyz,
                 batch.batch_id,
                 batch.valid,
                 hidden=self.heads.dynamic_hidden,
-                chunk_size=min(c["mask_chunk"], n),
+                chunk_size=min(self.mask_chunk, n),
             )
-        return DKNetOutputs(
-            heads=heads,
-            heat=heat,
-            cand_idx=cand_idx,
-            cand_ok=cand_ok,
-            cand_batch=cand_batch,
-            merge_logits=merge_logits,
-            pair_mask=pair_mask,
-            lead=lead,
-            inst_ok=inst_ok,
-            inst_batch=inst_batch,
-            inst_source=inst_source,
-            inst_pos=inst_pos,
-            kernels=kernels,
-            mask_logits=mask_logits,
-            pool_exhausted=exhausted,
-            instance_overflow=inst_overflow,
-            voxel_overflow=overflow,
-        )
+        return kernels, mask_logits
 
     @staticmethod
     def _oracle_features(batch, heads, safe, lead, cand_pos):
@@ -272,6 +346,16 @@ class DKNet(nnx.Module):
         )
 
 
-def count_params(module: nnx.Module) -> int:
-    """Number of trainable parameters (``nnx.Param`` leaves)."""
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+def build_model(config, seed: int | None = None):
+    """DKNet from a full config (``config.model``, ``config.kernels.impl``, ``config.seed``);
+    returns ``(graphdef, params, rest)`` split for jit (``nnx.split(model, nnx.Param, ...)``)."""
+    model = DKNet(config.model, impl=resolve_impl(config.kernels.impl),
+                  rngs=nnx.Rngs(config.seed if seed is None else seed))
+    return nnx.split(model, nnx.Param, ...)
+
+
+def abstract_model(config):
+    """``build_model`` traced, not initialised (the eager initialisers take seconds):
+    ``(graphdef, params, rest)`` with ``jax.ShapeDtypeStruct`` leaves, e.g. to restore a
+    checkpoint into."""
+    return nnx.split(nnx.eval_shape(lambda: nnx.merge(*build_model(config))), nnx.Param, ...)

@@ -1,9 +1,9 @@
 """Point heads, aggregation MLPs, kernel MLP and mask-feature MLP (method.md sections 2, 4, 5).
 
 Data flow: backbone features ``F_p f32[N, D]`` -> this module -> semantic logits, offsets,
-heatmap logits (softmaxed per scene in ``targets.scene_softmax``), reduced features
+heatmap logits (softmaxed per scene by :func:`scene_softmax`), reduced features
 ``f32[N, D']`` (pooled by ``aggregation`` into ``F_a``), merge logits ``f32[K, K]`` over
-``|F_a,i - F_a,j|``, instance kernels ``f32[K, L]`` (decoded by ``masks.decode_masks``) and
+``|F_a,i - F_a,j|``, instance kernels ``f32[K, L]`` (decoded by ``mask_decoder.decode_masks``) and
 mask features ``f32[N, 16]``.
 
 Layer layout (follows the released DKNet code; widths are constructor arguments):
@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dknet_jax.model.mask_decoder import num_kernel_params
+
 Array = jax.Array
 
 NORMS = ("batch", "layer", "none")
@@ -42,12 +44,33 @@ NORMS = ("batch", "layer", "none")
 _torch_linear_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def num_kernel_params(in_dim: int = 19, hidden: int = 16) -> int:
-    """Length L of an instance kernel for two dynamic 1x1 layers in_dim -> hidden -> 1.
+def predicted_foreground(semantic_logits: Array, valid: Array,
+                         first_instance_class: int) -> Array:
+    """bool[N]: valid rows whose argmax class is an instance class (>= first_instance_class).
 
-    L = in_dim * hidden (W1) + hidden (b1) + hidden (W2) + 1 (b2); 19, 16 -> 337 (Eq. 4).
+    ``semantic_logits`` f32[N, S]. The heatmap's BatchNorm and softmax use these rows."""
+    return valid & (jnp.argmax(semantic_logits, axis=-1) >= first_instance_class)
+
+
+def scene_softmax(logits: Array, segment: Array, mask: Array, num_segments: int) -> Array:
+    """Softmax of ``logits`` over the masked rows of each segment (scene).
+
+    Args:
+      logits: f32[N]; segment: i32[N] scene id 0..B-1 (rows with other ids are excluded);
+      mask: bool[N] rows that take part (e.g. predicted foreground of valid rows);
+      num_segments: B (static).
+    Returns:
+      f32[N]: within each scene the masked rows sum to 1; 0 on unmasked rows.
     """
-    return in_dim * hidden + hidden + hidden + 1
+    ok = mask & (segment >= 0) & (segment < num_segments)
+    seg = jnp.where(ok, segment, num_segments)
+    neg = jnp.finfo(logits.dtype).min
+    seg_max = jax.ops.segment_max(jnp.where(ok, logits, neg), seg, num_segments=num_segments)
+    row_max = jnp.take(seg_max, seg, mode="fill", fill_value=0.0)
+    e = jnp.where(ok, jnp.exp(jnp.where(ok, logits - row_max, 0.0)), 0.0)
+    denom = jax.ops.segment_sum(e, seg, num_segments=num_segments)
+    row_denom = jnp.take(denom, seg, mode="fill", fill_value=1.0)
+    return jnp.where(ok, e / jnp.maximum(row_denom, 1e-30), 0.0)
 
 
 class MLP(nnx.Module):
@@ -110,7 +133,7 @@ class PointHeadOutputs:
       semantic_logits: f32[N, S] (softmax -> semantic scores).
       offset: f32[N, 3] predicted vector from each point to its instance centroid.
       heat_logits: f32[N] heatmap logit; softmax over each scene's predicted foreground
-        (``targets.scene_softmax``) gives H.
+        (:func:`scene_softmax`) gives H.
       reduce_feats: f32[N, D'] features pooled into candidate fg/bg context features.
       mask_feats: f32[N, Cm] mask features F_m for the dynamic-conv decoder.
       foreground: bool[N] valid rows whose predicted class is an instance class.
@@ -160,7 +183,7 @@ class PointHeads(nnx.Module):
                 f"in [0, num_classes={num_classes})"
             )
         self.first_instance_class = first_instance_class
-        self.dynamic_hidden = dynamic_hidden  # pass as masks.decode_masks(hidden=...)
+        self.dynamic_hidden = dynamic_hidden  # pass as mask_decoder.decode_masks(hidden=...)
         self.kernel_len = num_kernel_params(mask_feat_dim + 3, dynamic_hidden)
         d, w, a = feat_dim, width, 2 * agg_dim + 3
         self.semantic = MLP(d, [w, w], num_classes, norm=norm, rngs=rngs)
@@ -185,7 +208,7 @@ class PointHeads(nnx.Module):
             )
         sem = self.semantic(feats, valid)
         off = self.offset(feats, valid)
-        fg = valid & (jnp.argmax(sem, axis=-1) >= self.first_instance_class)
+        fg = predicted_foreground(sem, valid, self.first_instance_class)
         heat = self.heatmap_logits(feats, off, fg)
         return PointHeadOutputs(
             semantic_logits=sem,

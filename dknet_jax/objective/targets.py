@@ -1,10 +1,9 @@
-"""Training targets from ground truth, and the per-scene heatmap softmax (method.md 2, 6).
+"""Training targets from ground truth (method.md 2, 6).
 
 Data flow: ``PointBatch`` (GT ``instance`` ids are batch-global slots 0..G-1) ->
 :func:`compute_targets` -> per-instance centroids / boxes / counts and per-point offset and
 Gaussian heatmap targets, consumed by ``losses`` (offset, heatmap) and ``matching`` (GT
-centroids and classes). :func:`scene_softmax` turns the heatmap head's logits into the
-sharp map H over each scene's predicted-foreground points (also used at inference).
+centroids and classes).
 
 All functions are pure and jit-able; G is the static instance capacity
 (``PointBatch.instance_class.shape[0]``). Points with ``instance == -100`` (or any id
@@ -101,32 +100,3 @@ def compute_targets(batch: PointBatch, *, heat_alpha: float = 25.0,
                    gt_class=batch.instance_class, gt_batch=batch.instance_batch,
                    gt_ok=batch.instance_valid & (count > 0), on_instance=on, offset=off,
                    heat=heat)
-
-
-def predicted_foreground(semantic_logits: Array, valid: Array,
-                         first_instance_class: int) -> Array:
-    """bool[N]: valid rows whose argmax class is an instance class (>= first_instance_class).
-
-    ``semantic_logits`` f32[N, S]."""
-    return valid & (jnp.argmax(semantic_logits, axis=-1) >= first_instance_class)
-
-
-def scene_softmax(logits: Array, segment: Array, mask: Array, num_segments: int) -> Array:
-    """Softmax of ``logits`` over the masked rows of each segment (scene).
-
-    Args:
-      logits: f32[N]; segment: i32[N] scene id 0..B-1 (rows with other ids are excluded);
-      mask: bool[N] rows that take part (e.g. predicted foreground of valid rows);
-      num_segments: B (static).
-    Returns:
-      f32[N]: within each scene the masked rows sum to 1; 0 on unmasked rows.
-    """
-    ok = mask & (segment >= 0) & (segment < num_segments)
-    seg = jnp.where(ok, segment, num_segments)
-    neg = jnp.finfo(logits.dtype).min
-    seg_max = jax.ops.segment_max(jnp.where(ok, logits, neg), seg, num_segments=num_segments)
-    row_max = jnp.take(seg_max, seg, mode="fill", fill_value=0.0)
-    e = jnp.where(ok, jnp.exp(jnp.where(ok, logits - row_max, 0.0)), 0.0)
-    denom = jax.ops.segment_sum(e, seg, num_segments=num_segments)
-    row_denom = jnp.take(denom, seg, mode="fill", fill_value=1.0)
-    return jnp.where(ok, e / jnp.maximum(row_denom, 1e-30), 0.0)

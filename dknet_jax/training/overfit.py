@@ -67,7 +67,7 @@ def run_overfit(
 
     Returns the evaluation results (``instance`` AP table as JSON, ``semantic``,
     ``diagnostics`` when available)."""
-    from dknet_jax.train import train_and_evaluate
+    from dknet_jax.training.train import train_and_evaluate
 
     prepared = prepare_rooms(os.path.join(workdir, "rooms"), progress=progress)
     cfg = overfit_config(config, prepared, steps)

@@ -1,7 +1,7 @@
 """Every DKNet loss term as a pure function, plus the stage-gated weighted total (Eq. 8).
 
 Data flow: head outputs (``model.heads``), targets (``targets.compute_targets``), merge
-targets (``aggregation``), mask logits (``masks.decode_masks``) and the Hungarian match
+targets (``aggregation``), mask logits (``mask_decoder.decode_masks``) and the Hungarian match
 (``matching``) -> scalar terms -> :func:`total_loss` with weights from ``config.loss`` and
 0/1 stage gates from :func:`stage_gates` (a traced epoch, so changing stage never
 recompiles the train step).
@@ -151,15 +151,15 @@ def mask_loss(mask_logits: Array, instance: Array, gt_for_pred: Array, point_mas
               iou_threshold: float = 0.25, iou_fallback: bool = True, eps: float = 1e-6):
     """Eq. 6: BCE + dice per matched (prediction, GT) pair with IoU > ``iou_threshold``.
 
-    Materialises several f32[K, N] temporaries; ``masks.decoded_mask_loss`` computes the
+    Materialises several f32[K, N] temporaries; ``mask_loss.decoded_mask_loss`` computes the
     same value chunk by chunk without ever holding [K, N].
 
     Args:
-      mask_logits: f32[K, N] from ``masks.decode_masks``.
+      mask_logits: f32[K, N] from ``mask_decoder.decode_masks``.
       instance: i32[N] GT instance slot per point (-100 none).
       gt_for_pred: i32[K] matched GT slot per prediction, -1 when unmatched.
       point_mask: bool[K, N] the points each prediction is scored on (its scene's valid
-        points: ``masks.scene_point_mask``).
+        points: ``mask_decoder.scene_point_mask``).
       iou_threshold: pairs with IoU(mask_logits > 0, gt) <= this are not counted.
       iou_fallback: count every matched pair when none passes the threshold.
     Returns:

@@ -1,6 +1,6 @@
 """Pictures of a point cloud without a 3D viewer: numpy z-buffer splatting to PNG.
 
-Place in the data flow: ``predict.py`` (per-point instance / class colours) -> **render**
+Place in the data flow: ``scan`` (per-point instance / class colours) -> **render**
 (``render_views``: a top view and a perspective view side by side, ``uint8[H, W, 3]``) ->
 ``add_legend`` (a strip of class names, pillow) -> ``save_png``.
 

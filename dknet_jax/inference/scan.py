@@ -3,11 +3,11 @@
 Data flow: ``readers.read_scan`` (PLY / NPZ / TXT) -> superpoints (``segment_mesh`` when
 the file has faces, else ``segment_points``) -> ``transforms.prepare_eval`` +
 ``batching.pack_batch`` (one scene, padded to a point bucket) -> the jit-compiled
-``evaluate.make_predict_fn`` (DKNet forward + post-processing) -> ``evaluate.split_scenes``
+``predictor.make_predict_fn`` (DKNet forward + post-processing) -> ``predictor.split_scenes``
 -> :func:`write_outputs`: ScanNet submission files, PLYs coloured by instance and by
 class, a JSON summary and a PNG (``render``).
 
-The model and its config come from a training work dir (:func:`load_model`): the config
+The model and its config come from a training work dir (``predictor.load_model``): the config
 saved in the checkpoint's meta (merged into ``config.base_config()``) unless the caller
 passes one. Scans with more points than the largest point bucket are an error by default
 (the message names the fixes); with ``subsample=True`` the model runs on a fixed random
@@ -36,28 +36,25 @@ inference and stops with an error naming the clash.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import time
 from collections.abc import Callable
 
-import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from dknet_jax import io_atomic
-from dknet_jax import render as R
-from dknet_jax.config import base_config, validate
 from dknet_jax.data.labels import S3DIS_CLASSES, SCANNET_CLASSES, SCANNET_NYU40_IDS
 from dknet_jax.data.ply import write_ply
 from dknet_jax.data.readers import read_scan
+from dknet_jax.inference import render as R
+from dknet_jax.inference.predictor import LoadedModel, load_model, run_model
 
 __all__ = [
-    "LoadedModel", "Prediction", "class_names", "compute_superpoints", "config_from_meta",
-    "instance_colors", "instance_per_point", "load_model", "predict_file", "render_picture",
-    "run_model", "scene_id_for", "semantic_colors",
+    "Prediction", "class_names", "compute_superpoints",
+    "instance_colors", "instance_per_point", "predict_file", "render_picture",
+    "scene_id_for", "semantic_colors",
     "show_viewer", "summarise", "write_outputs",
 ]
 
@@ -76,44 +73,8 @@ _S3DIS_COLORS = np.array([
 
 
 # ---------------------------------------------------------------------------------------
-# config and checkpoint
-
-
-def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str, unknown: list) -> None:
-    for key, value in src.items():
-        name = f"{prefix}{key}"
-        if key not in dst:
-            unknown.append(name)
-        elif isinstance(dst[key], ml_collections.ConfigDict):
-            if isinstance(value, dict):
-                _merge(dst[key], value, name + ".", unknown)
-            else:
-                unknown.append(name)
-        elif isinstance(dst[key], tuple) and isinstance(value, list):
-            dst[key] = tuple(value)
-        elif isinstance(dst[key], float) and isinstance(value, int):
-            dst[key] = float(value)
-        else:
-            dst[key] = value
-
-
-def config_from_meta(meta: dict, log: Callable[[str], None] = print
-                     ) -> ml_collections.ConfigDict | None:
-    """The training config saved in a checkpoint's meta (``meta["config"]``: the JSON of
-    ``config.to_json_best_effort()``, or a dict), merged into ``base_config()`` so every
-    field has its schema type; keys the schema no longer has are dropped with a note.
-    Returns None when the meta holds no config."""
-    raw = meta.get("config") if isinstance(meta, dict) else None
-    if raw is None:
-        return None
-    values = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    config = base_config()
-    unknown: list[str] = []
-    _merge(config, values, "", unknown)
-    if unknown:
-        log(f"note: checkpoint config keys not in this version's schema were ignored: "
-            f"{', '.join(unknown[:8])}")
-    return config
+# ---------------------------------------------------------------------------------------
+# labels and colours
 
 
 def class_names(config) -> tuple[str, ...]:
@@ -124,143 +85,6 @@ def class_names(config) -> tuple[str, ...]:
 def semantic_colors(config) -> np.ndarray:
     """u8[S, 3] fixed colour per semantic class (ScanNet: the benchmark's nyu40 palette)."""
     return _SCANNET20_COLORS if config.data.dataset == "scannet" else _S3DIS_COLORS
-
-
-def _resolve_checkpoint(path: str) -> tuple[str, bool, int | None]:
-    """(work dir, use best/, step) for a work dir, its ``checkpoints/`` or ``best/``
-    folder, or one step folder inside them."""
-    from dknet_jax.checkpoint import find_checkpoint_dir
-
-    path = os.path.abspath(path).rstrip(os.sep)
-    step = None
-    base, parent = os.path.basename(path), os.path.dirname(path)
-    if base.isdigit() and os.path.basename(parent) in ("checkpoints", "best") \
-            and os.path.isdir(parent):
-        step, path = int(base), parent
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (pass the --workdir of "
-                                f"scripts/train.py, or its checkpoints/ or best/ folder)")
-    best = os.path.basename(path) == "best"
-    workdir = os.path.dirname(path) if best else find_checkpoint_dir(path)
-    return workdir, best, step
-
-
-def _steps(folder: str) -> list[int]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(d) for d in os.listdir(folder)
-                  if d.isdigit() and os.path.isdir(os.path.join(folder, d)))
-
-
-def _read_meta(folder: str, step: int) -> dict:
-    """The JSON meta item of a ``Checkpoints`` step (``<folder>/<step>/meta``), read
-    before the state so the config that builds the restore target is known."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(folder, str(step), "meta")
-    try:
-        return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))
-    except Exception as e:  # orbax raises several types for a missing/corrupt item
-        raise ValueError(f"cannot read the checkpoint meta {path} ({type(e).__name__}: "
-                         f"{e}); is this a work dir of scripts/train.py?") from e
-
-
-def _abstract_model(config):
-    """(graphdef, params, rest) of DKNet with ShapeDtypeStruct leaves: traced, not
-    initialised (the eager initialisers take seconds)."""
-    from dknet_jax.train import build_model
-
-    return nnx.split(nnx.eval_shape(lambda: nnx.merge(*build_model(config))), nnx.Param, ...)
-
-
-def _shape_mismatches(expected, got) -> list[str]:
-    exp = {jax.tree_util.keystr(k): v.shape for k, v in
-           jax.tree_util.tree_leaves_with_path(expected)}
-    have = {jax.tree_util.keystr(k): np.shape(v) for k, v in
-            jax.tree_util.tree_leaves_with_path(got)}
-    out = [f"{k}: missing from the checkpoint" for k in exp if k not in have]
-    out += [f"{k}: not in the model" for k in have if k not in exp]
-    out += [f"{k}: checkpoint {list(have[k])} vs model {list(exp[k])}"
-            for k in exp if k in have and tuple(have[k]) != tuple(exp[k])]
-    return out
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A restored model: ``graphdef``/``params``/``rest`` for ``make_predict_fn``, the
-    config used, and where it came from."""
-    graphdef: object
-    params: object
-    rest: object
-    config: ml_collections.ConfigDict
-    step: int
-    source: str
-    compiled: dict = dataclasses.field(default_factory=dict)  # (ratio, N, G) -> executable
-
-
-def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
-               log: Callable[[str], None] = print) -> LoadedModel:
-    """Restore a trained DKNet from a work dir of ``scripts/train.py``.
-
-    ``checkpoint``: the work dir (the best checkpoint if one was ranked, else the latest),
-    its ``checkpoints/`` (latest) or ``best/`` folder, or a step folder inside them.
-    ``config``: replaces the config saved in the checkpoint (must describe the same
-    network). Raises FileNotFoundError / ValueError with a message naming the fix.
-    """
-    from dknet_jax.checkpoint import Checkpoints, CorruptCheckpointError
-    from dknet_jax.optim import make_optimizer
-
-    workdir, best, step = _resolve_checkpoint(checkpoint)
-    if not best and step is None and not os.path.basename(
-            os.path.abspath(checkpoint).rstrip(os.sep)) == "checkpoints":
-        best = bool(_steps(os.path.join(workdir, "best")))  # a work dir: prefer best/
-    folder = os.path.join(workdir, "best" if best else "checkpoints")
-    steps = _steps(folder)
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint steps in {folder}: train first "
-                                f"(scripts/train.py --workdir {workdir})")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no step {step} in {folder} (has {steps})")
-    meta = _read_meta(folder, step)
-    if config is None:
-        config = config_from_meta(meta, log)
-        if config is None:
-            raise ValueError(f"the checkpoint in {folder}/{step} holds no config; pass the "
-                             f"training config with --config=configs/<name>.py")
-    validate(config)
-    if config.model.kernel_from == "oracle":
-        raise ValueError("config.model.kernel_from='oracle' uses ground truth and cannot "
-                         "predict on a new scan; use 'aggregate' or 'top'")
-    # the restore target needs only shapes: trace the model and optimiser abstractly
-    # (no parameter initialisation), with the structure train.py saves
-    graphdef, params, rest = _abstract_model(config)
-    tx, _ = make_optimizer(config.train, 1, 1)
-    opt = jax.eval_shape(tx.init, params)
-    target = {"params": params, "rest": rest, "opt": opt,
-              "key": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
-    ckpt = Checkpoints(workdir)
-    try:
-        state, _ = ckpt.restore(target, step=step, best=best)
-    except CorruptCheckpointError:
-        raise  # unreadable files, not a config mismatch: its message names the step
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"the checkpoint {folder}/{step} does not match the network built from the "
-            f"config ({type(e).__name__}: {str(e)[:300]}); pass the config it was trained "
-            f"with (--config=configs/<name>.py)") from e
-    finally:
-        ckpt.close()
-    # orbax restores the saved shapes whatever the target says: compare them here
-    bad = _shape_mismatches({"params": params, "rest": rest},
-                            {"params": state["params"], "rest": state["rest"]})
-    if bad:
-        raise ValueError(
-            f"the checkpoint {folder}/{step} does not match the network built from the "
-            f"config ({len(bad)} arrays differ, e.g. {bad[0]}); pass the config it was "
-            f"trained with (--config=configs/<name>.py)")
-    return LoadedModel(graphdef, state["params"], state["rest"], config, step, folder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,114 +168,6 @@ class Prediction:
     def origin_list(self) -> list[float]:
         return [0.0] * 3 if self.origin is None else np.asarray(
             self.origin, np.float64).tolist()
-
-
-def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, *,
-              name: str = "scan", subsample: bool = False, seed: int = 0,
-              timings: dict | None = None, log: Callable[[str], None] = print
-              ) -> tuple[dict, np.ndarray | None, list]:
-    """Infer one scan. Returns (the scene dict of ``evaluate.split_scenes`` with masks /
-    sem_pred mapped back to all N points, the indices of the inferred subset or None,
-    warnings). ``superpoint`` i32[N] or None (no vote)."""
-    from dknet_jax.data.batching import pack_batch
-    from dknet_jax.data.transforms import prepare_eval
-    from dknet_jax.evaluate import split_scenes
-
-    config = model.config
-    timings = {} if timings is None else timings
-    d = config.data
-    n = len(xyz)
-    cap = int(max(d.point_buckets))
-    notes: list[str] = []
-    subset = None
-    if n > cap:
-        if not subsample:
-            raise ValueError(
-                f"{name}: {n} points exceed the largest point bucket ({cap}). Either add a "
-                f"bucket, e.g. --config=<config> --config.data.point_buckets="
-                f"'({', '.join(str(b) for b in d.point_buckets)}, {_round_up(n)})' (memory "
-                f"grows with it), downsample the scan (e.g. one point per "
-                f"{d.voxel_size} m voxel), or pass --subsample to infer on {cap} random "
-                f"points and give every point its nearest inferred point's prediction")
-        rng = np.random.default_rng(seed)
-        subset = np.sort(rng.choice(n, cap, replace=False))
-        notes.append(f"scan has {n} points > largest bucket {cap}: inferred on a random "
-                     f"subset of {cap} points, the rest take their nearest neighbour's "
-                     f"prediction")
-        log("warning: " + notes[-1])
-    sel = slice(None) if subset is None else subset
-    sx, srgb = xyz[sel], rgb[sel]
-    # no superpoints: singleton superpoints make the vote the identity (and reuse the
-    # same compiled function)
-    sp = np.arange(len(sx), dtype=np.int32) if superpoint is None else superpoint[sel]
-    m = len(sx)
-    sample = prepare_eval({"xyz": sx.astype(np.float32), "rgb": srgb,
-                           "semantic": np.full(m, -100, np.int32),
-                           "instance": np.full(m, -100, np.int32),
-                           "superpoint": np.asarray(sp, np.int32), "name": name})
-    batch = pack_batch([sample], buckets=d.point_buckets, instance_buckets=d.instance_buckets,
-                       num_classes=config.model.num_classes, voxel_size=d.voxel_size)
-    ratio = _ratios(config.model.level_capacity_ratio)
-    timings["compile_s"] = timings["inference_s"] = 0.0
-    while True:
-        pred = _infer(model, batch, ratio, timings)
-        if not bool(pred["voxel_overflow"]):
-            break
-        if ratio != (1.0,):  # a sparse scan fills the coarse UNet levels: give them room
-            notes.append(f"a UNet level overflowed with model.level_capacity_ratio={ratio}; "
-                         f"reran with 1.0 (never overflows, more memory)")
-            log("warning: " + notes[-1])
-            ratio = (1.0,)
-            continue
-        raise ValueError(
-            f"{name}: the voxel key space overflowed (the scan spans "
-            f"{np.ptp(sx, axis=0).round(2).tolist()} m at {d.voxel_size} m voxels); crop "
-            f"the scan or use a larger --config.data.voxel_size")
-    if bool(np.any(np.asarray(pred["instance_overflow"]))):
-        notes.append("the scan had more candidate groups than instance slots: the lowest-"
-                     "scoring ones were dropped; raise --config.model.max_instances")
-        log("warning: " + notes[-1])
-    scene = split_scenes(batch, pred, [name])[0]
-    if subset is not None:
-        from scipy.spatial import cKDTree
-
-        _, nn = cKDTree(sx).query(xyz, k=1)
-        scene["masks"] = scene["masks"][:, nn]
-        scene["sem_pred"] = scene["sem_pred"][nn]
-    scene["bucket"] = int(batch.valid.shape[0])
-    return scene, subset, notes
-
-
-def _ratios(value) -> tuple[float, ...]:
-    """``model.level_capacity_ratio`` (a number or a sequence) as a tuple of floats."""
-    return tuple(float(r) for r in value) if isinstance(value, (tuple, list)) else (float(value),)
-
-
-def _infer(model: LoadedModel, batch, ratio: tuple, timings: dict) -> dict:
-    """Compile (cached per capacity ratio and batch shape) and run the predict function;
-    adds to timings["compile_s"] / ["inference_s"]."""
-    from dknet_jax.evaluate import make_predict_fn
-
-    key = (ratio, batch.valid.shape[0], batch.instance_valid.shape[0])
-    t0 = time.perf_counter()
-    if key not in model.compiled:
-        config = model.config
-        graphdef = model.graphdef
-        if ratio != _ratios(config.model.level_capacity_ratio):
-            config = ml_collections.ConfigDict(config.to_dict())
-            config.model.level_capacity_ratio = ratio
-            graphdef = _abstract_model(config)[0]  # same parameters, other capacities
-        predict = make_predict_fn(graphdef, config, diagnostics=False)  # no GT
-        model.compiled[key] = predict.lower(model.params, model.rest, batch).compile()
-    timings["compile_s"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pred = jax.block_until_ready(model.compiled[key](model.params, model.rest, batch))
-    timings["inference_s"] += time.perf_counter() - t0
-    return pred
-
-
-def _round_up(n: int) -> int:
-    return int(2 ** np.ceil(np.log2(max(n, 1))))
 
 
 # ---------------------------------------------------------------------------------------
@@ -600,10 +316,6 @@ def _check_no_clash(paths: dict, inputs: list[str]) -> None:
                 f"--out folder (or rename the input)")
 
 
-def _write_json(path: str, obj) -> None:
-    io_atomic.write_atomic(path, lambda fh: json.dump(obj, fh, indent=2), "w")
-
-
 def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None = None,
                   extra: dict | None = None) -> dict:
     """Write every output file; returns {kind: path} and the summary under "summary".
@@ -629,7 +341,7 @@ def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None =
     summary = summarise(pred, config, timings, extra)
     if "submission" in paths:
         summary["scene_id"] = scene_id
-    _write_json(paths["summary"], summary)
+    io_atomic.write_json(paths["summary"], summary)
     return {"paths": paths, "summary": summary}
 
 
@@ -712,7 +424,7 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
                                "input": os.path.abspath(input_path)})
     timings["write_s"] = time.perf_counter() - t0
     out["summary"]["timings_s"] = dict(timings)
-    _write_json(out["paths"]["summary"], out["summary"])
+    io_atomic.write_json(out["paths"]["summary"], out["summary"])
     log(f"wrote {len(out['paths'])} outputs to {out_dir} ({timings['write_s']:.2f} s): "
         f"{len(pred.labels)} instances")
     out["prediction"] = pred

@@ -2,9 +2,10 @@
 
 Data flow: kernels ``f32[K, L]`` (``PointHeads.kernels``), instance centroids ``C_k`` (from
 aggregation), mask features ``F_m f32[N, Cm]`` (``PointHeads``) -> :func:`decode_masks` ->
-mask logits ``f32[K, N]`` (sigmoid = M) -> ``losses.mask_loss`` / ``postprocess``. For
-training, :func:`decoded_class_counts` (-> ``matching.class_from_counts``) and
-:func:`decoded_mask_loss` give the matching classes and Eq. 6 without the [K, N] array.
+mask logits ``f32[K, N]`` (sigmoid = M) -> ``objective.terms.mask_loss`` / ``postprocess``.
+The chunk helpers (:func:`chunked_inputs`, :func:`chunk_logits`, :func:`scan_sums`) are
+shared with ``objective.mask_loss``, which computes Eq. 6 and the matching classes chunk by
+chunk without the [K, N] array. This module is the one home of the kernel layout.
 
 Kernel layout (``L = (Cm+3)*H + H + H + 1``; Cm = 16, H = 16 gives 337), row-major:
 
@@ -23,7 +24,7 @@ chunk's body is rematerialised (``jax.checkpoint``) so reverse mode keeps only p
 inputs. Peak intermediate per chunk: the hidden activations f32[K, P, H] = K*P*H*4 bytes
 (K = 200, P = 4096, H = 16: 52 MB) instead of K*N*H*4 = 3.2 GB for N = 250k unchunked.
 :func:`decode_masks` still returns f32[K, N] (191 MiB at K = 200, N = 250k);
-:func:`decoded_mask_loss` and :func:`decoded_class_counts` never hold [K, N] at all.
+``objective.mask_loss`` never holds [K, N] at all.
 XLA temp buffers from ``jit(...).lower().compile().memory_analysis()`` on CPU (jax 0.10):
 
     K=200, N=250k          decode_masks fwd   fwd+bwd
@@ -40,12 +41,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dknet_jax import losses
-from dknet_jax.model.heads import num_kernel_params
-
 Array = jax.Array
 
 MASK_FILL = -1e9  # logit for points outside an instance's scene (sigmoid -> exactly 0)
+
+
+def num_kernel_params(in_dim: int = 19, hidden: int = 16) -> int:
+    """Length L of an instance kernel for two dynamic 1x1 layers in_dim -> hidden -> 1.
+
+    L = in_dim * hidden (W1) + hidden (b1) + hidden (W2) + 1 (b2); 19, 16 -> 337 (Eq. 4).
+    """
+    return in_dim * hidden + hidden + hidden + 1
+
+
+def kernel_hidden(length: int, mask_feat_dim: int) -> int:
+    """H from a kernel length L and the mask-feature width Cm (inverse of
+    :func:`num_kernel_params` with in_dim = Cm + 3: L = (Cm + 5) * H + 1)."""
+    hidden, rest = divmod(length - 1, mask_feat_dim + 5)
+    if rest or hidden <= 0:
+        raise ValueError(f"kernel length {length} does not fit mask features of width "
+                         f"{mask_feat_dim} (need (Cm + 3) * H + 2 * H + 1)")
+    return hidden
 
 
 def split_kernels(kernels: Array, in_dim: int, hidden: int):
@@ -71,7 +87,7 @@ def scene_point_mask(inst_batch: Array, inst_ok: Array, batch_id: Array,
             & (inst_batch[:, None] == batch_id[None, :]))
 
 
-def _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, what):
+def check_inputs(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, what):
     n = mask_feats.shape[0]
     if mask_feats.ndim != 2 or xyz.shape != (n, 3) or batch_id.shape != (n,) or \
             valid.shape != (n,):
@@ -84,7 +100,7 @@ def _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, wha
         raise ValueError(f"{what}: chunk_size must be > 0, got {chunk_size}")
 
 
-def _chunked_inputs(kernels, centroids, mask_feats, xyz, per_point, hidden, chunk_size):
+def chunked_inputs(kernels, centroids, mask_feats, xyz, per_point, hidden, chunk_size):
     """Fold C_k into the first bias and cut the per-point arrays into [n_chunks, P, ...].
 
     [F_m, C_k - x] @ W1 = [F_m, -x] @ W1 + C_k @ W1[Cm:], so the instance-only part is a
@@ -105,7 +121,7 @@ def _chunked_inputs(kernels, centroids, mask_feats, xyz, per_point, hidden, chun
     return (w1, bias1, w2, b2), cut(point_in), [cut(a) for a in per_point], n_chunks * p
 
 
-def _chunk_logits(params, x, bid, ok, inst_batch, inst_ok):
+def chunk_logits(params, x, bid, ok, inst_batch, inst_ok):
     """Logits f32[K, P] and the in-scene mask bool[K, P] of one chunk of P points."""
     w1, bias1, w2, b2 = params
     h = jax.nn.relu(jnp.einsum("pc,kch->kph", x, w1) + bias1[:, None, :])
@@ -132,14 +148,14 @@ def decode_masks(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: A
     Returns:
       f32[K, N] mask logits.
     """
-    _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, "decode_masks")
+    check_inputs(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, "decode_masks")
     n = mask_feats.shape[0]
-    params, x, (bid, ok), _ = _chunked_inputs(kernels, centroids, mask_feats, xyz,
+    params, x, (bid, ok), _ = chunked_inputs(kernels, centroids, mask_feats, xyz,
                                               [batch_id, valid], hidden, chunk_size)
 
     @jax.checkpoint
     def one_chunk(args):
-        logit, inside = _chunk_logits(params, *args, inst_batch, inst_ok)
+        logit, inside = chunk_logits(params, *args, inst_batch, inst_ok)
         return jnp.where(inside, logit, fill_value)
 
     out = jax.lax.map(one_chunk, (x, bid, ok))  # [n_chunks, K, P]
@@ -147,62 +163,15 @@ def decode_masks(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: A
     return out[:, :n]
 
 
-def _scan_sums(params, x, per_point, inst_batch, inst_ok, width, body):
+def scan_sums(params, x, per_point, inst_batch, inst_ok, width, body):
     """Sum ``body(logit, inside, *chunk_arrays) -> f32[K, width]`` over all chunks."""
 
     @jax.checkpoint
     def step(acc, args):
         xc, bid, ok, *rest = args
-        logit, inside = _chunk_logits(params, xc, bid, ok, inst_batch, inst_ok)
+        logit, inside = chunk_logits(params, xc, bid, ok, inst_batch, inst_ok)
         return acc + body(logit, inside, *rest), None
 
     init = jnp.zeros((inst_batch.shape[0], width), jnp.float32)
     acc, _ = jax.lax.scan(step, init, (x, *per_point))
     return acc
-
-
-def decoded_mask_loss(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: Array,
-                      mask_feats: Array, xyz: Array, batch_id: Array, valid: Array,
-                      instance: Array, gt_for_pred: Array, *, hidden: int = 16,
-                      chunk_size: int = 16384, iou_threshold: float = 0.25,
-                      iou_fallback: bool = True):
-    """``losses.mask_loss(decode_masks(...), instance, gt_for_pred, scene_point_mask(...))``
-    computed chunk by chunk: never holds f32[K, N], in reverse mode either.
-
-    Extra args: instance i32[N] GT slot per point (-100 none); gt_for_pred i32[K] from
-    ``matching`` (-1 unmatched). Returns (loss f32[], num_counted i32[], iou f32[K]).
-    """
-    _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size,
-           "decoded_mask_loss")
-    params, x, per_point, _ = _chunked_inputs(kernels, centroids, mask_feats, xyz,
-                                              [batch_id, valid, instance], hidden, chunk_size)
-    matched = gt_for_pred >= 0
-
-    def body(logit, inside, inst):
-        target = inst[None, :] == gt_for_pred[:, None]
-        return losses.mask_pair_sums(logit, target, inside & matched[:, None])
-
-    sums = _scan_sums(params, x, per_point, inst_batch, inst_ok, losses.MASK_SUMS, body)
-    return losses.mask_loss_from_sums(sums, matched, iou_threshold=iou_threshold,
-                                      iou_fallback=iou_fallback)
-
-
-def decoded_class_counts(kernels: Array, centroids: Array, inst_batch: Array,
-                         inst_ok: Array, mask_feats: Array, xyz: Array, batch_id: Array,
-                         valid: Array, sem_pred: Array, num_classes: int, *,
-                         hidden: int = 16, chunk_size: int = 16384) -> Array:
-    """f32[K, S]: per instance, how many of its points (logit > 0, own scene) have each
-    predicted class; chunked like :func:`decoded_mask_loss`, no gradient. Feed it to
-    ``matching.class_from_counts`` for the majority class."""
-    _check(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size,
-           "decoded_class_counts")
-    params, x, per_point, _ = _chunked_inputs(
-        jax.lax.stop_gradient(kernels), jax.lax.stop_gradient(centroids),
-        jax.lax.stop_gradient(mask_feats), xyz, [batch_id, valid, sem_pred], hidden,
-        chunk_size)
-
-    def body(logit, inside, sem):
-        hard = ((logit > 0) & inside).astype(jnp.float32)
-        return hard @ jax.nn.one_hot(sem, num_classes, dtype=jnp.float32)
-
-    return _scan_sums(params, x, per_point, inst_batch, inst_ok, num_classes, body)

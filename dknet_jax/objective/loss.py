@@ -6,8 +6,8 @@ each loss term, stage gates) -> scalar loss for ``jax.grad``.
 Two paths to the matching classes and the mask loss (Eq. 5-6), same values up to float
 rounding: *dense* when the outputs carry ``mask_logits`` f32[M, N] (``DKNet(batch)``), and
 *chunked* when they do not (``DKNet(batch, decode_masks=False)``): the masks are decoded
-again from the kernels chunk by chunk (``masks.decoded_class_counts`` and
-``masks.decoded_mask_loss``), so neither the forward nor the backward pass holds [M, N]
+again from the kernels chunk by chunk (``mask_loss.decoded_class_counts`` and
+``mask_loss.decoded_mask_loss``), so neither the forward nor the backward pass holds [M, N]
 (``config.model.chunked_mask_loss``, the training default).
 """
 
@@ -16,12 +16,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dknet_jax import losses as L
-from dknet_jax import masks
 from dknet_jax.aggregation import same_instance
-from dknet_jax.matching import class_from_counts, majority_class, match_instances
+from dknet_jax.model import mask_decoder
 from dknet_jax.model.dknet import DKNetOutputs
-from dknet_jax.targets import compute_targets
+from dknet_jax.objective import mask_loss
+from dknet_jax.objective import terms as L
+from dknet_jax.objective.matching import class_from_counts, majority_class, match_instances
+from dknet_jax.objective.targets import compute_targets
 from dknet_jax.types import PointBatch
 
 Array = jax.Array
@@ -44,8 +45,8 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
     Args:
       out: model outputs; batch: the GT batch the model ran on.
       weights, gates: per-term weights (``config.loss``) and 0/1 stage gates
-        (``losses.stage_gates``), both traced so stages never recompile.
-      mask_iou_threshold, mask_iou_fallback: the Eq. 6 IoU gate (``losses.mask_loss``); the
+        (``terms.stage_gates``), both traced so stages never recompile.
+      mask_iou_threshold, mask_iou_fallback: the Eq. 6 IoU gate (``terms.mask_loss``); the
         threshold may be traced (-inf counts every matched pair).
       aggregation_loss: False for the "w/o aggregation" ablation (no merge loss).
       mask_chunk: points per chunk (``config.model.mask_chunk``) of the chunked path,
@@ -74,19 +75,19 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
     if out.mask_logits is None:  # chunked: decode again from the kernels, never [M, N]
         decoder = (out.kernels, out.inst_pos, out.instance_batch, out.inst_ok, h.mask_feats,
                    batch.xyz, batch.batch_id, batch.valid)
-        hidden = _dynamic_hidden(out.kernels, h.mask_feats)
-        counts = masks.decoded_class_counts(*decoder, sem_pred, num_classes, hidden=hidden,
+        hidden = mask_decoder.kernel_hidden(out.kernels.shape[-1], h.mask_feats.shape[-1])
+        counts = mask_loss.decoded_class_counts(*decoder, sem_pred, num_classes, hidden=hidden,
                                             chunk_size=mask_chunk)
         pred_class = class_from_counts(counts)
     else:
-        point_mask = masks.scene_point_mask(out.instance_batch, out.inst_ok, batch.batch_id,
+        point_mask = mask_decoder.scene_point_mask(out.instance_batch, out.inst_ok, batch.batch_id,
                                             batch.valid)
         pred_class = majority_class((out.mask_logits > 0) & point_mask, sem_pred, num_classes)
     _, gt_for_pred = match_instances(
         out.inst_pos, pred_class, out.instance_batch, out.inst_ok, t.centroid, t.gt_class,
         t.gt_batch, t.gt_ok)
     if out.mask_logits is None:
-        mask, num_counted, _ = masks.decoded_mask_loss(
+        mask, num_counted, _ = mask_loss.decoded_mask_loss(
             *decoder, batch.instance, gt_for_pred, hidden=hidden, chunk_size=mask_chunk,
             iou_threshold=mask_iou_threshold, iou_fallback=mask_iou_fallback)
     else:
@@ -104,13 +105,3 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
         "gt_instances": jnp.sum(t.gt_ok).astype(jnp.float32),
     }
     return total, metrics
-
-
-def _dynamic_hidden(kernels: Array, mask_feats: Array) -> int:
-    """H of the dynamic decoder from the shapes: L = (Cm + 3) * H + 2 * H + 1."""
-    length, cm = kernels.shape[-1], mask_feats.shape[-1]
-    hidden, rest = divmod(length - 1, cm + 5)
-    if rest or hidden <= 0:
-        raise ValueError(f"compute_losses: kernel length {length} does not fit mask features "
-                         f"of width {cm} (need (Cm + 3) * H + 2 * H + 1)")
-    return hidden

@@ -1,6 +1,6 @@
 """Per-stage diagnostics of an evaluation: which stage of DKNet loses an instance.
 
-Data flow: inside the jitted predict function (``evaluate.make_predict_fn``) the GT
+Data flow: inside the jitted predict function (``predictor.make_predict_fn``) the GT
 ``PointBatch``, the model outputs (``DKNetOutputs``) and the post-processing result ->
 :func:`stage_counts` -> a flat dict of per-batch **sums** (device scalars) -> host:
 :class:`StageDiagnostics` ``.add`` over batches -> ``.summary()`` (ratios, JSON-ready; in
@@ -61,8 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dknet_jax.postprocess import REMOVAL_REASONS
-from dknet_jax.targets import compute_targets
+from dknet_jax.inference.postprocess import REMOVAL_REASONS
+from dknet_jax.objective.targets import compute_targets
 
 Array = jax.Array
 
@@ -107,7 +107,7 @@ def stage_counts(
       out: ``DKNetOutputs`` (or anything with its fields ``heads.semantic_logits``,
         ``heads.offset``, ``cand_idx``, ``cand_ok``, ``cand_batch``, ``lead``, ``inst_ok``,
         ``mask_logits`` (decoded), ``pool_exhausted``), M = B*K slots.
-      post: ``evaluate.postprocess_batch`` output: ``masks`` bool[B, K, N], ``keep``
+      post: ``predictor.postprocess_batch`` output: ``masks`` bool[B, K, N], ``keep``
         bool[B, K], ``removed_by`` i32[B, K].
       first_instance_class: classes below it are stuff (not counted as GT instances).
       min_gt_points: GT instances with fewer valid points are left out of the instance
@@ -219,7 +219,7 @@ class StageDiagnostics:
     def summary(self, miou: float | None = None) -> dict:
         """Ratios with their names (module docstring), the post-processing counts and the raw
         ``counts``; ``miou`` (from the ``SemanticEvaluator``) is copied in as
-        ``semantic_miou``. NaN where undefined (``evaluate.clean_json`` -> null)."""
+        ``semantic_miou``. NaN where undefined (``io_atomic.clean_json`` -> null)."""
         c = self.counts
         s = {
             "scenes": c["scenes"],

@@ -2,9 +2,9 @@
 
 Data flow: predicted instance slots (centroids ``C_k`` from aggregation, classes from
 :func:`majority_class` over the decoded masks, or :func:`class_from_counts` over
-``masks.decoded_class_counts``) and GT (``targets.Targets``) ->
+``mask_loss.decoded_class_counts``) and GT (``targets.Targets``) ->
 :func:`match_cost` (inside jit) -> :func:`hungarian` (host, ``scipy`` through
-``jax.pure_callback``) -> ``gt_for_pred`` for ``losses.mask_loss``.
+``jax.pure_callback``) -> ``gt_for_pred`` for ``terms.mask_loss``.
 
 Instances of all scenes are packed flat: K predicted slots with ``pred_batch i32[K]`` and G
 GT slots with ``gt_batch i32[G]``; a match never crosses scenes. Each scene is solved as
@@ -40,7 +40,7 @@ def majority_class(pred_mask: Array, sem_pred: Array, num_classes: int) -> Array
 
 def class_from_counts(counts: Array) -> Array:
     """i32[K] majority class from per-class point counts f32[K, S] (ties: lowest class;
-    -1 where the count is all zero). ``masks.decoded_class_counts`` gives the counts
+    -1 where the count is all zero). ``mask_loss.decoded_class_counts`` gives the counts
     without materialising the [K, N] masks."""
     cls = jnp.argmax(counts, axis=-1).astype(jnp.int32)
     return jnp.where(jnp.sum(counts, axis=-1) > 0, cls, -1)

@@ -28,27 +28,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from dknet_jax import evaluate as ev
-from dknet_jax.checkpoint import Checkpoints
+from dknet_jax.checkpoint import Checkpoints, train_state
 from dknet_jax.config import validate
+from dknet_jax.data import pipeline
 from dknet_jax.data.dataset import SceneError, list_scenes
-from dknet_jax.data.pipeline import TrainIterator
-from dknet_jax.data.transforms import AugmentConfig
-from dknet_jax.diagnostics import format_summary
-from dknet_jax.losses import mask_gate_threshold, stage_gates
-from dknet_jax.model.dknet import DKNet, count_params
+from dknet_jax.inference import evaluate as ev
+from dknet_jax.inference.diagnostics import format_summary
+from dknet_jax.io_atomic import clean_json
+from dknet_jax.model import build_model, count_params
 from dknet_jax.objective import compute_losses, loss_weights
-from dknet_jax.optim import make_optimizer
-from dknet_jax.sparse.conv import resolve_impl
-
-
-def build_model(config, seed: int | None = None):
-    """DKNet from the config; returns (graphdef, params, rest) split for jit."""
-    impl = resolve_impl(config.kernels.impl)
-    model = DKNet(config.model, impl=impl,
-                  rngs=nnx.Rngs(config.seed if seed is None else seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, rest
+from dknet_jax.objective.terms import mask_gate_threshold, stage_gates
+from dknet_jax.training.optim import make_optimizer
 
 
 def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
@@ -177,10 +167,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
             stacklevel=2)
     steps_per_epoch = t.steps_per_epoch or max(len(train_paths) // d.batch_size, 1)
     total_steps = t.epochs * steps_per_epoch
-    augment = AugmentConfig.for_voxel_size(
-        d.voxel_size, max_points=d.max_points, color_noise=d.color_noise,
-        **({} if d.elastic else {"elastic": ()})) if d.augment else None
-
     graphdef, params, rest = build_model(config)
     print(f"DKNet parameters: {count_params(nnx.merge(graphdef, params, rest)):,}", flush=True)
     tx, schedule = make_optimizer(t, total_steps, steps_per_epoch)
@@ -190,7 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt = Checkpoints(workdir, keep=t.keep_checkpoints)
     step, data_state, best = 0, None, float("-inf")
     if ckpt.latest_step() is not None:
-        target = {"params": params, "rest": rest, "opt": opt_state, "key": key}
+        target = train_state(params, rest, opt_state, key)
         state, meta = ckpt.restore_latest_readable(target)  # skips corrupt steps
         params, rest, opt_state = state["params"], state["rest"], state["opt"]
         key = state["key"]
@@ -198,11 +184,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         best = float(meta["best"]) if meta.get("best") is not None else best
         print(f"Resumed from step {step} in {workdir}", flush=True)
 
-    it = TrainIterator(train_paths, batch_size=d.batch_size, seed=config.seed,
-                       voxel_size=d.voxel_size, num_classes=config.model.num_classes,
-                       buckets=d.point_buckets, instance_buckets=d.instance_buckets,
-                       augment_config=augment, num_workers=1, prefetch=d.prefetch,
-                       state=data_state)
+    it = pipeline.train_iterator(train_paths, config, num_workers=1, prefetch=d.prefetch,
+                        state=data_state)
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
     train_step = make_train_step(graphdef, tx, config, mesh)
@@ -263,7 +246,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                               split=d.val_split, progress=False)
                 metric = ev.headline(last_eval)
                 metric = None if np.isnan(metric) else metric
-                _log(log_path, ev.clean_json({
+                _log(log_path, clean_json({
                     "step": step, "epoch": epoch, "val": last_eval["instance"],
                     "val_miou": last_eval["semantic"].get("miou"),
                     "diagnostics": last_eval["diagnostics"]}))
@@ -271,7 +254,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     print(last_eval["table"], flush=True)
                 print(format_summary(last_eval["diagnostics"]), flush=True)
                 best = max(best, metric) if metric is not None else best
-            state = {"params": params, "rest": rest, "opt": opt_state, "key": key}
+            state = train_state(params, rest, opt_state, key)
             meta = {"step": step, "data": it.state(), "best": best if best > -1e30 else None,
                     "config": config.to_json_best_effort()}
             ckpt.save(step, state, meta, metric=metric)
