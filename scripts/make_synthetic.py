@@ -13,7 +13,7 @@ import sys
 import time
 
 from dknet_jax.cli import prepare_output_dir, run_cli
-from dknet_jax.data.synthetic import SIZES, make_dataset
+from dknet_jax.synthetic import SIZES, make_dataset
 
 
 def _main(argv=None):
@@ -22,8 +22,12 @@ def _main(argv=None):
     ap.add_argument("--scenes", type=int, required=True, help="number of rooms")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--format", choices=("scannet", "s3dis"), default="scannet")
-    ap.add_argument("--size", choices=sorted(SIZES), default="small",
-                    help="tiny: a few thousand vertices; small: 20-40k; scannet: 100-200k")
+    ap.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="small",
+        help="tiny: a few thousand vertices; small: 20-40k; scannet: 100-200k",
+    )
     ap.add_argument("--val_fraction", type=float, default=0.2)
     args = ap.parse_args(argv)
     if args.scenes < 1:
@@ -32,10 +36,13 @@ def _main(argv=None):
         ap.error("--val_fraction must be in [0, 1]")
     prepare_output_dir(args.out)
     t0 = time.time()
-    split = make_dataset(args.out, args.scenes, args.seed, args.format, args.size,
-                         args.val_fraction)
-    print(f"wrote {args.scenes} {args.format} scenes ({len(split['train'])} train, "
-          f"{len(split['val'])} val) to {args.out} in {time.time() - t0:.1f}s")
+    split = make_dataset(
+        args.out, args.scenes, args.seed, args.format, args.size, args.val_fraction
+    )
+    print(
+        f"wrote {args.scenes} {args.format} scenes ({len(split['train'])} train, "
+        f"{len(split['val'])} val) to {args.out} in {time.time() - t0:.1f}s"
+    )
 
 
 def main(argv=None) -> int:

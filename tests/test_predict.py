@@ -21,11 +21,11 @@ from dknet_jax.checkpoint import Checkpoints, config_from_meta
 from dknet_jax.config import base_config
 from dknet_jax.data.labels import SCANNET_CLASSES, SCANNET_NYU40_IDS
 from dknet_jax.data.ply import write_ply
-from dknet_jax.data.synthetic import generate_scene
 from dknet_jax.inference import render as R
 from dknet_jax.inference import scan as P
 from dknet_jax.inference.predictor import load_model
 from dknet_jax.model import build_model
+from dknet_jax.synthetic import generate_scene
 from dknet_jax.training.optim import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,13 +34,14 @@ BUCKET = 4096
 
 def _tiny_config():
     spec = importlib.util.spec_from_file_location(
-        "synthetic_cfg", os.path.join(ROOT, "configs", "synthetic.py"))
+        "synthetic_cfg", os.path.join(ROOT, "configs", "synthetic.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config("tiny")
-    c.data.point_buckets = (BUCKET,)   # one bucket: one compile for every test scan
+    c.data.point_buckets = (BUCKET,)  # one bucket: one compile for every test scan
     c.data.max_points = BUCKET
-    c.test.score_threshold = 0.0       # an untrained model: keep whatever it finds
+    c.test.score_threshold = 0.0  # an untrained model: keep whatever it finds
     c.test.min_points = 1
     c.model.level_capacity_ratio = (0.5,)  # too small for sparse rooms: exercises the rerun
     return c
@@ -50,8 +51,9 @@ def _random_state(config, seed=0):
     """Untrained parameters without running the (slow, eager) initialisers: shapes from
     an abstract trace, values random (the semantic bias favours two instance classes so
     the model finds instances); BatchNorm statistics mean 0 / var 1."""
-    _, params, rest = nnx.split(nnx.eval_shape(lambda: nnx.merge(*build_model(config))),
-                                nnx.Param, ...)
+    _, params, rest = nnx.split(
+        nnx.eval_shape(lambda: nnx.merge(*build_model(config))), nnx.Param, ...
+    )
     rng = np.random.default_rng(seed)
 
     def param(path, s):
@@ -69,8 +71,7 @@ def _random_state(config, seed=0):
 
     rest = jax.tree_util.tree_map_with_path(stat, rest)
     tx, _ = make_optimizer(config.train, 1, 1)
-    return {"params": params, "rest": rest, "opt": tx.init(params),
-            "key": jax.random.PRNGKey(0)}
+    return {"params": params, "rest": rest, "opt": tx.init(params), "key": jax.random.PRNGKey(0)}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,11 @@ def workdir(tmp_path_factory):
     config = _tiny_config()
     wd = str(tmp_path_factory.mktemp("work"))
     ckpt = Checkpoints(wd)
-    ckpt.save(3, _random_state(config), {"step": 3, "data": None, "best": None,
-                                         "config": config.to_json_best_effort()})
+    ckpt.save(
+        3,
+        _random_state(config),
+        {"step": 3, "data": None, "best": None, "config": config.to_json_best_effort()},
+    )
     ckpt.close()
     return wd
 
@@ -96,9 +100,18 @@ def scene():
 
 def _write_mesh_ply(path, scene):
     v = scene.vertices
-    write_ply(path, {"x": v[:, 0], "y": v[:, 1], "z": v[:, 2], "red": scene.colors[:, 0],
-                     "green": scene.colors[:, 1], "blue": scene.colors[:, 2]},
-              faces=scene.faces)
+    write_ply(
+        path,
+        {
+            "x": v[:, 0],
+            "y": v[:, 1],
+            "z": v[:, 2],
+            "red": scene.colors[:, 0],
+            "green": scene.colors[:, 1],
+            "blue": scene.colors[:, 2],
+        },
+        faces=scene.faces,
+    )
 
 
 def _check_outputs(out_dir, name, xyz, faces, summary_ret):
@@ -162,7 +175,8 @@ def _check_outputs(out_dir, name, xyz, faces, summary_ret):
     scol = np.stack([sply["red"], sply["green"], sply["blue"]], 1)
     np.testing.assert_array_equal(scol, P.semantic_colors(base_config())[sem])
     assert summary["scene"]["semantic_points"] == {
-        SCANNET_CLASSES[c]: int(v) for c, v in enumerate(np.bincount(sem)) if v}
+        SCANNET_CLASSES[c]: int(v) for c, v in enumerate(np.bincount(sem)) if v
+    }
 
     img = Image.open(os.path.join(out_dir, f"{name}.png"))
     assert img.size[0] == 1280 and img.size[1] > 520
@@ -174,14 +188,16 @@ def test_predict_mesh_ply(tmp_path, model, scene):
     _write_mesh_ply(path, scene)
     logs = []
     out = P.predict_file(None, str(path), str(tmp_path / "out"), model=model, log=logs.append)
-    summary, _ = _check_outputs(str(tmp_path / "out"), "room", scene.vertices, scene.faces,
-                                out["summary"])
+    summary, _ = _check_outputs(
+        str(tmp_path / "out"), "room", scene.vertices, scene.faces, out["summary"]
+    )
     # every point is foreground (semantic bias) and no filter is on: instances must appear,
     # so the mask-file / PLY / summary cross-checks above ran on real masks
     assert summary["scene"]["instances"] >= 1
     assert summary["scene"]["faces"] == len(scene.faces)
-    assert summary["scene"]["superpoints"] == len(np.unique(
-        P.compute_superpoints(scene.vertices, scene.faces)))
+    assert summary["scene"]["superpoints"] == len(
+        np.unique(P.compute_superpoints(scene.vertices, scene.faces))
+    )
     assert summary["checkpoint"]["step"] == 3
     text = "\n".join(logs)
     for stage in ("loaded", "superpoints (mesh)", "inference: compile", "wrote"):
@@ -205,10 +221,12 @@ def test_predict_bare_ply_and_txt(tmp_path, model, scene):
     txt = tmp_path / "rows.txt"
     rows = np.concatenate([scene.vertices[1::3], scene.colors[1::3]], 1)
     np.savetxt(txt, rows, fmt="%.6f %.6f %.6f %d %d %d")
-    out = P.predict_file(None, str(txt), str(tmp_path / "o2"), model=model,
-                         superpoints="none", log=lambda m: None)
-    _check_outputs(str(tmp_path / "o2"), "rows", rows[:, :3].astype(np.float32), None,
-                   out["summary"])
+    out = P.predict_file(
+        None, str(txt), str(tmp_path / "o2"), model=model, superpoints="none", log=lambda m: None
+    )
+    _check_outputs(
+        str(tmp_path / "o2"), "rows", rows[:, :3].astype(np.float32), None, out["summary"]
+    )
     assert out["summary"]["scene"]["superpoints"] is None
 
 
@@ -218,13 +236,29 @@ def test_too_many_points_error_and_subsample(tmp_path, model):
     xyz = rng.uniform(0, 4, (n, 3)).astype(np.float32)
     path = tmp_path / "big.npz"
     np.savez(path, xyz=xyz, rgb=rng.integers(0, 255, (n, 3)).astype(np.uint8))
-    with pytest.raises(ValueError, match=r"exceed the largest point bucket.*point_buckets"
-                       r".*--subsample"):
-        P.predict_file(None, str(path), str(tmp_path / "o"), model=model,
-                       superpoints="none", log=lambda m: None)
+    with pytest.raises(
+        ValueError,
+        match=r"exceed the largest point bucket.*point_buckets"
+        r".*--subsample",
+    ):
+        P.predict_file(
+            None,
+            str(path),
+            str(tmp_path / "o"),
+            model=model,
+            superpoints="none",
+            log=lambda m: None,
+        )
     logs = []
-    out = P.predict_file(None, str(path), str(tmp_path / "o"), model=model,
-                         superpoints="none", subsample=True, log=logs.append)
+    out = P.predict_file(
+        None,
+        str(path),
+        str(tmp_path / "o"),
+        model=model,
+        superpoints="none",
+        subsample=True,
+        log=logs.append,
+    )
     pred = out["prediction"]
     assert pred.inferred == BUCKET and pred.sem_pred.shape == (n,)
     assert pred.masks.shape[1] == n
@@ -238,20 +272,32 @@ def test_write_outputs_hand_built(tmp_path):
     scores = np.array([0.9, 0.4], np.float32)
     labels = np.array([4, 16], np.int32)  # chair, toilet
     pred = P.Prediction(
-        name="hand", xyz=xyz, rgb=np.zeros((5, 3), np.uint8),
-        faces=np.array([[0, 1, 2]], np.int32), masks=masks, labels=labels, scores=scores,
+        name="hand",
+        xyz=xyz,
+        rgb=np.zeros((5, 3), np.uint8),
+        faces=np.array([[0, 1, 2]], np.int32),
+        masks=masks,
+        labels=labels,
+        scores=scores,
         sem_pred=np.array([4, 4, 4, 16, 0], np.int32),
-        instance=P.instance_per_point(masks, scores), superpoint=np.arange(5), inferred=5,
-        bucket=8, warnings=[])
+        instance=P.instance_per_point(masks, scores),
+        superpoint=np.arange(5),
+        inferred=5,
+        bucket=8,
+        warnings=[],
+    )
     np.testing.assert_array_equal(pred.instance, [0, 0, 0, 1, -1])  # point 2: 0.9 wins
     out = P.write_outputs(str(tmp_path), pred, base_config())
     s = out["summary"]
     a, b = s["instances"]
     assert (a["class"], a["nyu40_id"], a["points"], a["points_assigned"]) == ("chair", 5, 3, 3)
-    assert (b["class"], b["nyu40_id"], b["points"], b["points_assigned"]) == \
-        ("toilet", 33, 2, 1)
-    assert a["box"] == {"min": [0, 0, 0], "max": [1, 2, 0], "centre": [0.5, 1, 0],
-                        "size": [1, 2, 0]}
+    assert (b["class"], b["nyu40_id"], b["points"], b["points_assigned"]) == ("toilet", 33, 2, 1)
+    assert a["box"] == {
+        "min": [0, 0, 0],
+        "max": [1, 2, 0],
+        "centre": [0.5, 1, 0],
+        "size": [1, 2, 0],
+    }
     assert b["box"]["centre"] == [2, 2.5, 0.5] and b["box"]["size"] == [2, 1, 1]
     assert s["scene"]["unassigned_points"] == 1
     assert s["scene"]["instances_per_class"] == {"chair": 1, "toilet": 1}
@@ -273,10 +319,20 @@ def test_write_outputs_s3dis_label_space(tmp_path):
     xyz = np.array([[0, 0, 0], [1, 1, 1], [2, 0, 1]], np.float32)
     masks = np.array([[0, 1, 1]], bool)
     pred = P.Prediction(
-        name="area", xyz=xyz, rgb=np.zeros((3, 3), np.uint8), faces=None, masks=masks,
-        labels=np.array([8], np.int32), scores=np.array([0.7], np.float32),
-        sem_pred=np.array([1, 8, 8], np.int32), instance=np.array([-1, 0, 0], np.int32),
-        superpoint=None, inferred=3, bucket=4, warnings=[])
+        name="area",
+        xyz=xyz,
+        rgb=np.zeros((3, 3), np.uint8),
+        faces=None,
+        masks=masks,
+        labels=np.array([8], np.int32),
+        scores=np.array([0.7], np.float32),
+        sem_pred=np.array([1, 8, 8], np.int32),
+        instance=np.array([-1, 0, 0], np.int32),
+        superpoint=None,
+        inferred=3,
+        bucket=4,
+        warnings=[],
+    )
     out = P.write_outputs(str(tmp_path), pred, c)
     assert "submission" not in out["paths"]  # nyu40 files only for the ScanNet labels
     assert not os.path.exists(tmp_path / "area.txt")
@@ -292,10 +348,10 @@ def test_write_outputs_s3dis_label_space(tmp_path):
 def test_instance_per_point_ties_and_empty():
     masks = np.array([[1, 1, 0], [0, 1, 1], [0, 1, 0]], bool)
     # instances 1 and 2 tie at 0.5 > 0.3: the lower index wins point 1
+    np.testing.assert_array_equal(P.instance_per_point(masks, np.array([0.3, 0.5, 0.5])), [0, 1, 1])
     np.testing.assert_array_equal(
-        P.instance_per_point(masks, np.array([0.3, 0.5, 0.5])), [0, 1, 1])
-    np.testing.assert_array_equal(P.instance_per_point(np.zeros((0, 4), bool), np.zeros(0)),
-                                  [-1, -1, -1, -1])
+        P.instance_per_point(np.zeros((0, 4), bool), np.zeros(0)), [-1, -1, -1, -1]
+    )
 
 
 def test_config_from_meta_types_and_unknown_keys():
@@ -350,10 +406,21 @@ def test_bad_inputs_give_clear_messages(tmp_path, model, workdir):
 def test_cli_reports_missing_checkpoint(tmp_path):
     scan = tmp_path / "s.txt"
     scan.write_text("0 0 0\n1 0 0\n0 1 0\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "predict.py"),
-                        "--checkpoint", str(tmp_path / "missing"), "--input", str(scan),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "predict.py"),
+            "--checkpoint",
+            str(tmp_path / "missing"),
+            "--input",
+            str(scan),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "error: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
 
@@ -376,8 +443,9 @@ def test_outputs_never_overwrite_the_input(tmp_path, model, scene):
     for out in (tmp_path, link):
         logs = []
         with pytest.raises(ValueError) as e:
-            P.predict_file(None, str(scan), str(out), model=model, superpoints="none",
-                           log=logs.append)
+            P.predict_file(
+                None, str(scan), str(out), model=model, superpoints="none", log=logs.append
+            )
         msg = str(e.value)
         assert "\n" not in msg and "would overwrite the input" in msg
         assert str(scan) in msg and "--out" in msg
@@ -392,8 +460,14 @@ def test_outputs_never_overwrite_the_input(tmp_path, model, scene):
     inside = masks / "scene0000_00_000.txt"
     _write_txt_scan(inside, scene)
     with pytest.raises(ValueError, match=r"would overwrite the input .*scene0000_00_000\.txt"):
-        P.predict_file(None, str(inside), str(tmp_path / "m"), model=model,
-                       superpoints="none", log=lambda m: None)
+        P.predict_file(
+            None,
+            str(inside),
+            str(tmp_path / "m"),
+            model=model,
+            superpoints="none",
+            log=lambda m: None,
+        )
 
 
 def test_scene_id_from_the_name_or_flag_and_no_whitespace(tmp_path):
@@ -414,17 +488,22 @@ def test_submission_named_by_scene_id_pairs_with_gt(tmp_path, model, scene):
     ply = src / "scene0000_00_vh_clean_2.ply"
     _write_mesh_ply(ply, scene)
     out = tmp_path / "pred"
-    res = P.predict_file(None, str(ply), str(out), model=model, superpoints="none",
-                         log=lambda m: None)
+    res = P.predict_file(
+        None, str(ply), str(out), model=model, superpoints="none", log=lambda m: None
+    )
     assert res["paths"]["submission"] == str(out / "scene0000_00.txt")
     assert res["summary"]["scene_id"] == "scene0000_00"
-    for f in ("scene0000_00_vh_clean_2_instances.ply", "scene0000_00_vh_clean_2.png",
-              "scene0000_00_vh_clean_2_summary.json"):
+    for f in (
+        "scene0000_00_vh_clean_2_instances.ply",
+        "scene0000_00_vh_clean_2.png",
+        "scene0000_00_vh_clean_2_summary.json",
+    ):
         assert (out / f).is_file()
     k = res["summary"]["scene"]["instances"]
     assert k >= 1
     assert sorted(os.listdir(out / "predicted_masks")) == [
-        f"scene0000_00_{i:03d}.txt" for i in range(k)]
+        f"scene0000_00_{i:03d}.txt" for i in range(k)
+    ]
     # eval_scannet pairs it with the GT file of the scene
     gt = tmp_path / "gt"
     gt.mkdir()
@@ -435,8 +514,9 @@ def test_submission_named_by_scene_id_pairs_with_gt(tmp_path, model, scene):
     # a stem with whitespace: list and masks use '_', the official split(' ') gives 3 parts
     spaced = tmp_path / "my room.txt"
     _write_txt_scan(spaced, scene)
-    res = P.predict_file(None, str(spaced), str(tmp_path / "o2"), model=model,
-                         superpoints="none", log=lambda m: None)
+    res = P.predict_file(
+        None, str(spaced), str(tmp_path / "o2"), model=model, superpoints="none", log=lambda m: None
+    )
     lst = tmp_path / "o2" / "my_room.txt"
     assert res["paths"]["submission"] == str(lst)
     lines = lst.read_text().splitlines()
@@ -445,8 +525,15 @@ def test_submission_named_by_scene_id_pairs_with_gt(tmp_path, model, scene):
     assert (tmp_path / "o2" / "my room_instances.ply").is_file()
 
     # --scene_id wins over the name
-    res = P.predict_file(None, str(spaced), str(tmp_path / "o3"), model=model,
-                         superpoints="none", scene_id="scene0707_00", log=lambda m: None)
+    res = P.predict_file(
+        None,
+        str(spaced),
+        str(tmp_path / "o3"),
+        model=model,
+        superpoints="none",
+        scene_id="scene0707_00",
+        log=lambda m: None,
+    )
     assert res["paths"]["submission"] == str(tmp_path / "o3" / "scene0707_00.txt")
     assert (tmp_path / "o3" / "predicted_masks" / "scene0707_00_000.txt").is_file()
 
@@ -455,15 +542,26 @@ def test_cli_scene_id_flag_and_clash_error(tmp_path, workdir, scene):
     scan = tmp_path / "room.txt"
     _write_txt_scan(scan, scene)
     before = scan.read_bytes()
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "predict.py"), "--checkpoint",
-           workdir, "--input", str(scan), "--superpoints", "none"]
-    r = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True,
-                       timeout=300)
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "predict.py"),
+        "--checkpoint",
+        workdir,
+        "--input",
+        str(scan),
+        "--superpoints",
+        "none",
+    ]
+    r = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "error: " in r.stderr and "would overwrite the input" in r.stderr
     assert scan.read_bytes() == before
-    r = subprocess.run(cmd + ["--out", str(tmp_path / "o"), "--scene_id", "bad id"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        cmd + ["--out", str(tmp_path / "o"), "--scene_id", "bad id"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "scene id" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -476,9 +574,18 @@ def test_georeferenced_double_ply_keeps_precision(tmp_path, model, scene, monkey
     xyz = np.round(scene.vertices.astype(np.float64), 2) + offset
     assert len(np.unique(xyz[:, 1])) > 100  # the room spans metres in 1 cm steps
     path = tmp_path / "site.ply"
-    write_ply(path, {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
-                     "red": scene.colors[:, 0], "green": scene.colors[:, 1],
-                     "blue": scene.colors[:, 2]}, faces=scene.faces)
+    write_ply(
+        path,
+        {
+            "x": xyz[:, 0],
+            "y": xyz[:, 1],
+            "z": xyz[:, 2],
+            "red": scene.colors[:, 0],
+            "green": scene.colors[:, 1],
+            "blue": scene.colors[:, 2],
+        },
+        faces=scene.faces,
+    )
     assert plyfile.PlyData.read(path)["vertex"].data["x"].dtype == np.float64
     seen = {}
     real_run = P.run_model
@@ -489,8 +596,7 @@ def test_georeferenced_double_ply_keeps_precision(tmp_path, model, scene, monkey
 
     monkeypatch.setattr(P, "run_model", spy)
     logs = []
-    out = P.predict_file(None, str(path), str(tmp_path / "out"), model=model,
-                         log=logs.append)
+    out = P.predict_file(None, str(path), str(tmp_path / "out"), model=model, log=logs.append)
     # the model input keeps the 1 cm resolution
     assert seen["xyz"].dtype == np.float32
     for ax in range(3):
@@ -499,10 +605,8 @@ def test_georeferenced_double_ply_keeps_precision(tmp_path, model, scene, monkey
     for kind in ("instances", "semantic"):
         vx = plyfile.PlyData.read(tmp_path / "out" / f"site_{kind}.ply")["vertex"].data
         assert vx["x"].dtype == np.float64
-        np.testing.assert_allclose(np.stack([vx["x"], vx["y"], vx["z"]], 1), xyz,
-                                   rtol=0, atol=1e-6)
-    summary, _ = _check_outputs(str(tmp_path / "out"), "site", xyz, scene.faces,
-                                out["summary"])
+        np.testing.assert_allclose(np.stack([vx["x"], vx["y"], vx["z"]], 1), xyz, rtol=0, atol=1e-6)
+    summary, _ = _check_outputs(str(tmp_path / "out"), "site", xyz, scene.faces, out["summary"])
     # the origin: the whole-metre floor of the bounding-box minimum
     assert summary["scene"]["origin"] == np.floor(xyz.min(0)).tolist()
     assert summary["scene"]["origin"][:2] == [5e5, 4e6]
@@ -522,11 +626,13 @@ def test_implausible_extent_warning_reaches_the_summary(tmp_path, model):
     path = tmp_path / "wide.npz"
     np.savez(path, xyz=xyz, rgb=rng.integers(0, 255, (500, 3)).astype(np.uint8))
     logs = []
-    out = P.predict_file(None, str(path), str(tmp_path / "o"), model=model,
-                         superpoints="none", log=logs.append)
+    out = P.predict_file(
+        None, str(path), str(tmp_path / "o"), model=model, superpoints="none", log=logs.append
+    )
     assert any(m.startswith("warning: ") and "more than a room" in m for m in logs)
-    assert any("more than a room (x/y up to 100 m, z up to 20 m)" in w
-               for w in out["summary"]["warnings"])
+    assert any(
+        "more than a room (x/y up to 100 m, z up to 20 m)" in w for w in out["summary"]["warnings"]
+    )
 
 
 def _hand_pred(name="hand"):
@@ -534,12 +640,20 @@ def _hand_pred(name="hand"):
     masks = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 0]], bool)
     scores = np.array([0.9, 0.4], np.float32)
     return P.Prediction(
-        name=name, xyz=xyz, rgb=np.zeros((5, 3), np.uint8),
-        faces=np.array([[0, 1, 2]], np.int32), masks=masks,
-        labels=np.array([4, 16], np.int32), scores=scores,
+        name=name,
+        xyz=xyz,
+        rgb=np.zeros((5, 3), np.uint8),
+        faces=np.array([[0, 1, 2]], np.int32),
+        masks=masks,
+        labels=np.array([4, 16], np.int32),
+        scores=scores,
         sem_pred=np.array([4, 4, 4, 16, 0], np.int32),
-        instance=P.instance_per_point(masks, scores), superpoint=np.arange(5), inferred=5,
-        bucket=8, warnings=[])
+        instance=P.instance_per_point(masks, scores),
+        superpoint=np.arange(5),
+        inferred=5,
+        bucket=8,
+        warnings=[],
+    )
 
 
 def test_stale_masks_of_an_earlier_run_are_removed(tmp_path):
@@ -550,8 +664,14 @@ def test_stale_masks_of_an_earlier_run_are_removed(tmp_path):
     for f in ("other_099.txt", "hand_x_001.txt", "hand_099.txt.bak", "notes.txt"):
         (md / f).write_text("keep")  # not this scene's mask pattern: left alone
     P.write_outputs(str(tmp_path), _hand_pred(), base_config())
-    assert sorted(os.listdir(md)) == ["hand_000.txt", "hand_001.txt", "hand_099.txt.bak",
-                                      "hand_x_001.txt", "notes.txt", "other_099.txt"]
+    assert sorted(os.listdir(md)) == [
+        "hand_000.txt",
+        "hand_001.txt",
+        "hand_099.txt.bak",
+        "hand_x_001.txt",
+        "notes.txt",
+        "other_099.txt",
+    ]
     listed = [ln.split()[0] for ln in open(tmp_path / "hand.txt").read().splitlines()]
     assert listed == ["predicted_masks/hand_000.txt", "predicted_masks/hand_001.txt"]
 
@@ -561,9 +681,11 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, target):
     """A writer that dies after writing part of its output leaves no truncated final file
     and no temp file: every output is either complete (from the earlier run) or absent."""
     P.write_outputs(str(tmp_path / "ref"), _hand_pred(), base_config())
-    ref = {os.path.relpath(os.path.join(d, f), tmp_path / "ref"):
-           open(os.path.join(d, f), "rb").read()
-           for d, _, fs in os.walk(tmp_path / "ref") for f in fs}
+    ref = {
+        os.path.relpath(os.path.join(d, f), tmp_path / "ref"): open(os.path.join(d, f), "rb").read()
+        for d, _, fs in os.walk(tmp_path / "ref")
+        for f in fs
+    }
 
     class Boom(RuntimeError):
         pass
@@ -577,21 +699,23 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, target):
         raise Boom("disk full")
 
     if target == "ply":
-        monkeypatch.setattr(plyfile.PlyData, "write", lambda self, fh: partial(fh))
+        monkeypatch.setattr(P, "write_ply", lambda fh, *a, **k: partial(fh))
     elif target == "png":
         monkeypatch.setattr(Image.Image, "save", lambda self, fh, *a, **k: partial(fh))
     else:
         import dknet_jax.io_atomic as A
+
         real, masks_seen = A.write_atomic, []
 
         def wrapped(path, write, mode):
             if os.path.basename(os.path.dirname(path)) == "predicted_masks":
                 masks_seen.append(path)
-            if ((target == "list" and path.endswith("hand.txt"))
-                    or (target == "mask" and len(masks_seen) == 2
-                        and masks_seen[-1] == path)):
+            if (target == "list" and path.endswith("hand.txt")) or (
+                target == "mask" and len(masks_seen) == 2 and masks_seen[-1] == path
+            ):
                 return real(path, partial, mode)
             return real(path, write, mode)
+
         monkeypatch.setattr(A, "write_atomic", wrapped)
     out = tmp_path / "out"
     with pytest.raises(Boom):

@@ -23,14 +23,22 @@ X = -100  # ignore
 
 # ----------------------------------------------------------------------------------------
 # A hand-built ScanNet scene: 18 vertices, 9 segments of 2 vertices (ids = root vertex).
-TSV_HEADER = ("id\traw_category\tcategory\tcount\tnyu40id\teigen13id\tnyuClass\tnyu40class\t"
-              "eigen13class\tModelNet40\tModelNet10\tShapeNetCore55\tsynsetoffset\t"
-              "wnsynsetid\twnsynsetkey\tmpcat40\tmpcat40index")
+TSV_HEADER = (
+    "id\traw_category\tcategory\tcount\tnyu40id\teigen13id\tnyuClass\tnyu40class\t"
+    "eigen13class\tModelNet40\tModelNet10\tShapeNetCore55\tsynsetoffset\t"
+    "wnsynsetid\twnsynsetkey\tmpcat40\tmpcat40index"
+)
 TSV_ROWS = [  # (id, raw_category, nyu40id)  -- ids are not unique, as in the real file
-    (1, "chair", 5), (2, "wall", 1), (2, "floor", 2), (3, "lamp", 35),
-    (4, "fridge", 24), (5, "table", 7), (6, "office chair", 5),
+    (1, "chair", 5),
+    (2, "wall", 1),
+    (2, "floor", 2),
+    (3, "lamp", 35),
+    (4, "fridge", 24),
+    (5, "table", 7),
+    (6, "office chair", 5),
 ]
 SEG = np.repeat(np.arange(0, 18, 2), 2)  # [0 0 2 2 4 4 ... 16 16]
+# fmt: off
 NYU = np.array([5, 5, 5, 5,  # seg 0, 2: chair (one object over two segments)
                 1, 1,        # seg 4: wall object
                 35, 35,      # seg 6: lamp (not a benchmark class)
@@ -39,6 +47,7 @@ NYU = np.array([5, 5, 5, 5,  # seg 0, 2: chair (one object over two segments)
                 7, 7,        # seg 12: table vertices in no object
                 2, 149,      # seg 14: floor object, one stray nyu40 id
                 5, 7])       # seg 16: office chair; vertex 17 disagrees (table)
+# fmt: on
 GROUPS = [
     {"id": 0, "objectId": 0, "segments": [0, 2], "label": "chair"},
     {"id": 1, "objectId": 1, "segments": [4], "label": "wall"},
@@ -65,22 +74,45 @@ def _write_scene(root, scene, *, labels=True, agg=True, decoys=True, seed=0):
     xyz = _xyz(n, seed)
     rgb = np.random.default_rng(seed + 1).integers(0, 256, (n, 3)).astype(np.uint8)
     faces = np.array([[i, i + 1, i + 2] for i in range(0, n - 2, 2)], np.int32)
-    base = {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2], "red": rgb[:, 0],
-            "green": rgb[:, 1], "blue": rgb[:, 2], "alpha": np.full(n, 255, np.uint8)}
+    base = {
+        "x": xyz[:, 0],
+        "y": xyz[:, 1],
+        "z": xyz[:, 2],
+        "red": rgb[:, 0],
+        "green": rgb[:, 1],
+        "blue": rgb[:, 2],
+        "alpha": np.full(n, 255, np.uint8),
+    }
     write_ply(os.path.join(d, f"{scene}_vh_clean_2.ply"), base, faces)
     with open(os.path.join(d, f"{scene}_vh_clean_2.0.010000.segs.json"), "w") as fh:
-        json.dump({"params": {"kThresh": 0.01, "segMinVerts": 20}, "sceneId": scene,
-                   "segIndices": SEG.tolist()}, fh)
+        json.dump(
+            {
+                "params": {"kThresh": 0.01, "segMinVerts": 20},
+                "sceneId": scene,
+                "segIndices": SEG.tolist(),
+            },
+            fh,
+        )
     if labels:
         lab = dict(base, red=np.zeros(n, np.uint8), label=NYU.astype(np.uint16))
         write_ply(os.path.join(d, f"{scene}_vh_clean_2.labels.ply"), lab, faces)
     if agg:
         with open(os.path.join(d, f"{scene}.aggregation.json"), "w") as fh:
-            json.dump({"sceneId": scene, "appId": "x", "segGroups": GROUPS,
-                       "segmentsFile": f"{scene}_vh_clean_2.0.010000.segs.json"}, fh)
+            json.dump(
+                {
+                    "sceneId": scene,
+                    "appId": "x",
+                    "segGroups": GROUPS,
+                    "segmentsFile": f"{scene}_vh_clean_2.0.010000.segs.json",
+                },
+                fh,
+            )
     if decoys:  # unreadable garbage: preparation fails if it ever opens them
-        for name in (f"{scene}_vh_clean.ply", f"{scene}_vh_clean.segs.json",
-                     f"{scene}_vh_clean.aggregation.json"):
+        for name in (
+            f"{scene}_vh_clean.ply",
+            f"{scene}_vh_clean.segs.json",
+            f"{scene}_vh_clean.aggregation.json",
+        ):
             with open(os.path.join(d, name), "wb") as fh:
                 fh.write(b"\x00decoy\x01")
         with open(os.path.join(d, f"{scene}.txt"), "w") as fh:
@@ -116,11 +148,13 @@ def test_label_table_crlf_ids_and_malformed_row(scannet_root):
 
 def test_scene_label_rules_by_hand(scannet_root):
     xyz, rgb = _write_scene(scannet_root, "scene0000_00")
-    table = read_label_table(os.path.join(scannet_root, "scannetv2-labels.combined.tsv"),
-                             warn=lambda m: None)
+    table = read_label_table(
+        os.path.join(scannet_root, "scannetv2-labels.combined.tsv"), warn=lambda m: None
+    )
     msgs = []
-    arrays, stats = prepare_scannet_scene(os.path.join(scannet_root, "scans", "scene0000_00"),
-                                          "scene0000_00", table, warn=msgs.append)
+    arrays, stats = prepare_scannet_scene(
+        os.path.join(scannet_root, "scans", "scene0000_00"), "scene0000_00", table, warn=msgs.append
+    )
     assert arrays["xyz"].dtype == np.float32 and np.array_equal(arrays["xyz"], xyz)  # raw
     assert arrays["rgb"].dtype == np.uint8 and np.array_equal(arrays["rgb"], rgb)
     assert arrays["semantic"].tolist() == WANT_SEM
@@ -144,8 +178,16 @@ def test_prepare_cli_splits_idempotence_decoys(scannet_root, tmp_path):
     with open(os.path.join(scannet_root, "scannetv2_test.txt"), "w") as fh:
         fh.write("scene0002_00\n")
     out = str(tmp_path / "out")
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "prepare_scannet.py"),
-           "--scannet_root", scannet_root, "--out", out, "--workers", "2"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "prepare_scannet.py"),
+        "--scannet_root",
+        scannet_root,
+        "--out",
+        out,
+        "--workers",
+        "2",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "'mystery thing'" in res.stderr and res.stderr.count("'mystery thing'") == 1
@@ -168,8 +210,7 @@ def test_prepare_cli_splits_idempotence_decoys(scannet_root, tmp_path):
     os.utime(path, (1, 1))
     s = prepare_scannet(scannet_root, out, progress=False)
     assert len(s.existing) == 3 and not s.prepared and os.path.getmtime(path) == 1
-    s = prepare_scannet(scannet_root, out, progress=False, overwrite=True,
-                        scenes=["scene0000_00"])
+    s = prepare_scannet(scannet_root, out, progress=False, overwrite=True, scenes=["scene0000_00"])
     assert s.prepared == ["scene0000_00"] and os.path.getmtime(path) > 1
     assert open(os.path.join(out, "val.txt")).read() == "scene0001_00\n"  # kept
 
@@ -199,9 +240,14 @@ def _write_room(root, area=1, room="office_1"):
     rng = np.random.default_rng(area)
     ann = os.path.join(root, f"Area_{area}", room, "Annotations")
     os.makedirs(ann)
-    objects = {"ceiling_1.txt": (3.0, (200, 200, 200)), "chair_1.txt": (0.5, (10, 20, 30)),
-               "chair_2.txt": (0.6, (11, 21, 31)), "stairs_1.txt": (0.2, (5, 5, 5)),
-               "table_1.txt": (0.8, (90, 60, 30)), "table_1 (1).txt": (0.9, (91, 61, 31))}
+    objects = {
+        "ceiling_1.txt": (3.0, (200, 200, 200)),
+        "chair_1.txt": (0.5, (10, 20, 30)),
+        "chair_2.txt": (0.6, (11, 21, 31)),
+        "stairs_1.txt": (0.2, (5, 5, 5)),
+        "table_1.txt": (0.8, (90, 60, 30)),
+        "table_1 (1).txt": (0.9, (91, 61, 31)),
+    }
     rows = {name: _plane_rows(rng, 60, z, c) for name, (z, c) in objects.items()}
     rows["ceiling_1.txt"][9] = rows["ceiling_1.txt"][9].replace(" ", "\x00", 4)  # line 10
     r = rows["ceiling_1.txt"][19]
@@ -224,8 +270,9 @@ def test_s3dis_room_rows_classes_duplicates(tmp_path):
     rows = _write_room(root)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        arrays, stats = prepare_s3dis_room(os.path.join(root, "Area_1", "office_1"),
-                                           voxel_size=None, k=8)
+        arrays, stats = prepare_s3dis_room(
+            os.path.join(root, "Area_1", "office_1"), voxel_size=None, k=8
+        )
     msgs = _messages(rec)
     for line in (10, 20, 30):
         assert any(f"ceiling_1.txt:{line}: skipped malformed row" in m for m in msgs), msgs
@@ -250,13 +297,27 @@ def test_s3dis_cli(tmp_path):
     _write_room(root, 1, "office_1")
     _write_room(root, 5, "hallway_6")
     out = str(tmp_path / "out")
-    res = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "prepare_s3dis.py"),
-                          "--s3dis_root", root, "--out", out, "--workers", "1"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "prepare_s3dis.py"),
+            "--s3dis_root",
+            root,
+            "--out",
+            out,
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "ceiling_1.txt:10: skipped malformed row" in res.stderr
     assert sorted(f for f in os.listdir(out) if f.endswith(".npz")) == [
-        "Area_1_office_1.npz", "Area_5_hallway_6.npz"]
+        "Area_1_office_1.npz",
+        "Area_5_hallway_6.npz",
+    ]
     assert open(os.path.join(out, "val.txt")).read() == "Area_5_hallway_6\n"
     assert open(os.path.join(out, "train.txt")).read() == "Area_1_office_1\n"
     with np.load(os.path.join(out, "Area_5_hallway_6.npz")) as z:
@@ -279,10 +340,9 @@ def _same_partition(x, y):
 
 
 def test_round_trip_synthetic_scannet_and_s3dis(tmp_path):
-    from dknet_jax.data import synthetic_objects as so
     from dknet_jax.data.labels import SCANNET_FIRST_INSTANCE_CLASS, map_nyu40, s3dis_class_index
     from dknet_jax.data.superpoints import segment_mesh
-    from dknet_jax.data.synthetic import generate_scene, make_dataset
+    from dknet_jax.synthetic import RAW_CATEGORIES, generate_scene, make_dataset
 
     make_dataset(tmp_path / "sc", 1, 3, "scannet", "tiny", progress=False)
     s = prepare_scannet(str(tmp_path / "sc"), str(tmp_path / "sc_out"), progress=False)
@@ -295,8 +355,9 @@ def test_round_trip_synthetic_scannet_and_s3dis(tmp_path):
     np.testing.assert_array_equal(got["semantic"], map_nyu40(scene.nyu40))
     np.testing.assert_array_equal(got["superpoint"], segment_mesh(scene.vertices, scene.faces))
     obj_cls = map_nyu40(scene.object_nyu40)
-    is_inst = scene.annotated[scene.object_id] & (obj_cls[scene.object_id]
-                                                  >= SCANNET_FIRST_INSTANCE_CLASS)
+    is_inst = scene.annotated[scene.object_id] & (
+        obj_cls[scene.object_id] >= SCANNET_FIRST_INSTANCE_CLASS
+    )
     assert is_inst.any() and (~is_inst).any()
     assert np.all((got["instance"] >= 0) == is_inst)
     assert _same_partition(got["instance"][is_inst], scene.object_id[is_inst])
@@ -310,7 +371,7 @@ def test_round_trip_synthetic_scannet_and_s3dis(tmp_path):
         got = {k: z[k] for k in z.files}
     # the annotation files hold the points object by object in sorted file order, so
     # compare as multisets via sorting on rounded coordinates + object class
-    cls = np.array([s3dis_class_index(so.RAW_CATEGORIES[c][1]) for c in scene.categories])
+    cls = np.array([s3dis_class_index(RAW_CATEGORIES[c][1]) for c in scene.categories])
     want = np.c_[np.round(scene.vertices.astype(np.float64), 3), cls[scene.object_id]]
     have = np.c_[got["xyz"].astype(np.float64), got["semantic"]]
     want, have = want[np.lexsort(want.T[::-1])], have[np.lexsort(have.T[::-1])]
@@ -340,18 +401,27 @@ def test_s3dis_rerun_other_settings_stops_same_settings_keep_totals(tmp_path, ca
     assert report["stats"] == totals and report["existing"] == 1
     assert again.report(out) == 0 and f"'points': {totals['points']}" in capsys.readouterr().out
     settings = json.load(open(os.path.join(out, "prepare_settings.json")))
-    assert settings == {"dataset": "s3dis", "k": 8, "voxel_size": 0.02, "k_thresh": 0.01,
-                        "seg_min_verts": 20}
+    assert settings == {
+        "dataset": "s3dis",
+        "k": 8,
+        "voxel_size": 0.02,
+        "k_thresh": 0.01,
+        "seg_min_verts": 20,
+    }
 
     # other settings: a clear stop naming them and --overwrite, nothing touched
     npz = os.path.join(out, "Area_1_office_1.npz")
     os.utime(npz, (1, 1))
-    with pytest.raises(ValueError, match=r"k: 8 there, 6 now.*voxel_size: 0\.02 there, "
-                                               r"0\.05 now.*--overwrite"):
+    with pytest.raises(
+        ValueError,
+        match=r"k: 8 there, 6 now.*voxel_size: 0\.02 there, "
+        r"0\.05 now.*--overwrite",
+    ):
         prepare_s3dis(root, out, progress=False, k=6, voxel_size=0.05)
     assert os.path.getmtime(npz) == 1
     spec = importlib.util.spec_from_file_location(
-        "prepare_s3dis_cli", os.path.join(REPO, "scripts", "prepare_s3dis.py"))
+        "prepare_s3dis_cli", os.path.join(REPO, "scripts", "prepare_s3dis.py")
+    )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     assert cli.main(["--s3dis_root", root, "--out", out, "--workers", "1", "--k", "6"]) == 2
@@ -372,8 +442,11 @@ def test_scannet_rerun_with_other_label_table_stops(scannet_root, tmp_path):
     assert prepare_scannet(scannet_root, out, progress=False).prepared == ["scene0000_00"]
     with open(os.path.join(scannet_root, "scannetv2-labels.combined.tsv"), "a") as fh:
         fh.write("7\tsofa chair\tsofa chair\t1\t5" + "\tx" * 12 + "\r\n")
-    with pytest.raises(ValueError, match=r"label_table_sha256: .* there, .* now.*"
-                                               r"--overwrite"):
+    with pytest.raises(
+        ValueError,
+        match=r"label_table_sha256: .* there, .* now.*"
+        r"--overwrite",
+    ):
         prepare_scannet(scannet_root, out, progress=False)
     s = prepare_scannet(scannet_root, out, progress=False, overwrite=True)
     assert s.prepared == ["scene0000_00"]
@@ -420,6 +493,5 @@ def test_s3dis_failed_val_room_named(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "val.txt"))
     assert open(os.path.join(out, "train.txt")).read() == "Area_1_office_1\n"
     report = json.load(open(os.path.join(out, "prepare_report.json")))
-    assert report["split_failed"] == {"Area_5": ["Area_5_hallway_1"],
-                                      "val": ["Area_5_hallway_1"]}
+    assert report["split_failed"] == {"Area_5": ["Area_5_hallway_1"], "val": ["Area_5_hallway_1"]}
     assert "Area_5_hallway_1" in capsys.readouterr().err

@@ -22,8 +22,11 @@ FACES = np.array([[0, 1, 2], [2, 3, 4], [5, 6, 7]], np.int32)
 def _vertex(colour=True, normals=False, xyz=XYZ):
     v = {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2]}
     if normals:
-        v.update(nx=np.zeros(len(xyz), np.float32), ny=np.zeros(len(xyz), np.float32),
-                 nz=np.ones(len(xyz), np.float32))
+        v.update(
+            nx=np.zeros(len(xyz), np.float32),
+            ny=np.zeros(len(xyz), np.float32),
+            nz=np.ones(len(xyz), np.float32),
+        )
     if colour:
         v.update(red=RGB[:, 0], green=RGB[:, 1], blue=RGB[:, 2])
     return v
@@ -59,15 +62,25 @@ def test_ply_without_colour_is_grey_with_warning(tmp_path, binary):
 
 def test_ply_float_colours_and_polygons(tmp_path):
     p = str(tmp_path / "quad.ply")
-    vert = np.zeros(4, dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "f4"),
-                              ("green", "f4"), ("blue", "f4")])
+    vert = np.zeros(
+        4,
+        dtype=[
+            ("x", "f4"),
+            ("y", "f4"),
+            ("z", "f4"),
+            ("red", "f4"),
+            ("green", "f4"),
+            ("blue", "f4"),
+        ],
+    )
     vert["x"] = [0, 1, 1, 0]
     vert["y"] = [0, 0, 1, 1]
     vert["red"], vert["green"], vert["blue"] = 1.0, 0.5, 0.0
     face = np.empty(1, dtype=[("vertex_indices", object)])
     face[0] = (np.array([0, 1, 2, 3], np.int32),)
-    plyfile.PlyData([plyfile.PlyElement.describe(vert, "vertex"),
-                     plyfile.PlyElement.describe(face, "face")]).write(p)
+    plyfile.PlyData(
+        [plyfile.PlyElement.describe(vert, "vertex"), plyfile.PlyElement.describe(face, "face")]
+    ).write(p)
     out = read_scan(p)
     np.testing.assert_array_equal(out["rgb"], [[255, 128, 0]] * 4)  # rint(127.5) = 128
     np.testing.assert_array_equal(out["faces"], [[0, 1, 2], [0, 2, 3]])  # fan
@@ -141,16 +154,18 @@ def test_errors_name_the_file(tmp_path):
 
 def test_read_rows_skips_corrupt_rows(tmp_path):
     good = [[1.5, -2.25, 3.0, 10, 20, 30], [4.0, 5.0, 6.0, 1, 2, 3], [7.0, 8.0, 9.0, 4, 5, 6]]
-    lines = ["1.5 -2.25 3.0 10 20 30",
-             "4.000 5.000\x006.000 7 8 9",  # NUL instead of a space
-             "4.0 5.0 6.0 1 2 3",
-             "",  # blank: ignored, not a warning
-             "7.\x0312 8 9 1 1 1",  # control byte inside a number
-             "1 2 3 4 5",  # missing column
-             "1.2.3 1 1 1 1 1",  # not a number
-             "1e999 1 1 1 1 1",  # overflows to inf
-             "nan 1 1 1 1 1",
-             "7.0 8.0 9.0 4 5 6"]
+    lines = [
+        "1.5 -2.25 3.0 10 20 30",
+        "4.000 5.000\x006.000 7 8 9",  # NUL instead of a space
+        "4.0 5.0 6.0 1 2 3",
+        "",  # blank: ignored, not a warning
+        "7.\x0312 8 9 1 1 1",  # control byte inside a number
+        "1 2 3 4 5",  # missing column
+        "1.2.3 1 1 1 1 1",  # not a number
+        "1e999 1 1 1 1 1",  # overflows to inf
+        "nan 1 1 1 1 1",
+        "7.0 8.0 9.0 4 5 6",
+    ]
     p = str(tmp_path / "rows.txt")
     with open(p, "wb") as fh:
         fh.write("\r\n".join(lines).encode("latin-1"))
@@ -189,8 +204,9 @@ def test_read_rows_many_bad_rows_summarised(tmp_path):
 
 def test_read_ply_missing_and_labels_property(tmp_path):
     p = str(tmp_path / "l.ply")
-    write_ply(p, {"x": XYZ[:, 0], "y": XYZ[:, 1], "z": XYZ[:, 2],
-                  "label": np.arange(40, dtype=np.uint16)})
+    write_ply(
+        p, {"x": XYZ[:, 0], "y": XYZ[:, 1], "z": XYZ[:, 2], "label": np.arange(40, dtype=np.uint16)}
+    )
     c = read_ply(p)
     assert c.vertex["label"].dtype == np.uint16 and c.vertex["label"][5] == 5
     with pytest.raises(FileNotFoundError, match="nope.ply"):
@@ -243,14 +259,66 @@ def test_small_coordinates_keep_origin_zero(tmp_path):
     assert out["xyz_input"].dtype == np.float32
 
 
-@pytest.mark.parametrize("scale,axis", [((150, 4, 3), "x"), ((4, 4, 30), "z"),
-                                        ((4000, 3000, 2500), "x")])
+@pytest.mark.parametrize(
+    "scale,axis", [((150, 4, 3), "x"), ((4, 4, 30), "z"), ((4000, 3000, 2500), "x")]
+)
 def test_implausible_extent_warns(tmp_path, scale, axis):
     """A scan much larger than a room (> 100 m in x/y or > 20 m in z: millimetres, a whole
     site) is read, with one warning naming the extent and the bounds."""
     p = str(tmp_path / "big.npz")
     np.savez(p, xyz=RNG.uniform(0, 1, (50, 3)) * np.array(scale), rgb=RGB[:1].repeat(50, 0))
-    with pytest.warns(DataWarning, match=r"big\.npz: the scan spans .* m, more than a room "
-                      r"\(x/y up to 100 m, z up to 20 m\).*metres"):
+    with pytest.warns(
+        DataWarning,
+        match=r"big\.npz: the scan spans .* m, more than a room "
+        r"\(x/y up to 100 m, z up to 20 m\).*metres",
+    ):
         out = read_scan(p)
     assert out["xyz"].shape == (50, 3)
+
+
+@pytest.mark.parametrize("faces", [None, np.zeros((0, 3), np.int32), "mesh"])
+def test_write_ply_binary_is_plyfiles_bytes(tmp_path, faces):
+    """The one-block binary writer gives exactly the bytes plyfile writes row by row,
+    also for big-endian input columns, a comment and a file object."""
+    rng = np.random.default_rng(1)
+    n = 500
+    if isinstance(faces, str):
+        faces = rng.integers(0, n, (900, 3)).astype(np.int64)
+    xyz = rng.normal(size=(n, 3)).astype(np.float32)
+    vertex = {
+        "x": xyz[:, 0],
+        "y": xyz[:, 1].astype(">f4"),
+        "z": xyz[:, 2],
+        "red": rng.integers(0, 256, n).astype(np.uint8),
+        "alpha": np.full(n, 255, np.uint8),
+        "label": rng.integers(0, 41, n).astype(np.uint16),
+    }
+    arr = np.empty(
+        n,
+        [
+            ("x", "<f4"),
+            ("y", "<f4"),
+            ("z", "<f4"),
+            ("red", "u1"),
+            ("alpha", "u1"),
+            ("label", "<u2"),
+        ],
+    )
+    for k, v in vertex.items():
+        arr[k] = v
+    elements = [plyfile.PlyElement.describe(arr, "vertex")]
+    if faces is not None:
+        farr = np.empty(len(faces), [("vertex_indices", "i4", (3,))])
+        farr["vertex_indices"] = faces
+        elements.append(
+            plyfile.PlyElement.describe(farr, "face", len_types={"vertex_indices": "u1"})
+        )
+    plyfile.PlyData(elements, text=False, byte_order="<", comments=["made by a test"]).write(
+        str(tmp_path / "ref.ply")
+    )
+    write_ply(tmp_path / "ours.ply", vertex, faces, comments=("made by a test",))
+    ref = (tmp_path / "ref.ply").read_bytes()
+    assert (tmp_path / "ours.ply").read_bytes() == ref
+    with open(tmp_path / "fh.ply", "wb") as fh:
+        write_ply(fh, vertex, faces, comments=("made by a test",))
+    assert (tmp_path / "fh.ply").read_bytes() == ref

@@ -12,10 +12,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from dknet_jax import synthetic as syn
 from dknet_jax.data import labels as L
-from dknet_jax.data import synthetic as syn
-from dknet_jax.data import synthetic_objects as so
 from dknet_jax.data.superpoints import segment_mesh
+from dknet_jax.synthetic import appearance, groups
 
 N_SCENES = 3
 
@@ -23,8 +23,7 @@ N_SCENES = 3
 @pytest.fixture(scope="module")
 def scannet_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("scannet")
-    split = syn.make_dataset(root, N_SCENES, seed=7, size="tiny", val_fraction=0.34,
-                             progress=False)
+    split = syn.make_dataset(root, N_SCENES, seed=7, size="tiny", val_fraction=0.34, progress=False)
     return root, split
 
 
@@ -60,7 +59,14 @@ def test_scannet_files_and_formats(scannet_root):
         assert mesh.text is False and mesh.byte_order == "<"
         v = mesh["vertex"].data
         assert [p.name for p in mesh["vertex"].properties] == [
-            "x", "y", "z", "red", "green", "blue", "alpha"]
+            "x",
+            "y",
+            "z",
+            "red",
+            "green",
+            "blue",
+            "alpha",
+        ]
         assert v.dtype["x"] == np.float32 and v.dtype["red"] == np.uint8
         fprop = mesh["face"].properties[0]
         assert (fprop.name, fprop.len_dtype, fprop.val_dtype) == ("vertex_indices", "u1", "i4")
@@ -72,8 +78,9 @@ def test_scannet_files_and_formats(scannet_root):
         assert np.array_equal(lv["x"], v["x"]) and np.array_equal(lv["z"], v["z"])
         label = lv["label"].astype(int)
         assert label.max() <= 40
-        assert np.array_equal(np.stack([lv["red"], lv["green"], lv["blue"]], 1),
-                              syn.NYU40_PALETTE[label])
+        assert np.array_equal(
+            np.stack([lv["red"], lv["green"], lv["blue"]], 1), L.NYU40_PALETTE[label]
+        )
         # segments: one per vertex, ids are union-find roots (a root is in its own segment)
         seg = np.asarray(segs["segIndices"])
         assert segs["sceneId"] == sid and len(seg) == len(v)
@@ -90,7 +97,7 @@ def test_label_table_is_the_real_format(scannet_root):
     assert rows[0] == list(syn.LABEL_TABLE_HEADER) and len(rows[0]) == 17
     assert all(len(r) == 17 for r in rows)
     table = {r[1]: int(r[4]) for r in rows[1:]}
-    for raw_cat, (nyu, _) in so.RAW_CATEGORIES.items():
+    for raw_cat, (nyu, _) in syn.RAW_CATEGORIES.items():
         assert table[raw_cat] == nyu
     # non-benchmark clutter that the generator places
     for raw_cat in ("lamp", "pillow", "box", "books"):
@@ -135,22 +142,44 @@ def test_same_seed_same_bytes_other_seed_differs(scannet_root, tmp_path):
     assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "b" / name).read_bytes()
 
 
-def test_fast_ply_writer_matches_plyfile(tmp_path, tiny_scenes):
-    scene = tiny_scenes[0]
+def test_ply_files_are_plyfiles_bytes(scannet_root, tmp_path):
+    """Both meshes of a written scene are byte for byte what plyfile writes (row by row)
+    for the generated scene: ScanNet's vertex properties, the labels file coloured with
+    the nyu40 palette."""
+    root, _ = scannet_root
+    scene = syn.generate_scene(np.random.default_rng([7, 0]), "tiny")
     label = scene.nyu40.astype(np.uint16)
-    syn._write_ply(tmp_path / "fast.ply", scene, scene.colors, label)
-    v = np.empty(len(scene.vertices), [("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                       ("red", "u1"), ("green", "u1"), ("blue", "u1"),
-                                       ("alpha", "u1"), ("label", "<u2")])
-    v["x"], v["y"], v["z"] = scene.vertices.T
-    v["red"], v["green"], v["blue"] = scene.colors.T
-    v["alpha"], v["label"] = 255, label
-    f = np.empty(len(scene.faces), dtype=[("vertex_indices", "i4", (3,))])
-    f["vertex_indices"] = scene.faces
-    PlyData([PlyElement.describe(v, "vertex"),
-             PlyElement.describe(f, "face", len_types={"vertex_indices": "u1"})],
-            text=False, byte_order="<").write(str(tmp_path / "ref.ply"))
-    assert (tmp_path / "fast.ply").read_bytes() == (tmp_path / "ref.ply").read_bytes()
+    for name, colors, lab in (
+        ("ply", scene.colors, None),
+        ("labels.ply", L.NYU40_PALETTE[label], label),
+    ):
+        fields = [
+            ("x", "<f4"),
+            ("y", "<f4"),
+            ("z", "<f4"),
+            ("red", "u1"),
+            ("green", "u1"),
+            ("blue", "u1"),
+            ("alpha", "u1"),
+        ] + ([("label", "<u2")] if lab is not None else [])
+        v = np.empty(len(scene.vertices), fields)
+        v["x"], v["y"], v["z"] = scene.vertices.T
+        v["red"], v["green"], v["blue"] = colors.T
+        v["alpha"] = 255
+        if lab is not None:
+            v["label"] = lab
+        f = np.empty(len(scene.faces), dtype=[("vertex_indices", "i4", (3,))])
+        f["vertex_indices"] = scene.faces
+        PlyData(
+            [
+                PlyElement.describe(v, "vertex"),
+                PlyElement.describe(f, "face", len_types={"vertex_indices": "u1"}),
+            ],
+            text=False,
+            byte_order="<",
+        ).write(str(tmp_path / "ref.ply"))
+        written = root / "scans" / "scene0000_00" / f"scene0000_00_vh_clean_2.{name}"
+        assert written.read_bytes() == (tmp_path / "ref.ply").read_bytes(), name
 
 
 def test_objects_are_whole_connected_and_segment_aligned(tiny_scenes):
@@ -162,13 +191,16 @@ def test_objects_are_whole_connected_and_segment_aligned(tiny_scenes):
         for oi in np.unique(scene.object_id):
             members = np.flatnonzero(scene.object_id == oi)
             assert len(np.unique(scene.nyu40[members])) == 1
-            if scene.categories[oi] in so.STRUCTURE:  # walls may be cut in pieces by holes
+            if (
+                scene.categories[oi] in syn.STRUCTURE_CATEGORIES
+            ):  # walls may be cut in pieces by holes
                 continue
             # parts of an object touch: connected under a radius of a few edge lengths
             pts = scene.vertices[members]
             pairs = cKDTree(pts).query_pairs(2.5 * scene.spacing, output_type="ndarray")
-            adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
-                             shape=(len(pts), len(pts)))
+            adj = coo_matrix(
+                (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(pts), len(pts))
+            )
             n_comp = connected_components(adj, directed=False)[0]
             assert n_comp == 1, (scene.categories[oi], n_comp)
         annotated = [oi for oi in np.unique(scene.object_id) if scene.annotated[oi]]
@@ -209,8 +241,9 @@ def test_scannet_size():
 
 
 def test_s3dis_layout(tmp_path):
-    split = syn.make_dataset(tmp_path, 3, seed=5, format="s3dis", size="tiny",
-                             val_fraction=0.34, progress=False)
+    split = syn.make_dataset(
+        tmp_path, 3, seed=5, format="s3dis", size="tiny", val_fraction=0.34, progress=False
+    )
     assert len(split["val"]) == 1 and split["val"][0].startswith("Area_5/")
     for name in split["train"] + split["val"]:
         room = tmp_path / name
@@ -228,8 +261,9 @@ def test_s3dis_layout(tmp_path):
                 assert all(p.isdigit() and int(p) <= 255 for p in parts[3:])
             total += len(lines)
         for cls in set(classes):  # k runs 1..count per class
-            ks = sorted(int(f.stem.rsplit("_", 1)[1]) for f in ann
-                        if f.stem.rsplit("_", 1)[0] == cls)
+            ks = sorted(
+                int(f.stem.rsplit("_", 1)[1]) for f in ann if f.stem.rsplit("_", 1)[0] == cls
+            )
             assert ks == list(range(1, len(ks) + 1))
         assert {"ceiling", "floor", "wall"} <= set(classes)
         whole = np.loadtxt(room / f"{room.name}.txt")
@@ -263,13 +297,19 @@ def test_round_trip_through_scannet_preparation(scannet_root):
 def test_round_trip_through_s3dis_preparation(tmp_path):
     from dknet_jax.data.s3dis import prepare_s3dis_room
 
-    split = syn.make_dataset(tmp_path, 1, seed=2, format="s3dis", size="tiny",
-                             val_fraction=0.0, progress=False)
+    split = syn.make_dataset(
+        tmp_path, 1, seed=2, format="s3dis", size="tiny", val_fraction=0.0, progress=False
+    )
     scene = syn.generate_scene(np.random.default_rng([2, 0]), "tiny", "s3dis")
     arrays, _ = prepare_s3dis_room(str(tmp_path / split["train"][0]))
     # every object comes back as one instance with its class and point count
-    placed = sorted((L.S3DIS_CLASSES.index(so.RAW_CATEGORIES[scene.categories[o]][1]),
-                     int((scene.object_id == o).sum())) for o in np.unique(scene.object_id))
+    placed = sorted(
+        (
+            L.S3DIS_CLASSES.index(syn.RAW_CATEGORIES[scene.categories[o]][1]),
+            int((scene.object_id == o).sum()),
+        )
+        for o in np.unique(scene.object_id)
+    )
     got = []
     for k in np.unique(arrays["instance"]):
         m = arrays["instance"] == k
@@ -288,9 +328,10 @@ def object_colours():
     for i in range(32):
         s = syn.generate_scene(np.random.default_rng([26, i]), "tiny")
         for oi in np.unique(s.object_id):
-            if s.annotated[oi] and s.categories[oi] not in so.STRUCTURE:
+            if s.annotated[oi] and s.categories[oi] not in syn.STRUCTURE_CATEGORIES:
                 out.setdefault(s.categories[oi], []).append(
-                    s.colors[s.object_id == oi].astype(float).mean(0))
+                    s.colors[s.object_id == oi].astype(float).mean(0)
+                )
     return {k: np.array(v) for k, v in out.items()}
 
 
@@ -330,9 +371,13 @@ def test_colour_varies_within_class_and_overlaps_between(object_colours):
 def test_colour_model_does_not_move_geometry(monkeypatch):
     """Colours come from a fixed number of draws per object, so a different colour model
     (here: everything grey) leaves every vertex, face and label where it was."""
-    ref = [syn.generate_scene(np.random.default_rng([4, i]), "tiny", style)
-           for i, style in ((0, "scannet"), (1, "s3dis"))]
-    monkeypatch.setattr(so, "APPEARANCE", {k: (("grey", 1.0),) for k in so.APPEARANCE})
+    ref = [
+        syn.generate_scene(np.random.default_rng([4, i]), "tiny", style)
+        for i, style in ((0, "scannet"), (1, "s3dis"))
+    ]
+    monkeypatch.setattr(
+        appearance, "APPEARANCE", {k: (("grey", 1.0),) for k in appearance.APPEARANCE}
+    )
     for (i, style), a in zip(((0, "scannet"), (1, "s3dis")), ref, strict=True):
         b = syn.generate_scene(np.random.default_rng([4, i]), "tiny", style)
         for k in ("vertices", "faces", "nyu40", "object_id"):
@@ -341,14 +386,107 @@ def test_colour_model_does_not_move_geometry(monkeypatch):
 
 
 def test_sets_share_a_finish():
-    from dknet_jax.data import synthetic_rooms as sr
-
-    chairs = [o for o in sr.g_table(np.random.default_rng(3), conference=True)
-              if o.raw in ("chair", "office chair")]
-    cabinets = [o for o in sr.g_counter(np.random.default_rng(3))
-                if o.raw == "kitchen cabinets"]
+    chairs = [
+        o
+        for o in groups.table_with_chairs(np.random.default_rng(3), conference=True)
+        if o.category in ("chair", "office chair")
+    ]
+    cabinets = [
+        o
+        for o in groups.kitchen_counter(np.random.default_rng(3))
+        if o.category == "kitchen cabinets"
+    ]
     for group in (chairs, cabinets):
         assert len(group) >= 2
         for o in group[1:]:
             for p, q in zip(o.parts, group[0].parts, strict=True):
-                assert np.array_equal(p[1], q[1])
+                assert np.array_equal(p.color, q.color)
+
+
+# ---------------------------------------------------------------------------------------
+# Primitives and poses
+def _signed_volume(v, f):
+    """Divergence theorem: sum of tetrahedra (origin, triangle); the enclosed volume when
+    every triangle faces outwards, its negative when every one faces inwards."""
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6)
+
+
+def _closed_and_connected(v, f):
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    _, counts = np.unique(edges, axis=0, return_counts=True)
+    adj = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(v),) * 2)
+    return bool(np.all(counts == 2)), connected_components(adj, directed=False)[0]
+
+
+@pytest.mark.parametrize("spacing", [0.05, 0.13, 2.0])
+def test_closed_primitives_face_outwards(spacing):
+    from dknet_jax.synthetic.primitives import Box, Cylinder, tessellate
+
+    v, f = tessellate(Box((0.1, -0.2, 0.0), (0.9, 0.4, 0.7)), spacing)
+    assert _signed_volume(v, f) == pytest.approx(0.8 * 0.6 * 0.7, rel=1e-9)
+    assert _closed_and_connected(v, f) == (True, 1)
+    r, x, y = 0.3, 0.2, -0.1
+    v, f = tessellate(Cylinder(x, y, 0.1, 1.1, r, top=True, bottom=True), spacing)
+    n = max(6, int(round(2 * np.pi * r / spacing)))  # a prism over a regular n-gon
+    assert _signed_volume(v, f) == pytest.approx(n / 2 * r**2 * np.sin(2 * np.pi / n), rel=1e-9)
+    assert _closed_and_connected(v, f) == (True, 1)
+    assert np.allclose(np.hypot(v[:, 0] - x, v[:, 1] - y).max(), r)
+
+
+def test_sheet_faces_along_u_cross_v_and_drops_holes():
+    from dknet_jax.synthetic.primitives import Sheet, tessellate
+
+    sheet = Sheet((1.0, 2.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.5), holes=((0.5, 1.2, 0.3, 1.0),))
+    v, f = tessellate(sheet, 0.1)
+    normals = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    assert np.all(normals[:, 0] > 0) and np.allclose(normals[:, 1:], 0)  # u x v = +x
+    centre = v[f].mean(1)
+    s, t = centre[:, 1] - 2.0, centre[:, 2]
+    assert not np.any((s > 0.5) & (s < 1.2) & (t > 0.3) & (t < 1.0))
+    # the grid is 20 x 15 cells; the hole covers 7 x 7 of them
+    assert len(f) == 2 * (20 * 15 - 7 * 7)
+
+
+def test_poses_compose_and_invert():
+    from dknet_jax.synthetic.primitives import compose_poses, to_local, to_parent
+
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(20, 3))
+    outer, inner = (0.7, 1.0, -2.0, 0.5), (-2.1, 0.3, 0.4, 0.1)
+    np.testing.assert_allclose(to_local(outer, to_parent(outer, p)), p, atol=1e-12)
+    np.testing.assert_allclose(
+        to_parent(compose_poses(outer, inner), p), to_parent(outer, to_parent(inner, p)), atol=1e-12
+    )
+    # yaw turns counter-clockwise: local +x at yaw 90 degrees points along parent +y
+    np.testing.assert_allclose(
+        to_parent((np.pi / 2, 0, 0, 0), np.array([[1.0, 0, 0]])), [[0, 1, 0]], atol=1e-12
+    )
+
+
+def test_unknown_surface_kind_is_named():
+    with pytest.raises(KeyError, match="'marble'.*APPEARANCE"):
+        appearance.draw_color(np.random.default_rng(0), "marble")
+
+
+def test_data_package_never_imports_the_generator():
+    """Imports point one way: synthetic/ uses data/ (labels, PLY, ScanNet layout), the
+    pipeline's data/ never needs the generator."""
+    import ast
+
+    import dknet_jax.data
+
+    offenders = []
+    for path in sorted(Path(dknet_jax.data.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [
+                f"{path.name}: {n}"
+                for n in names
+                if n == "dknet_jax.synthetic" or n.startswith("dknet_jax.synthetic.")
+            ]
+    assert not offenders, offenders

@@ -12,7 +12,7 @@ import pytest
 
 from dknet_jax import checkpoint as ckpt_lib
 from dknet_jax.data.scannet import prepare_scannet
-from dknet_jax.data.synthetic import make_dataset
+from dknet_jax.synthetic import make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -22,8 +22,15 @@ import synthetic  # noqa: E402
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("synth")
-    make_dataset(str(base / "raw"), scenes=4, seed=3, format="scannet", size="tiny",
-                 val_fraction=0.25, progress=False)
+    make_dataset(
+        str(base / "raw"),
+        scenes=4,
+        seed=3,
+        format="scannet",
+        size="tiny",
+        val_fraction=0.25,
+        progress=False,
+    )
     prepare_scannet(str(base / "raw"), str(base / "prepared"), progress=False, workers=1)
     return str(base / "prepared")
 
@@ -59,7 +66,8 @@ def test_two_steps_then_resume_equals_uninterrupted(prepared, tmp_path, monkeypa
     # per-stage diagnostics in the results and in the periodic-eval record
     diag = results["diagnostics"]
     assert diag["scenes"] == 1 and diag["post_slots"] == diag["post_kept"] + sum(
-        diag[f"post_removed_{r}"] for r in ("otsu", "superpoint", "class", "size", "score"))
+        diag[f"post_removed_{r}"] for r in ("otsu", "superpoint", "class", "size", "score")
+    )
     evals = [r for r in records if "val" in r]
     assert evals and evals[-1]["diagnostics"] == json.loads(json.dumps(diag))
 
@@ -123,13 +131,19 @@ def test_data_parallel_two_devices_same_loss(prepared, tmp_path):
     script.write_text(_DP_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-    proc = subprocess.run([sys.executable, str(script), prepared, os.path.join(ROOT, "configs")],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(script), prepared, os.path.join(ROOT, "configs")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in ("loss", "semantic", "offset", "center", "aggregation", "mask"):
-        np.testing.assert_allclose(out["two"][name], out["one"][name], rtol=2e-4, atol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            out["two"][name], out["one"][name], rtol=2e-4, atol=1e-5, err_msg=name
+        )
 
 
 def test_empty_val_split_warns_and_skips_evaluation(prepared, tmp_path, monkeypatch):
@@ -148,16 +162,24 @@ def test_empty_val_split_warns_and_skips_evaluation(prepared, tmp_path, monkeypa
 
     def fake_step_factory(graphdef, tx, config, mesh=None):
         def step(params, rest, opt_state, batch, key, epoch):
-            return params, rest, opt_state, {"loss": np.float32(1.0), "skipped": 0.0,
-                                             "voxel_overflow": 0.0}
+            return (
+                params,
+                rest,
+                opt_state,
+                {"loss": np.float32(1.0), "skipped": 0.0, "voxel_overflow": 0.0},
+            )
+
         return step
 
     monkeypatch.setattr(train_mod, "make_train_step", fake_step_factory)
     c = _config(str(root))
     c.train.epochs, c.train.steps_per_epoch, c.train.eval_every_epochs = 2, 1, 1
     workdir = str(tmp_path / "w")
-    with pytest.warns(UserWarning, match=r"no validation scenes in .*data/val .*without "
-                                         r"evaluation; best/ will not be written"):
+    with pytest.warns(
+        UserWarning,
+        match=r"no validation scenes in .*data/val .*without "
+        r"evaluation; best/ will not be written",
+    ):
         results = train_mod.train_and_evaluate(c, workdir)
     assert results == {}
     records = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -26,7 +26,7 @@ import pytest
 
 from dknet_jax import checkpoint as ckpt_lib
 from dknet_jax.data.scannet import prepare_scannet
-from dknet_jax.data.synthetic import make_dataset
+from dknet_jax.synthetic import make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

@@ -77,8 +77,10 @@ def mesh_vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     norm = np.sqrt(cx * cx + cy * cy + cz * cz)
     ok = norm > 0
     safe = np.where(ok, norm, 1.0)
-    fn = np.stack([np.where(ok, cx / safe, 0.0), np.where(ok, cy / safe, 0.0),
-                   np.where(ok, cz / safe, 0.0)], axis=1)
+    fn = np.stack(
+        [np.where(ok, cx / safe, 0.0), np.where(ok, cy / safe, 0.0), np.where(ok, cz / safe, 0.0)],
+        axis=1,
+    )
     # bincount accumulates in input order: per vertex, faces are summed in face order.
     flat = f.reshape(-1)
     rep = np.repeat(fn, 3, axis=0)
@@ -89,8 +91,9 @@ def mesh_vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return np.where(count[:, None] > 0, total / np.maximum(count, 1.0)[:, None], 0.0)
 
 
-def mesh_edges(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray,
-                                                                  np.ndarray]:
+def mesh_edges(
+    vertices: np.ndarray, faces: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ScanNet's directed mesh edges and their weights (unsorted).
 
     Returns:
@@ -112,8 +115,9 @@ def mesh_edges(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.
     return a, b, w
 
 
-def felzenszwalb(num_vertices: int, a: np.ndarray, b: np.ndarray, w: np.ndarray,
-                 k_thresh: float, min_size: int) -> np.ndarray:
+def felzenszwalb(
+    num_vertices: int, a: np.ndarray, b: np.ndarray, w: np.ndarray, k_thresh: float, min_size: int
+) -> np.ndarray:
     """Felzenszwalb graph segmentation + small-segment merging (steps 4-7 above).
 
     Args:
@@ -189,8 +193,17 @@ def felzenszwalb(num_vertices: int, a: np.ndarray, b: np.ndarray, w: np.ndarray,
         p = pp
 
 
-def segment_mesh(vertices: np.ndarray, faces: np.ndarray, k_thresh: float = 0.01,
-                 seg_min_verts: int = 20) -> np.ndarray:
+# The parameters of ScanNet's shipped segmentation (the 0.010000 in `*.segs.json` names).
+SCANNET_K_THRESH = 0.01
+SCANNET_SEG_MIN_VERTS = 20
+
+
+def segment_mesh(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    k_thresh: float = SCANNET_K_THRESH,
+    seg_min_verts: int = SCANNET_SEG_MIN_VERTS,
+) -> np.ndarray:
     """ScanNet's mesh over-segmentation (see the module docstring for the exact steps).
 
     Args:
@@ -205,11 +218,13 @@ def segment_mesh(vertices: np.ndarray, faces: np.ndarray, k_thresh: float = 0.01
     p = _check_xyz(vertices, "segment_mesh: vertices")
     f = np.asarray(faces)
     if f.ndim != 2 or f.shape[1] != 3 or not np.issubdtype(f.dtype, np.integer):
-        raise ValueError(f"segment_mesh: faces must be an int array [F, 3], got "
-                         f"{f.dtype}{list(f.shape)}")
+        raise ValueError(
+            f"segment_mesh: faces must be an int array [F, 3], got {f.dtype}{list(f.shape)}"
+        )
     if f.size and (f.min() < 0 or f.max() >= p.shape[0]):
-        raise ValueError(f"segment_mesh: face indices must lie in [0, {p.shape[0]}), got "
-                         f"[{f.min()}, {f.max()}]")
+        raise ValueError(
+            f"segment_mesh: face indices must lie in [0, {p.shape[0]}), got [{f.min()}, {f.max()}]"
+        )
     a, b, w = mesh_edges(p, f)
     return felzenszwalb(p.shape[0], a, b, w, k_thresh, seg_min_verts)
 
@@ -224,9 +239,14 @@ def _pca_normals(xyz: np.ndarray, nbr: np.ndarray) -> np.ndarray:
     return vec[:, :, 0]
 
 
-def segment_points(xyz: np.ndarray, k: int = 10, k_thresh: float = 0.01,
-                   seg_min_verts: int = 20, voxel_size: float | None = None,
-                   max_edge: float | None = None) -> np.ndarray:
+def segment_points(
+    xyz: np.ndarray,
+    k: int = 10,
+    k_thresh: float = 0.01,
+    seg_min_verts: int = 20,
+    voxel_size: float | None = None,
+    max_edge: float | None = None,
+) -> np.ndarray:
     """Felzenszwalb over-segmentation of a bare point cloud on a kNN graph.
 
     The graph: undirected edges between each point and its ``k`` nearest neighbours

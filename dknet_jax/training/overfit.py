@@ -24,7 +24,7 @@ def prepare_rooms(
 
     Returns the prepared folder, which holds ``overfit.txt`` listing every room."""
     from dknet_jax.data.scannet import prepare_scannet
-    from dknet_jax.data.synthetic import make_dataset
+    from dknet_jax.synthetic import make_dataset
 
     raw, prepared = os.path.join(root, "raw"), os.path.join(root, "prepared")
     split = make_dataset(raw, scenes, seed, "scannet", size, val_fraction=0.0, progress=progress)
