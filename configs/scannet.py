@@ -1,5 +1,5 @@
-"""DKNet on ScanNet v2 with the paper's settings (method.md; *code* numbers where the paper
-is silent).
+"""DKNet on ScanNet v2 with the paper's settings (docs/method.md; the released code's
+numbers where the paper is silent).
 
   python scripts/prepare_scannet.py --scannet_root /data/scannet --out data/scannet
   python scripts/train.py --config=configs/scannet.py --workdir work_dirs/scannet

@@ -52,7 +52,7 @@ def _merge_groups_jit(scores, ok, heat, *, threshold):
 
 
 def merge_groups(scores, ok, heat, *, threshold=0.5) -> Array:
-    """Group duplicate candidates (public contract, interfaces.md).
+    """Group duplicate candidates (public contract, docs/contracts.md section 2).
 
     Groups are the connected components of the graph with an edge i-j when
     ``scores[i, j] >= threshold`` or ``scores[j, i] >= threshold``, among valid slots.

@@ -282,7 +282,7 @@ def ln_nms(
     xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096,
     algorithm="auto",
 ) -> tuple[Array, Array]:
-    """LN-NMS candidate mining (public contract, interfaces.md).
+    """LN-NMS candidate mining (public contract, docs/contracts.md section 2).
 
     Same as `ln_nms_with_info` without the exhaustion flag.
 

@@ -26,7 +26,7 @@ CHOICES = {
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults = the paper's ScanNet settings (method.md); config files override."""
+    """Defaults = the paper's ScanNet settings (docs/method.md); config files override."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.train_split = "train"      # subfolder or split-list name under root
     d.val_split = "val"
     d.voxel_size = 0.02          # metres (S3DIS: 0.05)
-    d.max_points = 250_000       # training crop (method.md section 0)
+    d.max_points = 250_000       # training crop (docs/method.md section 1)
     d.batch_size = 4             # scenes per step (global, split over devices)
     d.eval_batch_size = 1
     d.point_buckets = (16_384, 32_768, 65_536, 131_072, 262_144, 524_288, 1_048_576)
@@ -92,9 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     lo.aggregation = 1.0
     lo.mask = 1.0
     lo.mask_iou_threshold = 0.25
-    lo.mask_iou_fallback = True  # no pair above the gate -> count all matched (*code*)
+    lo.mask_iou_fallback = True  # no pair above the gate -> count all matched (released code)
     # epoch from which the gate applies; before it every matched pair counts. 0 = from the
-    # first mask epoch (*code*); -1 = never. A gate from the start can starve the decoder:
+    # first mask epoch (released code); -1 = never. A gate from the start can starve the decoder:
     # on the overfit check only the 2-5 pairs that overlapped by chance were ever trained
     # and every kernel learned their mask (AP50 0.18; 0.955 with the gate off)
     lo.mask_iou_gate_epoch = 0
@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     te.score_threshold = 0.1
     te.min_points = 100
     te.use_superpoints = True
-    te.merge_threshold = 0.5     # merge-score threshold of the grouping at inference (*code*)
+    te.merge_threshold = 0.5     # merge-score threshold of the grouping at inference (released)
 
     # --- kernels ----------------------------------------------------------------------
     c.kernels = k = ml_collections.ConfigDict()

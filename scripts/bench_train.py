@@ -112,7 +112,7 @@ def _generate_scene_fn():
 
 
 def prepared_arrays(mesh, first_instance_class: int = 2) -> dict:
-    """A ``synthetic.SceneMesh`` -> prepared-scene arrays (interfaces.md npz contract).
+    """A ``synthetic.SceneMesh`` -> prepared-scene arrays (docs/contracts.md section 3).
 
     Same rules as ``prepare_scannet_scene`` on the files ``make_synthetic.py`` writes:
     semantic = ``map_nyu40`` of each vertex's nyu40 id (0 = unannotated -> -100);

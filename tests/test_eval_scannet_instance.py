@@ -1,8 +1,9 @@
 """ScanNet instance AP against hand-worked examples of the benchmark protocol.
 
 Every expected number is worked out by hand in the comments from the protocol text
-(evaluation docs): AP = sum_i P_i * (R_{i-1} - R_{i+1}) / 2 over the distinct scores in
-ascending order plus an artificial point (R=0, P=1), R_{-1} := R_0, R past the end := 0.
+(docs/contracts.md section 6): AP = sum_i P_i * (R_{i-1} - R_{i+1}) / 2 over the distinct
+scores in ascending order plus an artificial point (R=0, P=1), R_{-1} := R_0, R past the
+end := 0.
 """
 
 import math

@@ -16,7 +16,7 @@ wrong:
   0.8, 2/3 so that the 0.25 gate drops one pair (and a gate no pair passes exercises the
   fallback).
 
-The numpy reference follows method.md sections 2, 4, 6 and ``losses``' docstring
+The numpy reference follows docs/method.md section 8 and ``losses``' docstring
 formulas; the assignment is brute force over all injective maps (no scipy, no library
 code). A second test decodes random kernels in numpy and runs the chunked mask path
 (``DKNet(..., decode_masks=False)``) against the same reference.

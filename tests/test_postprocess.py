@@ -1,4 +1,5 @@
-"""Post-processing vs hand-worked cases and a plain loop implementation of method.md s. 8."""
+"""Post-processing vs hand-worked cases and a plain loop implementation of docs/method.md
+section 9."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 Data flow: prepared npz -> **dataset** (``load_scene`` -> sample dict) -> ``transforms``
 -> ``batching`` -> ``pipeline``.
 
-The npz contract (interfaces.md): ``xyz`` f32[N, 3] raw coordinates, ``rgb`` u8[N, 3],
+The npz contract (docs/contracts.md section 3): ``xyz`` f32[N, 3] raw coordinates, ``rgb`` u8[N, 3],
 ``semantic`` i32[N] (0..S-1 or -100), ``instance`` i32[N] (0..K-1 or -100),
 ``superpoint`` i32[N] (>= 0). Anything else is a :class:`SceneError` naming the file and
 saying what is wrong, instead of a failure deep inside the model.

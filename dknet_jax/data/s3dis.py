@@ -2,7 +2,7 @@
 
 Place in the data flow: ``R/Area_N/<room>/`` (real, aligned release, or from
 `make_synthetic.py --format s3dis`) -> **s3dis** -> `preparation.run_jobs` ->
-``O/Area_N_<room>.npz`` (interfaces.md, "Prepared scenes") -> input pipeline.
+``O/Area_N_<room>.npz`` (docs/contracts.md section 3) -> input pipeline.
 
 Rules (the decisions this module documents):
 - Only ``Annotations/*.txt`` are read (never ``<room>.txt``, whose name may differ from the

@@ -1,8 +1,8 @@
 """ScanNet v2 preparation: raw scan folder -> prepared scene arrays.
 
 Place in the data flow: ``R/scans/<scene>/`` (real or from `make_synthetic.py`) ->
-**scannet** -> `preparation.run_jobs` -> ``O/<scene>.npz`` (interfaces.md, "Prepared
-scenes") -> input pipeline.
+**scannet** -> `preparation.run_jobs` -> ``O/<scene>.npz`` (docs/contracts.md
+section 3) -> input pipeline.
 
 Files read per scene, and only these (the hi-res ``_vh_clean.*`` decoys and the
 ``<scene>.txt`` axis alignment are never touched; coordinates stay raw):

@@ -1,7 +1,7 @@
 """Superpoints: Felzenszwalb graph segmentation of meshes and point clouds.
 
 Place in the data flow: raw scene -> **superpoints** -> prepared npz (`superpoint` key) ->
-post-processing (superpoint vote, method.md section 8). ScanNet ships its superpoints
+post-processing (superpoint vote, docs/method.md section 9). ScanNet ships its superpoints
 (`*_vh_clean_2.0.010000.segs.json`); this module reproduces that segmentation for meshes
 that lack them (synthetic rooms) and offers a k-nearest-neighbour variant for bare point
 clouds (S3DIS, users' scans).

@@ -12,7 +12,7 @@ never modified) and draws only from ``rng``, so a scene's augmentation is reprod
 from the generator it is handed (the pipeline derives it from (seed, epoch, scene)).
 
 Training chain (:func:`augment`, numbers from the released DKNet/PointGroup code,
-method.md section 0): centre on the mean -> jitter of the linear map (I + N(0, 0.1))
+docs/method.md section 1): centre on the mean -> jitter of the linear map (I + N(0, 0.1))
 -> x-flip (p = 0.5) -> rotation about z (uniform angle) -> elastic distortion, two passes
 (granularity 6 / 20 voxels, magnitude 40 / 160 voxels at the 2 cm reference voxel, i.e.
 0.12 m / 0.40 m and 0.8 m / 3.2 m; the released code scales both with the voxel size,

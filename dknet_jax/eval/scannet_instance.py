@@ -5,8 +5,8 @@ Place in the data flow: post-processed instance masks (per scene, in mesh-vertex
 intersections) -> ``compute()`` (greedy GT-first matching per IoU threshold and class, AP
 over the whole set) -> ``format_table`` / ``results_to_json``.
 
-Protocol (``evaluate_semantic_instance.py`` of the ScanNet benchmark, see the project's
-evaluation docs): 18 instance classes given by nyu40 ids; GT ids per vertex are
+Protocol (``evaluate_semantic_instance.py`` of the ScanNet benchmark, see
+docs/contracts.md section 6): 18 instance classes given by nyu40 ids; GT ids per vertex are
 ``nyu40 * 1000 + instance`` (every distinct non-zero id whose label is an instance class is
 one GT instance, including ``label * 1000``); GT instances and predictions with fewer than
 100 vertices are ignored / dropped; a match needs IoU strictly above the threshold

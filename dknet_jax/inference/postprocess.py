@@ -1,4 +1,4 @@
-"""Inference post-processing (paper Sec. 3.6 / method.md section 8): soft masks -> instances.
+"""Inference post-processing (paper Sec. 3.5, docs/method.md section 9): soft masks -> instances.
 
 Sits after the dynamic-conv mask head (soft masks ``M`` f32[K, N] for K instance slots over
 one scene's N points) and before evaluation / export. Jit-compiled on padded slots; for a

@@ -3,7 +3,7 @@
 Place in the data flow: ``sparse.voxelize`` -> :class:`Voxels` -> **SparseUNet** ->
 per-voxel features f32[V, 32] -> ``voxel_to_point`` -> point heads (``model/heads``).
 
-Architecture (method.md section 1, PointGroup): input submanifold conv 6 -> 32; levels of
+Architecture (docs/method.md section 2, PointGroup): input submanifold conv 6 -> 32; levels of
 widths 32, 64, ..., 224, each with ``blocks_per_level`` pre-activation residual blocks
 (BN -> ReLU -> subm conv3 -> BN -> ReLU -> subm conv3, plus a bias-free 1x1 projection on
 the skip when widths differ); between levels BN -> ReLU -> k2 s2 conv down and

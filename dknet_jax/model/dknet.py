@@ -1,4 +1,4 @@
-"""DKNet: the whole model wired from its stages (method.md sections 1-5).
+"""DKNet: the whole model wired from its stages (docs/method.md sections 1-7).
 
 Data flow of :meth:`DKNet.__call__` on one packed ``PointBatch`` of B scenes:
 voxelize -> sparse UNet -> per-point heads -> per-scene heatmap softmax -> candidate

@@ -1,4 +1,4 @@
-"""Point heads, aggregation MLPs, kernel MLP and mask-feature MLP (method.md sections 2, 4, 5).
+"""Point heads, aggregation MLPs, kernel MLP and mask-feature MLP (docs/method.md section 3).
 
 Data flow: backbone features ``F_p f32[N, D]`` -> this module -> semantic logits, offsets,
 heatmap logits (softmaxed per scene by :func:`scene_softmax`), reduced features

@@ -1,4 +1,4 @@
-"""Dynamic-convolution mask decoder: instance kernels -> mask logits (method.md 5, Eq. 3-4).
+"""Dynamic-convolution mask decoder: instance kernels -> mask logits (docs/method.md section 7).
 
 Data flow: kernels ``f32[K, L]`` (``PointHeads.kernels``), instance centroids ``C_k`` (from
 aggregation), mask features ``F_m f32[N, Cm]`` (``PointHeads``) -> :func:`decode_masks` ->

@@ -1,4 +1,5 @@
-"""Hungarian matching of predicted instances to GT instances (method.md 6, Eq. 5).
+"""Hungarian matching of predicted instances to GT instances (paper Eq. 5; docs/method.md
+section 8).
 
 Data flow: predicted instance slots (centroids ``C_k`` from aggregation, classes from
 :func:`majority_class` over the decoded masks, or :func:`class_from_counts` over

@@ -1,4 +1,4 @@
-"""Training targets from ground truth (method.md 2, 6).
+"""Training targets from ground truth (docs/method.md section 4).
 
 Data flow: ``PointBatch`` (GT ``instance`` ids are batch-global slots 0..G-1) ->
 :func:`compute_targets` -> per-instance centroids / boxes / counts and per-point offset and
@@ -80,7 +80,7 @@ class Targets:
 
 def compute_targets(batch: PointBatch, *, heat_alpha: float = 25.0,
                     radius_eps: float = 1e-4) -> Targets:
-    """Targets for a packed batch (method.md section 2).
+    """Targets for a packed batch (docs/method.md section 4).
 
     Heatmap target of an instance point: ``exp(-heat_alpha * d^2 / (r + radius_eps)^2)``, d
     = distance to its instance centroid, r = longest side of the instance's box (the eps,

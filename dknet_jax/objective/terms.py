@@ -8,7 +8,7 @@ recompiles the train step).
 
 Every term is a masked mean that returns 0 (not NaN) when nothing is counted.
 
-Formulas (method.md 2, 4, 6; the released code where the paper is silent):
+Formulas (docs/method.md section 8; the released code where the paper is silent):
 - semantic: CE over labelled valid points (ignore -100) + multi-class dice on softmax
   probabilities, V-Net form per class c over labelled points:
   ``1 - (2 sum p_c y_c + eps) / (sum p_c^2 + sum y_c^2 + eps)``, averaged over classes.
@@ -188,7 +188,8 @@ class LossTerms:
 
 
 def stage_gates(epoch: Array, *, heatmap_epoch: int, mask_epoch: int) -> LossTerms:
-    """0/1 f32 gates for the staged schedule (method.md 7), traced so stages never recompile.
+    """0/1 f32 gates for the staged schedule (docs/method.md section 8), traced so stages
+    never recompile.
 
     ``epoch`` (0-based, i32/f32 scalar, may be traced): semantic + offset always; center and
     aggregation once ``epoch >= heatmap_epoch``; mask once ``epoch >= mask_epoch``.

@@ -2,7 +2,7 @@
 
 Data flow: points -> ``voxelize`` -> ``hashing`` (kernel maps, inside jit) -> ``conv``
 (gather-GEMM-scatter, custom VJPs) -> backbone. ``functional`` holds the public
-plain-array ops of ``interfaces.md``.
+plain-array ops of ``docs/contracts.md`` section 1.
 """
 
 from dknet_jax.sparse.functional import inverse_conv3d, strided_conv3d, subm_conv3d

@@ -1,4 +1,4 @@
-"""Public sparse convolutions on plain, unpadded arrays (``interfaces.md``).
+"""Public sparse convolutions on plain, unpadded arrays (``docs/contracts.md`` section 1).
 
 Place in the data flow: a user-facing wrapper over ``hashing`` (kernel maps) and ``conv``
 (gather-GEMM-scatter); the model uses the padded engine directly (``model/backbone``).
