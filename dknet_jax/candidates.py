@@ -30,9 +30,8 @@ there; it costs (picks x N), about the pool loop's (picks x K) plus one pass ove
 the within-R graph in pool order. ``algorithm="sequential"`` finds it one pick per
 ``while_loop`` step; ``"rounds"`` decides every row whose earlier neighbours are decided in
 one K x K masked reduction per round (about 10 rounds on heatmap-like scenes, K at worst).
-Same result; ``"auto"`` picks sequential on CPU and rounds elsewhere. Measured on one H200
-(jax 0.11.2; B=4 scenes x 100k points, vmapped, N_max=200): pool 4096 sequential 5.4 ms,
-rounds 1.1-1.6 ms; on the 2-core CPU both take about 1.3 s.
+Same result; ``"auto"`` picks sequential on CPU and rounds elsewhere, the faster of the two
+on each (timings: ``docs/benchmarks.md``, "LN-NMS algorithms").
 
 Batched use: pass the flat packed arrays of B scenes and vmap over per-scene ``valid``
 masks (points of other scenes invalid): ``jax.vmap(ln_nms, in_axes=(None, None, 0))``.

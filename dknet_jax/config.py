@@ -94,9 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
     lo.mask_iou_threshold = 0.25
     lo.mask_iou_fallback = True  # no pair above the gate -> count all matched (released code)
     # epoch from which the gate applies; before it every matched pair counts. 0 = from the
-    # first mask epoch (released code); -1 = never. A gate from the start can starve the decoder:
-    # on the overfit check only the 2-5 pairs that overlapped by chance were ever trained
-    # and every kernel learned their mask (AP50 0.18; 0.955 with the gate off)
+    # first mask epoch (released code); -1 = never. A gate from the start can starve the
+    # decoder: only the few pairs that overlap by chance train it, and every kernel learns
+    # their mask (overfit check in docs/benchmarks.md, "Synthetic demo")
     lo.mask_iou_gate_epoch = 0
 
     # --- training -------------------------------------------------------------------

@@ -43,8 +43,9 @@ class PlyContents:
 
 
 def _read(path: str, known: dict) -> plyfile.PlyData:
-    # Memory-mapping with a known list length is ~100x faster on binary triangle meshes;
-    # plyfile checks every list length and raises on a polygon, and we fall back.
+    # Memory-mapping with a known list length skips plyfile's row-by-row parse of binary
+    # triangle meshes (docs/benchmarks.md, "Data preparation"); plyfile checks every list
+    # length and raises on a polygon, and we fall back.
     return plyfile.PlyData.read(path, mmap="c" if known else False, known_list_len=known)
 
 

@@ -44,7 +44,8 @@ def _with(sample: dict, **changes) -> dict:
 
 
 def _linear(sample: dict, matrix: np.ndarray) -> dict:
-    # einsum, not @: avoids BLAS thread start-up on [N, 3] x [3, 3] (3-7x faster here)
+    # einsum, not @: avoids BLAS thread start-up on [N, 3] x [3, 3] in a pipeline worker
+    # thread (docs/benchmarks.md, "Input pipeline")
     xyz = np.einsum("ni,ij->nj", sample["xyz"].astype(np.float64), matrix)
     return _with(sample, xyz=xyz.astype(np.float32))
 

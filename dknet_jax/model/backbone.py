@@ -192,16 +192,17 @@ class SparseUNet(nnx.Module):
       blocks_per_level: residual blocks per level on each side of the U.
       impl: sparse conv implementation, "auto" | "xla" | "pallas".
       level_capacity_ratio: capacity of level l+1 relative to level l, a float or one
-        value per level transition (surfaces at 2 cm keep ~0.3 of their voxels per
-        halving; 1.0 never overflows).
+        value per level transition (1.0 never overflows; room surfaces keep far fewer
+        voxels per halving, see the measured ratios in ``docs/benchmarks.md``, "Sparse
+        engine").
       min_level_capacity: lower bound of every level's capacity.
       pairs_per_voxel: tile capacity of the submanifold maps in neighbour pairs per
-        expected voxel (room-like sets have ~12-13 of 27), a float or one value per level
-        (coarse levels are denser: 4 cm synthetic rooms have ~5 at level 0, ~14 at 2).
-      expected_level_ratio: expected voxels of level l+1 per voxel of level l (~0.23 for
-        rooms at 2 cm); tiles hold ``pairs_per_voxel * V * ratio**l`` pairs at level l.
-        A level with more pairs falls back to the dense per-offset path (correct, ~2x
-        slower for that level), so both numbers trade speed, never correctness.
+        expected voxel (at most 27), a float or one value per level (coarse levels of a
+        room are denser than its finest level; measured counts in ``docs/benchmarks.md``).
+      expected_level_ratio: expected voxels of level l+1 per voxel of level l; tiles hold
+        ``pairs_per_voxel * V * ratio**l`` pairs at level l. A level with more pairs
+        falls back to the dense per-offset path (correct, slower for that level), so both
+        numbers trade speed, never correctness.
     """
 
     def __init__(

@@ -23,17 +23,10 @@ Memory: the points are processed in chunks of P (``lax.map`` / ``lax.scan``), an
 chunk's body is rematerialised (``jax.checkpoint``) so reverse mode keeps only per-chunk
 inputs. Peak intermediate per chunk: the hidden activations f32[K, P, H] = K*P*H*4 bytes
 (K = 200, P = 4096, H = 16: 52 MB) instead of K*N*H*4 = 3.2 GB for N = 250k unchunked.
-:func:`decode_masks` still returns f32[K, N] (191 MiB at K = 200, N = 250k);
-``objective.mask_loss`` never holds [K, N] at all.
-XLA temp buffers from ``jit(...).lower().compile().memory_analysis()`` on CPU (jax 0.10):
-
-    K=200, N=250k          decode_masks fwd   fwd+bwd
-      P=4096                   264 MiB         433 MiB
-      P=16384                  602 MiB        1041 MiB
-      P=N (unchunked)         6104 MiB       12416 MiB
-    grad of the mask loss, P=4096   decode_masks + losses.mask_loss   decoded_mask_loss
-      K=200, N=250k                        1186 MiB                        243 MiB
-      K=600, N=1M (4 scenes packed)       13892 MiB                        765 MiB
+:func:`decode_masks` still returns f32[K, N] (200 MB at K = 200, N = 250k);
+``objective.mask_loss`` never holds [K, N] at all, which is why training uses it
+(``config.model.chunked_mask_loss``). XLA's memory estimates for each variant and chunk
+size: ``docs/benchmarks.md``, "Mask decoder memory".
 """
 
 from __future__ import annotations

@@ -278,8 +278,9 @@ def subm_map(
     Args:
       coords: i32[V, 4] unique rows (b, x, y, z) among valid rows, any order.
       valid: bool[V] real rows.
-      pairs_per_voxel: tile capacity in existing pairs per row (a room at 2 cm has ~12
-        of 27); None builds no tiles (dense per-offset / Pallas path only).
+      pairs_per_voxel: tile capacity in existing pairs per row (of at most 27; measured
+        counts in docs/benchmarks.md); None builds no tiles (dense per-offset / Pallas
+        path only).
       tile_rows: tile height T (default from the capacity).
     Returns:
       SubmMap with nbr i32[V, 27] (sentinel V).
