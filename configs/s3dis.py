@@ -1,7 +1,8 @@
 """DKNet on S3DIS (Area 5 held out), paper settings: 5 cm voxels, 13 classes, every
 annotated object is an instance (so no "background" classes).
 
-  python scripts/prepare_s3dis.py --s3dis_root /data/Stanford3dDataset_v1.2_Aligned_Version --out data/s3dis
+  python scripts/prepare_s3dis.py \
+      --s3dis_root /data/Stanford3dDataset_v1.2_Aligned_Version --out data/s3dis
   python scripts/train.py --config=configs/s3dis.py --workdir work_dirs/s3dis
 
 Expected (paper, Area 5): mCov 64.7, mWCov 65.6, mPrec 70.8, mRec 65.3.

@@ -1,9 +1,9 @@
 """Shared command-line plumbing: one ``error: ...`` line and exit status 2 for user errors.
 
 Every script ends with ``run_absl(main)`` (absl scripts) or returns ``run_cli(_main, argv)``
-from its ``main`` (argparse scripts). A user error (a bad config key or value, a missing data folder,
-checkpoint or split, a malformed benchmark file, an output path that cannot be written)
-prints one line on stderr and exits 2; the traceback is shown only with ``--debug`` on the
+from its ``main`` (argparse scripts). A user error (a bad config key or value, a missing
+data folder, checkpoint or split, a malformed benchmark file, an output path that cannot be
+written) prints one line on stderr and exits 2; the traceback is shown only with ``--debug`` on the
 command line (removed before the script parses it) or ``DKNET_DEBUG=1`` in the
 environment. Any other exception is a bug and keeps its traceback.
 """

@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     # voxel capacity of UNet level l+1 / level l: one number for every level, or one per
     # level transition (1.0 never overflows; an overflowing batch is skipped with a warning)
     m.level_capacity_ratio = (0.5,)
-    m.expected_level_ratio = 0.3  # expected voxel ratio per level: sizes the conv tiles (speed only)
+    # expected voxel ratio per level: sizes the conv tiles (speed only)
+    m.expected_level_ratio = 0.3
     # conv tile capacity in neighbour pairs per expected voxel, one value or one per level
     # (speed only: a level with more pairs takes the slower per-offset path, same result)
     m.pairs_per_voxel = (14.0,)
@@ -126,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- kernels ----------------------------------------------------------------------
     c.kernels = k = ml_collections.ConfigDict()
-    k.impl = "auto"              # auto = xla for now (see sparse/conv.py AUTO_PALLAS_ON_GPU); pallas = opt in
+    # auto = xla for now (see sparse/conv.py AUTO_PALLAS_ON_GPU); pallas = opt in
+    k.impl = "auto"
 
     return c
 
@@ -147,7 +149,8 @@ def level_values(value) -> tuple[float, ...]:
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check a resolved config against the schema; raise `ConfigError` (a ValueError) naming the key.
+    """Check a resolved config against the schema; raise `ConfigError` (a ValueError) naming
+    the key.
 
     Unknown keys (typos such as ``model.candidate``) and impossible values are errors.
     """

@@ -5,10 +5,10 @@ Place in the data flow: a standalone measurement of the whole training path
 synthetic rooms, for ``docs/benchmarks.md`` ("Training step"). ``scripts/bench_infer.py``
 reuses its data and config helpers.
 
-    python scripts/bench_train.py                  # ScanNet config, batch 4, 8 ScanNet-sized rooms
-    python scripts/bench_train.py --quick          # synthetic config, small rooms, batch 2 (minutes on a CPU)
-    python scripts/bench_train.py --gpu_budget     # 4 rooms, 3 timed steps: ~2 minutes on a GPU
-    python scripts/bench_train.py --quick --compare_mask_loss   # + XLA memory of both mask losses
+    python scripts/bench_train.py               # ScanNet config, batch 4, 8 ScanNet-sized rooms
+    python scripts/bench_train.py --quick       # synthetic config, small rooms, batch 2 (CPU)
+    python scripts/bench_train.py --gpu_budget  # 4 rooms, 3 timed steps: ~2 minutes on a GPU
+    python scripts/bench_train.py --quick --compare_mask_loss  # + XLA memory of both losses
 
 Data: rooms come from ``dknet_jax.synthetic.generate_scene`` (room i drawn from
 ``default_rng([seed, i])``, as ``make_synthetic.py`` does) and are converted in memory to

@@ -8,8 +8,9 @@ Input: PLY (mesh or points, colour optional), .npz (xyz [+ rgb]) or .txt ``x y z
 in metres, z up. Writes ScanNet submission files, instance/semantic PLYs, a JSON summary
 and a PNG (see dknet_jax/predict.py). --subsample: infer a too-large scan on a subset.
 The submission list and masks are named by the scene id (--scene_id, else the input's
-``scene<4 digits>_<2 digits>`` prefix, else its stem with whitespace as ``_``); the other outputs by the
-input's stem. An output that would overwrite the input is an error (choose another --out).
+``scene<4 digits>_<2 digits>`` prefix, else its stem with whitespace as ``_``); the other
+outputs by the input's stem. An output that would overwrite the input is an error (choose
+another --out).
 """
 
 import sys
@@ -31,7 +32,8 @@ _SP = flags.DEFINE_enum("superpoints", "auto", ["auto", "none"],
 _SUB = flags.DEFINE_bool("subsample", False, "infer on a random subset when the scan "
                          "exceeds the largest point bucket")
 _SCENE = flags.DEFINE_string("scene_id", None, "names the ScanNet submission files "
-                             "(default: the input's scene<4 digits>_<2 digits> prefix, else its stem)")
+                             "(default: the input's scene<4 digits>_<2 digits> prefix, "
+                             "else its stem)")
 _VIEWER = flags.DEFINE_bool("viewer", False, "open an interactive browser viewer (needs viser)")
 _PORT = flags.DEFINE_integer("port", 8080, "viewer port")
 flags.mark_flags_as_required(["checkpoint", "input", "out"])

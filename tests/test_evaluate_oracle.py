@@ -1,14 +1,14 @@
 """Evaluation and prediction glue with an oracle model: GT in, AP 1.0 out.
 
 The network is replaced by an oracle model (same call and outputs as ``DKNet``, no
-parameters) that reads the GT labels of the batch: semantic logits = A * one-hot(GT class), one mask slot per GT
-instance with logit ``3 - n/100`` on the instance's n points and -6 elsewhere in its
-scene, plus one slot over the scene's wall points and one over its floor points (the
-proposals a real model makes there). Everything after the network is the real code:
-``make_predict_fn``, ``postprocess_batch`` (Otsu, coverage, superpoint vote, class, score, filters),
-``split_scenes``, the label mapping and the AP / mIoU evaluators of ``evaluate_split``, the
-benchmark files it writes; and for ``predict.predict_file`` the batching, the ordering by
-score and the submission files.
+parameters) that reads the GT labels of the batch: semantic logits = A * one-hot(GT
+class), one mask slot per GT instance with logit ``3 - n/100`` on the instance's n points
+and -6 elsewhere in its scene, plus one slot over the scene's wall points and one over its
+floor points (the proposals a real model makes there). Everything after the network is the
+real code: ``make_predict_fn``, ``postprocess_batch`` (Otsu, coverage, superpoint vote,
+class, score, filters), ``split_scenes``, the label mapping and the AP / mIoU evaluators of
+``evaluate_split``, the benchmark files it writes; and for ``predict.predict_file`` the
+batching, the ordering by score and the submission files.
 
 Hand-worked expectations:
 - oracle: AP = AP50 = AP25 = 1.0, mIoU 1.0; exactly one prediction per GT instance with
@@ -20,7 +20,8 @@ Hand-worked expectations:
   points (P, R) = (3/4, 1), (2/3, 2/3), (1/2, 1/3), (0, 0), artificial (1, 0); steps
   1/6, 1/3, 1/3, 0, 0: chair AP = 3/4 * 1/6 + 2/3 * 1/3 + 1/2 * 1/3 = 37/72 at every IoU
   threshold. Table: GT but no prediction -> 0. Bed, sofa, otherfurniture: 1. Mean over
-  the five classes with GT: (37/72 + 3) / 5. (Every mask scored 1 would give chair 3/4 * 1/2 + 1/2 = 7/8.)
+  the five classes with GT: (37/72 + 3) / 5. (Every mask scored 1 would give chair
+  3/4 * 1/2 + 1/2 = 7/8.)
 When the official ScanNet script is available, it is run on the written files and must
 give the same numbers.
 """

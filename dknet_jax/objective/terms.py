@@ -42,7 +42,9 @@ def _masked_mean(values: Array, mask: Array) -> Array:
 
 
 def cross_entropy(logits: Array, labels: Array, valid: Array | None = None) -> Array:
-    """Mean CE over rows with ``labels != -100`` (and ``valid``). logits f32[N, S], labels i32[N]."""
+    """Mean CE over rows with ``labels != -100`` (and ``valid``).
+
+    logits f32[N, S], labels i32[N]."""
     ok = labels != IGNORE_LABEL
     if valid is not None:
         ok = ok & valid
