@@ -15,8 +15,8 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.data.dataset = "scannet"
     c.data.root = "demo/prepared"
-    c.data.voxel_size = 0.04             # coarser than ScanNet's 2 cm: fast on a CPU
-    c.data.max_points = 16_000           # training crop per scene (rooms have 23k-40k)
+    c.data.voxel_size = 0.04  # coarser than ScanNet's 2 cm: fast on a CPU
+    c.data.max_points = 16_000  # training crop per scene (rooms have 23k-40k)
     c.data.batch_size = 2
     c.data.eval_batch_size = 2
     c.data.point_buckets = (32_768, 65_536)  # one training shape; eval adds at most one
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     # is linear in the slots (docs/benchmarks.md, "Synthetic demo")
     c.model.max_candidates = 150
     c.model.max_instances = 32
-    c.model.pool_size = 1024             # speed only: LN-NMS is exact at any pool size
+    c.model.pool_size = 1024  # speed only: LN-NMS is exact at any pool size
     c.model.mask_chunk = 8192
     # grouping at test time: chosen on 10 *training* rooms with the 20-minute model (best
     # AP50 of 0.5 / 0.7 / 0.9, docs/benchmarks.md, "Synthetic demo"); training keeps the

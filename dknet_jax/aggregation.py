@@ -132,8 +132,12 @@ def _context_jit(xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, ra
             bg_n + bg.sum(1),
         ), None
 
-    zeros = (jnp.zeros((k, d), feats.dtype), jnp.zeros((k, d), feats.dtype),
-             jnp.zeros((k,), feats.dtype), jnp.zeros((k,), feats.dtype))
+    zeros = (
+        jnp.zeros((k, d), feats.dtype),
+        jnp.zeros((k, d), feats.dtype),
+        jnp.zeros((k,), feats.dtype),
+        jnp.zeros((k,), feats.dtype),
+    )
     (fg_sum, bg_sum, fg_n, bg_n), _ = jax.lax.scan(step, zeros, xs)
     fg = fg_sum / jnp.maximum(fg_n, 1.0)[:, None]
     bg = bg_sum / jnp.maximum(bg_n, 1.0)[:, None]
@@ -185,7 +189,14 @@ def context_features(
         )
     chunk = int(max(1, min(int(chunk), n)))
     return _context_jit(
-        xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, radius=float(radius),
+        xyz,
+        feats,
+        sem_pred,
+        valid,
+        scene_id,
+        cand_idx,
+        cand_ok,
+        radius=float(radius),
         chunk=chunk,
     )
 
@@ -246,18 +257,22 @@ def compact_groups(group_ok, arrays, *, scenes: int, slots: int):
     m = group_ok.shape[0]
     k = m // scenes
     if k * scenes != m or not 0 < slots <= k:
-        raise ValueError(f"compact_groups: {m} slots are not {scenes} scenes of K slots, or "
-                         f"slots={slots} is not in [1, K]")
+        raise ValueError(
+            f"compact_groups: {m} slots are not {scenes} scenes of K slots, or "
+            f"slots={slots} is not in [1, K]"
+        )
     ok = group_ok.reshape(scenes, k)
     rank = jnp.cumsum(ok, axis=1) - 1
     keep = ok & (rank < slots)
     base = (jnp.arange(scenes, dtype=jnp.int32) * slots)[:, None]
     dest = jnp.where(keep, base + rank, scenes * slots).reshape(-1)  # out of range: dropped
-    source = jnp.full((scenes * slots,), m, jnp.int32).at[dest].set(
-        jnp.arange(m, dtype=jnp.int32), mode="drop")
+    source = (
+        jnp.full((scenes * slots,), m, jnp.int32)
+        .at[dest]
+        .set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+    )
     inst_ok = source < m
     safe = jnp.clip(source, 0, m - 1)
-    moved = [jnp.where(inst_ok.reshape((-1,) + (1,) * (a.ndim - 1)), a[safe], 0)
-             for a in arrays]
+    moved = [jnp.where(inst_ok.reshape((-1,) + (1,) * (a.ndim - 1)), a[safe], 0) for a in arrays]
     overflow = jnp.sum(ok, axis=1) > slots
     return moved, inst_ok, source, overflow

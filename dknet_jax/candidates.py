@@ -79,8 +79,7 @@ def _resolve_algorithm(algorithm: str) -> str:
         return "sequential" if jax.default_backend() == "cpu" else "rounds"
     if algorithm not in ALGORITHMS:
         raise ValueError(
-            f"candidate mining: algorithm must be 'auto' or one of {ALGORITHMS}, got "
-            f"{algorithm!r}"
+            f"candidate mining: algorithm must be 'auto' or one of {ALGORITHMS}, got {algorithm!r}"
         )
     return algorithm
 
@@ -126,8 +125,16 @@ def _greedy_pool(
     exhausted = decided & (n_found < m) & outside
     # Exact fallback: rerun the loop over the whole scene where the pool ran out. The loop
     # does no step where ``exhausted`` is False (and under vmap only those scenes step).
-    full_idx, full_ok = _scene_loop(xyz, score, valid, exhausted, radius=radius,
-                                    threshold=threshold, normalise=normalise, max_candidates=m)
+    full_idx, full_ok = _scene_loop(
+        xyz,
+        score,
+        valid,
+        exhausted,
+        radius=radius,
+        threshold=threshold,
+        normalise=normalise,
+        max_candidates=m,
+    )
     idx = jnp.where(exhausted, full_idx, idx)
     ok = jnp.where(exhausted, full_ok, ok)
     return idx, ok, exhausted
@@ -233,13 +240,27 @@ def _lfmis_rounds(adj, accept, pool_ok, m):
 )
 def _ln_nms_jit(xyz, score, valid, *, radius, threshold, max_candidates, pool_size, algorithm):
     return _greedy_pool(
-        xyz, score, valid, radius=radius, threshold=threshold, normalise=True,
-        max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
+        xyz,
+        score,
+        valid,
+        radius=radius,
+        threshold=threshold,
+        normalise=True,
+        max_candidates=max_candidates,
+        pool_size=pool_size,
+        algorithm=algorithm,
     )
 
 
 def ln_nms_with_info(
-    xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096,
+    xyz,
+    score,
+    valid,
+    *,
+    radius=0.3,
+    threshold=0.5,
+    max_candidates=200,
+    pool_size=4096,
     algorithm="auto",
 ) -> tuple[Array, Array, Array]:
     """LN-NMS (paper Sec. 3.3) plus the pool-exhaustion flag.
@@ -271,14 +292,26 @@ def ln_nms_with_info(
     _check_sizes(max_candidates, pool_size)
     xyz, score, valid = _check_inputs(xyz, score, valid)
     return _ln_nms_jit(
-        xyz, score, valid, radius=float(radius), threshold=float(threshold),
-        max_candidates=int(max_candidates), pool_size=int(pool_size),
+        xyz,
+        score,
+        valid,
+        radius=float(radius),
+        threshold=float(threshold),
+        max_candidates=int(max_candidates),
+        pool_size=int(pool_size),
         algorithm=_resolve_algorithm(algorithm),
     )
 
 
 def ln_nms(
-    xyz, score, valid, *, radius=0.3, threshold=0.5, max_candidates=200, pool_size=4096,
+    xyz,
+    score,
+    valid,
+    *,
+    radius=0.3,
+    threshold=0.5,
+    max_candidates=200,
+    pool_size=4096,
     algorithm="auto",
 ) -> tuple[Array, Array]:
     """LN-NMS candidate mining (public contract, docs/contracts.md section 2).
@@ -292,24 +325,42 @@ def ln_nms(
       ok: bool[max_candidates] filled slots.
     """
     idx, ok, _ = ln_nms_with_info(
-        xyz, score, valid, radius=radius, threshold=threshold,
-        max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
+        xyz,
+        score,
+        valid,
+        radius=radius,
+        threshold=threshold,
+        max_candidates=max_candidates,
+        pool_size=pool_size,
+        algorithm=algorithm,
     )
     return idx, ok
 
 
-@functools.partial(
-    jax.jit, static_argnames=("radius", "max_candidates", "pool_size", "algorithm")
-)
+@functools.partial(jax.jit, static_argnames=("radius", "max_candidates", "pool_size", "algorithm"))
 def _nms_jit(xyz, score, valid, *, radius, max_candidates, pool_size, algorithm):
     return _greedy_pool(
-        xyz, score, valid, radius=radius, threshold=0.0, normalise=False,
-        max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
+        xyz,
+        score,
+        valid,
+        radius=radius,
+        threshold=0.0,
+        normalise=False,
+        max_candidates=max_candidates,
+        pool_size=pool_size,
+        algorithm=algorithm,
     )
 
 
 def nms_with_info(
-    xyz, score, valid, *, radius=0.3, score_threshold=None, max_candidates=200, pool_size=4096,
+    xyz,
+    score,
+    valid,
+    *,
+    radius=0.3,
+    score_threshold=None,
+    max_candidates=200,
+    pool_size=4096,
     algorithm="auto",
 ) -> tuple[Array, Array, Array]:
     """Plain NMS (no local normalisation) plus the pool-exhaustion flag.
@@ -330,13 +381,25 @@ def nms_with_info(
     if score_threshold is not None:
         valid = valid & (score > jnp.float32(score_threshold))
     return _nms_jit(
-        xyz, score, valid, radius=float(radius), max_candidates=int(max_candidates),
-        pool_size=int(pool_size), algorithm=_resolve_algorithm(algorithm),
+        xyz,
+        score,
+        valid,
+        radius=float(radius),
+        max_candidates=int(max_candidates),
+        pool_size=int(pool_size),
+        algorithm=_resolve_algorithm(algorithm),
     )
 
 
 def nms(
-    xyz, score, valid, *, radius=0.3, score_threshold=None, max_candidates=200, pool_size=4096,
+    xyz,
+    score,
+    valid,
+    *,
+    radius=0.3,
+    score_threshold=None,
+    max_candidates=200,
+    pool_size=4096,
     algorithm="auto",
 ) -> tuple[Array, Array]:
     """Plain NMS candidate mining; `nms_with_info` without the flag.
@@ -344,8 +407,14 @@ def nms(
     Returns idx i32[max_candidates] (N in empty slots), ok bool[max_candidates].
     """
     idx, ok, _ = nms_with_info(
-        xyz, score, valid, radius=radius, score_threshold=score_threshold,
-        max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
+        xyz,
+        score,
+        valid,
+        radius=radius,
+        score_threshold=score_threshold,
+        max_candidates=max_candidates,
+        pool_size=pool_size,
+        algorithm=algorithm,
     )
     return idx, ok
 
@@ -395,7 +464,11 @@ def random_candidates(
             f"{valid.shape}"
         )
     return _random_jit(
-        key, score, valid, jnp.float32(threshold), max_candidates=int(max_candidates),
+        key,
+        score,
+        valid,
+        jnp.float32(threshold),
+        max_candidates=int(max_candidates),
         relative=bool(relative),
     )
 
@@ -430,21 +503,36 @@ def mine_candidates(
     """
     if method == "ln_nms":
         return ln_nms_with_info(
-            xyz, score, valid, radius=radius, threshold=threshold,
-            max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
+            xyz,
+            score,
+            valid,
+            radius=radius,
+            threshold=threshold,
+            max_candidates=max_candidates,
+            pool_size=pool_size,
+            algorithm=algorithm,
         )
     if method == "nms":
         return nms_with_info(
-            xyz, score, valid, radius=radius, score_threshold=score_threshold,
-            max_candidates=max_candidates, pool_size=pool_size, algorithm=algorithm,
+            xyz,
+            score,
+            valid,
+            radius=radius,
+            score_threshold=score_threshold,
+            max_candidates=max_candidates,
+            pool_size=pool_size,
+            algorithm=algorithm,
         )
     if method == "random":
         if key is None:
             raise ValueError("mine_candidates('random', ...) needs key=jax.random.key(...)")
         idx, ok = random_candidates(
-            key, score, valid, threshold=0.0 if score_threshold is None else score_threshold,
-            max_candidates=max_candidates, relative=relative,
+            key,
+            score,
+            valid,
+            threshold=0.0 if score_threshold is None else score_threshold,
+            max_candidates=max_candidates,
+            relative=relative,
         )
         return idx, ok, jnp.zeros((), bool)
     raise ValueError(f"mine_candidates: unknown method {method!r}; choose one of {METHODS}")
-

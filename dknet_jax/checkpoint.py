@@ -65,8 +65,11 @@ def _differences(want: dict, have: dict) -> list[str]:
     name = "/".join
     out = [f"{name(k)}: missing from the checkpoint" for k in want if k not in have]
     out += [f"{name(k)}: in the checkpoint but not in the model" for k in have if k not in want]
-    out += [f"{name(k)} has shape {have[k]} there but {want[k]} here"
-            for k in want if k in have and want[k] != have[k]]
+    out += [
+        f"{name(k)} has shape {have[k]} there but {want[k]} here"
+        for k in want
+        if k in have and want[k] != have[k]
+    ]
     return out
 
 
@@ -75,7 +78,8 @@ def _mismatch(where: str, diffs: list[str]) -> CheckpointMismatchError:
     return CheckpointMismatchError(
         f"checkpoint {where} does not match the network built from the config: "
         f"{diffs[0]}{more}; use the config it was trained with "
-        f"(--config=configs/<name>.py)")
+        f"(--config=configs/<name>.py)"
+    )
 
 
 def _aside(path: str, suffix: str) -> str:
@@ -96,12 +100,17 @@ class Checkpoints:
 
     def __init__(self, workdir: str, keep: int = 3):
         workdir = os.path.abspath(workdir)
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                            enable_async_checkpointing=False)
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        )
         self._latest = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=opts)
         best_opts = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False,
-            best_fn=lambda m: m["metric"], best_mode="max")
+            max_to_keep=1,
+            create=True,
+            enable_async_checkpointing=False,
+            best_fn=lambda m: m["metric"],
+            best_mode="max",
+        )
         best_dir = os.path.join(workdir, "best")
         _recover_replaced(best_dir)
         self._best = ocp.CheckpointManager(best_dir, options=best_opts)
@@ -112,12 +121,13 @@ class Checkpoints:
     def save(self, step: int, state: Any, meta: dict, metric: float | None = None) -> None:
         """Save ``state``/``meta`` at ``step``; with ``metric`` also offer it to ``best/``."""
         state = jax.device_get(state)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._latest.save(step, args=args, force=True)
         if metric is not None:
-            args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave({**meta, "metric": metric}))
+            args = ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({**meta, "metric": metric}),
+            )
             # a resumed run can reach a step that best/ already holds (from the run it
             # replaces): move the old one aside, save, then delete it (killed in between,
             # the next Checkpoints() puts it back if the new one is missing)
@@ -125,8 +135,11 @@ class Checkpoints:
             if step in self._best.all_steps():
                 old = _aside(os.path.join(str(self._best.directory), str(step)), ".replaced")
                 self._best.reload()
-                print(f"note: best/{step} from an earlier run is replaced by this run's "
-                      f"step {step}", file=sys.stderr, flush=True)
+                print(
+                    f"note: best/{step} from an earlier run is replaced by this run's step {step}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self._best.save(step, args=args, metrics={"metric": float(metric)}, force=True)
             self._best.wait_until_finished()
             if old is not None:
@@ -148,8 +161,12 @@ class Checkpoints:
         where = f"{mgr.directory}/{step}"
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            out = mgr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            out = mgr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - classified below, orbax's stack dropped
             raise self._classify(where, abstract, e) from None
         # orbax restores the saved shapes even when the target's differ (a changed config)
@@ -173,10 +190,10 @@ class Checkpoints:
         return CorruptCheckpointError(
             f"checkpoint {where} is corrupt or incomplete (a file is truncated or missing: "
             f"{type(err).__name__}: {reason}); delete or move that step folder aside and "
-            f"use an older step, or retrain")
+            f"use an older step, or retrain"
+        )
 
-    def restore_latest_readable(self, target: Any,
-                                log: Callable[[str], None] | None = None):
+    def restore_latest_readable(self, target: Any, log: Callable[[str], None] | None = None):
         """Resume: restore the newest readable step of ``checkpoints/``. Corrupt steps are
         renamed to ``checkpoints/<step>.corrupt`` (kept for inspection, ignored from then
         on) with a warning; a config mismatch is raised as is. Returns ``(state, meta)``;
@@ -192,12 +209,15 @@ class Checkpoints:
                 moved = _aside(path, ".corrupt")
                 self._latest.reload()
                 bad.append(moved)
-                log(f"warning: {e}\nwarning: moved it to {moved}; falling back to the "
-                    f"previous checkpoint")
+                log(
+                    f"warning: {e}\nwarning: moved it to {moved}; falling back to the "
+                    f"previous checkpoint"
+                )
         if bad:
             raise CorruptCheckpointError(
                 f"no readable checkpoint in {self._latest.directory}: all steps are corrupt "
-                f"(moved to {', '.join(bad)}); delete the work dir to train from scratch")
+                f"(moved to {', '.join(bad)}); delete the work dir to train from scratch"
+            )
         raise FileNotFoundError(f"no checkpoint in {self._latest.directory}")
 
     def close(self) -> None:
@@ -228,7 +248,8 @@ def find_checkpoint_dir(path: str) -> str:
         if os.path.isdir(os.path.join(cand, "checkpoints")):
             return cand
     raise FileNotFoundError(
-        f"no checkpoints found under {path!r}: pass the --workdir used by scripts/train.py")
+        f"no checkpoints found under {path!r}: pass the --workdir used by scripts/train.py"
+    )
 
 
 def resolve(path: str) -> tuple[str, bool, int | None]:
@@ -237,12 +258,17 @@ def resolve(path: str) -> tuple[str, bool, int | None]:
     path = os.path.abspath(path).rstrip(os.sep)
     step = None
     base, parent = os.path.basename(path), os.path.dirname(path)
-    if base.isdigit() and os.path.basename(parent) in ("checkpoints", "best") \
-            and os.path.isdir(parent):
+    if (
+        base.isdigit()
+        and os.path.basename(parent) in ("checkpoints", "best")
+        and os.path.isdir(parent)
+    ):
         step, path = int(base), parent
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (pass the --workdir of "
-                                f"scripts/train.py, or its checkpoints/ or best/ folder)")
+        raise FileNotFoundError(
+            f"checkpoint not found: {path} (pass the --workdir of "
+            f"scripts/train.py, or its checkpoints/ or best/ folder)"
+        )
     best = os.path.basename(path) == "best"
     workdir = os.path.dirname(path) if best else find_checkpoint_dir(path)
     return workdir, best, step
@@ -253,8 +279,9 @@ def list_steps(folder: str) -> list[int]:
     ``best/``); [] when it does not exist."""
     if not os.path.isdir(folder):
         return []
-    return sorted(int(d) for d in os.listdir(folder)
-                  if d.isdigit() and os.path.isdir(os.path.join(folder, d)))
+    return sorted(
+        int(d) for d in os.listdir(folder) if d.isdigit() and os.path.isdir(os.path.join(folder, d))
+    )
 
 
 def read_meta(folder: str, step: int) -> dict:
@@ -264,8 +291,10 @@ def read_meta(folder: str, step: int) -> dict:
     try:
         return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))
     except Exception as e:  # orbax raises several types for a missing/corrupt item
-        raise ValueError(f"cannot read the checkpoint meta {path} ({type(e).__name__}: "
-                         f"{e}); is this a work dir of scripts/train.py?") from e
+        raise ValueError(
+            f"cannot read the checkpoint meta {path} ({type(e).__name__}: "
+            f"{e}); is this a work dir of scripts/train.py?"
+        ) from e
 
 
 def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str, unknown: list) -> None:
@@ -286,8 +315,9 @@ def _merge(dst: ml_collections.ConfigDict, src: dict, prefix: str, unknown: list
             dst[key] = value
 
 
-def config_from_meta(meta: dict, log: Callable[[str], None] = print
-                     ) -> ml_collections.ConfigDict | None:
+def config_from_meta(
+    meta: dict, log: Callable[[str], None] = print
+) -> ml_collections.ConfigDict | None:
     """The training config saved in a checkpoint's meta (``meta["config"]``: the JSON of
     ``config.to_json_best_effort()``, or a dict), merged into ``base_config()`` so every
     field has its schema type; keys the schema no longer has are dropped with a note.
@@ -300,8 +330,10 @@ def config_from_meta(meta: dict, log: Callable[[str], None] = print
     unknown: list[str] = []
     _merge(config, values, "", unknown)
     if unknown:
-        log(f"note: checkpoint config keys not in this version's schema were ignored: "
-            f"{', '.join(unknown[:8])}")
+        log(
+            f"note: checkpoint config keys not in this version's schema were ignored: "
+            f"{', '.join(unknown[:8])}"
+        )
     return config
 
 
@@ -325,11 +357,13 @@ def restore_model(workdir: str, step: int, best: bool, params: Any, rest: Any):
         raise CorruptCheckpointError(
             f"checkpoint {where} is corrupt or incomplete (its metadata cannot be read: "
             f"{type(e).__name__}: {reason}); delete or move that step folder aside and "
-            f"use an older step, or retrain") from None
+            f"use an older step, or retrain"
+        ) from None
     ckpt = Checkpoints(workdir)
     try:
-        state, meta = ckpt.restore(train_state(params, rest, others["opt"], others["key"]),
-                                   step=step, best=best)
+        state, meta = ckpt.restore(
+            train_state(params, rest, others["opt"], others["key"]), step=step, best=best
+        )
     finally:
         ckpt.close()
     return state["params"], state["rest"], meta

@@ -28,10 +28,12 @@ class UserError(ValueError):
 
 # the project's user-error types, looked up only in modules already imported (an exception
 # of a module nobody imported cannot occur; importing dknet_jax.checkpoint would load JAX)
-_PROJECT_ERRORS = (("dknet_jax.checkpoint", "CheckpointError"),
-                   ("dknet_jax.data.dataset", "SceneError"),
-                   ("dknet_jax.data.preparation", "SettingsMismatch"),
-                   ("dknet_jax.eval.scannet_io", "BenchmarkFormatError"))
+_PROJECT_ERRORS = (
+    ("dknet_jax.checkpoint", "CheckpointError"),
+    ("dknet_jax.data.dataset", "SceneError"),
+    ("dknet_jax.data.preparation", "SettingsMismatch"),
+    ("dknet_jax.eval.scannet_io", "BenchmarkFormatError"),
+)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -51,8 +53,10 @@ def _debug_requested() -> bool:
 
 def _message(e: BaseException) -> str:
     if isinstance(e, UnicodeDecodeError):
-        return (f"a file that should be text is binary or not UTF-8 ({e.reason} at byte "
-                f"{e.start}); check the files passed")
+        return (
+            f"a file that should be text is binary or not UTF-8 ({e.reason} at byte "
+            f"{e.start}); check the files passed"
+        )
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         return f"{e.filename}: {e.strerror}"
     return " ".join(str(e).split()) or type(e).__name__  # one line
@@ -63,8 +67,7 @@ def _fail(e: BaseException, prefix: str = "") -> int:
     return EXIT_USER_ERROR
 
 
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None
-            ) -> int:
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """``main(argv)`` (an argparse main; None: the command line) as an exit status; a user
     error prints ``error: <message>`` and gives 2."""
     debug = _debug_requested()
@@ -109,17 +112,22 @@ def run_absl(main: Callable[[list[str]], int | None]) -> None:
         with contextlib.suppress(ValueError, SyntaxError):  # KeyError reprs its message
             msg = str(ast.literal_eval(msg)) if msg[:1] in "'\"" else msg
         msg = " ".join(msg.split())
-        unknown = re.match(r"'([^']+)'\s*(.*)", msg) if isinstance(e, (AttributeError,
-                                                                         KeyError)) else None
+        unknown = (
+            re.match(r"'([^']+)'\s*(.*)", msg)
+            if isinstance(e, (AttributeError, KeyError))
+            else None
+        )
         if unknown:  # ml_collections: "'candidate' Did you mean "candidates" ...?"
             key, hint = unknown.groups()
             culprit = [a for a in overrides if key in a.split("=")[0].split(".")] or overrides
-            print(f"error: unknown config key {key!r} in {' '.join(culprit)}"
-                  f"{'; ' + hint if hint else ''}; the keys are listed in dknet_jax/config.py",
-                  file=sys.stderr, flush=True)
+            print(
+                f"error: unknown config key {key!r} in {' '.join(culprit)}"
+                f"{'; ' + hint if hint else ''}; the keys are listed in dknet_jax/config.py",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
-            print(f"error: bad config ({' '.join(overrides)}): {msg}", file=sys.stderr,
-                  flush=True)
+            print(f"error: bad config ({' '.join(overrides)}): {msg}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
 
 
@@ -147,8 +155,7 @@ def prepare_output_dir(path: str, what: str = "--out") -> str:
 def prepare_output_file(path: str, what: str = "--out") -> str:
     """Check a file can be written at ``path`` (creating its folder), before any work."""
     if os.path.isdir(path):
-        raise UserError(f"{what} {path} is a folder; pass a file name (e.g. {path}/"
-                        f"results.json)")
+        raise UserError(f"{what} {path} is a folder; pass a file name (e.g. {path}/results.json)")
     prepare_output_dir(os.path.dirname(os.path.abspath(path)), what=f"{what} folder")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UserError(f"{what} {path} is not writable")

@@ -32,24 +32,24 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- data -----------------------------------------------------------------------
     c.data = d = ml_collections.ConfigDict()
-    d.dataset = "scannet"        # label space / metrics: scannet (20 classes) or s3dis (13)
-    d.root = "data/scannet"      # folder of prepared <scene>.npz files (prepare_*.py output)
-    d.train_split = "train"      # subfolder or split-list name under root
+    d.dataset = "scannet"  # label space / metrics: scannet (20 classes) or s3dis (13)
+    d.root = "data/scannet"  # folder of prepared <scene>.npz files (prepare_*.py output)
+    d.train_split = "train"  # subfolder or split-list name under root
     d.val_split = "val"
-    d.voxel_size = 0.02          # metres (S3DIS: 0.05)
-    d.max_points = 250_000       # training crop (docs/method.md section 1)
-    d.batch_size = 4             # scenes per step (global, split over devices)
+    d.voxel_size = 0.02  # metres (S3DIS: 0.05)
+    d.max_points = 250_000  # training crop (docs/method.md section 1)
+    d.batch_size = 4  # scenes per step (global, split over devices)
     d.eval_batch_size = 1
     d.point_buckets = (16_384, 32_768, 65_536, 131_072, 262_144, 524_288, 1_048_576)
     d.instance_buckets = (16, 32, 64, 128, 256)
-    d.augment = True             # jitter/flip/rotate/elastic in training (never at test)
+    d.augment = True  # jitter/flip/rotate/elastic in training (never at test)
     d.elastic = True
     d.color_noise = False
-    d.prefetch = 2               # batches prepared ahead by a background thread
+    d.prefetch = 2  # batches prepared ahead by a background thread
 
     # --- model ----------------------------------------------------------------------
     c.model = m = ml_collections.ConfigDict()
-    m.in_channels = 6            # rgb in [-1, 1] + xyz
+    m.in_channels = 6  # rgb in [-1, 1] + xyz
     m.widths = (32, 64, 96, 128, 160, 192, 224)
     m.blocks_per_level = 2
     # voxel capacity of UNet level l+1 / level l: one number for every level, or one per
@@ -61,25 +61,25 @@ def base_config() -> ml_collections.ConfigDict:
     # (speed only: a level with more pairs takes the slower per-offset path, same result)
     m.pairs_per_voxel = (14.0,)
     m.num_classes = 20
-    m.first_instance_class = 2   # semantic index >= this is an instance ("foreground") class
+    m.first_instance_class = 2  # semantic index >= this is an instance ("foreground") class
     m.head_width = 32
-    m.agg_dim = 16               # D' of the aggregation features
+    m.agg_dim = 16  # D' of the aggregation features
     m.kernel_hidden = 16
     m.mask_feat_dim = 16
-    m.candidates = "ln_nms"      # Table 4: ln_nms | nms | random
-    m.cand_radius = 0.3          # R (metres)
-    m.cand_threshold = 0.5       # T of LN-NMS
-    m.max_candidates = 150       # N_max (paper 200, code 150)
+    m.candidates = "ln_nms"  # Table 4: ln_nms | nms | random
+    m.cand_radius = 0.3  # R (metres)
+    m.cand_threshold = 0.5  # T of LN-NMS
+    m.max_candidates = 150  # N_max (paper 200, code 150)
     # instance slots per scene after merging (0 = max_candidates, the released code): the
     # mask decoder's cost is linear in it; a scene with more groups keeps the highest-heat
     # ones and is counted (train metric / diagnostic ``instance_overflow``)
     m.max_instances = 0
-    m.pool_size = 4096           # LN-NMS top-K pool (static)
+    m.pool_size = 4096  # LN-NMS top-K pool (static)
     m.random_cand_threshold = 0.1
-    m.aggregation = "full"       # Table 5: full | train_only | none
+    m.aggregation = "full"  # Table 5: full | train_only | none
     m.merge_threshold = 0.5
     m.kernel_from = "aggregate"  # Table 6: aggregate (weighted mean) | top | oracle
-    m.mask_chunk = 16_384        # points per chunk of the dynamic-conv decoder
+    m.mask_chunk = 16_384  # points per chunk of the dynamic-conv decoder
     # training: decode the masks chunk by chunk inside the mask loss (objective.mask_loss)
     # instead of holding the f32[M, N] logits; same loss, far less memory (False = dense)
     m.chunked_mask_loss = True
@@ -103,27 +103,27 @@ def base_config() -> ml_collections.ConfigDict:
     # --- training -------------------------------------------------------------------
     c.train = t = ml_collections.ConfigDict()
     t.epochs = 400
-    t.steps_per_epoch = 0        # 0 = len(train split) // batch_size
-    t.stage_heatmap_epoch = 80   # epochs [0, 80): semantic + offset only
-    t.stage_mask_epoch = 96      # from epoch 96 (the code's 97th) the mask loss joins
+    t.steps_per_epoch = 0  # 0 = len(train split) // batch_size
+    t.stage_heatmap_epoch = 80  # epochs [0, 80): semantic + offset only
+    t.stage_mask_epoch = 96  # from epoch 96 (the code's 97th) the mask loss joins
     t.lr = 1e-3
     t.weight_decay = 1e-4
     t.warmup_steps = 0
-    t.cosine_start_epoch = 200   # constant lr until here, then cosine to final_lr
+    t.cosine_start_epoch = 200  # constant lr until here, then cosine to final_lr
     t.final_lr = 1e-6
-    t.grad_clip = 0.0            # 0 = off; else global-norm clip
+    t.grad_clip = 0.0  # 0 = off; else global-norm clip
     t.log_every = 50
     t.eval_every_epochs = 16
     t.ckpt_every_steps = 500
     t.keep_checkpoints = 3
-    t.max_gt_instances = 0       # 0 = keep all GT instances (the code truncates to 80)
+    t.max_gt_instances = 0  # 0 = keep all GT instances (the code truncates to 80)
 
     # --- test-time thresholds (kept apart from training ones) --------------------------
     c.test = te = ml_collections.ConfigDict()
     te.score_threshold = 0.1
     te.min_points = 100
     te.use_superpoints = True
-    te.merge_threshold = 0.5     # merge-score threshold of the grouping at inference (released)
+    te.merge_threshold = 0.5  # merge-score threshold of the grouping at inference (released)
 
     # --- kernels ----------------------------------------------------------------------
     c.kernels = k = ml_collections.ConfigDict()
@@ -161,9 +161,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if value not in allowed:
             raise ConfigError(f"config.{key}={value!r} is not one of {allowed}")
     positive = (
-        "data.voxel_size", "data.max_points", "data.batch_size", "data.eval_batch_size",
-        "model.num_classes", "model.max_candidates", "model.pool_size", "model.cand_radius",
-        "model.mask_chunk", "train.epochs", "train.lr",
+        "data.voxel_size",
+        "data.max_points",
+        "data.batch_size",
+        "data.eval_batch_size",
+        "model.num_classes",
+        "model.max_candidates",
+        "model.pool_size",
+        "model.cand_radius",
+        "model.mask_chunk",
+        "train.epochs",
+        "train.lr",
     )
     for key in positive:
         if not _get(config, key) > 0:
@@ -175,14 +183,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 0 <= m.first_instance_class < m.num_classes:
         raise ConfigError("config.model.first_instance_class must be in [0, num_classes)")
     if not 0 <= m.max_instances <= m.max_candidates:
-        raise ConfigError(f"config.model.max_instances must be in [0, max_candidates="
-                         f"{m.max_candidates}] (0 = max_candidates), got {m.max_instances!r}")
+        raise ConfigError(
+            f"config.model.max_instances must be in [0, max_candidates="
+            f"{m.max_candidates}] (0 = max_candidates), got {m.max_instances!r}"
+        )
     if m.pool_size < m.max_candidates:
         raise ConfigError("config.model.pool_size must be >= config.model.max_candidates")
     gate = config.loss.mask_iou_gate_epoch
     if not isinstance(gate, int) or gate < -1:
-        raise ConfigError(f"config.loss.mask_iou_gate_epoch must be an epoch >= 0 or -1 "
-                         f"(never), got {gate!r}")
+        raise ConfigError(
+            f"config.loss.mask_iou_gate_epoch must be an epoch >= 0 or -1 (never), got {gate!r}"
+        )
     if not (0 <= t.stage_heatmap_epoch <= t.stage_mask_epoch):
         raise ConfigError("need 0 <= train.stage_heatmap_epoch <= train.stage_mask_epoch")
     if sorted(d.point_buckets) != list(d.point_buckets) or not d.point_buckets:
@@ -190,24 +201,30 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if max(d.point_buckets) < d.max_points:
         raise ConfigError(
             f"config.data.max_points={d.max_points} exceeds the largest point bucket "
-            f"{max(d.point_buckets)}; add a bucket or lower max_points")
+            f"{max(d.point_buckets)}; add a bucket or lower max_points"
+        )
     ratios = m.level_capacity_ratio
     ratios = level_values(ratios)
     if not all(0.0 < r <= 1.0 for r in ratios) or len(ratios) not in (1, len(m.widths) - 1):
-        raise ConfigError("config.model.level_capacity_ratio must be a number in (0, 1] or "
-                         "one per level transition (len(model.widths) - 1 numbers)")
+        raise ConfigError(
+            "config.model.level_capacity_ratio must be a number in (0, 1] or "
+            "one per level transition (len(model.widths) - 1 numbers)"
+        )
     ppv = m.pairs_per_voxel
     ppv = level_values(ppv)
     if len(ppv) not in (1, len(m.widths)) or not all(0.0 < x <= 27.0 for x in ppv):
-        raise ConfigError(f"config.model.pairs_per_voxel must be one number in (0, 27] or "
-                         f"{len(m.widths)} of them (one per level), got {ppv!r}")
+        raise ConfigError(
+            f"config.model.pairs_per_voxel must be one number in (0, 27] or "
+            f"{len(m.widths)} of them (one per level), got {ppv!r}"
+        )
     if not 0.0 < m.expected_level_ratio <= 1.0:
         raise ConfigError("config.model.expected_level_ratio must be in (0, 1]")
     if len(m.widths) < 2:
         raise ConfigError("config.model.widths needs at least two levels")
     if not isinstance(m.chunked_mask_loss, bool):
-        raise ConfigError(f"config.model.chunked_mask_loss must be True or False, got "
-                         f"{m.chunked_mask_loss!r}")
+        raise ConfigError(
+            f"config.model.chunked_mask_loss must be True or False, got {m.chunked_mask_loss!r}"
+        )
     return config
 
 

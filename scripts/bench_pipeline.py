@@ -41,12 +41,13 @@ def room(n, seed):
         sem.append(np.full(m, rng.integers(2, 20)))
     xyz = np.concatenate(parts).astype(np.float32)
     cell = np.floor(xyz / 0.25).astype(np.int64)
-    return {"xyz": xyz + np.float32(rng.uniform(-3, 3)),
-            "rgb": rng.integers(0, 256, (n, 3)).astype(np.uint8),
-            "semantic": np.concatenate(sem).astype(np.int32),
-            "instance": np.concatenate(inst).astype(np.int32),
-            "superpoint": np.unique(cell, axis=0, return_inverse=True)[1].reshape(-1)
-            .astype(np.int32)}
+    return {
+        "xyz": xyz + np.float32(rng.uniform(-3, 3)),
+        "rgb": rng.integers(0, 256, (n, 3)).astype(np.uint8),
+        "semantic": np.concatenate(sem).astype(np.int32),
+        "instance": np.concatenate(inst).astype(np.int32),
+        "superpoint": np.unique(cell, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int32),
+    }
 
 
 def timed(it, batches):
@@ -73,23 +74,35 @@ def main():
             for i in range(args.scenes):
                 np.savez(os.path.join(tmp, f"scene{i:04d}_00.npz"), **room(150_000, i))
         paths = list_scenes(args.data or tmp)
-        common = dict(voxel_size=cfg.voxel_size, num_classes=20, buckets=ladder,
-                      instance_buckets=cfg.instance_buckets)
+        common = dict(
+            voxel_size=cfg.voxel_size,
+            num_classes=20,
+            buckets=ladder,
+            instance_buckets=cfg.instance_buckets,
+        )
         aug = AugmentConfig.for_voxel_size(cfg.voxel_size, max_points=cfg.max_points)
         for workers in (0, 1, 2):
-            it = TrainIterator(paths, batch_size=4, seed=0, augment_config=aug,
-                               num_workers=workers, prefetch=4, **common)
+            it = TrainIterator(
+                paths,
+                batch_size=4,
+                seed=0,
+                augment_config=aug,
+                num_workers=workers,
+                prefetch=4,
+                **common,
+            )
             bps, cpu = timed(it, args.batches)
             it.close()
             extra = f"  ({cpu:.2f} CPU-s per batch)" if workers == 0 else ""
-            print(f"train  batch 4  workers={workers}: {bps:.2f} batches/s  "
-                  f"{4 * bps:.2f} scenes/s{extra}")
+            print(
+                f"train  batch 4  workers={workers}: {bps:.2f} batches/s  "
+                f"{4 * bps:.2f} scenes/s{extra}"
+            )
         ev = EvalIterator(paths, batch_size=4, num_workers=2, **common)
         t = time.perf_counter()
         n = sum(1 for _ in ev)
         dt = time.perf_counter() - t
-        print(f"eval   batch<=4 workers=2: {n / dt:.2f} batches/s  {len(paths) / dt:.2f} "
-              f"scenes/s")
+        print(f"eval   batch<=4 workers=2: {n / dt:.2f} batches/s  {len(paths) / dt:.2f} scenes/s")
 
     # distinct (N, G) shapes over 200 ScanNet-like scenes (sizes: lognormal, median 140k,
     # 20k..550k; instances ~ Poisson(18) scaled by size), after the 250k training crop
@@ -97,19 +110,24 @@ def main():
     sizes = np.clip(rng.lognormal(np.log(140_000), 0.45, 200), 20_000, 550_000).astype(int)
     kinds = np.maximum(rng.poisson(18 * sizes / 140_000), 1)
     sizes = np.minimum(sizes, cfg.max_points)
-    for name, buckets in (("config.data.point_buckets (x2)", cfg.point_buckets),
-                          ("make_ladder x{1, 1.5}", ladder)):
+    for name, buckets in (
+        ("config.data.point_buckets (x2)", cfg.point_buckets),
+        ("make_ladder x{1, 1.5}", ladder),
+    ):
         shapes, fill = set(), []
         for epoch in range(3):
             order = np.random.default_rng(epoch).permutation(200)
             for s in range(0, 200, 4):
-                idx = order[s:s + 4]
-                nc, gc = batch_capacities(sizes[idx], kinds[idx], buckets=buckets,
-                                          instance_buckets=cfg.instance_buckets)
+                idx = order[s : s + 4]
+                nc, gc = batch_capacities(
+                    sizes[idx], kinds[idx], buckets=buckets, instance_buckets=cfg.instance_buckets
+                )
                 shapes.add((nc, gc))
                 fill.append(sizes[idx].sum() / nc)
-        print(f"shapes over 200 scenes x 3 shuffles, {name}: {len(shapes)} distinct "
-              f"{sorted(shapes)}; mean fill {np.mean(fill):.2f}")
+        print(
+            f"shapes over 200 scenes x 3 shuffles, {name}: {len(shapes)} distinct "
+            f"{sorted(shapes)}; mean fill {np.mean(fill):.2f}"
+        )
 
 
 if __name__ == "__main__":

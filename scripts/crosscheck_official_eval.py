@@ -40,7 +40,9 @@ def load_official(ref: str):
     bench = os.path.join(ref, "BenchmarkScripts")
     script = os.path.join(bench, "3d_evaluation", "evaluate_semantic_instance.py")
     if not os.path.isfile(script):
-        raise FileNotFoundError(f"{script} not found; --ref must be the scannet_official_eval folder")
+        raise FileNotFoundError(
+            f"{script} not found; --ref must be the scannet_official_eval folder"
+        )
     saved_path, saved_argv, saved_mods = list(sys.path), sys.argv, set(sys.modules)
     for dep in ("imageio", "plyfile"):
         if importlib.util.find_spec(dep) is None:
@@ -65,7 +67,8 @@ def official_ap(mod, gt_dir: str, pred_dir: str) -> tuple[np.ndarray, int]:
     matches = {}
     for n in names:
         gt2pred, pred2gt = mod.assign_instances_for_scan(
-            os.path.join(pred_dir, n), os.path.join(gt_dir, n), pred_dir)
+            os.path.join(pred_dir, n), os.path.join(gt_dir, n), pred_dir
+        )
         matches[os.path.abspath(os.path.join(gt_dir, n))] = {"gt": gt2pred, "pred": pred2gt}
     try:
         return mod.evaluate_matches(matches)[0], 0
@@ -110,9 +113,19 @@ def make_trial(rng: np.random.Generator, root: str) -> None:
         pos, inst = 0, 1
         gts = []  # (vertex indices, label)
         while pos < n:
-            size = int(rng.choice([rng.integers(20, 99), 99, 100, 101, rng.integers(100, 400),
-                                   rng.integers(100, 400)]))
-            idx = perm[pos:pos + size]
+            size = int(
+                rng.choice(
+                    [
+                        rng.integers(20, 99),
+                        99,
+                        100,
+                        101,
+                        rng.integers(100, 400),
+                        rng.integers(100, 400),
+                    ]
+                )
+            )
+            idx = perm[pos : pos + size]
             pos += size
             kind = rng.random()
             if kind < 0.55:
@@ -166,8 +179,11 @@ def make_trial(rng: np.random.Generator, root: str) -> None:
             else:  # random blob
                 mask[rng.choice(n, size=int(rng.integers(50, 400)), replace=False)] = True
             u = rng.random()
-            plab = lab if u < 0.7 else (int(rng.choice(classes)) if u < 0.9
-                                        else int(rng.choice([1, 2, 13, 40, 3])))
+            plab = (
+                lab
+                if u < 0.7
+                else (int(rng.choice(classes)) if u < 0.9 else int(rng.choice([1, 2, 13, 40, 3])))
+            )
             conf = float(rng.choice(conf_pool)) if rng.random() < 0.4 else float(rng.random())
             name = f"masks/{scene}_{k:03d}.txt"
             _write_ids(os.path.join(pred_dir, name), mask.astype(np.int64))
@@ -197,7 +213,15 @@ def crosscheck(ref_dir: str, trials: int, seed: int = 0, tol: float = 1e-6) -> d
     """
     mod = load_official(os.path.abspath(ref_dir))
     rng = np.random.default_rng(seed)
-    max_diff, compared, crash_trials, crash_cells, nan_cells, cells, mid_cells = 0.0, 0, 0, 0, 0, 0, 0
+    max_diff, compared, crash_trials, crash_cells, nan_cells, cells, mid_cells = (
+        0.0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     for t in range(trials):
         with tempfile.TemporaryDirectory() as root:
             make_trial(rng, root)
@@ -232,11 +256,21 @@ def crosscheck(ref_dir: str, trials: int, seed: int = 0, tol: float = 1e-6) -> d
                 diff = max(diff, abs(float(a) - float(b)))
         if diff > tol:
             bad = np.argwhere(np.abs(np.nan_to_num(ref - ours)) > tol)
-            raise AssertionError(f"trial {t}: AP differs by {diff} at (class, overlap) "
-                                 f"{bad[:5].tolist()} with overlaps {OVERLAPS.tolist()}")
+            raise AssertionError(
+                f"trial {t}: AP differs by {diff} at (class, overlap) "
+                f"{bad[:5].tolist()} with overlaps {OVERLAPS.tolist()}"
+            )
         max_diff = max(max_diff, diff)
-    return dict(trials=trials, compared=compared, cells=cells, nan_cells=nan_cells, mid_cells=mid_cells,
-                crash_trials=crash_trials, crash_cells=crash_cells, max_diff=max_diff)
+    return dict(
+        trials=trials,
+        compared=compared,
+        cells=cells,
+        nan_cells=nan_cells,
+        mid_cells=mid_cells,
+        crash_trials=crash_trials,
+        crash_cells=crash_cells,
+        max_diff=max_diff,
+    )
 
 
 def main():
@@ -250,11 +284,13 @@ def main():
         r = crosscheck(args.ref, args.trials, args.seed, args.tol)
     except (AssertionError, FileNotFoundError) as e:
         sys.exit(f"FAILED: {e}")
-    print(f"{r['trials']} trials ({r['compared']} with prediction files), {r['cells']} AP "
-          f"cells ({r['nan_cells']} NaN, {r['mid_cells']} strictly between 0 and 1); the "
-          f"official script crashed on an empty curve in {r['crash_trials']} trials "
-          f"({r['crash_cells']} cells, ours 0 there); max |official - ours| = "
-          f"{r['max_diff']:.3g}")
+    print(
+        f"{r['trials']} trials ({r['compared']} with prediction files), {r['cells']} AP "
+        f"cells ({r['nan_cells']} NaN, {r['mid_cells']} strictly between 0 and 1); the "
+        f"official script crashed on an empty curve in {r['crash_trials']} trials "
+        f"({r['crash_cells']} cells, ours 0 there); max |official - ours| = "
+        f"{r['max_diff']:.3g}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint op at INFO
     out = _OUT.value or os.path.join(_CKPT.value, f"eval_{_SPLIT.value}")
-    evaluate_checkpoint(_CONFIG.value, _CKPT.value, split=_SPLIT.value, out_dir=out,
-                        best=_BEST.value)
+    evaluate_checkpoint(
+        _CONFIG.value, _CKPT.value, split=_SPLIT.value, out_dir=out, best=_BEST.value
+    )
     return 0
 
 

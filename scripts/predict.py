@@ -22,18 +22,29 @@ from ml_collections import config_flags
 from dknet_jax.cli import prepare_output_dir, run_absl
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "config file; default: the config saved with the checkpoint")
-_CKPT = flags.DEFINE_string("checkpoint", None, "training work dir (or its best/ or "
-                            "checkpoints/ folder)")
+    "config", None, "config file; default: the config saved with the checkpoint"
+)
+_CKPT = flags.DEFINE_string(
+    "checkpoint", None, "training work dir (or its best/ or checkpoints/ folder)"
+)
 _INPUT = flags.DEFINE_string("input", None, "scan file: .ply, .npz or .txt")
 _OUT = flags.DEFINE_string("out", None, "output folder")
-_SP = flags.DEFINE_enum("superpoints", "auto", ["auto", "none"],
-                        "auto: compute superpoints for the vote; none: skip the vote")
-_SUB = flags.DEFINE_bool("subsample", False, "infer on a random subset when the scan "
-                         "exceeds the largest point bucket")
-_SCENE = flags.DEFINE_string("scene_id", None, "names the ScanNet submission files "
-                             "(default: the input's scene<4 digits>_<2 digits> prefix, "
-                             "else its stem)")
+_SP = flags.DEFINE_enum(
+    "superpoints",
+    "auto",
+    ["auto", "none"],
+    "auto: compute superpoints for the vote; none: skip the vote",
+)
+_SUB = flags.DEFINE_bool(
+    "subsample", False, "infer on a random subset when the scan exceeds the largest point bucket"
+)
+_SCENE = flags.DEFINE_string(
+    "scene_id",
+    None,
+    "names the ScanNet submission files "
+    "(default: the input's scene<4 digits>_<2 digits> prefix, "
+    "else its stem)",
+)
 _VIEWER = flags.DEFINE_bool("viewer", False, "open an interactive browser viewer (needs viser)")
 _PORT = flags.DEFINE_integer("port", 8080, "viewer port")
 flags.mark_flags_as_required(["checkpoint", "input", "out"])
@@ -48,9 +59,15 @@ def main(argv):
     from dknet_jax.inference.scan import predict_file, show_viewer
 
     try:
-        out = predict_file(_CKPT.value, _INPUT.value, _OUT.value, config=_CONFIG.value,
-                           superpoints=_SP.value, subsample=_SUB.value,
-                           scene_id=_SCENE.value)
+        out = predict_file(
+            _CKPT.value,
+            _INPUT.value,
+            _OUT.value,
+            config=_CONFIG.value,
+            superpoints=_SP.value,
+            subsample=_SUB.value,
+            scene_id=_SCENE.value,
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

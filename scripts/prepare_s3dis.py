@@ -35,10 +35,18 @@ def _main(argv=None) -> int:
     args = ap.parse_args(argv)
     check_input_dir(args.s3dis_root, "--s3dis_root")
     prepare_output_dir(args.out)
-    s = prepare_s3dis(args.s3dis_root, args.out, areas=args.areas, test_area=args.test_area,
-                      workers=args.workers, overwrite=args.overwrite,
-                      voxel_size=args.voxel_size, k=args.k, k_thresh=args.k_thresh,
-                      seg_min_verts=args.seg_min_verts)
+    s = prepare_s3dis(
+        args.s3dis_root,
+        args.out,
+        areas=args.areas,
+        test_area=args.test_area,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        voxel_size=args.voxel_size,
+        k=args.k,
+        k_thresh=args.k_thresh,
+        seg_min_verts=args.seg_min_verts,
+    )
     return s.report(args.out)
 
 

@@ -32,8 +32,14 @@ def _main(argv=None) -> int:
     args = ap.parse_args(argv)
     check_input_dir(args.scannet_root, "--scannet_root")
     prepare_output_dir(args.out)
-    s = prepare_scannet(args.scannet_root, args.out, split_dir=args.split_dir,
-                        scenes=args.scenes, workers=args.workers, overwrite=args.overwrite)
+    s = prepare_scannet(
+        args.scannet_root,
+        args.out,
+        split_dir=args.split_dir,
+        scenes=args.scenes,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
     return s.report(args.out)
 
 

@@ -12,8 +12,9 @@ from ml_collections import config_flags
 from dknet_jax.cli import run_absl
 from dknet_jax.training.train import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (get_config())",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file (get_config())", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -107,17 +107,30 @@ def test_context_features_vs_brute_force():
     cand = rng.choice(n, k, replace=False).astype(np.int32)
     cand_ok = rng.uniform(size=k) < 0.8
     fg, bg, cnt = aggregation.context_features(
-        xyz, feats, sem, valid, scene, cand, cand_ok, radius=r, chunk=64)
+        xyz, feats, sem, valid, scene, cand, cand_ok, radius=r, chunk=64
+    )
     fg, bg, cnt = map(np.asarray, (fg, bg, cnt))
     members = {}  # slot -> (fg rows, bg rows), for the gradient check below
     for c in range(k):
         p = cand[c]
         want_fg, want_bg, n_fg = np.zeros(d), np.zeros(d), 0
         if cand_ok[c]:
-            f_rows = [q for q in range(n) if valid[q] and scene[q] == scene[p]
-                      and sem[q] == sem[p] and np.sum((xyz[q] - xyz[p]) ** 2) <= r * r]
-            b_rows = [q for q in range(n) if valid[q] and scene[q] == scene[p]
-                      and sem[q] != sem[p] and np.sum((xyz[q] - xyz[p]) ** 2) <= 4 * r * r]
+            f_rows = [
+                q
+                for q in range(n)
+                if valid[q]
+                and scene[q] == scene[p]
+                and sem[q] == sem[p]
+                and np.sum((xyz[q] - xyz[p]) ** 2) <= r * r
+            ]
+            b_rows = [
+                q
+                for q in range(n)
+                if valid[q]
+                and scene[q] == scene[p]
+                and sem[q] != sem[p]
+                and np.sum((xyz[q] - xyz[p]) ** 2) <= 4 * r * r
+            ]
             n_fg = len(f_rows)
             members[c] = (f_rows, b_rows)
             if f_rows:
@@ -137,7 +150,8 @@ def test_context_features_vs_brute_force():
 
     def weighted(f):
         fg_, bg_, _ = aggregation.context_features(
-            xyz, f, sem, valid, scene, cand, cand_ok, radius=r, chunk=64)
+            xyz, f, sem, valid, scene, cand, cand_ok, radius=r, chunk=64
+        )
         return (fg_ * u).sum() + (bg_ * v).sum()
 
     g = np.asarray(jax.grad(weighted)(feats))
@@ -178,13 +192,13 @@ def test_compact_groups_against_a_loop():
     rng = np.random.default_rng(7)
     scenes, k, slots = 3, 9, 4
     group_ok = rng.uniform(size=scenes * k) < 0.5
-    group_ok[2 * k:] = False  # scene 2 has no group
+    group_ok[2 * k :] = False  # scene 2 has no group
     group_ok[:k] = True  # scene 0 has more groups than slots
     feat = rng.normal(size=(scenes * k, 5)).astype(np.float32)
     pos = rng.normal(size=(scenes * k, 3)).astype(np.float32)
     (f, p), ok, source, overflow = aggregation.compact_groups(
-        np.asarray(group_ok), (np.asarray(feat), np.asarray(pos)), scenes=scenes,
-        slots=slots)
+        np.asarray(group_ok), (np.asarray(feat), np.asarray(pos)), scenes=scenes, slots=slots
+    )
     want_f = np.zeros((scenes * slots, 5), np.float32)
     want_p = np.zeros((scenes * slots, 3), np.float32)
     want_src = np.full(scenes * slots, scenes * k)
@@ -197,8 +211,9 @@ def test_compact_groups_against_a_loop():
     np.testing.assert_array_equal(np.asarray(ok), want_src < scenes * k)
     np.testing.assert_array_equal(np.asarray(f), want_f)
     np.testing.assert_array_equal(np.asarray(p), want_p)
-    want_over = [sum(group_ok[s * k:(s + 1) * k]) > slots for s in range(scenes)]
+    want_over = [sum(group_ok[s * k : (s + 1) * k]) > slots for s in range(scenes)]
     assert np.asarray(overflow).tolist() == want_over and want_over[0]
     with pytest.raises(ValueError, match="slots"):
-        aggregation.compact_groups(np.asarray(group_ok), (np.asarray(feat),), scenes=scenes,
-                           slots=k + 1)
+        aggregation.compact_groups(
+            np.asarray(group_ok), (np.asarray(feat),), scenes=scenes, slots=k + 1
+        )

@@ -209,8 +209,9 @@ def test_pairs_per_voxel_per_level_changes_speed_not_result():
     # Level 0 with tiles for 1 pair per voxel cannot hold a room's ~6-12: it takes the
     # per-offset fallback, the other levels get roomy tiles. Same output and gradients.
     ppv = (1.0,) + (27.0,) * (len(WIDTHS) - 1)
-    net = SparseUNet(6, WIDTHS, 1, impl="xla", level_capacity_ratio=0.75,
-                     pairs_per_voxel=ppv, rngs=nnx.Rngs(0))
+    net = SparseUNet(
+        6, WIDTHS, 1, impl="xla", level_capacity_ratio=0.75, pairs_per_voxel=ppv, rngs=nnx.Rngs(0)
+    )
     graph, params, rest = nnx.split(net, nnx.Param, ...)
     args = _scene(1)
 
@@ -222,6 +223,7 @@ def test_pairs_per_voxel_per_level_changes_speed_not_result():
             maps = m.kernel_maps(v)
             out = m(v, train=True)
             return jnp.sum(jnp.where(v.valid[:, None], out, 0) ** 2), (out, maps[0].subm.tiles.ok)
+
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     (lval, (out, ok0)), grads = run(params, *args)

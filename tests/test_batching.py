@@ -29,7 +29,13 @@ def scene(n, seed, inst_ids=(0, 1, 2), name=None):
 
 def test_ladder_and_bucket_for():
     assert make_ladder(1000, 5000, factors=(1.0, 1.5), multiple=256) == (
-        1024, 1536, 2048, 3072, 4096, 6144)
+        1024,
+        1536,
+        2048,
+        3072,
+        4096,
+        6144,
+    )
     assert make_ladder(16, 100, factors=(1.0,), multiple=16) == (16, 32, 64, 128)
     assert bucket_for(1, (4, 8)) == 4
     assert bucket_for(4, (8, 4)) == 4
@@ -45,8 +51,14 @@ def test_pack_batch_layout_against_direct_construction():
     b = scene(30, 2, inst_ids=(0, 1, 2))
     c = scene(20, 3, inst_ids=())  # no instances
     samples = [a, b, c]
-    batch = pack_batch(samples, buckets=(64, 128, 256), instance_buckets=(4, 8, 16),
-                       num_classes=S, voxel_size=0.1, batch_size=4)
+    batch = pack_batch(
+        samples,
+        buckets=(64, 128, 256),
+        instance_buckets=(4, 8, 16),
+        num_classes=S,
+        voxel_size=0.1,
+        batch_size=4,
+    )
     assert batch_shape(batch) == (4, 128, 8)
     np.testing.assert_array_equal(batch.scene_valid, [True, True, True, False])
     row = 0
@@ -65,8 +77,7 @@ def test_pack_batch_layout_against_direct_construction():
         assert batch.valid[rows].all()
         # instance ids: old ids in increasing order -> offset + 0, 1, ...
         old_ids = sorted(set(s["instance"][s["instance"] >= 0].tolist()))
-        expect = np.array([inst_off + old_ids.index(v) if v >= 0 else -100
-                           for v in s["instance"]])
+        expect = np.array([inst_off + old_ids.index(v) if v >= 0 else -100 for v in s["instance"]])
         np.testing.assert_array_equal(batch.instance[rows], expect)
         for j, old in enumerate(old_ids):
             slot = inst_off + j
@@ -77,7 +88,8 @@ def test_pack_batch_layout_against_direct_construction():
         # superpoints: compact per scene, then offset
         sp_old = sorted(set(s["superpoint"].tolist()))
         np.testing.assert_array_equal(
-            batch.superpoint[rows], [sp_off + sp_old.index(v) for v in s["superpoint"]])
+            batch.superpoint[rows], [sp_off + sp_old.index(v) for v in s["superpoint"]]
+        )
         row += n
         inst_off += len(old_ids)
         sp_off += len(sp_old)
@@ -90,19 +102,26 @@ def test_pack_batch_layout_against_direct_construction():
     assert inst_off == 5
     assert not batch.instance_valid[5:].any()
     assert (batch.instance_class[5:] == -100).all() and (batch.instance_batch[5:] == 4).all()
-    dtypes = {k: getattr(batch, k).dtype for k in ("xyz", "feats", "vox", "batch_id",
-                                                    "semantic", "instance", "superpoint")}
-    assert dtypes == {"xyz": np.float32, "feats": np.float32, "vox": np.int32,
-                      "batch_id": np.int32, "semantic": np.int32, "instance": np.int32,
-                      "superpoint": np.int32}
+    dtypes = {
+        k: getattr(batch, k).dtype
+        for k in ("xyz", "feats", "vox", "batch_id", "semantic", "instance", "superpoint")
+    }
+    assert dtypes == {
+        "xyz": np.float32,
+        "feats": np.float32,
+        "vox": np.int32,
+        "batch_id": np.int32,
+        "semantic": np.int32,
+        "instance": np.int32,
+        "superpoint": np.int32,
+    }
 
 
 def test_instance_class_majority_hand_example():
     s = scene(6, 0)
     s["instance"] = np.array([0, 0, 0, 1, 1, -100], np.int32)
     s["semantic"] = np.array([2, 3, 3, -100, -100, 1], np.int32)
-    batch = pack_batch([s], buckets=(8,), instance_buckets=(2,), num_classes=S,
-                       voxel_size=0.1)
+    batch = pack_batch([s], buckets=(8,), instance_buckets=(2,), num_classes=S, voxel_size=0.1)
     # instance 0: votes {2: 1, 3: 2} -> 3; instance 1: no labelled point -> -100
     np.testing.assert_array_equal(batch.instance_class, [3, -100])
 
@@ -110,16 +129,13 @@ def test_instance_class_majority_hand_example():
 def test_too_many_points_names_scenes_and_suggests_crop():
     samples = [scene(40, 0, name="sceneA"), scene(30, 1, name="sceneB")]
     with pytest.raises(ValueError, match=r"sceneA \(40 points\).*max_points"):
-        pack_batch(samples, buckets=(32, 64), instance_buckets=(8,), num_classes=S,
-                   voxel_size=0.1)
+        pack_batch(samples, buckets=(32, 64), instance_buckets=(8,), num_classes=S, voxel_size=0.1)
     with pytest.raises(ValueError, match="instance_buckets"):
-        pack_batch(samples, buckets=(128,), instance_buckets=(2,), num_classes=S,
-                   voxel_size=0.1)
+        pack_batch(samples, buckets=(128,), instance_buckets=(2,), num_classes=S, voxel_size=0.1)
     bad = scene(10, 0, name="sceneC")
     bad["semantic"][0] = S
     with pytest.raises(ValueError, match="sceneC"):
-        pack_batch([bad], buckets=(16,), instance_buckets=(8,), num_classes=S,
-                   voxel_size=0.1)
+        pack_batch([bad], buckets=(16,), instance_buckets=(8,), num_classes=S, voxel_size=0.1)
 
 
 def test_bucket_count_bounded_over_200_varied_scenes():
@@ -133,14 +149,21 @@ def test_bucket_count_bounded_over_200_varied_scenes():
     order = rng.permutation(200)
     shapes, fill = set(), []
     for start in range(0, 200, 4):
-        idx = order[start:start + 4]
+        idx = order[start : start + 4]
         samples = [scene(int(sizes[i]), int(i), inst_ids=range(int(ninst[i]))) for i in idx]
-        batch = pack_batch(samples, buckets=buckets, instance_buckets=inst_buckets,
-                           num_classes=S, voxel_size=0.1, batch_size=4)
+        batch = pack_batch(
+            samples,
+            buckets=buckets,
+            instance_buckets=inst_buckets,
+            num_classes=S,
+            voxel_size=0.1,
+            batch_size=4,
+        )
         shapes.add(batch_shape(batch))
         fill.append(batch.valid.mean())
-        n, g = batch_capacities(sizes[idx], ninst[idx], buckets=buckets,
-                                instance_buckets=inst_buckets)
+        n, g = batch_capacities(
+            sizes[idx], ninst[idx], buckets=buckets, instance_buckets=inst_buckets
+        )
         assert (n, g) == batch_shape(batch)[1:]
     assert len(shapes) <= 6, shapes
     assert len({s[1] for s in shapes}) <= 4

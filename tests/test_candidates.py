@@ -61,25 +61,29 @@ ALGOS = pytest.mark.parametrize("algo", ["sequential", "rounds"])
 
 
 @ALGOS
-@pytest.mark.parametrize("n,pool,mc,ties", [(150, 256, 40, True), (300, 300, 8, True),
-                                            (97, 64, 200, False)])
+@pytest.mark.parametrize(
+    "n,pool,mc,ties", [(150, 256, 40, True), (300, 300, 8, True), (97, 64, 200, False)]
+)
 def test_ln_nms_matches_full_greedy_loop(n, pool, mc, ties, algo):
     rng = np.random.default_rng(n + pool + mc + ties)
     n_exhausted = 0
     for trial in range(25):
-        xyz, score, valid = random_scene(rng, n, ties=ties and trial % 2 == 0,
-                                         box=rng.choice([0.8, 2.0, 4.0]))
+        xyz, score, valid = random_scene(
+            rng, n, ties=ties and trial % 2 == 0, box=rng.choice([0.8, 2.0, 4.0])
+        )
         ref = greedy_reference(xyz, score, valid, 0.3, 0.5, mc)
         idx, ok, exhausted = candidates.ln_nms_with_info(
-            xyz, score, valid, max_candidates=mc, pool_size=pool, algorithm=algo)
+            xyz, score, valid, max_candidates=mc, pool_size=pool, algorithm=algo
+        )
         got = as_list(idx, ok)
-        assert np.all(np.asarray(idx)[len(got):] == n), "empty slots hold the sentinel N"
+        assert np.all(np.asarray(idx)[len(got) :] == n), "empty slots hold the sentinel N"
         n_exhausted += bool(exhausted)
         # exact whether or not the pool ran out (the whole-scene loop takes over)
         assert got == ref, trial
         # The public contract without the flag returns the same slots.
-        idx2, ok2 = candidates.ln_nms(xyz, score, valid, max_candidates=mc, pool_size=pool,
-                                      algorithm=algo)
+        idx2, ok2 = candidates.ln_nms(
+            xyz, score, valid, max_candidates=mc, pool_size=pool, algorithm=algo
+        )
         assert as_list(idx2, ok2) == got
     if pool >= n:
         assert n_exhausted == 0
@@ -101,14 +105,12 @@ def test_pool_exhausted_is_flagged_and_still_exact(algo, normalise):
     ref = greedy_reference(xyz, score, valid, 0.3, 0.5, 100, normalise=normalise)
     assert len(ref) == 59
     run = candidates.ln_nms_with_info if normalise else candidates.nms_with_info
-    idx, ok, exhausted = run(xyz, score, valid, max_candidates=100, pool_size=16,
-                             algorithm=algo)
+    idx, ok, exhausted = run(xyz, score, valid, max_candidates=100, pool_size=16, algorithm=algo)
     assert bool(exhausted)
     assert as_list(idx, ok) == ref
     assert np.all(np.asarray(idx)[59:] == 60)
     # Enough slots filled inside the pool: not exhausted, exact.
-    idx, ok, exhausted = run(xyz, score, valid, max_candidates=10, pool_size=16,
-                             algorithm=algo)
+    idx, ok, exhausted = run(xyz, score, valid, max_candidates=10, pool_size=16, algorithm=algo)
     assert not bool(exhausted)
     assert as_list(idx, ok) == ref[:10]
 
@@ -165,12 +167,14 @@ def test_ln_nms_radius_boundary_and_ties_on_a_grid(algo):
         if score.max() == score.min():
             # Index 1 = (0, 0, 1) is at distance exactly R from index 0: suppressed.
             assert ref[:2] == [0, 2]
-        idx, ok = candidates.ln_nms(xyz, score, np.ones(n, bool), radius=1.0, max_candidates=200,
-                                    algorithm=algo)
+        idx, ok = candidates.ln_nms(
+            xyz, score, np.ones(n, bool), radius=1.0, max_candidates=200, algorithm=algo
+        )
         assert as_list(idx, ok) == ref
         ref_nms = greedy_reference(xyz, score, np.ones(n, bool), 1.0, 0, 200, normalise=False)
-        idx, ok = candidates.nms(xyz, score, np.ones(n, bool), radius=1.0, max_candidates=200,
-                                 algorithm=algo)
+        idx, ok = candidates.nms(
+            xyz, score, np.ones(n, bool), radius=1.0, max_candidates=200, algorithm=algo
+        )
         assert as_list(idx, ok) == ref_nms
 
 
@@ -196,9 +200,13 @@ def test_vmap_over_scenes_of_a_packed_batch(algo):
     fg = rng.uniform(size=n) < 0.8
     valid_b = np.stack([(batch == b) & fg for b in range(len(sizes))])
 
-    fn = jax.jit(jax.vmap(
-        lambda v: candidates.ln_nms_with_info(xyz, score, v, max_candidates=20, pool_size=64,
-                                              algorithm=algo)))
+    fn = jax.jit(
+        jax.vmap(
+            lambda v: candidates.ln_nms_with_info(
+                xyz, score, v, max_candidates=20, pool_size=64, algorithm=algo
+            )
+        )
+    )
     idx, ok, ex = fn(jnp.asarray(valid_b))
     assert idx.shape == (3, 20) and ok.shape == (3, 20) and ex.shape == (3,)
     for b in range(len(sizes)):
@@ -220,7 +228,8 @@ def test_random_candidates():
     seen = set()
     for s in range(20):
         idx, ok = candidates.random_candidates(
-            jax.random.key(s), score, valid, threshold=0.6, max_candidates=10)
+            jax.random.key(s), score, valid, threshold=0.6, max_candidates=10
+        )
         got = as_list(idx, ok)
         assert len(got) == min(10, n_el) and len(set(got)) == len(got)
         assert all(eligible[i] for i in got)
@@ -228,8 +237,13 @@ def test_random_candidates():
     assert len(seen) > 20  # different keys draw different points
     # Fewer eligible points than slots; slots beyond N; relative threshold.
     idx, ok = candidates.random_candidates(
-        jax.random.key(0), score[:5], np.ones(5, bool), threshold=0.5, max_candidates=8,
-        relative=True)
+        jax.random.key(0),
+        score[:5],
+        np.ones(5, bool),
+        threshold=0.5,
+        max_candidates=8,
+        relative=True,
+    )
     want = set(np.nonzero(score[:5] > 0.5 * score[:5].max())[0].tolist())
     assert set(as_list(idx, ok)) == want
 
@@ -237,13 +251,15 @@ def test_random_candidates():
 def test_mine_candidates_dispatch_and_errors():
     rng = np.random.default_rng(3)
     xyz, score, valid = random_scene(rng, 80)
-    for method, ref in [("ln_nms", greedy_reference(xyz, score, valid, 0.3, 0.5, 12)),
-                        ("nms", greedy_reference(xyz, score, valid, 0.3, 0, 12, False))]:
+    for method, ref in [
+        ("ln_nms", greedy_reference(xyz, score, valid, 0.3, 0.5, 12)),
+        ("nms", greedy_reference(xyz, score, valid, 0.3, 0, 12, False)),
+    ]:
         idx, ok, ex = candidates.mine_candidates(method, xyz, score, valid, max_candidates=12)
         assert as_list(idx, ok) == ref and not bool(ex)
     idx, ok, ex = candidates.mine_candidates(
-        "random", xyz, score, valid, key=jax.random.key(1), score_threshold=0.2,
-        max_candidates=12)
+        "random", xyz, score, valid, key=jax.random.key(1), score_threshold=0.2, max_candidates=12
+    )
     assert all(valid[i] and score[i] > 0.2 for i in as_list(idx, ok))
     with pytest.raises(ValueError, match="unknown method"):
         candidates.mine_candidates("foo", xyz, score, valid)

@@ -15,8 +15,9 @@ def _state(v):
 def test_roundtrip_keep_and_best(tmp_path):
     ck = Checkpoints(str(tmp_path), keep=2)
     for step, metric in [(1, 0.1), (2, 0.5), (3, 0.2), (4, None)]:
-        ck.save(step, _state(step), {"step": step, "data": {"epoch": 0, "pos": step}},
-                metric=metric)
+        ck.save(
+            step, _state(step), {"step": step, "data": {"epoch": 0, "pos": step}}, metric=metric
+        )
     assert ck.latest_step() == 4
     kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert kept == [3, 4]
@@ -75,10 +76,15 @@ def test_corrupt_step_is_named_as_corrupt_not_a_config_mismatch(tmp_path):
 
 def test_structure_mismatch_is_a_config_error(tmp_path):
     _saved(tmp_path, steps=(1,))
-    other = {"params": {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)},
-             "step": np.asarray(0, np.int32)}
-    with pytest.raises(ValueError, match=r"params/b: missing from the checkpoint.*use the "
-                                         r"config it was trained with"):
+    other = {
+        "params": {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)},
+        "step": np.asarray(0, np.int32),
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"params/b: missing from the checkpoint.*use the "
+        r"config it was trained with",
+    ):
         Checkpoints(str(tmp_path)).restore(other)
 
 
@@ -104,6 +110,7 @@ def test_resume_falls_back_past_a_corrupt_latest_and_best_is_replaced(tmp_path, 
 
 def test_best_step_reached_again_after_a_hand_deleted_checkpoint(tmp_path):
     import shutil
+
     _saved(tmp_path)
     shutil.rmtree(tmp_path / "checkpoints" / "3")  # the user removed the bad step by hand
     ck = Checkpoints(str(tmp_path))
@@ -129,13 +136,18 @@ def test_predict_and_evaluate_report_corruption(tmp_path):
 
     config = _tiny_config()
     ck = Checkpoints(str(tmp_path))
-    ck.save(3, _random_state(config), {"step": 3, "data": None, "best": None,
-                                       "config": config.to_json_best_effort()})
+    ck.save(
+        3,
+        _random_state(config),
+        {"step": 3, "data": None, "best": None, "config": config.to_json_best_effort()},
+    )
     ck.close()
     _corrupt(tmp_path / "checkpoints" / "3")
     # predict.py (config from the checkpoint) and evaluate.py (config given, latest step)
-    for load in (lambda: load_model(str(tmp_path), log=lambda m: None),
-                 lambda: load_model(str(tmp_path), config, which="latest")):
+    for load in (
+        lambda: load_model(str(tmp_path), log=lambda m: None),
+        lambda: load_model(str(tmp_path), config, which="latest"),
+    ):
         with pytest.raises(ValueError, match="checkpoints/3 is corrupt or incomplete") as e:
             load()
         assert "does not match" not in str(e.value)

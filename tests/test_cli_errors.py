@@ -16,8 +16,14 @@ TINY = "--config=configs/synthetic.py:tiny"
 def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "DKNET_DEBUG"}
     full_env.update({"JAX_PLATFORMS": "cpu", **(env or {})})
-    return subprocess.run([sys.executable, os.path.join("scripts", script), *args],
-                          cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join("scripts", script), *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_user_error(r: subprocess.CompletedProcess, *names: str) -> str:
@@ -43,11 +49,15 @@ def data_root(tmp_path):
 
 # --- scripts/train.py ------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, names", [
-    ("--config.model.candidate=nms", ["candidate", "dknet_jax/config.py"]),  # unknown key
-    ("--config.model.candidates=foo", ["config.model.candidates", "'foo'"]),  # bad enum
-    ("--config.train.lr=-1", ["config.train.lr", "> 0"]),  # impossible value
-])
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("--config.model.candidate=nms", ["candidate", "dknet_jax/config.py"]),  # unknown key
+        ("--config.model.candidates=foo", ["config.model.candidates", "'foo'"]),  # bad enum
+        ("--config.train.lr=-1", ["config.train.lr", "> 0"]),  # impossible value
+    ],
+)
 def test_train_config_errors(tmp_path, override, names):
     work = tmp_path / "work"
     r = run("train.py", TINY, override, f"--workdir={work}")
@@ -73,31 +83,46 @@ def test_train_empty_train_split(tmp_path, data_root):
 
 def test_debug_flag_and_env_keep_the_traceback(tmp_path):
     for args, env in ((["--debug"], None), ([], {"DKNET_DEBUG": "1"})):
-        r = run("train.py", TINY, "--config.train.lr=-1", f"--workdir={tmp_path / 'w'}",
-                *args, env=env)
+        r = run(
+            "train.py", TINY, "--config.train.lr=-1", f"--workdir={tmp_path / 'w'}", *args, env=env
+        )
         assert r.returncode != 0
         assert "Traceback" in r.stderr and "config.train.lr" in r.stderr
 
 
 # --- scripts/evaluate.py ---------------------------------------------------------------
 
+
 def test_evaluate_missing_checkpoint(tmp_path, data_root):
     missing = tmp_path / "no_run"
-    r = run("evaluate.py", TINY, f"--config.data.root={data_root}", f"--checkpoint={missing}",
-            "--split=val")
+    r = run(
+        "evaluate.py",
+        TINY,
+        f"--config.data.root={data_root}",
+        f"--checkpoint={missing}",
+        "--split=val",
+    )
     assert_user_error(r, str(missing))
 
 
 def test_evaluate_missing_split_is_checked_before_the_checkpoint(tmp_path, data_root):
-    r = run("evaluate.py", TINY, f"--config.data.root={data_root}",
-            f"--checkpoint={tmp_path / 'no_run'}", "--split=nosuchsplit")
+    r = run(
+        "evaluate.py",
+        TINY,
+        f"--config.data.root={data_root}",
+        f"--checkpoint={tmp_path / 'no_run'}",
+        "--split=nosuchsplit",
+    )
     assert_user_error(r, "'nosuchsplit'", str(data_root))
 
 
 # --- scripts/prepare_*.py --------------------------------------------------------------
 
-@pytest.mark.parametrize("script, root_flag", [("prepare_scannet.py", "--scannet_root"),
-                                               ("prepare_s3dis.py", "--s3dis_root")])
+
+@pytest.mark.parametrize(
+    "script, root_flag",
+    [("prepare_scannet.py", "--scannet_root"), ("prepare_s3dis.py", "--s3dis_root")],
+)
 def test_prepare_missing_root(tmp_path, script, root_flag):
     missing = tmp_path / "raw"
     r = run(script, f"{root_flag}={missing}", f"--out={tmp_path / 'out'}", "--workers=1")
@@ -105,8 +130,10 @@ def test_prepare_missing_root(tmp_path, script, root_flag):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("script, root_flag", [("prepare_scannet.py", "--scannet_root"),
-                                               ("prepare_s3dis.py", "--s3dis_root")])
+@pytest.mark.parametrize(
+    "script, root_flag",
+    [("prepare_scannet.py", "--scannet_root"), ("prepare_s3dis.py", "--s3dis_root")],
+)
 def test_prepare_out_is_a_file(tmp_path, script, root_flag):
     (tmp_path / "raw").mkdir()
     out = tmp_path / "out.txt"
@@ -116,6 +143,7 @@ def test_prepare_out_is_a_file(tmp_path, script, root_flag):
 
 
 # --- scripts/eval_scannet.py -----------------------------------------------------------
+
 
 @pytest.fixture
 def bench_dirs(tmp_path):
@@ -140,8 +168,9 @@ def test_eval_scannet_out_is_a_directory_fails_before_scoring(tmp_path, bench_di
     gt, pred = bench_dirs
     out = tmp_path / "results"
     out.mkdir()
-    r = run("eval_scannet.py", f"--gt_dir={gt}", f"--pred_dir={pred}", f"--out={out}",
-            "--no_progress")
+    r = run(
+        "eval_scannet.py", f"--gt_dir={gt}", f"--pred_dir={pred}", f"--out={out}", "--no_progress"
+    )
     assert_user_error(r, "--out", str(out), "is a folder")
     assert "AP" not in r.stdout  # nothing was scored
 
@@ -149,32 +178,43 @@ def test_eval_scannet_out_is_a_directory_fails_before_scoring(tmp_path, bench_di
 def test_eval_scannet_writes_results(tmp_path, bench_dirs):
     gt, pred = bench_dirs
     out = tmp_path / "new" / "results.json"
-    r = run("eval_scannet.py", f"--gt_dir={gt}", f"--pred_dir={pred}", f"--out={out}",
-            "--no_progress")
+    r = run(
+        "eval_scannet.py", f"--gt_dir={gt}", f"--pred_dir={pred}", f"--out={out}", "--no_progress"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.is_file()
 
 
 # --- scripts/predict.py ----------------------------------------------------------------
 
+
 def test_predict_out_is_a_file_fails_before_loading(tmp_path):
     out = tmp_path / "out.txt"
     out.write_text("x")
     # the checkpoint and input do not exist either: the output is checked first
-    r = run("predict.py", f"--checkpoint={tmp_path / 'no_run'}",
-            f"--input={tmp_path / 'scan.ply'}", f"--out={out}")
+    r = run(
+        "predict.py",
+        f"--checkpoint={tmp_path / 'no_run'}",
+        f"--input={tmp_path / 'scan.ply'}",
+        f"--out={out}",
+    )
     assert_user_error(r, "--out", str(out), "is a file")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root can write to a read-only folder")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to a read-only folder"
+)
 def test_predict_out_read_only(tmp_path):
     out = tmp_path / "ro"
     out.mkdir()
     out.chmod(0o500)
     try:
-        r = run("predict.py", f"--checkpoint={tmp_path / 'no_run'}",
-                f"--input={tmp_path / 'scan.ply'}", f"--out={out}")
+        r = run(
+            "predict.py",
+            f"--checkpoint={tmp_path / 'no_run'}",
+            f"--input={tmp_path / 'scan.ply'}",
+            f"--out={out}",
+        )
     finally:
         out.chmod(0o700)
     assert_user_error(r, "--out", str(out), "not writable")
@@ -186,6 +226,10 @@ def test_predict_out_under_a_file(tmp_path):
     parent = tmp_path / "file"
     parent.write_text("x")
     out = parent / "sub"
-    r = run("predict.py", f"--checkpoint={tmp_path / 'no_run'}",
-            f"--input={tmp_path / 'scan.ply'}", f"--out={out}")
+    r = run(
+        "predict.py",
+        f"--checkpoint={tmp_path / 'no_run'}",
+        f"--input={tmp_path / 'scan.ply'}",
+        f"--out={out}",
+    )
     assert_user_error(r, "--out", str(out), "cannot create")

@@ -17,8 +17,9 @@ def _load(name: str, arg=None):
     return mod.get_config(arg)
 
 
-@pytest.mark.parametrize("name,arg", [("scannet", None), ("s3dis", None),
-                                      ("synthetic", None), ("synthetic", "tiny")])
+@pytest.mark.parametrize(
+    "name,arg", [("scannet", None), ("s3dis", None), ("synthetic", None), ("synthetic", "tiny")]
+)
 def test_shipped_configs_validate(name, arg):
     c = _load(name, arg)
     assert validate(c) is c

@@ -36,9 +36,13 @@ def test_hand_worked_box_ap():
     # FP; p2 = B stretched to z in [5, 7] (0.8): IoU 1/2 -> TP at 0.25 and at 0.5 (>=).
     # Ranked tp = 1 0 1 -> recall .5 .5 1, precision 1 .5 2/3 -> AP = .5 + .5 * 2/3 = 5/6
     # class y: predicted, no GT -> NaN; class z: GT, no prediction -> 0
-    ev.add_scene(gt_boxes=[A, B, A], gt_labels=[0, 0, 2],
-                 pred_boxes=[A, [5, 5, 5, 6, 6, 7], A, B], pred_labels=[0, 0, 0, 1],
-                 pred_scores=[0.9, 0.8, 0.85, 0.99])
+    ev.add_scene(
+        gt_boxes=[A, B, A],
+        gt_labels=[0, 0, 2],
+        pred_boxes=[A, [5, 5, 5, 6, 6, 7], A, B],
+        pred_labels=[0, 0, 0, 1],
+        pred_scores=[0.9, 0.8, 0.85, 0.99],
+    )
     res = ev.compute()
     assert res["classes"]["x"]["ap_25"] == pytest.approx(5 / 6)
     assert res["classes"]["x"]["ap_50"] == pytest.approx(5 / 6)
@@ -62,7 +66,6 @@ def test_matching_is_per_scene_and_below_threshold_is_fp():
 def test_add_scene_from_masks():
     xyz = np.array([[0, 0, 0], [1, 1, 1], [5, 5, 5], [6, 6, 6]], float)
     ev = BoxAPEvaluator(num_classes=1)
-    ev.add_scene_from_masks(xyz, [[1, 1, 0, 0], [0, 0, 1, 1]], [0, 0],
-                            [[1, 1, 0, 0]], [0], [0.7])
+    ev.add_scene_from_masks(xyz, [[1, 1, 0, 0], [0, 0, 1, 1]], [0, 0], [[1, 1, 0, 0]], [0], [0.7])
     # one of two GT found at precision 1: AP 0.5
     assert ev.compute()["map_50"] == pytest.approx(0.5)

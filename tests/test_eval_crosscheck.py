@@ -11,15 +11,20 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = os.environ.get("DKNET_SCANNET_EVAL_REF",
-                     os.path.join(ROOT, "..", "shared", "reference", "scannet_official_eval"))
+REF = os.environ.get(
+    "DKNET_SCANNET_EVAL_REF",
+    os.path.join(ROOT, "..", "shared", "reference", "scannet_official_eval"),
+)
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(REF, "BenchmarkScripts")),
-                    reason="official ScanNet evaluation scripts not available")
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(REF, "BenchmarkScripts")),
+    reason="official ScanNet evaluation scripts not available",
+)
 def test_equal_to_official_script_on_random_sets():
     spec = importlib.util.spec_from_file_location(
-        "crosscheck_official_eval", os.path.join(ROOT, "scripts", "crosscheck_official_eval.py"))
+        "crosscheck_official_eval", os.path.join(ROOT, "scripts", "crosscheck_official_eval.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     # 60 trials take ~3 s on one core (~55 ms each); 8 left rare rules untested

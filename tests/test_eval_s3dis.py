@@ -23,14 +23,21 @@ def rooms():
     ins1 = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
     # p0 chair 0..2: IoU g0 3/4; p1 chair 3..5: IoU g0 1/6, g1 2/3;
     # p2 table 6..7: IoU g2 2/4 = 0.5 (>= 0.5 counts); p3 sofa 8..9: no sofa GT
-    r1 = dict(gt_semantic=sem1, gt_instance=ins1,
-              pred_masks=masks(10, range(0, 3), range(3, 6), range(6, 8), range(8, 10)),
-              pred_labels=np.array([CHAIR, CHAIR, TABLE, SOFA]), pred_scores=np.ones(4))
+    r1 = dict(
+        gt_semantic=sem1,
+        gt_instance=ins1,
+        pred_masks=masks(10, range(0, 3), range(3, 6), range(6, 8), range(8, 10)),
+        pred_labels=np.array([CHAIR, CHAIR, TABLE, SOFA]),
+        pred_scores=np.ones(4),
+    )
     # room 2 (6 points): chair g = 0..4, point 5 ignored; no predictions
-    r2 = dict(gt_semantic=np.array([CHAIR] * 5 + [-100]),
-              gt_instance=np.array([4] * 5 + [-100]),
-              pred_masks=np.zeros((0, 6), bool), pred_labels=np.zeros(0, int),
-              pred_scores=np.zeros(0))
+    r2 = dict(
+        gt_semantic=np.array([CHAIR] * 5 + [-100]),
+        gt_instance=np.array([4] * 5 + [-100]),
+        pred_masks=np.zeros((0, 6), bool),
+        pred_labels=np.zeros(0, int),
+        pred_scores=np.zeros(0),
+    )
     return [r1, r2]
 
 
@@ -47,9 +54,13 @@ def test_hand_worked_two_rooms():
 
 def test_no_one_to_one_matching_and_empty_input():
     # two identical predictions of one GT: both true positives (precision 1, recall 1)
-    room = dict(gt_semantic=np.full(4, CHAIR), gt_instance=np.zeros(4, int),
-                pred_masks=masks(4, range(4), range(4)), pred_labels=[CHAIR, CHAIR],
-                pred_scores=[0.1, 0.2])
+    room = dict(
+        gt_semantic=np.full(4, CHAIR),
+        gt_instance=np.zeros(4, int),
+        pred_masks=masks(4, range(4), range(4)),
+        pred_labels=[CHAIR, CHAIR],
+        pred_scores=[0.1, 0.2],
+    )
     res = s3dis_instance_metrics([room])
     assert res == {"mCov": 1.0, "mWCov": 1.0, "mPrec": 1.0, "mRec": 1.0}
     assert all(math.isnan(v) for v in s3dis_instance_metrics([]).values())

@@ -43,8 +43,12 @@ def mask(*ranges):
 def evaluate(gt, preds):
     """preds: list of (mask, nyu40 label, score). Returns (results, ap matrix [18, 10])."""
     ev = ScanNetInstanceEvaluator()
-    ev.add_scene(gt, np.array([p[0] for p in preds]).reshape(len(preds), len(gt)),
-                 [p[1] for p in preds], [p[2] for p in preds])
+    ev.add_scene(
+        gt,
+        np.array([p[0] for p in preds]).reshape(len(preds), len(gt)),
+        [p[1] for p in preds],
+        [p[2] for p in preds],
+    )
     return ev.compute(), ev.compute_ap_matrix()
 
 
@@ -71,8 +75,7 @@ def test_ap_from_curve_hand_cases():
 
 
 def test_perfect_prediction_and_nan_for_classes_without_gt():
-    res, ap = evaluate(gt_scene(), [(mask((0, 200)), CHAIR, 0.9),
-                                    (mask((200, 400)), TABLE, 0.8)])
+    res, ap = evaluate(gt_scene(), [(mask((0, 200)), CHAIR, 0.9), (mask((200, 400)), TABLE, 0.8)])
     assert res["classes"]["chair"] == {"ap": 1.0, "ap50%": 1.0, "ap25%": 1.0}
     assert res["classes"]["table"]["ap"] == 1.0
     assert math.isnan(res["classes"]["sofa"]["ap"]) and math.isnan(res["classes"]["bed"]["ap50%"])
@@ -89,8 +92,7 @@ def test_no_predictions_gives_zero():
 
 def test_prediction_of_class_without_gt_is_nan_and_left_out_of_mean():
     # sofa predicted, no sofa GT anywhere: NaN; mean over chair (1) and table (0)
-    res, _ = evaluate(gt_scene(), [(mask((0, 200)), CHAIR, 0.9),
-                                   (mask((400, 600)), SOFA, 0.99)])
+    res, _ = evaluate(gt_scene(), [(mask((0, 200)), CHAIR, 0.9), (mask((400, 600)), SOFA, 0.99)])
     assert math.isnan(res["classes"]["sofa"]["ap"])
     assert res["all_ap"] == pytest.approx(0.5)  # chair 1, table 0 (GT, no prediction)
 

@@ -75,14 +75,18 @@ def test_cli_writes_json_and_table_and_skips_scene_without_predictions(tmp_path,
     gt_dir, pred_dir = make_set(tmp_path)
     out = tmp_path / "res" / "results.json"
     with pytest.warns(UserWarning, match="1 GT scene"):
-        rc = load_script().main(["--gt_dir", gt_dir, "--pred_dir", pred_dir,
-                                 "--out", str(out), "--no_progress"])
+        rc = load_script().main(
+            ["--gt_dir", gt_dir, "--pred_dir", pred_dir, "--out", str(out), "--no_progress"]
+        )
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res) == {"all_ap", "all_ap_50%", "all_ap_25%", "classes"}
     # scene0001_00 (an unmatched chair) is skipped, not counted as a miss: AP stays 1
-    assert res["all_ap"] == 1.0 and res["classes"]["chair"] == {"ap": 1.0, "ap50%": 1.0,
-                                                               "ap25%": 1.0}
+    assert res["all_ap"] == 1.0 and res["classes"]["chair"] == {
+        "ap": 1.0,
+        "ap50%": 1.0,
+        "ap25%": 1.0,
+    }
     assert res["classes"]["sofa"] == {"ap": None, "ap50%": None, "ap25%": None}
     assert len(res["classes"]) == 18
     printed = capsys.readouterr().out
@@ -100,9 +104,22 @@ def test_empty_prediction_file_counts_the_scene(tmp_path):
 
 def test_script_runs_as_a_command(tmp_path):
     gt_dir, pred_dir = make_set(tmp_path, with_second_pred=True)
-    r = subprocess.run([sys.executable, SCRIPT, "--gt_dir", gt_dir, "--pred_dir", pred_dir,
-                        "--out", str(tmp_path / "r.json"), "--no_progress"],
-                       capture_output=True, text=True, cwd=str(tmp_path))
+    r = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--gt_dir",
+            gt_dir,
+            "--pred_dir",
+            pred_dir,
+            "--out",
+            str(tmp_path / "r.json"),
+            "--no_progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r.json").read_text())["all_ap"] == pytest.approx(0.75)
 
@@ -181,10 +198,12 @@ def test_label_ids_outside_the_instance_classes_are_skipped_like_the_benchmark(t
     with open(scene, "a") as f:
         # masks that do not exist: the official script never opens them for these labels;
         # a non-finite confidence on a skipped line is never used either
-        f.write("predicted_masks/unlabelled.txt 0 0.95\n"
-                "predicted_masks/beyond_nyu40.txt 41 nan\n"
-                "predicted_masks/negative.txt -1 0.5\n"
-                "predicted_masks/float_zero.txt 0.0 0.7\n")
+        f.write(
+            "predicted_masks/unlabelled.txt 0 0.95\n"
+            "predicted_masks/beyond_nyu40.txt 41 nan\n"
+            "predicted_masks/negative.txt -1 0.5\n"
+            "predicted_masks/float_zero.txt 0.0 0.7\n"
+        )
     with pytest.warns(UserWarning) as record:
         res, skipped = evaluate_dirs(gt_dir, pred_dir, progress=False)
     notes = [str(w.message) for w in record if "not an instance class" in str(w.message)]
@@ -199,13 +218,15 @@ def test_label_ids_outside_the_instance_classes_are_skipped_like_the_benchmark(t
 
     # the command accepts the set too (exit 0), as the benchmark does
     with pytest.warns(UserWarning, match="not an instance class"):
-        assert load_script().main(["--gt_dir", gt_dir, "--pred_dir", pred_dir,
-                                   "--no_progress"]) == 0
+        assert (
+            load_script().main(["--gt_dir", gt_dir, "--pred_dir", pred_dir, "--no_progress"]) == 0
+        )
 
     if not HAVE_REF:
         pytest.skip("official ScanNet evaluation scripts not available")
     spec = importlib.util.spec_from_file_location(
-        "crosscheck_official_eval", os.path.join(ROOT, "scripts", "crosscheck_official_eval.py"))
+        "crosscheck_official_eval", os.path.join(ROOT, "scripts", "crosscheck_official_eval.py")
+    )
     cc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cc)
     official, crashes = cc.official_ap(cc.load_official(REF), gt_dir, pred_dir)
@@ -229,9 +250,11 @@ def test_empty_gt_file_is_named_not_the_mask_file(tmp_path):
 def test_byte_order_marks_are_dropped(tmp_path):
     gt_dir, pred_dir = make_set(tmp_path)
     want, _ = evaluate_dirs(gt_dir, pred_dir, progress=False)
-    for path in (os.path.join(gt_dir, "scene0000_00.txt"),
-                 os.path.join(pred_dir, "scene0000_00.txt"),
-                 os.path.join(pred_dir, "predicted_masks", "scene0000_00_000.txt")):
+    for path in (
+        os.path.join(gt_dir, "scene0000_00.txt"),
+        os.path.join(pred_dir, "scene0000_00.txt"),
+        os.path.join(pred_dir, "predicted_masks", "scene0000_00_000.txt"),
+    ):
         with open(path, "rb") as f:
             data = f.read()
         with open(path, "wb") as f:
@@ -247,8 +270,9 @@ def test_comment_line_in_a_prediction_list_is_a_clear_error(tmp_path):
     path = os.path.join(pred_dir, "scene0001_00.txt")
     with open(path, "w") as f:
         f.write("# predictions of scene0001_00\n")
-    with pytest.raises(BenchmarkFormatError,
-                       match=r"scene0001_00\.txt line 1: comment line .*delete it"):
+    with pytest.raises(
+        BenchmarkFormatError, match=r"scene0001_00\.txt line 1: comment line .*delete it"
+    ):
         evaluate_dirs(gt_dir, pred_dir, progress=False)
 
 
@@ -259,8 +283,11 @@ def test_all_gt_instances_below_the_minimum_gives_a_note(tmp_path, capsys):
     gt[:60], gt[60:150] = CHAIR * 1000 + 1, TABLE * 1000 + 2  # 60 and 90 vertices
     write_gt_ids(gt_dir / "scene0000_00.txt", gt)
     write_prediction(str(pred_dir), "scene0000_00", gt[None] > 0, [CHAIR], [0.9])
-    with pytest.warns(UserWarning, match=r"all 2 GT instance\(s\) have fewer than 100 "
-                                         r"vertices \(largest 90\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"all 2 GT instance\(s\) have fewer than 100 "
+        r"vertices \(largest 90\)",
+    ):
         results, _ = evaluate_dirs(str(gt_dir), str(pred_dir), progress=False)
     assert np.isnan(results["all_ap"])
     # no note when an instance counts
@@ -284,7 +311,8 @@ def test_nonzero_mask_values_and_infinite_confidences_like_the_benchmark(tmp_pat
     fp = np.zeros(N, np.int64)
     fp[250:400] = 7  # a chair on the table: a false positive
     open(os.path.join(pred_dir, "predicted_masks", "fp.txt"), "w").write(
-        "".join(f"{v}\n" for v in fp))
+        "".join(f"{v}\n" for v in fp)
+    )
     lines = open(scene).read().replace(" 0.9\n", " -inf\n", 1)
     open(scene, "w").write(lines + "predicted_masks/fp.txt 5 inf\n")
     res, _ = evaluate_dirs(gt_dir, pred_dir, progress=False)
@@ -296,7 +324,8 @@ def test_nonzero_mask_values_and_infinite_confidences_like_the_benchmark(tmp_pat
 
     if HAVE_REF:
         spec = importlib.util.spec_from_file_location(
-            "crosscheck_official_eval", os.path.join(ROOT, "scripts", "crosscheck_official_eval.py"))
+            "crosscheck_official_eval", os.path.join(ROOT, "scripts", "crosscheck_official_eval.py")
+        )
         cc = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(cc)
         official, crashes = cc.official_ap(cc.load_official(REF), gt_dir, pred_dir)

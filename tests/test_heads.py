@@ -31,8 +31,9 @@ def _concrete(factory, seed=0):
         one = "var" in jax.tree_util.keystr(path)
         return (jnp.ones if one else jnp.zeros)(x.shape, x.dtype)
 
-    nnx.update(module, jax.tree.map(
-        lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5, x.dtype), params))
+    nnx.update(
+        module, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5, x.dtype), params)
+    )
     nnx.update(module, jax.tree_util.tree_map_with_path(fill_stat, stats))
     return module
 
@@ -57,13 +58,13 @@ def heads():
 
 def test_parameter_counts(heads):
     # Hand count from the layer sizes (Linear w+b; BN scale+bias per hidden channel):
-    sem = _lin(32, 32) + 32 * BN + _lin(32, 32) + 32 * BN + _lin(32, 20)    # 2900
-    off = _lin(32, 32) + 32 * BN + _lin(32, 3)                               # 1219
-    heat = _lin(35, 32) + 32 * BN + _lin(32, 32) + 32 * BN + _lin(32, 1)     # 2369
-    red = 3 * (_lin(32, 32) + 32 * BN) + _lin(32, 16)                        # 3888
-    mfeat = red                                                              # 3888
-    merge = 3 * (_lin(35, 35) + 35 * BN) + _lin(35, 1)                       # 4026
-    kern = _lin(16, 16) + _lin(16, 337)                                      # 6001
+    sem = _lin(32, 32) + 32 * BN + _lin(32, 32) + 32 * BN + _lin(32, 20)  # 2900
+    off = _lin(32, 32) + 32 * BN + _lin(32, 3)  # 1219
+    heat = _lin(35, 32) + 32 * BN + _lin(32, 32) + 32 * BN + _lin(32, 1)  # 2369
+    red = 3 * (_lin(32, 32) + 32 * BN) + _lin(32, 16)  # 3888
+    mfeat = red  # 3888
+    merge = 3 * (_lin(35, 35) + 35 * BN) + _lin(35, 1)  # 4026
+    kern = _lin(16, 16) + _lin(16, 337)  # 6001
     assert (sem, off, heat, red, merge, kern) == (2900, 1219, 2369, 3888, 4026, 6001)
     assert _count(heads.semantic) == sem
     assert _count(heads.offset) == off
@@ -115,8 +116,9 @@ def test_point_heads_forward_vs_numpy(heads):
     def run(m, f, v, a, p):
         return m(f, v), m.merge_logits(a, p), m.kernels(a[:, :16])
 
-    out, merge, kern = run(heads, jnp.asarray(feats), jnp.asarray(valid), jnp.asarray(fa),
-                           jnp.asarray(pair))
+    out, merge, kern = run(
+        heads, jnp.asarray(feats), jnp.asarray(valid), jnp.asarray(fa), jnp.asarray(pair)
+    )
     assert out.semantic_logits.shape == (n, 20) and out.offset.shape == (n, 3)
     assert out.heat_logits.shape == (n,) and out.reduce_feats.shape == (n, 16)
     assert out.mask_feats.shape == (n, 16) and out.foreground.shape == (n,)
@@ -128,10 +130,12 @@ def test_point_heads_forward_vs_numpy(heads):
     np.testing.assert_allclose(np.asarray(out.semantic_logits)[v], sem[v], **tol)
     off = _np_mlp(heads.offset, feats, v)
     np.testing.assert_allclose(np.asarray(out.offset)[v], off[v], **tol)
-    np.testing.assert_allclose(np.asarray(out.reduce_feats)[v],
-                               _np_mlp(heads.reduce, feats, v)[v], **tol)
-    np.testing.assert_allclose(np.asarray(out.mask_feats)[v],
-                               _np_mlp(heads.mask_feat, feats, v)[v], **tol)
+    np.testing.assert_allclose(
+        np.asarray(out.reduce_feats)[v], _np_mlp(heads.reduce, feats, v)[v], **tol
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.mask_feats)[v], _np_mlp(heads.mask_feat, feats, v)[v], **tol
+    )
     fg = v & (sem.argmax(1) >= 10)
     np.testing.assert_array_equal(np.asarray(out.foreground), fg)
     assert 5 <= fg.sum() < v.sum()  # both foreground and background rows exercised
@@ -142,9 +146,9 @@ def test_point_heads_forward_vs_numpy(heads):
     np.testing.assert_allclose(np.asarray(merge)[pair], ref_merge[pair], **tol)
     np.testing.assert_allclose(np.asarray(merge), np.asarray(merge).T, rtol=1e-5, atol=1e-5)
     kl = heads.kernel
-    ref_k = (np.maximum(fa[:, :16] @ np.asarray(kl.linears[0].kernel[...])
-                        + np.asarray(kl.linears[0].bias[...]), 0)
-             @ np.asarray(kl.out.kernel[...]) + np.asarray(kl.out.bias[...]))
+    ref_k = np.maximum(
+        fa[:, :16] @ np.asarray(kl.linears[0].kernel[...]) + np.asarray(kl.linears[0].bias[...]), 0
+    ) @ np.asarray(kl.out.kernel[...]) + np.asarray(kl.out.bias[...])
     np.testing.assert_allclose(np.asarray(kern), ref_k, **tol)
 
 
@@ -154,10 +158,12 @@ def test_eval_mode_uses_running_averages():
     step = nnx.jit(lambda m, a: m(a))
     step(mlp, x)  # one training call updates the running statistics
     h = np.asarray(x) @ np.asarray(mlp.linears[0].kernel[...]) + np.asarray(
-        mlp.linears[0].bias[...])
+        mlp.linears[0].bias[...]
+    )
     # PyTorch momentum 0.1 from a zero start
-    np.testing.assert_allclose(np.asarray(mlp.norms[0].mean[...]), 0.1 * h.mean(0),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(mlp.norms[0].mean[...]), 0.1 * h.mean(0), rtol=1e-4, atol=1e-5
+    )
     mlp.eval()  # now rows are normalised independently of the batch composition
     a = step(mlp, x)[:3]
     b = step(mlp, x[:3])

@@ -83,8 +83,10 @@ def test_no_import_runs_back_up_the_layers():
 
 def test_no_import_cycles():
     modules = _modules()
-    graph = {name: {d for d in _imports(path, modules) if d in modules and d != name}
-             for name, path in modules.items()}
+    graph = {
+        name: {d for d in _imports(path, modules) if d in modules and d != name}
+        for name, path in modules.items()
+    }
     # a package's __init__ importing its own submodules is not a cycle in practice
     for name in graph:
         graph[name] = {d for d in graph[name] if not d.startswith(name + ".")}
@@ -96,7 +98,7 @@ def test_no_import_cycles():
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
+                cycle = stack[stack.index(dep) :] + [dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep)

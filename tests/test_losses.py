@@ -28,8 +28,7 @@ def test_cross_entropy_ignores_label_and_padding():
     labels[:7] = -100
     valid = np.ones(n, bool)
     valid[-4:] = False
-    got = float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels),
-                                     jnp.asarray(valid)))
+    got = float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid)))
     lp = _np_log_softmax(logits.astype(np.float64))
     terms = [-lp[i, labels[i]] for i in range(n) if labels[i] != -100 and valid[i]]
     np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
@@ -50,8 +49,7 @@ def test_multiclass_dice_by_formula():
     for c in range(s):
         pc = p[keep, c]
         yc = (labels[keep] == c).astype(np.float64)
-        per_class.append(1 - (2 * (pc * yc).sum() + 1e-5) / ((pc ** 2).sum() + (yc ** 2).sum()
-                                                             + 1e-5))
+        per_class.append(1 - (2 * (pc * yc).sum() + 1e-5) / ((pc**2).sum() + (yc**2).sum() + 1e-5))
     np.testing.assert_allclose(got, np.mean(per_class), rtol=1e-5)
     # perfect one-hot prediction -> dice loss ~ 0
     perfect = np.eye(s)[labels.clip(0)] * 50.0
@@ -66,18 +64,22 @@ def test_offset_loss_l1_and_direction():
     got = float(losses.offset_loss(jnp.asarray(pred), jnp.asarray(tgt), jnp.asarray(mask)))
     ref = np.abs(pred - tgt).sum(1)[mask].mean()
     np.testing.assert_allclose(got, ref, rtol=1e-5)
-    got_d = float(losses.offset_loss(jnp.asarray(pred), jnp.asarray(tgt), jnp.asarray(mask),
-                                     direction=True))
-    cos = [-(pred[i] @ tgt[i]) / np.linalg.norm(pred[i]) / np.linalg.norm(tgt[i])
-           for i in range(n) if mask[i]]
+    got_d = float(
+        losses.offset_loss(jnp.asarray(pred), jnp.asarray(tgt), jnp.asarray(mask), direction=True)
+    )
+    cos = [
+        -(pred[i] @ tgt[i]) / np.linalg.norm(pred[i]) / np.linalg.norm(tgt[i])
+        for i in range(n)
+        if mask[i]
+    ]
     np.testing.assert_allclose(got_d, ref + np.mean(cos), rtol=1e-5)
-    assert float(losses.offset_loss(jnp.asarray(pred), jnp.asarray(tgt),
-                                    jnp.zeros(n, bool))) == 0.0
+    assert float(losses.offset_loss(jnp.asarray(pred), jnp.asarray(tgt), jnp.zeros(n, bool))) == 0.0
     # a zero predicted (or target) offset must not give NaN gradients
     zero = jnp.asarray(pred).at[0].set(0.0)
     tz = jnp.asarray(tgt).at[1].set(0.0)
-    g = jax.jit(jax.grad(lambda p: losses.offset_loss(p, tz, jnp.ones(n, bool),
-                                                      direction=True)))(zero)
+    g = jax.jit(jax.grad(lambda p: losses.offset_loss(p, tz, jnp.ones(n, bool), direction=True)))(
+        zero
+    )
     assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -98,8 +100,9 @@ def test_merge_loss_bce_over_valid_pairs():
     got = float(losses.merge_loss(jnp.asarray(z), jnp.asarray(t), jnp.asarray(pair)))
     np.testing.assert_allclose(got, _np_bce(z, t)[pair].mean(), rtol=1e-5)
     # stable for huge logits
-    big = float(losses.merge_loss(jnp.full((2, 2), 200.0), jnp.zeros((2, 2)),
-                                  jnp.ones((2, 2), bool)))
+    big = float(
+        losses.merge_loss(jnp.full((2, 2), 200.0), jnp.zeros((2, 2)), jnp.ones((2, 2), bool))
+    )
     np.testing.assert_allclose(big, 200.0, rtol=1e-6)
 
 
@@ -141,8 +144,9 @@ def test_mask_loss_vs_numpy():
     point_mask = np.ones((k, n), bool)
     point_mask[:, -6:] = False
     point_mask[4, :10] = False
-    loss, num, iou = jax.jit(losses.mask_loss)(jnp.asarray(z), jnp.asarray(inst),
-                                      jnp.asarray(gt_for_pred), jnp.asarray(point_mask))
+    loss, num, iou = jax.jit(losses.mask_loss)(
+        jnp.asarray(z), jnp.asarray(inst), jnp.asarray(gt_for_pred), jnp.asarray(point_mask)
+    )
     ref, ref_num = _np_mask_loss(z, inst, gt_for_pred, point_mask)
     assert int(num) == ref_num and 1 <= ref_num < 4
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
@@ -163,7 +167,8 @@ def test_mask_loss_zero_without_counted_pairs_and_finite_grad():
     # nothing matched at all: 0 with or without the fallback
     for fallback in (False, True):
         loss2, num2, _ = jax.jit(functools.partial(losses.mask_loss, iou_fallback=fallback))(
-            z, inst, jnp.full(k, -1, jnp.int32), pm)
+            z, inst, jnp.full(k, -1, jnp.int32), pm
+        )
         assert float(loss2) == 0.0 and int(num2) == 0
 
 
@@ -177,8 +182,9 @@ def test_mask_loss_fallback_counts_every_matched_pair_when_none_passes():
     pm = jnp.ones((k, n), bool)
     loss, num, iou = jax.jit(losses.mask_loss)(z, inst, gfp, pm)
     assert float(jnp.max(iou)) <= 0.25
-    ref, ref_num = _np_mask_loss(np.asarray(z), np.asarray(inst), np.asarray(gfp),
-                                 np.asarray(pm), fallback=True)
+    ref, ref_num = _np_mask_loss(
+        np.asarray(z), np.asarray(inst), np.asarray(gfp), np.asarray(pm), fallback=True
+    )
     assert int(num) == ref_num == 3
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
     grad = jax.grad(lambda zz: losses.mask_loss(zz, inst, gfp, pm)[0])(z)
@@ -187,8 +193,9 @@ def test_mask_loss_fallback_counts_every_matched_pair_when_none_passes():
     # once one pair passes the gate, only that pair counts again
     z2 = z.at[3].set(jnp.where(inst == 1, 4.0, -4.0))
     loss2, num2, _ = jax.jit(losses.mask_loss)(z2, inst, gfp, pm)
-    ref2, ref_num2 = _np_mask_loss(np.asarray(z2), np.asarray(inst), np.asarray(gfp),
-                                   np.asarray(pm), fallback=True)
+    ref2, ref_num2 = _np_mask_loss(
+        np.asarray(z2), np.asarray(inst), np.asarray(gfp), np.asarray(pm), fallback=True
+    )
     assert int(num2) == ref_num2 == 1
     np.testing.assert_allclose(float(loss2), ref2, rtol=1e-5)
 
@@ -206,9 +213,14 @@ def test_mask_gate_threshold_counts_every_matched_pair_before_the_gate_epoch():
     for epoch, want in ((4, 3), (5, 1), (9, 1)):
         thr = losses.mask_gate_threshold(jnp.int32(epoch), 0.25, 5)
         loss, num, _ = jax.jit(losses.mask_loss)(z, inst, gfp, pm, iou_threshold=thr)
-        ref, ref_num = _np_mask_loss(np.asarray(z), np.asarray(inst), np.asarray(gfp),
-                                     np.asarray(pm), fallback=True,
-                                     thr=-1.0 if epoch < 5 else 0.25)
+        ref, ref_num = _np_mask_loss(
+            np.asarray(z),
+            np.asarray(inst),
+            np.asarray(gfp),
+            np.asarray(pm),
+            fallback=True,
+            thr=-1.0 if epoch < 5 else 0.25,
+        )
         assert int(num) == ref_num == want, epoch
         np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
     never = losses.mask_gate_threshold(jnp.int32(10**6), 0.25, -1)
@@ -223,23 +235,27 @@ def test_mask_loss_with_fill_logits_outside_scene_has_finite_grad():
     gfp = jnp.asarray([0, 1], jnp.int32)
     f = lambda zz: losses.mask_loss(zz, inst, gfp, pm)[0]
     val, grad = jax.jit(jax.value_and_grad(f))(z)
-    ref, ref_num = _np_mask_loss(np.asarray(z), np.asarray(inst), np.asarray(gfp),
-                                 np.asarray(pm))
+    ref, ref_num = _np_mask_loss(np.asarray(z), np.asarray(inst), np.asarray(gfp), np.asarray(pm))
     assert ref_num == 2
     np.testing.assert_allclose(float(val), ref, rtol=1e-5)
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_stage_gates_and_total():
-    terms = losses.LossTerms(semantic=jnp.float32(1.0), offset=jnp.float32(2.0),
-                             center=jnp.float32(3.0), aggregation=jnp.float32(4.0),
-                             mask=jnp.float32(jnp.nan))
+    terms = losses.LossTerms(
+        semantic=jnp.float32(1.0),
+        offset=jnp.float32(2.0),
+        center=jnp.float32(3.0),
+        aggregation=jnp.float32(4.0),
+        mask=jnp.float32(jnp.nan),
+    )
     weights = losses.LossTerms(*(jnp.float32(w) for w in (1.0, 0.5, 2.0, 1.0, 1.0)))
 
     @jax.jit
     def total(epoch):
-        return losses.total_loss(terms, weights,
-                                 losses.stage_gates(epoch, heatmap_epoch=80, mask_epoch=96))
+        return losses.total_loss(
+            terms, weights, losses.stage_gates(epoch, heatmap_epoch=80, mask_epoch=96)
+        )
 
     assert float(total(0)) == 1.0 + 1.0
     assert float(total(79)) == 2.0

@@ -42,9 +42,9 @@ def _numpy_reference(kernels, cent, inst_batch, inst_ok, feats, xyz, batch_id, v
     out = np.full((K, N), MASK_FILL, np.float64)
     for k in range(K):
         w = kernels[k].astype(np.float64)
-        w1 = w[:ci * H].reshape(ci, H)
-        b1 = w[ci * H:ci * H + H]
-        w2 = w[ci * H + H:ci * H + 2 * H]
+        w1 = w[: ci * H].reshape(ci, H)
+        b1 = w[ci * H : ci * H + H]
+        w2 = w[ci * H + H : ci * H + 2 * H]
         b2 = w[ci * H + 2 * H]
         for i in range(N):
             if not (inst_ok[k] and valid[i] and batch_id[i] == inst_batch[k]):
@@ -87,15 +87,18 @@ def test_gradients_flow_and_chunked_grads_equal():
     pm = scene_point_mask(args[2], args[3], args[6], args[7])
 
     def loss(kernels, cent, feats, chunk):
-        z = decode_masks(kernels, cent, args[2], args[3], feats, args[5], args[6], args[7],
-                         chunk_size=chunk)
+        z = decode_masks(
+            kernels, cent, args[2], args[3], feats, args[5], args[6], args[7], chunk_size=chunk
+        )
         p = jax.nn.sigmoid(z)
         return jnp.sum(jnp.where(pm, (p - t) ** 2, 0.0))
 
     g_full = jax.jit(jax.grad(functools.partial(loss, chunk=N), argnums=(0, 1, 2)))(
-        args[0], args[1], args[4])
+        args[0], args[1], args[4]
+    )
     g_chunk = jax.jit(jax.grad(functools.partial(loss, chunk=6), argnums=(0, 1, 2)))(
-        args[0], args[1], args[4])
+        args[0], args[1], args[4]
+    )
     for a, b in zip(g_full, g_chunk, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         assert np.all(np.isfinite(np.asarray(a)))
@@ -114,11 +117,11 @@ def test_gradients_flow_and_chunked_grads_equal():
 def test_bad_shapes_raise_clear_errors():
     args = [jnp.asarray(a) for a in _inputs()]
     with pytest.raises(ValueError, match="disagree on N"):
-        decode_masks(args[0], args[1], args[2], args[3], args[4], args[5][:-1], args[6],
-                     args[7])
+        decode_masks(args[0], args[1], args[2], args[3], args[4], args[5][:-1], args[6], args[7])
     with pytest.raises(ValueError, match="length"):
-        decode_masks(args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7],
-                     hidden=8)
+        decode_masks(
+            args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7], hidden=8
+        )
 
 
 def test_decoded_mask_loss_equals_dense_loss_and_grads():
@@ -137,8 +140,18 @@ def test_decoded_mask_loss_equals_dense_loss_and_grads():
         return losses.mask_loss(z, instance, gt_for_pred, pm, iou_threshold=0.1)
 
     def chunked(kernels, feats):
-        return decoded_mask_loss(kernels, args[1], args[2], args[3], feats, *args[5:8],
-                                 instance, gt_for_pred, chunk_size=4, iou_threshold=0.1)
+        return decoded_mask_loss(
+            kernels,
+            args[1],
+            args[2],
+            args[3],
+            feats,
+            *args[5:8],
+            instance,
+            gt_for_pred,
+            chunk_size=4,
+            iou_threshold=0.1,
+        )
 
     d = jax.jit(dense)(kern, args[4])
     c = jax.jit(chunked)(kern, args[4])
@@ -157,11 +170,13 @@ def test_decoded_class_counts_vs_dense_majority():
     kern = args[0].at[:, L - 1].set(0.3)
     sem = jnp.asarray(np.random.default_rng(8).integers(0, 4, N), jnp.int32)
     counts = jax.jit(functools.partial(decoded_class_counts, num_classes=4, chunk_size=5))(
-        kern, *args[1:8], sem)
+        kern, *args[1:8], sem
+    )
     z = np.asarray(decode_masks(kern, *args[1:8], chunk_size=N))
     hard = z > 0  # fill value is negative, so other scenes are never counted
     ref = np.stack([np.bincount(np.asarray(sem)[hard[k]], minlength=4) for k in range(K)])
     np.testing.assert_array_equal(np.asarray(counts), ref)
     np.testing.assert_array_equal(
         np.asarray(matching.class_from_counts(counts)),
-        np.asarray(matching.majority_class(jnp.asarray(hard), sem, 4)))
+        np.asarray(matching.majority_class(jnp.asarray(hard), sem, 4)),
+    )

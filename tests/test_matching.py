@@ -1,4 +1,5 @@
-"""Tests for dknet_jax.objective.matching: brute-force permutation search, scipy, scene separation."""
+"""Tests for dknet_jax.objective.matching: brute-force permutation search, scipy, scene
+separation."""
 
 import itertools
 
@@ -35,14 +36,20 @@ def test_cost_matrix_eq5():
     pc = np.array([[0, 0, 0], [1, 2, 2]], np.float32)
     gc = np.array([[0, 0, 1], [1, 2, 2], [5, 5, 5]], np.float32)
     cost, allowed = matching.match_cost(
-        jnp.asarray(pc), jnp.asarray([3, 4]), jnp.asarray([0, 0]), jnp.asarray([True, True]),
-        jnp.asarray(gc), jnp.asarray([3, 3, 4]), jnp.asarray([0, 0, 1]),
-        jnp.asarray([True, True, True]))
+        jnp.asarray(pc),
+        jnp.asarray([3, 4]),
+        jnp.asarray([0, 0]),
+        jnp.asarray([True, True]),
+        jnp.asarray(gc),
+        jnp.asarray([3, 3, 4]),
+        jnp.asarray([0, 0, 1]),
+        jnp.asarray([True, True, True]),
+    )
     cost = np.asarray(cost)
-    np.testing.assert_allclose(cost[0, 0], 1.0, rtol=1e-6)          # d=1, same class
-    np.testing.assert_allclose(cost[0, 1], 3.0 + 0.0, rtol=1e-6)    # d=3, same class
+    np.testing.assert_allclose(cost[0, 0], 1.0, rtol=1e-6)  # d=1, same class
+    np.testing.assert_allclose(cost[0, 1], 3.0 + 0.0, rtol=1e-6)  # d=3, same class
     np.testing.assert_allclose(cost[1, 0], np.sqrt(1 + 4 + 1) + 1.0, rtol=1e-6)
-    np.testing.assert_allclose(cost[1, 1], 0.0 + 1.0, atol=1e-6)   # d=0, class differs
+    np.testing.assert_allclose(cost[1, 1], 0.0 + 1.0, atol=1e-6)  # d=0, class differs
     assert not bool(allowed[0, 2]) and cost[0, 2] == matching.INVALID_COST
 
 
@@ -53,8 +60,7 @@ def test_hungarian_vs_brute_force_and_scipy():
         for _ in range(3):
             cost = rng.random((k, g)).astype(np.float32)
             cost[rng.random((k, g)) < 0.2] = 0.5  # ties
-            pfg, gfp = solve(jnp.asarray(cost), jnp.zeros(k, jnp.int32),
-                             jnp.zeros(g, jnp.int32))
+            pfg, gfp = solve(jnp.asarray(cost), jnp.zeros(k, jnp.int32), jnp.zeros(g, jnp.int32))
             pfg, gfp = np.asarray(pfg), np.asarray(gfp)
             best, _ = _brute_force(cost.astype(np.float64))
             np.testing.assert_allclose(_total(cost, gfp), best, rtol=1e-6, atol=1e-6)
@@ -125,11 +131,13 @@ def test_vmap_and_batched_cost_agree():
 
 def test_majority_class():
     sem = jnp.asarray([2, 2, 3, 3, 3, 5, 2, 0], jnp.int32)
-    mask = jnp.asarray([
-        [1, 1, 1, 0, 0, 0, 1, 0],   # 2,2,3,2 -> 2
-        [0, 0, 1, 1, 1, 1, 1, 0],   # 3,3,3,5,2 -> 3
-        [0, 0, 0, 0, 0, 0, 0, 0],   # empty -> -1
-        [1, 0, 1, 0, 0, 1, 0, 0],   # 2,3,5 tie -> lowest class 2
-    ], bool)
-    np.testing.assert_array_equal(np.asarray(matching.majority_class(mask, sem, 6)),
-                                  [2, 3, -1, 2])
+    mask = jnp.asarray(
+        [
+            [1, 1, 1, 0, 0, 0, 1, 0],  # 2,2,3,2 -> 2
+            [0, 0, 1, 1, 1, 1, 1, 0],  # 3,3,3,5,2 -> 3
+            [0, 0, 0, 0, 0, 0, 0, 0],  # empty -> -1
+            [1, 0, 1, 0, 0, 1, 0, 0],  # 2,3,5 tie -> lowest class 2
+        ],
+        bool,
+    )
+    np.testing.assert_array_equal(np.asarray(matching.majority_class(mask, sem, 6)), [2, 3, -1, 2])

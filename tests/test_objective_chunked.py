@@ -23,11 +23,11 @@ from dknet_jax.objective import terms as L
 from dknet_jax.types import IGNORE_LABEL, PointBatch
 
 # sizes chosen pairwise distinct where the [M, N] check below could confuse them
-B, K, N, G, S = 2, 5, 61, 8, 5   # scenes, slots per scene, points, GT slots, classes
-M = B * K                         # 10 instance slots
-F, CM, H = 3, 4, 6                # point feature width, mask feature width, dynamic hidden
+B, K, N, G, S = 2, 5, 61, 8, 5  # scenes, slots per scene, points, GT slots, classes
+M = B * K  # 10 instance slots
+F, CM, H = 3, 4, 6  # point feature width, mask feature width, dynamic hidden
 LK = num_kernel_params(CM + 3, H)  # 55
-CHUNK = 9                         # 61 points -> 7 chunks, 63 padded rows
+CHUNK = 9  # 61 points -> 7 chunks, 63 padded rows
 
 
 def _batch(seed=0):
@@ -54,12 +54,19 @@ def _batch(seed=0):
     feats = rng.normal(size=(N, F)).astype(np.float32)
     feats[~valid] = 0.0
     return PointBatch(
-        xyz=jnp.asarray(xyz), feats=jnp.asarray(feats), vox=jnp.zeros((N, 3), jnp.int32),
-        batch_id=jnp.asarray(batch_id), valid=jnp.asarray(valid),
-        semantic=jnp.asarray(semantic), instance=jnp.asarray(instance),
-        superpoint=jnp.zeros(N, jnp.int32), instance_class=jnp.asarray(inst_class),
-        instance_batch=jnp.asarray(inst_batch), instance_valid=jnp.asarray(inst_batch < B),
-        scene_valid=jnp.ones(B, bool))
+        xyz=jnp.asarray(xyz),
+        feats=jnp.asarray(feats),
+        vox=jnp.zeros((N, 3), jnp.int32),
+        batch_id=jnp.asarray(batch_id),
+        valid=jnp.asarray(valid),
+        semantic=jnp.asarray(semantic),
+        instance=jnp.asarray(instance),
+        superpoint=jnp.zeros(N, jnp.int32),
+        instance_class=jnp.asarray(inst_class),
+        instance_batch=jnp.asarray(inst_batch),
+        instance_valid=jnp.asarray(inst_batch < B),
+        scene_valid=jnp.ones(B, bool),
+    )
 
 
 def _params(batch, seed=1):
@@ -72,10 +79,16 @@ def _params(batch, seed=1):
     inst = np.asarray(batch.instance)
     gt_c = np.stack([np.asarray(batch.xyz)[inst == g].mean(0) for g in range(5)])
     pos = gt_c[cent] + rng.normal(size=(M, 3)) * 0.5
-    p = {"kernels": kernels, "pos": pos, "mask_w": rng.normal(size=(F, CM)),
-         "sem_w": rng.normal(size=(F, S)), "sem_b": np.array([0, 0, 1.5, 1.5, 1.5]),
-         "off_w": rng.normal(size=(F, 3)) * 0.3, "heat_w": rng.normal(size=F),
-         "merge": rng.normal(size=(M, M))}
+    p = {
+        "kernels": kernels,
+        "pos": pos,
+        "mask_w": rng.normal(size=(F, CM)),
+        "sem_w": rng.normal(size=(F, S)),
+        "sem_b": np.array([0, 0, 1.5, 1.5, 1.5]),
+        "off_w": rng.normal(size=(F, 3)) * 0.3,
+        "heat_w": rng.normal(size=F),
+        "merge": rng.normal(size=(M, M)),
+    }
     return {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
 
 
@@ -92,25 +105,53 @@ def _outputs(p, batch, *, decode: bool) -> DKNetOutputs:
     sem_logits = x @ p["sem_w"] + p["sem_b"]
     fg = predicted_foreground(sem_logits, batch.valid, 2)
     heads = PointHeadOutputs(
-        semantic_logits=sem_logits, offset=x @ p["off_w"], heat_logits=x @ p["heat_w"],
-        reduce_feats=jnp.zeros((N, 2)), mask_feats=jnp.tanh(x @ p["mask_w"]), foreground=fg)
+        semantic_logits=sem_logits,
+        offset=x @ p["off_w"],
+        heat_logits=x @ p["heat_w"],
+        reduce_feats=jnp.zeros((N, 2)),
+        mask_feats=jnp.tanh(x @ p["mask_w"]),
+        foreground=fg,
+    )
     heat = scene_softmax(heads.heat_logits, batch.batch_id, fg, B)
     cand_idx = jnp.asarray(np.r_[np.arange(0, 25, 5), np.arange(30, 55, 5)], jnp.int32)
     cand_idx = jnp.where(CAND_OK, cand_idx, N)
-    pair_mask = (CAND_OK[:, None] & CAND_OK[None, :]
-                 & (CAND_BATCH[:, None] == CAND_BATCH[None, :]) & ~jnp.eye(M, dtype=bool))
+    pair_mask = (
+        CAND_OK[:, None]
+        & CAND_OK[None, :]
+        & (CAND_BATCH[:, None] == CAND_BATCH[None, :])
+        & ~jnp.eye(M, dtype=bool)
+    )
     inst_pos = jnp.where(INST_OK[:, None], p["pos"], 0.0)
     mask_logits = None
     if decode:
         mask_logits = masks.decode_masks(
-            p["kernels"], inst_pos, CAND_BATCH, INST_OK, heads.mask_feats, batch.xyz,
-            batch.batch_id, batch.valid, hidden=H, chunk_size=CHUNK)
+            p["kernels"],
+            inst_pos,
+            CAND_BATCH,
+            INST_OK,
+            heads.mask_feats,
+            batch.xyz,
+            batch.batch_id,
+            batch.valid,
+            hidden=H,
+            chunk_size=CHUNK,
+        )
     return DKNetOutputs(
-        heads=heads, heat=heat, cand_idx=cand_idx, cand_ok=CAND_OK, cand_batch=CAND_BATCH,
-        merge_logits=p["merge"], pair_mask=pair_mask,
-        lead=jnp.where(INST_OK, jnp.arange(M), -1), inst_ok=INST_OK, inst_pos=inst_pos,
-        kernels=p["kernels"], mask_logits=mask_logits,
-        pool_exhausted=jnp.zeros(B, bool), voxel_overflow=jnp.zeros((), bool))
+        heads=heads,
+        heat=heat,
+        cand_idx=cand_idx,
+        cand_ok=CAND_OK,
+        cand_batch=CAND_BATCH,
+        merge_logits=p["merge"],
+        pair_mask=pair_mask,
+        lead=jnp.where(INST_OK, jnp.arange(M), -1),
+        inst_ok=INST_OK,
+        inst_pos=inst_pos,
+        kernels=p["kernels"],
+        mask_logits=mask_logits,
+        pool_exhausted=jnp.zeros(B, bool),
+        voxel_overflow=jnp.zeros((), bool),
+    )
 
 
 def _loss_fn(batch, *, decode, threshold, fallback, chunk=CHUNK):
@@ -119,9 +160,17 @@ def _loss_fn(batch, *, decode, threshold, fallback, chunk=CHUNK):
 
     def fn(p):
         out = _outputs(p, batch, decode=decode)
-        return compute_losses(out, batch, weights=weights, gates=gates, num_classes=S,
-                              mask_iou_threshold=threshold, mask_iou_fallback=fallback,
-                              mask_chunk=chunk)
+        return compute_losses(
+            out,
+            batch,
+            weights=weights,
+            gates=gates,
+            num_classes=S,
+            mask_iou_threshold=threshold,
+            mask_iou_fallback=fallback,
+            mask_chunk=chunk,
+        )
+
     return fn
 
 
@@ -146,8 +195,9 @@ def _dense_ious():
         pm = masks.scene_point_mask(CAND_BATCH, INST_OK, batch.batch_id, batch.valid)
         sem_pred = jnp.argmax(out.heads.semantic_logits, axis=-1)
         cls = majority_class((out.mask_logits > 0) & pm, sem_pred, S)
-        _, gt_for_pred = match_instances(out.inst_pos, cls, CAND_BATCH, INST_OK, t.centroid,
-                                         t.gt_class, t.gt_batch, t.gt_ok)
+        _, gt_for_pred = match_instances(
+            out.inst_pos, cls, CAND_BATCH, INST_OK, t.centroid, t.gt_class, t.gt_batch, t.gt_ok
+        )
         _, _, iou = L.mask_loss(out.mask_logits, batch.instance, gt_for_pred, pm)
         return iou, gt_for_pred
 
@@ -177,14 +227,15 @@ def _results(decode: bool):
     def run(p, thresholds):
         res = {}
         for i, case in enumerate(CASES):
-            fn = _loss_fn(batch, decode=decode, threshold=thresholds[i],
-                          fallback=FALLBACK[case])
+            fn = _loss_fn(batch, decode=decode, threshold=thresholds[i], fallback=FALLBACK[case])
             res[case] = jax.value_and_grad(fn, has_aux=True)(p)
         return res
 
     res = jax.device_get(run(params, _thresholds()))
-    return {case: (float(total), {k: float(v) for k, v in met.items()}, grads)
-            for case, ((total, met), grads) in res.items()}
+    return {
+        case: (float(total), {k: float(v) for k, v in met.items()}, grads)
+        for case, ((total, met), grads) in res.items()
+    }
 
 
 def test_matched_pairs_have_spread_ious():
@@ -200,8 +251,12 @@ def test_chunked_equals_dense_loss_metrics_and_grads(case):
     d_total, d_met, d_grad = _results(True)[case]
     c_total, c_met, c_grad = _results(False)[case]
     n_matched = len(_dense_ious())
-    expected = {"all": n_matched, "split": n_matched - n_matched // 2,
-                "none_fallback": n_matched, "none_no_fallback": 0}[case]
+    expected = {
+        "all": n_matched,
+        "split": n_matched - n_matched // 2,
+        "none_fallback": n_matched,
+        "none_no_fallback": 0,
+    }[case]
     assert d_met["matched"] == c_met["matched"] == expected, (d_met, c_met)
     if case == "none_no_fallback":
         assert d_met["mask"] == c_met["mask"] == 0.0
@@ -229,14 +284,14 @@ def test_chunked_path_passes_chunk_size_gate_and_hidden(monkeypatch):
         def wrapped(*args, **kw):
             seen.append((fn.__name__, kw))
             return fn(*args, **kw)
+
         return wrapped
 
     monkeypatch.setattr(mask_loss, "decoded_mask_loss", spy(mask_loss.decoded_mask_loss))
     monkeypatch.setattr(mask_loss, "decoded_class_counts", spy(mask_loss.decoded_class_counts))
     batch, params = _setup()
     # tracing is enough to see the calls
-    jax.make_jaxpr(_loss_fn(batch, decode=False, threshold=0.4, fallback=False, chunk=13))(
-        params)
+    jax.make_jaxpr(_loss_fn(batch, decode=False, threshold=0.4, fallback=False, chunk=13))(params)
     assert [name for name, _ in seen] == ["decoded_class_counts", "decoded_mask_loss"]
     for _, kw in seen:
         assert kw["chunk_size"] == 13 and kw["hidden"] == H
@@ -251,8 +306,9 @@ def _mn_shapes(jaxpr, n_pad):
     found = []
 
     def bad(shape):
-        return M in shape and (N in shape or n_pad in shape or
-                               (CHUNK in shape and n_pad // CHUNK in shape))
+        return M in shape and (
+            N in shape or n_pad in shape or (CHUNK in shape and n_pad // CHUNK in shape)
+        )
 
     def walk(jx):
         for eqn in jx.eqns:
@@ -261,12 +317,13 @@ def _mn_shapes(jaxpr, n_pad):
                 if bad(shape):
                     found.append((eqn.primitive.name, shape))
             for param in eqn.params.values():
-                for j in (param if isinstance(param, (tuple, list)) else (param,)):
+                for j in param if isinstance(param, (tuple, list)) else (param,):
                     inner = getattr(j, "jaxpr", None)
                     if inner is not None and hasattr(inner, "eqns"):
                         walk(inner)
                     elif hasattr(j, "eqns"):
                         walk(j)
+
     walk(jaxpr.jaxpr)
     return found
 
@@ -289,8 +346,11 @@ def test_kernel_length_must_fit_mask_features():
     batch, params = _setup()
     out = _outputs(params, batch, decode=False)
     out = out.replace(kernels=out.kernels[:, :-1])
-    fn = functools.partial(compute_losses, weights=loss_weights(base_config().loss),
-                           gates=L.stage_gates(jnp.int32(10), heatmap_epoch=0, mask_epoch=1),
-                           num_classes=S)
+    fn = functools.partial(
+        compute_losses,
+        weights=loss_weights(base_config().loss),
+        gates=L.stage_gates(jnp.int32(10), heatmap_epoch=0, mask_epoch=1),
+        num_classes=S,
+    )
     with pytest.raises(ValueError, match="kernel length"):
         jax.eval_shape(fn, out, batch)

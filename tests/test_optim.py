@@ -24,10 +24,12 @@ def test_constant_then_cosine_values():
 
 
 def test_warmup_is_linear():
-    s = learning_rate_schedule(lr=2e-3, total_steps=100, cosine_start_step=50, final_lr=0.0,
-                               warmup_steps=10)
-    np.testing.assert_allclose([float(s(i)) for i in (0, 5, 10, 20)], [0.0, 1e-3, 2e-3, 2e-3],
-                               rtol=1e-6)
+    s = learning_rate_schedule(
+        lr=2e-3, total_steps=100, cosine_start_step=50, final_lr=0.0, warmup_steps=10
+    )
+    np.testing.assert_allclose(
+        [float(s(i)) for i in (0, 5, 10, 20)], [0.0, 1e-3, 2e-3, 2e-3], rtol=1e-6
+    )
 
 
 def test_bad_total_steps():
@@ -36,8 +38,16 @@ def test_bad_total_steps():
 
 
 def test_optimizer_clips_and_decays():
-    cfg = ConfigDict(dict(lr=0.1, final_lr=0.0, warmup_steps=0, cosine_start_epoch=100,
-                          weight_decay=0.0, grad_clip=1.0))
+    cfg = ConfigDict(
+        dict(
+            lr=0.1,
+            final_lr=0.0,
+            warmup_steps=0,
+            cosine_start_epoch=100,
+            weight_decay=0.0,
+            grad_clip=1.0,
+        )
+    )
     tx, _ = make_optimizer(cfg, total_steps=10, steps_per_epoch=1)
     params = {"w": np.zeros(4, np.float32)}
     state = tx.init(params)

@@ -20,8 +20,10 @@ from dknet_jax.data.transforms import (
 S = 20
 BUCKETS = (1024, 1536, 2048, 3072, 4096)
 IBUCKETS = (16, 32, 64)
-FIELDS = [f.name for f in dataclasses.fields(
-    __import__("dknet_jax.types", fromlist=["PointBatch"]).PointBatch)]
+FIELDS = [
+    f.name
+    for f in dataclasses.fields(__import__("dknet_jax.types", fromlist=["PointBatch"]).PointBatch)
+]
 
 
 def room(n, seed):
@@ -42,8 +44,9 @@ def room(n, seed):
         "rgb": rng.integers(0, 256, (n, 3)).astype(np.uint8),
         "semantic": np.concatenate(sem).astype(np.int32),
         "instance": np.concatenate(inst).astype(np.int32),
-        "superpoint": (np.floor(xyz[:, 0] * 2) * 100 + np.floor(xyz[:, 1] * 2)).astype(
-            np.int32) - int(np.floor(xyz[:, :2].min() * 2) * 101) + 1000,
+        "superpoint": (np.floor(xyz[:, 0] * 2) * 100 + np.floor(xyz[:, 1] * 2)).astype(np.int32)
+        - int(np.floor(xyz[:, :2].min() * 2) * 101)
+        + 1000,
     }
 
 
@@ -61,10 +64,16 @@ def split(tmp_path_factory):
 
 
 def train_iter(paths, **kw):
-    args = dict(batch_size=3, seed=7, voxel_size=0.05, num_classes=S, buckets=BUCKETS,
-                instance_buckets=IBUCKETS,
-                augment_config=AugmentConfig.for_voxel_size(0.05, max_points=800),
-                num_workers=0)
+    args = dict(
+        batch_size=3,
+        seed=7,
+        voxel_size=0.05,
+        num_classes=S,
+        buckets=BUCKETS,
+        instance_buckets=IBUCKETS,
+        augment_config=AugmentConfig.for_voxel_size(0.05, max_points=800),
+        num_workers=0,
+    )
     args.update(kw)
     return TrainIterator(paths, **args)
 
@@ -93,18 +102,21 @@ def test_load_scene_roundtrip(split):
     assert s["name"] == "scene0000_00"
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("missing", "missing key 'superpoint'"),
-    ("dtype", "'xyz' has dtype float64, expected float32"),
-    ("shape", r"'rgb' has shape \(50, 4\)"),
-    ("rows", "'semantic' has 49 rows"),
-    ("nan", "NaN/inf"),
-    ("empty", "empty scene"),
-    ("semantic", "outside 0..19"),
-    ("instance", "'instance' has negative values"),
-    ("superpoint", "negative ids"),
-    ("notzip", "cannot read as .npz"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("missing", "missing key 'superpoint'"),
+        ("dtype", "'xyz' has dtype float64, expected float32"),
+        ("shape", r"'rgb' has shape \(50, 4\)"),
+        ("rows", "'semantic' has 49 rows"),
+        ("nan", "NaN/inf"),
+        ("empty", "empty scene"),
+        ("semantic", "outside 0..19"),
+        ("instance", "'instance' has negative values"),
+        ("superpoint", "negative ids"),
+        ("notzip", "cannot read as .npz"),
+    ],
+)
 def test_bad_scene_files_name_the_file(tmp_path, case, pattern):
     s = room(50, 3)
     if case == "missing":
@@ -183,8 +195,9 @@ def test_scene_augmentation_depends_only_on_seed_epoch_scene(split):
     sizes = [scene_num_points(p) for p in split]
     assert len(set(sizes)) == len(sizes)
     for window in (0, 2):
-        it = train_iter(split, augment_config=cfg, size_window=window, num_epochs=2,
-                        drop_remainder=False)
+        it = train_iter(
+            split, augment_config=cfg, size_window=window, num_epochs=2, drop_remainder=False
+        )
         maps = {}
         for k, batch in enumerate(it):
             epoch = k // 4
@@ -195,13 +208,11 @@ def test_scene_augmentation_depends_only_on_seed_epoch_scene(split):
                 src -= src.mean(0)
                 m, *_ = np.linalg.lstsq(src, batch.xyz[rows], rcond=None)
                 rng = scene_rng(7, epoch, i)
-                want = (jitter_matrix(rng, 0.1) @ flip_matrix(rng)
-                        @ random_rotation_matrix(rng))
+                want = jitter_matrix(rng, 0.1) @ flip_matrix(rng) @ random_rotation_matrix(rng)
                 np.testing.assert_allclose(m, want, atol=1e-4)
                 maps[epoch, i] = m
         assert len(maps) == 22
-        assert min(np.abs(maps[0, 0] - m).max() for key, m in maps.items()
-                   if key != (0, 0)) > 1e-3
+        assert min(np.abs(maps[0, 0] - m).max() for key, m in maps.items() if key != (0, 0)) > 1e-3
 
 
 def test_transfer_runs_on_each_batch(split):
@@ -212,8 +223,15 @@ def test_transfer_runs_on_each_batch(split):
         got = take(it, 2)
     assert isinstance(got[0].xyz, jax.Array)
     assert_same(ref, [jax.tree.map(np.asarray, b) for b in got])
-    ev = EvalIterator(split[:2], batch_size=2, voxel_size=0.05, num_classes=S,
-                      buckets=BUCKETS, instance_buckets=IBUCKETS, transfer=jax.device_put)
+    ev = EvalIterator(
+        split[:2],
+        batch_size=2,
+        voxel_size=0.05,
+        num_classes=S,
+        buckets=BUCKETS,
+        instance_buckets=IBUCKETS,
+        transfer=jax.device_put,
+    )
     batch, names = next(ev)
     assert isinstance(batch.vox, jax.Array) and names == ["scene0000_00", "scene0001_00"]
 
@@ -287,8 +305,15 @@ def test_bad_file_error_surfaces_from_workers(split, tmp_path):
 
 
 def test_eval_iterator_every_scene_once_in_order(split):
-    it = EvalIterator(split, batch_size=4, voxel_size=0.05, num_classes=S,
-                      buckets=(1024, 2048), instance_buckets=IBUCKETS, num_workers=2)
+    it = EvalIterator(
+        split,
+        batch_size=4,
+        voxel_size=0.05,
+        num_classes=S,
+        buckets=(1024, 2048),
+        instance_buckets=IBUCKETS,
+        num_workers=2,
+    )
     names, n_batches = [], 0
     for batch, bnames in it:
         n_batches += 1
@@ -306,14 +331,39 @@ def test_eval_iterator_every_scene_once_in_order(split):
             np.testing.assert_array_equal(batch.semantic[rows], s["semantic"])
     assert names == [os.path.basename(p)[:-4] for p in split]
     assert n_batches == len(it) and n_batches >= 3  # 11 scenes of <= 900 in <= 2048 rows
-    again = EvalIterator(split, batch_size=4, voxel_size=0.05, num_classes=S,
-                         buckets=(1024, 2048), instance_buckets=IBUCKETS, num_workers=0)
-    assert_same([b for b, _ in again], [b for b, _ in EvalIterator(
-        split, batch_size=4, voxel_size=0.05, num_classes=S, buckets=(1024, 2048),
-        instance_buckets=IBUCKETS, num_workers=2)])
+    again = EvalIterator(
+        split,
+        batch_size=4,
+        voxel_size=0.05,
+        num_classes=S,
+        buckets=(1024, 2048),
+        instance_buckets=IBUCKETS,
+        num_workers=0,
+    )
+    assert_same(
+        [b for b, _ in again],
+        [
+            b
+            for b, _ in EvalIterator(
+                split,
+                batch_size=4,
+                voxel_size=0.05,
+                num_classes=S,
+                buckets=(1024, 2048),
+                instance_buckets=IBUCKETS,
+                num_workers=2,
+            )
+        ],
+    )
 
 
 def test_eval_scene_larger_than_largest_bucket(split):
     with pytest.raises(ValueError, match=r"scene00\d\d_00.npz: \d+ points exceed"):
-        EvalIterator(split, batch_size=1, voxel_size=0.05, num_classes=S, buckets=(256,),
-                     instance_buckets=IBUCKETS)
+        EvalIterator(
+            split,
+            batch_size=1,
+            voxel_size=0.05,
+            num_classes=S,
+            buckets=(256,),
+            instance_buckets=IBUCKETS,
+        )

@@ -31,8 +31,9 @@ def otsu_reference(values, bins=100):
     return best_t, best_t / bins
 
 
-def postprocess_reference(masks, slot_ok, sem_prob, valid, sp, num_sp, min_score,
-                          min_points, ignore, bins=100):
+def postprocess_reference(
+    masks, slot_ok, sem_prob, valid, sp, num_sp, min_score, min_points, ignore, bins=100
+):
     k, n = masks.shape
     s = sem_prob.shape[1]
     bin_of = lambda v: min(max(int(np.floor(np.float32(v) * np.float32(bins))), 0), bins - 1)
@@ -123,8 +124,10 @@ def _hand_scene():
     ma = [0.905] * 5 + [0.805] * 5 + [0.055] * 2
     mb = [0.055] * 5 + [0.955] * 4 + [0.705] + [0.055] * 2
     masks = np.array([ma, mb], np.float32)
-    sem = np.array([[0.1, 0.05, 0.8, 0.05]] * 5 + [[0.2, 0.1, 0.1, 0.6]] * 5
-                   + [[0.7, 0.1, 0.1, 0.1]] * 2, np.float32)
+    sem = np.array(
+        [[0.1, 0.05, 0.8, 0.05]] * 5 + [[0.2, 0.1, 0.1, 0.6]] * 5 + [[0.7, 0.1, 0.1, 0.1]] * 2,
+        np.float32,
+    )
     return masks, np.ones(2, bool), sem, np.ones(12, bool)
 
 
@@ -174,7 +177,7 @@ def random_scene(rng, k, n, s, num_sp):
     logits[np.arange(n), (np.arange(n) * s) // n] += 2  # spatially coherent classes
     sem = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     valid = np.ones(n, bool)
-    valid[n - rng.integers(0, 30):] = False
+    valid[n - rng.integers(0, 30) :] = False
     sp = np.sort(rng.integers(0, num_sp, n)).astype(np.int32)
     sp[rng.uniform(size=n) < 0.05] = -1
     return masks, slot_ok, sem.astype(np.float32), valid, sp
@@ -192,8 +195,9 @@ def test_postprocess_random_vs_reference(use_sp):
             out = pp.postprocess(masks, slot_ok, sem, valid, sp, num_superpoints=num_sp, **kw)
         else:
             out = pp.postprocess(masks, slot_ok, sem, valid, **kw)
-        ref = postprocess_reference(masks, slot_ok, sem, valid, sp if use_sp else None,
-                                    num_sp, 0.15, 12, ignore)
+        ref = postprocess_reference(
+            masks, slot_ok, sem, valid, sp if use_sp else None, num_sp, 0.15, 12, ignore
+        )
         np.testing.assert_allclose(out.thresholds, ref["t"], atol=1e-7)
         np.testing.assert_allclose(out.coverage, ref["coverage"], rtol=1e-6)
         np.testing.assert_array_equal(out.point_instance, ref["point_instance"])
@@ -207,8 +211,9 @@ def test_postprocess_vmap_over_scenes_and_errors():
     rng = np.random.default_rng(3)
     scenes = [random_scene(rng, 6, 240, 5, 40) for _ in range(2)]  # shapes as above
     stacked = [np.stack(x) for x in zip(*scenes, strict=True)]
-    fn = jax.vmap(lambda m, o, p, v, sp: pp.postprocess(m, o, p, v, sp, num_superpoints=40,
-                                                       min_points=5))
+    fn = jax.vmap(
+        lambda m, o, p, v, sp: pp.postprocess(m, o, p, v, sp, num_superpoints=40, min_points=5)
+    )
     out = fn(*stacked)
     for b, scene in enumerate(scenes):
         one = pp.postprocess(*scene, num_superpoints=40, min_points=5)

@@ -87,11 +87,13 @@ def test_stopping_the_parent_stops_its_workers(tmp_path, how):
     started.mkdir()
     (tmp_path / "slow_job.py").write_text(textwrap.dedent(SLOW_JOB))
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=REPO, here=str(tmp_path), out=str(out),
-                                    started=str(started)))
+    driver.write_text(
+        DRIVER.format(repo=REPO, here=str(tmp_path), out=str(out), started=str(started))
+    )
     log = open(tmp_path / "driver.log", "w")  # a file: orphaned workers cannot block it
-    proc = subprocess.Popen([sys.executable, str(driver)], stdout=log, stderr=log,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(driver)], stdout=log, stderr=log, start_new_session=True
+    )
     kids: set[int] = set()
     try:
         deadline = time.monotonic() + 60

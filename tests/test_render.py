@@ -34,8 +34,8 @@ def test_top_view_keeps_aspect_and_centres():
     # x extent 2, y extent 1 in a 41x41 panel: 20 px/m, content 40 x 20, centred vertically
     xyz = np.array([[0, 1, 0], [2, 0, 0], [1, 0.5, 0]], np.float32)
     img = R.render_top(xyz, _cols(RED, BLUE, GREEN), (41, 41), radius=0, margin=0)
-    assert tuple(img[10, 0]) == RED      # v = (40 - 20) / 2 + (1 - 1) * 20
-    assert tuple(img[30, 40]) == BLUE    # v = 10 + (1 - 0) * 20, u = 2 * 20
+    assert tuple(img[10, 0]) == RED  # v = (40 - 20) / 2 + (1 - 1) * 20
+    assert tuple(img[30, 40]) == BLUE  # v = 10 + (1 - 0) * 20, u = 2 * 20
     assert tuple(img[20, 20]) == GREEN
 
 
@@ -54,15 +54,15 @@ def test_perspective_orientation_and_nearest_point():
     far, near = [0, 0, 0], [0.5, 0, 0]  # same ray through the centre; near is closer
     xyz = np.array(corners + [far, near], np.float32)
     cols = _cols(RED, GREEN, GREEN, BLUE, (9, 9, 9), (200, 100, 0))
-    img = R.render_perspective(xyz, cols, (41, 41), azimuth=0.0, elevation=0.0, radius=0,
-                               margin=2)
+    img = R.render_perspective(xyz, cols, (41, 41), azimuth=0.0, elevation=0.0, radius=0, margin=2)
     assert tuple(img[20, 20]) == (200, 100, 0)  # the near point hides the far one
-    assert tuple(img[2, 2]) == RED              # (y=-1, z=+1): top-left
-    assert tuple(img[38, 38]) == BLUE           # (y=+1, z=-1): bottom-right
+    assert tuple(img[2, 2]) == RED  # (y=-1, z=+1): top-left
+    assert tuple(img[38, 38]) == BLUE  # (y=+1, z=-1): bottom-right
     assert tuple(img[2, 38]) == GREEN
     # same points in the other order: still the near one
-    img2 = R.render_perspective(xyz[::-1], cols[::-1], (41, 41), azimuth=0.0,
-                                elevation=0.0, radius=0, margin=2)
+    img2 = R.render_perspective(
+        xyz[::-1], cols[::-1], (41, 41), azimuth=0.0, elevation=0.0, radius=0, margin=2
+    )
     assert tuple(img2[20, 20]) == (200, 100, 0)
 
 
@@ -79,8 +79,13 @@ def test_splat_radius_and_ties():
     expect[3:8, 3:8] = True
     np.testing.assert_array_equal(covered, expect)
     # off-image and non-finite points are dropped silently
-    img = R.splat(np.array([-5.0, np.nan]), np.array([0.0, 0.0]), np.array([1.0, 1.0]),
-                  _cols(RED, RED), (4, 4))
+    img = R.splat(
+        np.array([-5.0, np.nan]),
+        np.array([0.0, 0.0]),
+        np.array([1.0, 1.0]),
+        _cols(RED, RED),
+        (4, 4),
+    )
     assert np.all(img == WHITE)
 
 
@@ -91,8 +96,8 @@ def test_surface_spacing_and_auto_radius():
     assert R.surface_spacing(xyz) == pytest.approx(0.15, abs=1e-9)
     # a subsample is corrected back to the full density: same answer
     assert R.surface_spacing(xyz, sample=150) == pytest.approx(0.15, rel=0.35)
-    assert int(R.auto_radius(0.25, 20.0)) == 3     # ceil(0.5 * 0.25 * 20) = 3
-    assert int(R.auto_radius(0.25, 100.0)) == 4    # clipped to max_radius
+    assert int(R.auto_radius(0.25, 20.0)) == 3  # ceil(0.5 * 0.25 * 20) = 3
+    assert int(R.auto_radius(0.25, 100.0)) == 4  # clipped to max_radius
     np.testing.assert_array_equal(R.auto_radius(0.1, np.array([0.0, 10.0, 30.0])), [0, 1, 2])
 
 
@@ -130,13 +135,14 @@ def test_distinct_colors():
 
 def test_legend_and_png_roundtrip(tmp_path):
     img = np.full((30, 200, 3), 7, np.uint8)
-    out = R.add_legend(img, [(f"{i} chair 0.9", (255, 0, 0)) for i in range(40)],
-                       title="scene", max_rows=3)
+    out = R.add_legend(
+        img, [(f"{i} chair 0.9", (255, 0, 0)) for i in range(40)], title="scene", max_rows=3
+    )
     assert out.shape[1] == 200 and out.shape[0] > 30
     np.testing.assert_array_equal(out[:30], img)
     strip = out[30:]
     assert np.any(np.all(strip == (255, 0, 0), axis=-1))  # a swatch was drawn
-    assert strip.shape[0] <= 16 * 4 + 12                 # title + 3 rows + padding
+    assert strip.shape[0] <= 16 * 4 + 12  # title + 3 rows + padding
     path = tmp_path / "x.png"
     R.save_png(path, out)
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), out)

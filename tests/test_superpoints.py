@@ -33,8 +33,7 @@ def _ref_segment_mesh(vertices, faces, k, min_verts):
             counts[vi] += 1
         edges += [(i1, i2), (i1, i3), (i3, i2)]
     normals = [
-        tuple(s / counts[i] for s in sums[i]) if counts[i] else (0.0, 0.0, 0.0)
-        for i in range(nv)
+        tuple(s / counts[i] for s in sums[i]) if counts[i] else (0.0, 0.0, 0.0) for i in range(nv)
     ]
     weights = []
     for a, b in edges:
@@ -77,13 +76,15 @@ def _same_partition(x, y):
 # ----------------------------------------------------------------------------------------
 # Test meshes
 def _grid(nx, ny, z):
-    xs, ys = np.meshgrid(np.arange(nx, dtype=np.float32), np.arange(ny, dtype=np.float32),
-                         indexing="ij")
+    xs, ys = np.meshgrid(
+        np.arange(nx, dtype=np.float32), np.arange(ny, dtype=np.float32), indexing="ij"
+    )
     verts = np.stack([xs.ravel() * 0.05, ys.ravel() * 0.05, z.ravel()], 1)
     idx = np.arange(nx * ny).reshape(nx, ny)
     a, b, c, d = idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:], idx[:-1, 1:]
-    faces = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3),
-                            np.stack([a, c, d], -1).reshape(-1, 3)])
+    faces = np.concatenate(
+        [np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)]
+    )
     return verts.astype(np.float32), faces.astype(np.int32)
 
 
@@ -175,7 +176,8 @@ def test_segment_mesh_min_size_and_box_faces():
     for axis in range(3):
         for side in (0.0, 1.0):
             inner = (np.abs(verts[:, axis] - side) < 1e-6) & np.all(
-                np.abs(np.delete(verts, axis, 1) - 0.5) < 0.3, axis=1)
+                np.abs(np.delete(verts, axis, 1) - 0.5) < 0.3, axis=1
+            )
             assert len(np.unique(seg[inner])) == 1
 
 
@@ -190,8 +192,9 @@ def test_segment_mesh_bad_input():
 
 def _two_planes(rng, n=1500):
     floor = np.c_[rng.uniform(0, 1, (n, 2)), 0.002 * rng.standard_normal(n)]
-    wall = np.c_[rng.uniform(0, 1, n), 0.002 * rng.standard_normal(n) + 1.2,
-                 rng.uniform(0.05, 1, n)]
+    wall = np.c_[
+        rng.uniform(0, 1, n), 0.002 * rng.standard_normal(n) + 1.2, rng.uniform(0.05, 1, n)
+    ]
     return np.concatenate([floor, wall]).astype(np.float32), np.repeat([0, 1], n)
 
 

@@ -26,12 +26,19 @@ def _batch(seed=0, n=60, g=6, b=2):
     inst_valid = np.array([1, 1, 1, 1, 1, 0], bool)
     inst_class = np.array([3, 5, 3, 7, 9, IGNORE_LABEL], np.int32)
     batch = PointBatch(
-        xyz=jnp.asarray(xyz), feats=jnp.zeros((n, 6)), vox=jnp.zeros((n, 3), jnp.int32),
-        batch_id=jnp.asarray(batch_id), valid=jnp.asarray(valid),
-        semantic=jnp.zeros(n, jnp.int32), instance=jnp.asarray(instance),
-        superpoint=jnp.zeros(n, jnp.int32), instance_class=jnp.asarray(inst_class),
-        instance_batch=jnp.asarray(inst_batch), instance_valid=jnp.asarray(inst_valid),
-        scene_valid=jnp.ones(b, bool))
+        xyz=jnp.asarray(xyz),
+        feats=jnp.zeros((n, 6)),
+        vox=jnp.zeros((n, 3), jnp.int32),
+        batch_id=jnp.asarray(batch_id),
+        valid=jnp.asarray(valid),
+        semantic=jnp.zeros(n, jnp.int32),
+        instance=jnp.asarray(instance),
+        superpoint=jnp.zeros(n, jnp.int32),
+        instance_class=jnp.asarray(inst_class),
+        instance_batch=jnp.asarray(inst_batch),
+        instance_valid=jnp.asarray(inst_valid),
+        scene_valid=jnp.ones(b, bool),
+    )
     return batch, xyz, instance, valid
 
 
@@ -64,8 +71,9 @@ def test_targets_match_numpy_loops():
         r = max(pts[:, a].max() - pts[:, a].min() for a in range(3))
         d2 = float(np.sum((c - xyz[i]) ** 2))
         np.testing.assert_allclose(off[i], c - xyz[i], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(heat[i], np.exp(-25 * d2 / (r + 1e-4) ** 2), rtol=1e-4,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            heat[i], np.exp(-25 * d2 / (r + 1e-4) ** 2), rtol=1e-4, atol=1e-6
+        )
     np.testing.assert_array_equal(np.asarray(t.gt_class), [3, 5, 3, 7, 9, -100])
 
 
@@ -101,8 +109,9 @@ def test_scene_softmax_vs_numpy():
 
 
 def test_predicted_foreground():
-    logits = jnp.asarray([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 5.0],
-                          [0, 0, 0, 5.0]])
+    logits = jnp.asarray(
+        [[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 5.0], [0, 0, 0, 5.0]]
+    )
     valid = jnp.asarray([True, True, True, True, False])
     fg = predicted_foreground(logits, valid, first_instance_class=2)
     np.testing.assert_array_equal(np.asarray(fg), [False, False, True, True, False])

@@ -32,15 +32,18 @@ def test_centre_zero_mean_and_translation_only():
 
 
 def test_rotation_z_hand_example_and_distances():
-    np.testing.assert_allclose(np.array([1.0, 0, 0]) @ T.rotation_z(np.pi / 2), [0, 1, 0],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        np.array([1.0, 0, 0]) @ T.rotation_z(np.pi / 2), [0, 1, 0], atol=1e-12
+    )
     s = T.centre(make_sample(n=300))
     r = T.random_rotate_z(s, np.random.default_rng(3))
     np.testing.assert_allclose(pdist(r["xyz"]), pdist(s["xyz"]), atol=1e-4)
     np.testing.assert_allclose(r["xyz"][:, 2], s["xyz"][:, 2], atol=1e-6)
     assert np.abs(r["xyz"][:, :2] - s["xyz"][:, :2]).max() > 0.1  # actually rotated
-    angles = [np.arctan2(*T.random_rotation_matrix(np.random.default_rng(i))[0, 1::-1])
-              for i in range(400)]
+    angles = [
+        np.arctan2(*T.random_rotation_matrix(np.random.default_rng(i))[0, 1::-1])
+        for i in range(400)
+    ]
     assert np.ptp(angles) > 5.5  # covers the circle
 
 
@@ -90,7 +93,7 @@ def test_elastic_smooth_bounded_deterministic():
     assert np.ptp(dl, axis=0).min() > 0.1 * mag  # but it does vary across cells
     # grid noise std after two box-3 passes per axis is (19/81)^1.5 = 0.114; trilinear
     # interpolation only averages it down
-    assert 0.04 * mag < d[len(line):].std() < 0.114 * mag
+    assert 0.04 * mag < d[len(line) :].std() < 0.114 * mag
     assert np.abs(d).max() < 0.7 * mag
     assert abs(d.mean()) < 0.02 * mag
     again = T.elastic_field(pts, np.random.default_rng(5), granularity=g, magnitude=mag)
@@ -104,11 +107,13 @@ def test_elastic_smooth_bounded_deterministic():
 
 def test_crop_keeps_at_most_max_points_and_labels():
     s = T.centre(make_sample(n=5000, k=30))
-    s["instance"] = np.where(s["instance"] >= 0, (s["xyz"][:, 0] > 0) * 100 +
-                             np.floor(s["xyz"][:, 1]).astype(np.int32) + 50, -100)
+    s["instance"] = np.where(
+        s["instance"] >= 0,
+        (s["xyz"][:, 0] > 0) * 100 + np.floor(s["xyz"][:, 1]).astype(np.int32) + 50,
+        -100,
+    )
     s["instance"] = s["instance"].astype(np.int32)
-    c = T.crop_to_max_points(s, np.random.default_rng(2), max_points=1200, box_size=5.0,
-                             shrink=0.5)
+    c = T.crop_to_max_points(s, np.random.default_rng(2), max_points=1200, box_size=5.0, shrink=0.5)
     n = len(c["xyz"])
     assert 0 < n <= 1200
     rows = c["superpoint"]  # superpoint = original row id
@@ -124,19 +129,20 @@ def test_crop_keeps_at_most_max_points_and_labels():
     pairs = np.unique(np.stack([old[old >= 0], new[new >= 0]], 1), axis=0)
     assert len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))
     assert (np.diff(pairs[:, 1]) > 0).all()
-    again = T.crop_to_max_points(s, np.random.default_rng(2), max_points=1200,
-                                 box_size=5.0, shrink=0.5)
+    again = T.crop_to_max_points(
+        s, np.random.default_rng(2), max_points=1200, box_size=5.0, shrink=0.5
+    )
     np.testing.assert_array_equal(again["superpoint"], rows)
-    small = T.crop_to_max_points(s, np.random.default_rng(2), max_points=5000,
-                                 box_size=5.0, shrink=0.5)
+    small = T.crop_to_max_points(
+        s, np.random.default_rng(2), max_points=5000, box_size=5.0, shrink=0.5
+    )
     np.testing.assert_array_equal(small["xyz"], s["xyz"])
 
 
 def test_crop_degenerate_dense_scene_falls_back_to_subsample():
     s = make_sample(n=500)
     s["xyz"][:] = 1.0  # every point in the same place: no box can split them
-    c = T.crop_to_max_points(s, np.random.default_rng(0), max_points=100, box_size=1.0,
-                             shrink=0.4)
+    c = T.crop_to_max_points(s, np.random.default_rng(0), max_points=100, box_size=1.0, shrink=0.4)
     assert len(c["xyz"]) == 100 and len(np.unique(c["superpoint"])) == 100
 
 
@@ -177,17 +183,14 @@ def test_augment_chain_deterministic_and_composed_in_order():
 def test_eval_transform_is_centring_only():
     s = make_sample(n=200)
     e = T.prepare_eval(s)
-    np.testing.assert_allclose(e["xyz"], s["xyz"] - s["xyz"].astype(np.float64).mean(0),
-                               atol=1e-5)
+    np.testing.assert_allclose(e["xyz"], s["xyz"] - s["xyz"].astype(np.float64).mean(0), atol=1e-5)
     np.testing.assert_array_equal(e["rgb"], s["rgb"])
 
 
 def test_voxel_coords_and_features_hand_example():
-    xyz = np.array([[0.01, -0.03, 0.0], [0.05, 0.0, 0.019], [-0.015, 0.021, 0.045]],
-                   np.float32)
+    xyz = np.array([[0.01, -0.03, 0.0], [0.05, 0.0, 0.019], [-0.015, 0.021, 0.045]], np.float32)
     # floor(x / 0.02): x: 0, 2, -1; y: -2, 0, 1; z: 0, 0, 2 -> shift by (-1, -2, 0)
-    np.testing.assert_array_equal(T.voxel_coords(xyz, 0.02),
-                                  [[1, 0, 0], [3, 2, 0], [0, 3, 2]])
+    np.testing.assert_array_equal(T.voxel_coords(xyz, 0.02), [[1, 0, 0], [3, 2, 0], [0, 3, 2]])
     assert T.voxel_coords(xyz, 0.02).dtype == np.int32
     rgb = np.array([[0, 255, 127.5], [255, 0, 0], [0, 0, 0]])
     f = T.point_features(rgb, xyz)
@@ -199,7 +202,6 @@ def test_voxel_coords_and_features_hand_example():
 def test_bad_arguments():
     s = make_sample(n=10)
     with pytest.raises(ValueError, match="max_points"):
-        T.crop_to_max_points(s, np.random.default_rng(0), max_points=0, box_size=1,
-                             shrink=1)
+        T.crop_to_max_points(s, np.random.default_rng(0), max_points=0, box_size=1, shrink=1)
     with pytest.raises(ValueError, match="granularity"):
         T.elastic_field(s["xyz"], np.random.default_rng(0), granularity=0, magnitude=1)

@@ -77,14 +77,18 @@ def batch_capacities(
         raise ValueError(
             f"batch of {total} points exceeds the largest point bucket {max(buckets)}: "
             f"{detail}. Crop scenes (config.data.max_points), lower the batch size or add a "
-            f"larger entry to config.data.point_buckets.")
+            f"larger entry to config.data.point_buckets."
+        )
     k = int(sum(instance_counts))
     if k > max(instance_buckets):
-        detail = ", ".join(f"{nm} ({c} instances)" for nm, c in zip(names, instance_counts, strict=True))
+        detail = ", ".join(
+            f"{nm} ({c} instances)" for nm, c in zip(names, instance_counts, strict=True)
+        )
         raise ValueError(
             f"batch of {k} GT instances exceeds the largest instance bucket "
             f"{max(instance_buckets)}: {detail}. Add a larger entry to "
-            f"config.data.instance_buckets.")
+            f"config.data.instance_buckets."
+        )
     return bucket_for(total, buckets), bucket_for(k, instance_buckets)
 
 
@@ -138,7 +142,8 @@ def pack_batch(
         if bad.any():
             raise ValueError(
                 f"scene {name}: semantic labels {np.unique(sem[bad])[:5].tolist()} are not "
-                f"in 0..{num_classes - 1} or -100")
+                f"in 0..{num_classes - 1} or -100"
+            )
         inst = reindex_instances(s["instance"])
         _, sp = np.unique(np.asarray(s["superpoint"]), return_inverse=True)
         insts.append(inst)
@@ -146,7 +151,8 @@ def pack_batch(
         counts.append(len(s["xyz"]))
         kinds.append(int(inst.max()) + 1 if len(inst) and inst.max() >= 0 else 0)
     n_cap, g_cap = batch_capacities(
-        counts, kinds, buckets=buckets, instance_buckets=instance_buckets, names=names)
+        counts, kinds, buckets=buckets, instance_buckets=instance_buckets, names=names
+    )
 
     b = batch_size
     xyz = np.zeros((n_cap, 3), np.float32)
@@ -185,10 +191,19 @@ def pack_batch(
         inst_off += k
         sp_off += int(sps[i].max()) + 1 if n else 0
     return PointBatch(
-        xyz=xyz, feats=feats, vox=vox, batch_id=batch_id, valid=valid, semantic=semantic,
-        instance=instance, superpoint=superpoint, instance_class=instance_class,
-        instance_batch=instance_batch, instance_valid=instance_valid,
-        scene_valid=scene_valid)
+        xyz=xyz,
+        feats=feats,
+        vox=vox,
+        batch_id=batch_id,
+        valid=valid,
+        semantic=semantic,
+        instance=instance,
+        superpoint=superpoint,
+        instance_class=instance_class,
+        instance_batch=instance_batch,
+        instance_valid=instance_valid,
+        scene_valid=scene_valid,
+    )
 
 
 def batch_shape(batch: PointBatch) -> tuple[int, int, int]:

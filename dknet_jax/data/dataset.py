@@ -73,12 +73,14 @@ def load_scene(
                 continue
             raise SceneError(
                 f"{path}: missing key {key!r} (has {sorted(arrays)}); a prepared scene "
-                f"needs {list(SCENE_SPEC)}")
+                f"needs {list(SCENE_SPEC)}"
+            )
         a = arrays[key]
         if a.dtype != dtype:
             raise SceneError(
                 f"{path}: {key!r} has dtype {a.dtype}, expected {np.dtype(dtype)} "
-                f"(cast it with .astype(np.{np.dtype(dtype).name}) when writing)")
+                f"(cast it with .astype(np.{np.dtype(dtype).name}) when writing)"
+            )
         if a.ndim != 1 + len(trailing) or a.shape[1:] != trailing:
             want = "[N, 3]" if trailing else "[N]"
             raise SceneError(f"{path}: {key!r} has shape {a.shape}, expected {want}")
@@ -87,7 +89,8 @@ def load_scene(
         elif a.shape[0] != n:
             raise SceneError(
                 f"{path}: {key!r} has {a.shape[0]} rows but 'xyz' has {n}; every array "
-                f"needs one row per point")
+                f"needs one row per point"
+            )
         sample[key] = a
     if n == 0:
         raise SceneError(f"{path}: empty scene (0 points)")
@@ -105,12 +108,14 @@ def load_scene(
         rng = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
         raise SceneError(
             f"{path}: 'semantic' has values {np.unique(sem[bad_sem])[:5].tolist()} outside "
-            f"{rng} and -100")
+            f"{rng} and -100"
+        )
     bad_inst = (inst < 0) & (inst != IGNORE_LABEL)
     if bad_inst.any():
         raise SceneError(
             f"{path}: 'instance' has negative values {np.unique(inst[bad_inst])[:5].tolist()}"
-            f" other than -100")
+            f" other than -100"
+        )
     if (sp < 0).any():
         raise SceneError(f"{path}: 'superpoint' has negative ids; every point needs one")
     sample["name"] = scene_name(path)
@@ -151,8 +156,10 @@ def list_scenes(
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise SceneError(f"{root}: prepared-scene folder does not exist (prepare the data "
-                         f"with scripts/prepare_*.py or set config.data.root)")
+        raise SceneError(
+            f"{root}: prepared-scene folder does not exist (prepare the data "
+            f"with scripts/prepare_*.py or set config.data.root)"
+        )
     if names is None and split is not None:
         folder = os.path.join(root, split)
         if os.path.isdir(folder):
@@ -166,10 +173,10 @@ def list_scenes(
         else:
             raise SceneError(
                 f"{root}: split {split!r} not found (expected folder {folder}/ or a list "
-                f"{split}.txt of scene names)")
+                f"{split}.txt of scene names)"
+            )
     if names is None:
-        paths = sorted(
-            os.path.join(root, f) for f in os.listdir(root) if f.endswith(".npz"))
+        paths = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".npz"))
         if not paths:
             raise SceneError(f"{root}: no .npz scenes found")
         return paths
@@ -177,5 +184,6 @@ def list_scenes(
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise SceneError(
-            f"{len(missing)} scene(s) listed for {root} have no file, e.g. {missing[:3]}")
+            f"{len(missing)} scene(s) listed for {root} have no file, e.g. {missing[:3]}"
+        )
     return paths

@@ -73,8 +73,9 @@ class _BatchIterator:
 
     def __init__(self, *, num_epochs, num_workers, prefetch, transfer):
         if num_workers < 0 or prefetch < 1:
-            raise ValueError(f"need num_workers >= 0 and prefetch >= 1, got "
-                             f"{num_workers}, {prefetch}")
+            raise ValueError(
+                f"need num_workers >= 0 and prefetch >= 1, got {num_workers}, {prefetch}"
+            )
         self._num_epochs = num_epochs
         self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
         self._depth = prefetch if num_workers > 0 else 1
@@ -144,7 +145,8 @@ class _BatchIterator:
         if position >= len(self._plan_cached(epoch)):
             raise ValueError(
                 f"iterator state position {position} is past the end of epoch {epoch} "
-                f"({len(self._plan_cached(epoch))} batches); the split or batch size changed?")
+                f"({len(self._plan_cached(epoch))} batches); the split or batch size changed?"
+            )
         self._epoch, self._position = epoch, position
         done = self._num_epochs is not None and epoch >= self._num_epochs
         self._next_job = None if done else (epoch, position)
@@ -182,9 +184,13 @@ class _Packing:
 
     def pack(self, samples):
         return pack_batch(
-            samples, buckets=self.buckets, instance_buckets=self.instance_buckets,
-            num_classes=self.num_classes, voxel_size=self.voxel_size,
-            batch_size=self.batch_size)
+            samples,
+            buckets=self.buckets,
+            instance_buckets=self.instance_buckets,
+            num_classes=self.num_classes,
+            voxel_size=self.voxel_size,
+            batch_size=self.batch_size,
+        )
 
 
 class TrainIterator(_BatchIterator):
@@ -227,21 +233,28 @@ class TrainIterator(_BatchIterator):
         transfer: Callable | None = None,
         state: dict | None = None,
     ):
-        super().__init__(num_epochs=num_epochs, num_workers=num_workers,
-                         prefetch=prefetch, transfer=transfer)
+        super().__init__(
+            num_epochs=num_epochs, num_workers=num_workers, prefetch=prefetch, transfer=transfer
+        )
         self._paths = [str(p) for p in paths]
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if drop_remainder and len(self._paths) < batch_size:
             raise ValueError(
                 f"{len(self._paths)} training scenes < batch_size {batch_size} with "
-                f"drop_remainder: no batch would be produced")
+                f"drop_remainder: no batch would be produced"
+            )
         if not self._paths:
             raise ValueError("no training scenes")
         self._seed, self._batch_size = int(seed), int(batch_size)
         self._drop, self._window = drop_remainder, int(size_window)
-        self._packing = _Packing(tuple(sorted(buckets)), tuple(sorted(instance_buckets)),
-                                 num_classes, voxel_size, batch_size)
+        self._packing = _Packing(
+            tuple(sorted(buckets)),
+            tuple(sorted(instance_buckets)),
+            num_classes,
+            voxel_size,
+            batch_size,
+        )
         cfg = augment_config
         cap = max(buckets) // batch_size
         if cfg is not None and cfg.max_points is not None and cfg.max_points > cap:
@@ -249,7 +262,8 @@ class TrainIterator(_BatchIterator):
                 f"training crop max_points={cfg.max_points} x batch_size {batch_size} can "
                 f"exceed the largest point bucket {max(buckets)}; cropping each scene to "
                 f"{cap} points instead (add a bucket >= batch_size * max_points to keep it)",
-                stacklevel=2)
+                stacklevel=2,
+            )
             cfg = dataclasses.replace(cfg, max_points=cap)
         self._augment = cfg
         self._sizes = None
@@ -269,14 +283,14 @@ class TrainIterator(_BatchIterator):
             sizes = self._scene_sizes()
             batches = []
             for start in range(0, len(order), self._window * b):
-                chunk = order[start:start + self._window * b]
+                chunk = order[start : start + self._window * b]
                 chunk = chunk[np.argsort(sizes[chunk], kind="stable")]
-                batches += [chunk[i:i + b] for i in range(0, len(chunk), b)]
+                batches += [chunk[i : i + b] for i in range(0, len(chunk), b)]
             full = [x for x in batches if len(x) == b]
             part = [x for x in batches if len(x) < b]
             batches = [full[i] for i in rng.permutation(len(full))] + part
         else:
-            batches = [order[i:i + b] for i in range(0, len(order), b)]
+            batches = [order[i : i + b] for i in range(0, len(order), b)]
         if self._drop:
             batches = [x for x in batches if len(x) == b]
         return [[int(i) for i in x] for x in batches]
@@ -297,9 +311,13 @@ class TrainIterator(_BatchIterator):
 
     def state(self) -> dict:
         """JSON-serialisable position: the next batch ``next`` will return."""
-        return {"seed": self._seed, "epoch": int(self._epoch),
-                "position": int(self._position), "num_scenes": len(self._paths),
-                "batch_size": self._batch_size}
+        return {
+            "seed": self._seed,
+            "epoch": int(self._epoch),
+            "position": int(self._position),
+            "num_scenes": len(self._paths),
+            "batch_size": self._batch_size,
+        }
 
     def restore(self, state: dict) -> None:
         """Continue from a ``state()`` dict (drops prefetched batches)."""
@@ -307,7 +325,8 @@ class TrainIterator(_BatchIterator):
             if key in state and int(state[key]) != have:
                 raise ValueError(
                     f"iterator state was saved with {key}={state[key]} but this iterator has "
-                    f"{have}; cannot resume the same batch sequence")
+                    f"{have}; cannot resume the same batch sequence"
+                )
         self._seed = int(state["seed"])
         self._plans.clear()
         self._seek(int(state["epoch"]), int(state["position"]))
@@ -334,11 +353,17 @@ class EvalIterator(_BatchIterator):
         prefetch: int = 4,
         transfer: Callable | None = None,
     ):
-        super().__init__(num_epochs=1, num_workers=num_workers, prefetch=prefetch,
-                         transfer=transfer)
+        super().__init__(
+            num_epochs=1, num_workers=num_workers, prefetch=prefetch, transfer=transfer
+        )
         self._paths = [str(p) for p in paths]
-        self._packing = _Packing(tuple(sorted(buckets)), tuple(sorted(instance_buckets)),
-                                 num_classes, voxel_size, batch_size)
+        self._packing = _Packing(
+            tuple(sorted(buckets)),
+            tuple(sorted(instance_buckets)),
+            num_classes,
+            voxel_size,
+            batch_size,
+        )
         self._require_labels = require_labels
         self._groups = self._group(batch_size, max(buckets))
         if not self._groups:
@@ -351,7 +376,8 @@ class EvalIterator(_BatchIterator):
             if n > cap:
                 raise ValueError(
                     f"{p}: {n} points exceed the largest point bucket {cap}; evaluation does "
-                    f"not crop, so add a larger entry to config.data.point_buckets")
+                    f"not crop, so add a larger entry to config.data.point_buckets"
+                )
             if cur and (len(cur) == batch_size or total + n > cap):
                 groups.append(cur)
                 cur, total = [], 0
@@ -370,9 +396,15 @@ class EvalIterator(_BatchIterator):
 
     def _make(self, epoch: int, indices: list[int]):
         samples = [
-            prepare_eval(load_scene(self._paths[i], num_classes=self._packing.num_classes,
-                                    require_labels=self._require_labels))
-            for i in indices]
+            prepare_eval(
+                load_scene(
+                    self._paths[i],
+                    num_classes=self._packing.num_classes,
+                    require_labels=self._require_labels,
+                )
+            )
+            for i in indices
+        ]
         names = [scene_name(self._paths[i]) for i in indices]
         names += [None] * (self._packing.batch_size - len(names))
         return self._packing.pack(samples), names
@@ -389,8 +421,11 @@ def augment_from_config(data_config) -> AugmentConfig | None:
     if not d.augment:
         return None
     return AugmentConfig.for_voxel_size(
-        d.voxel_size, max_points=d.max_points, color_noise=d.color_noise,
-        **({} if d.elastic else {"elastic": ()}))
+        d.voxel_size,
+        max_points=d.max_points,
+        color_noise=d.color_noise,
+        **({} if d.elastic else {"elastic": ()}),
+    )
 
 
 def train_iterator(paths: Sequence[str], config, **kwargs) -> TrainIterator:
@@ -398,7 +433,14 @@ def train_iterator(paths: Sequence[str], config, **kwargs) -> TrainIterator:
     buckets, augmentation); ``kwargs`` go to :class:`TrainIterator` (``num_workers``,
     ``prefetch``, ``num_epochs``, ``state``, ...)."""
     d = config.data
-    return TrainIterator(paths, batch_size=d.batch_size, seed=config.seed,
-                         voxel_size=d.voxel_size, num_classes=config.model.num_classes,
-                         buckets=d.point_buckets, instance_buckets=d.instance_buckets,
-                         augment_config=augment_from_config(d), **kwargs)
+    return TrainIterator(
+        paths,
+        batch_size=d.batch_size,
+        seed=config.seed,
+        voxel_size=d.voxel_size,
+        num_classes=config.model.num_classes,
+        buckets=d.point_buckets,
+        instance_buckets=d.instance_buckets,
+        augment_config=augment_from_config(d),
+        **kwargs,
+    )

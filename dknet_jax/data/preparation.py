@@ -43,13 +43,26 @@ from tqdm import tqdm
 
 from dknet_jax.io_atomic import write_atomic as _write_atomic  # noqa: F401  (shared)
 
-__all__ = ["Job", "SettingsMismatch", "Summary", "check_settings", "run_jobs", "save_prepared",
-           "write_split_lists", "write_text_atomic"]
+__all__ = [
+    "Job",
+    "SettingsMismatch",
+    "Summary",
+    "check_settings",
+    "run_jobs",
+    "save_prepared",
+    "write_split_lists",
+    "write_text_atomic",
+]
 
 SETTINGS_FILE = "prepare_settings.json"
 
-PREPARED_DTYPES = {"xyz": np.float32, "rgb": np.uint8, "semantic": np.int32,
-                   "instance": np.int32, "superpoint": np.int32}
+PREPARED_DTYPES = {
+    "xyz": np.float32,
+    "rgb": np.uint8,
+    "semantic": np.int32,
+    "instance": np.int32,
+    "superpoint": np.int32,
+}
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -105,18 +118,24 @@ class Summary:
     def report(self, out: str) -> int:
         """Print the one-line outcome and the report path; return the CLI exit status
         (1 when a scene failed)."""
-        print(f"prepared {len(self.prepared)}, already present {len(self.existing)}, "
-              f"failed {len(self.failed)}; totals: "
-              f"{dict(sorted((self.stats if self.totals is None else self.totals).items()))}")
+        print(
+            f"prepared {len(self.prepared)}, already present {len(self.existing)}, "
+            f"failed {len(self.failed)}; totals: "
+            f"{dict(sorted((self.stats if self.totals is None else self.totals).items()))}"
+        )
         print(f"report: {os.path.join(out, 'prepare_report.json')}")
         return 1 if self.failed else 0
 
     def to_json(self) -> dict:
-        return {"prepared": len(self.prepared), "existing": len(self.existing),
-                "failed": self.failed,
-                "stats": dict(self.stats if self.totals is None else self.totals),
-                "run_stats": dict(self.stats), "scene_stats": self.scene_stats,
-                "warnings": dict(self.warnings)}
+        return {
+            "prepared": len(self.prepared),
+            "existing": len(self.existing),
+            "failed": self.failed,
+            "stats": dict(self.stats if self.totals is None else self.totals),
+            "run_stats": dict(self.stats),
+            "scene_stats": self.scene_stats,
+            "warnings": dict(self.warnings),
+        }
 
 
 def _run_one(job: Job):
@@ -136,9 +155,9 @@ def _worker_init(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         try:  # the kernel sends SIGKILL to this worker when the parent dies (even by SIGKILL)
             import ctypes
+
             pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL),
-                                                    0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
@@ -180,8 +199,14 @@ def _stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = 2.0) -> None:
             p.join(grace_s)
 
 
-def run_jobs(jobs: list[Job], *, workers: int = 1, overwrite: bool = False,
-             desc: str = "scenes", progress: bool = True) -> Summary:
+def run_jobs(
+    jobs: list[Job],
+    *,
+    workers: int = 1,
+    overwrite: bool = False,
+    desc: str = "scenes",
+    progress: bool = True,
+) -> Summary:
     """Run the preparation jobs; see the module docstring."""
     summary = Summary()
     todo = []
@@ -216,8 +241,9 @@ def run_jobs(jobs: list[Job], *, workers: int = 1, overwrite: bool = False,
     else:
         # spawn, not fork: the caller may have JAX (multithreaded) loaded
         ctx = multiprocessing.get_context("spawn")
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                      initializer=_worker_init, initargs=(os.getpid(),))
+        pool = cf.ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+        )
         try:
             with _sigterm_exits():
                 futures = [pool.submit(_run_one, job) for job in todo]
@@ -271,8 +297,9 @@ class SettingsMismatch(ValueError):
     """The output folder was prepared with other settings (see `check_settings`)."""
 
 
-def check_settings(out: str, settings: dict, *, overwrite: bool,
-                   scenes: list[str]) -> Callable[[Summary], None]:
+def check_settings(
+    out: str, settings: dict, *, overwrite: bool, scenes: list[str]
+) -> Callable[[Summary], None]:
     """Compare ``settings`` with those recorded in ``O/prepare_settings.json``.
 
     - no record: record ``settings`` now (a folder prepared before records existed is
@@ -298,8 +325,11 @@ def check_settings(out: str, settings: dict, *, overwrite: bool,
         return lambda summary: None
     with open(path) as fh:
         old = json.load(fh)
-    diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings))
-            if old.get(k) != settings.get(k)}
+    diff = {
+        k: (old.get(k), settings.get(k))
+        for k in sorted(set(old) | set(settings))
+        if old.get(k) != settings.get(k)
+    }
     if not diff:
         return lambda summary: None
     named = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -307,16 +337,17 @@ def check_settings(out: str, settings: dict, *, overwrite: bool,
         raise SettingsMismatch(
             f"{out} was prepared with other settings ({named}; recorded in {path}); its "
             f"scenes would be kept as they are. Rerun with --overwrite to redo every scene "
-            f"with the new settings, use the recorded settings, or choose another --out")
+            f"with the new settings, use the recorded settings, or choose another --out"
+        )
     wanted = set(scenes)
-    stale = sorted(f[:-4] for f in os.listdir(out)
-                   if f.endswith(".npz") and f[:-4] not in wanted)
+    stale = sorted(f[:-4] for f in os.listdir(out) if f.endswith(".npz") and f[:-4] not in wanted)
     if stale:
         raise SettingsMismatch(
             f"{out} was prepared with other settings ({named}); --overwrite redoes only the "
             f"scenes of this run, and {len(stale)} other prepared scene(s) there (e.g. "
             f"{stale[:3]}) would keep the old ones. Prepare all scenes, remove those, or "
-            f"choose another --out")
+            f"choose another --out"
+        )
 
     def commit(summary: Summary) -> None:
         if not summary.failed:
@@ -325,8 +356,9 @@ def check_settings(out: str, settings: dict, *, overwrite: bool,
     return commit
 
 
-def write_split_lists(out: str, lists: dict[str, list[str]],
-                      failed: dict[str, list[str]], note: Callable[[str], None]) -> dict:
+def write_split_lists(
+    out: str, lists: dict[str, list[str]], failed: dict[str, list[str]], note: Callable[[str], None]
+) -> dict:
     """Write ``O/<split>.txt`` for each split (atomically) and return the report fields.
 
     ``lists``: split -> prepared scene names; ``failed``: split -> scenes of that split
@@ -339,15 +371,19 @@ def write_split_lists(out: str, lists: dict[str, list[str]],
         bad = sorted(failed.get(split, ()))
         if bad:
             extra["split_failed"][split] = bad
-            note(f"split {split}: {len(bad)} scene(s) failed and are not in {split}.txt: "
-                 f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''} (errors under "
-                 f"'failed' in prepare_report.json)")
+            note(
+                f"split {split}: {len(bad)} scene(s) failed and are not in {split}.txt: "
+                f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''} (errors under "
+                f"'failed' in prepare_report.json)"
+            )
         path = os.path.join(out, f"{split}.txt")
         if not names:
             if os.path.exists(path):
                 os.remove(path)
-            note(f"split {split}: no scene prepared; {path} not written (training or "
-                 f"evaluation on this split stops with 'split not found')")
+            note(
+                f"split {split}: no scene prepared; {path} not written (training or "
+                f"evaluation on this split stops with 'split not found')"
+            )
             continue
         write_text_atomic(path, "".join(f"{n}\n" for n in names))
     return extra

@@ -75,8 +75,9 @@ class Rows:
         self.values, self.lines, self.skipped = values, lines, skipped
 
 
-def read_rows(path: str | os.PathLike, ncols: int | None = None, *,
-              warn: Callable[[str], None] = warn_data) -> Rows:
+def read_rows(
+    path: str | os.PathLike, ncols: int | None = None, *, warn: Callable[[str], None] = warn_data
+) -> Rows:
     """Parse a whitespace-separated numeric text file row by row, skipping bad rows.
 
     A row is malformed (skipped, with a warning naming file and line) when it holds a byte
@@ -128,20 +129,22 @@ def read_rows(path: str | os.PathLike, ncols: int | None = None, *,
         keep = np.ones(len(lines), bool)
         for r in range(len(lines)):
             try:
-                values[r] = [float(t) for t in tokens[r * ncol:(r + 1) * ncol]]
+                values[r] = [float(t) for t in tokens[r * ncol : (r + 1) * ncol]]
             except ValueError:
                 keep[r] = False
-                bad.append((lines[r], "not a number", b" ".join(tokens[r * ncol:(r + 1) * ncol])))
+                bad.append((lines[r], "not a number", b" ".join(tokens[r * ncol : (r + 1) * ncol])))
     finite = np.all(np.isfinite(values), axis=1)
     for r in np.nonzero(keep & ~finite)[0]:
-        bad.append((lines[r], "not finite", b" ".join(tokens[r * ncol:(r + 1) * ncol])))
+        bad.append((lines[r], "not finite", b" ".join(tokens[r * ncol : (r + 1) * ncol])))
     keep &= finite
     bad.sort()
     for no, why, raw in bad[:_MAX_ROW_WARNINGS]:
         warn(f"{path}:{no}: skipped malformed row ({why}): {raw[:80]!r}")
     if len(bad) > _MAX_ROW_WARNINGS:
-        warn(f"{path}: skipped {len(bad)} malformed rows in all (first "
-             f"{_MAX_ROW_WARNINGS} reported above)")
+        warn(
+            f"{path}: skipped {len(bad)} malformed rows in all (first "
+            f"{_MAX_ROW_WARNINGS} reported above)"
+        )
     return Rows(values[keep], np.asarray(lines, np.int64)[keep], len(bad))
 
 
@@ -183,8 +186,9 @@ def _read_clean_rows(data: bytes, ncols: int | None) -> Rows | None:
 
 
 # ---------------------------------------------------------------------------------------
-def _colours(path: str, cols: list[np.ndarray] | None, n: int,
-             warn: Callable[[str], None]) -> np.ndarray:
+def _colours(
+    path: str, cols: list[np.ndarray] | None, n: int, warn: Callable[[str], None]
+) -> np.ndarray:
     if cols is None:
         warn(f"{path}: no colours; using neutral grey ({GREY}, {GREY}, {GREY})")
         return np.full((n, 3), GREY, np.uint8)
@@ -213,8 +217,10 @@ def _check_xyz(path: str, xyz: np.ndarray) -> np.ndarray:
         raise ValueError(f"{path}: coordinates are not numeric ({xyz.dtype})")
     bad = ~np.all(np.isfinite(xyz), axis=1)
     if bad.any():
-        raise ValueError(f"{path}: {int(bad.sum())} points have NaN or inf coordinates "
-                         f"(first at row {int(np.argmax(bad))}); remove them first")
+        raise ValueError(
+            f"{path}: {int(bad.sum())} points have NaN or inf coordinates "
+            f"(first at row {int(np.argmax(bad))}); remove them first"
+        )
     # as stored: float64 stays float64 (map coordinates), float32 stays float32
     return xyz if xyz.dtype in (np.float32, np.float64) else xyz.astype(np.float64)
 
@@ -232,10 +238,12 @@ def scan_origin(xyz: np.ndarray) -> np.ndarray:
 def _check_extent(path: str, xyz: np.ndarray, warn: Callable[[str], None]) -> None:
     size = np.ptp(xyz, axis=0)
     if np.any(size > np.asarray(ROOM_EXTENT_M)):
-        warn(f"{path}: the scan spans {size[0]:.1f} x {size[1]:.1f} x {size[2]:.1f} m, more "
-             f"than a room (x/y up to {ROOM_EXTENT_M[0]:g} m, z up to {ROOM_EXTENT_M[2]:g} m)"
-             f"; the model expects one room in metres with z up: check the units (mm/cm?) "
-             f"or crop the scan")
+        warn(
+            f"{path}: the scan spans {size[0]:.1f} x {size[1]:.1f} x {size[2]:.1f} m, more "
+            f"than a room (x/y up to {ROOM_EXTENT_M[0]:g} m, z up to {ROOM_EXTENT_M[2]:g} m)"
+            f"; the model expects one room in metres with z up: check the units (mm/cm?) "
+            f"or crop the scan"
+        )
 
 
 def _read_ply_scan(path: str, warn) -> dict:
@@ -243,12 +251,16 @@ def _read_ply_scan(path: str, warn) -> dict:
     v = ply.vertex
     missing = [c for c in "xyz" if c not in v]
     if missing:
-        raise ValueError(f"{path}: PLY vertices lack coordinate properties {missing} "
-                         f"(has {list(v)})")
+        raise ValueError(
+            f"{path}: PLY vertices lack coordinate properties {missing} (has {list(v)})"
+        )
     xyz = np.stack([v["x"], v["y"], v["z"]], axis=1)
     cols = None
-    for names in (("red", "green", "blue"), ("r", "g", "b"),
-                  ("diffuse_red", "diffuse_green", "diffuse_blue")):
+    for names in (
+        ("red", "green", "blue"),
+        ("r", "g", "b"),
+        ("diffuse_red", "diffuse_green", "diffuse_blue"),
+    ):
         if all(n in v for n in names):
             cols = [v[n] for n in names]
             break
@@ -280,8 +292,7 @@ def _read_txt_scan(path: str, warn) -> dict:
     if rows.values.shape[0] == 0:
         raise ValueError(f"{path}: the point cloud is empty (no numeric rows)")
     if ncol not in (3, 6) and ncol < 6:
-        raise ValueError(f"{path}: rows have {ncol} columns; expected x y z (3) or "
-                         f"x y z r g b (6)")
+        raise ValueError(f"{path}: rows have {ncol} columns; expected x y z (3) or x y z r g b (6)")
     if ncol > 6:
         warn(f"{path}: rows have {ncol} columns; using the first 6 as x y z r g b")
     vals = rows.values
@@ -289,8 +300,12 @@ def _read_txt_scan(path: str, warn) -> dict:
     return {"xyz": vals[:, :3], "cols": cols, "faces": None}
 
 
-_READERS = {".ply": _read_ply_scan, ".npz": _read_npz_scan, ".txt": _read_txt_scan,
-            ".xyz": _read_txt_scan}
+_READERS = {
+    ".ply": _read_ply_scan,
+    ".npz": _read_npz_scan,
+    ".txt": _read_txt_scan,
+    ".xyz": _read_txt_scan,
+}
 
 
 def read_scan(path: str | os.PathLike, *, warn: Callable[[str], None] = warn_data) -> dict:
@@ -312,8 +327,7 @@ def read_scan(path: str | os.PathLike, *, warn: Callable[[str], None] = warn_dat
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in _READERS:
-        raise ValueError(f"{path}: unsupported scan format {ext!r}; use one of "
-                         f"{sorted(_READERS)}")
+        raise ValueError(f"{path}: unsupported scan format {ext!r}; use one of {sorted(_READERS)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"scan file not found: {path}")
     raw = _READERS[ext](path, warn)
@@ -326,10 +340,10 @@ def read_scan(path: str | os.PathLike, *, warn: Callable[[str], None] = warn_dat
     faces = raw["faces"]
     if faces is not None:
         faces = np.asarray(faces)
-        if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype,
-                                                                       np.integer):
-            raise ValueError(f"{path}: faces must be int [F, 3], got {faces.dtype}"
-                             f"{list(faces.shape)}")
+        if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
+            raise ValueError(
+                f"{path}: faces must be int [F, 3], got {faces.dtype}{list(faces.shape)}"
+            )
         if faces.size and (faces.min() < 0 or faces.max() >= len(xyz)):
             raise ValueError(f"{path}: face indices outside [0, {len(xyz)})")
         faces = faces.astype(np.int32)

@@ -42,15 +42,17 @@ __all__ = ["annotation_files", "find_rooms", "prepare_s3dis", "prepare_s3dis_roo
 _NAME = re.compile(r"^(?P<cls>[A-Za-z]+)(?:_[^ ]*)?(?P<dup> \(\d+\))?\.txt$")
 
 
-def annotation_files(room_dir: str, warn: Callable[[str], None] = warn_data
-                     ) -> list[tuple[str, str]]:
+def annotation_files(
+    room_dir: str, warn: Callable[[str], None] = warn_data
+) -> list[tuple[str, str]]:
     """``[(path, class name)]`` of a room's annotation files, sorted by file name, with
     byte-identical ``<stem> (N).txt`` copies removed."""
     ann = os.path.join(room_dir, "Annotations")
     if not os.path.isdir(ann):
         raise FileNotFoundError(f"{room_dir}: missing Annotations folder {ann}")
-    names = sorted(n for n in os.listdir(ann)
-                   if n.endswith(".txt") and os.path.isfile(os.path.join(ann, n)))
+    names = sorted(
+        n for n in os.listdir(ann) if n.endswith(".txt") and os.path.isfile(os.path.join(ann, n))
+    )
     if not names:
         raise FileNotFoundError(f"{room_dir}: no annotation .txt files in {ann}")
     out = []
@@ -63,8 +65,9 @@ def annotation_files(room_dir: str, warn: Callable[[str], None] = warn_data
             if os.path.isfile(original) and _same_bytes(original, path):
                 warn(f"{path}: identical copy of {os.path.basename(original)}; skipped")
                 continue
-            warn(f"{path}: duplicate-looking name with different content; kept as a "
-                 f"separate object")
+            warn(
+                f"{path}: duplicate-looking name with different content; kept as a separate object"
+            )
         out.append((path, cls))
     return out
 
@@ -76,10 +79,15 @@ def _same_bytes(a: str, b: str) -> bool:
         return fa.read() == fb.read()
 
 
-def prepare_s3dis_room(room_dir: str, *, k: int = 10, voxel_size: float | None = 0.02,
-                       k_thresh: float = 0.01, seg_min_verts: int = 20,
-                       warn: Callable[[str], None] = warn_data
-                       ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def prepare_s3dis_room(
+    room_dir: str,
+    *,
+    k: int = 10,
+    voxel_size: float | None = 0.02,
+    k_thresh: float = 0.01,
+    seg_min_verts: int = 20,
+    warn: Callable[[str], None] = warn_data,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Prepare one S3DIS room (rules in the module docstring).
 
     Args:
@@ -104,8 +112,10 @@ def prepare_s3dis_room(room_dir: str, *, k: int = 10, voxel_size: float | None =
             continue
         cls = s3dis_class_index(cls_name)
         if cls == IGNORE_LABEL:
-            warn(f"{path}: unknown S3DIS class {cls_name!r}; its points get semantic and "
-                 f"instance -100")
+            warn(
+                f"{path}: unknown S3DIS class {cls_name!r}; its points get semantic and "
+                f"instance -100"
+            )
             stats["objects_unknown_class"] += 1
             stats["points_unknown_class"] += len(v)
             ids = IGNORE_LABEL
@@ -122,10 +132,15 @@ def prepare_s3dis_room(room_dir: str, *, k: int = 10, voxel_size: float | None =
         inst.append(np.full(len(v), ids, np.int32))
     if not xyz:
         raise ValueError(f"{room_dir}: no points in any annotation file")
-    arrays = {"xyz": np.concatenate(xyz), "rgb": np.concatenate(rgb),
-              "semantic": np.concatenate(sem), "instance": np.concatenate(inst)}
-    sp = segment_points(arrays["xyz"], k=k, k_thresh=k_thresh, seg_min_verts=seg_min_verts,
-                        voxel_size=voxel_size)
+    arrays = {
+        "xyz": np.concatenate(xyz),
+        "rgb": np.concatenate(rgb),
+        "semantic": np.concatenate(sem),
+        "instance": np.concatenate(inst),
+    }
+    sp = segment_points(
+        arrays["xyz"], k=k, k_thresh=k_thresh, seg_min_verts=seg_min_verts, voxel_size=voxel_size
+    )
     arrays["superpoint"] = sp.astype(np.int32)
     stats.update(points=len(sp), instances=next_id, superpoints=len(np.unique(sp)))
     return arrays, dict(stats)
@@ -134,8 +149,11 @@ def prepare_s3dis_room(room_dir: str, *, k: int = 10, voxel_size: float | None =
 def find_rooms(root: str, areas: list[int] | None = None) -> list[tuple[str, str]]:
     """``[(scene name Area_N_<room>, room folder)]`` under ``R/Area_N/``, sorted."""
     out = []
-    area_dirs = sorted(d for d in os.listdir(root)
-                       if re.fullmatch(r"Area_\d+", d) and os.path.isdir(os.path.join(root, d)))
+    area_dirs = sorted(
+        d
+        for d in os.listdir(root)
+        if re.fullmatch(r"Area_\d+", d) and os.path.isdir(os.path.join(root, d))
+    )
     if areas is not None:
         area_dirs = [d for d in area_dirs if int(d[5:]) in set(areas)]
     for area in area_dirs:
@@ -150,9 +168,17 @@ def _room_job(room_dir: str, params: dict, *, warn=warn_data):
     return prepare_s3dis_room(room_dir, warn=warn, **params)
 
 
-def prepare_s3dis(root: str, out: str, *, areas: list[int] | None = None,
-                  test_area: int = 5, workers: int = 1, overwrite: bool = False,
-                  progress: bool = True, **params):
+def prepare_s3dis(
+    root: str,
+    out: str,
+    *,
+    areas: list[int] | None = None,
+    test_area: int = 5,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    **params,
+):
     """Prepare every room: ``O/Area_N_<room>.npz``, split lists ``O/Area_N.txt`` and,
     for the usual protocol, ``O/train.txt`` (areas != test_area) and ``O/val.txt``.
 
@@ -183,13 +209,18 @@ def prepare_s3dis(root: str, out: str, *, areas: list[int] | None = None,
     for name in ("k", "voxel_size", "k_thresh", "seg_min_verts"):
         settings[name] = params.get(name, room_params[name].default)
     commit = check_settings(out, settings, overwrite=overwrite, scenes=[n for n, _ in rooms])
-    jobs = [Job(name, os.path.join(out, f"{name}.npz"), _room_job, (d, params))
-            for name, d in rooms]
-    summary = run_jobs(jobs, workers=workers, overwrite=overwrite, desc="S3DIS rooms",
-                       progress=progress)
+    jobs = [
+        Job(name, os.path.join(out, f"{name}.npz"), _room_job, (d, params)) for name, d in rooms
+    ]
+    summary = run_jobs(
+        jobs, workers=workers, overwrite=overwrite, desc="S3DIS rooms", progress=progress
+    )
     commit(summary)
-    done = sorted(f[:-4] for f in os.listdir(out)  # every prepared room, not just this run's
-                  if re.fullmatch(r"Area_\d+_.+\.npz", f))
+    done = sorted(
+        f[:-4]
+        for f in os.listdir(out)  # every prepared room, not just this run's
+        if re.fullmatch(r"Area_\d+_.+\.npz", f)
+    )
     lists: dict[str, list[str]] = {"train": [], "val": []}
     failed: dict[str, list[str]] = {}
 
@@ -214,6 +245,7 @@ def prepare_s3dis(root: str, out: str, *, areas: list[int] | None = None,
 
     extra = write_split_lists(out, lists, failed, note)
     summary.warnings.update(notes)
-    write_report(os.path.join(out, "prepare_report.json"), summary,
-                 {"test_area": test_area, **extra})
+    write_report(
+        os.path.join(out, "prepare_report.json"), summary, {"test_area": test_area, **extra}
+    )
     return summary

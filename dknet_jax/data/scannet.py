@@ -79,8 +79,9 @@ def find_scene_dir(root: str, scene: str) -> str:
         d = os.path.join(root, sub, scene)
         if os.path.isdir(d):
             return d
-    raise FileNotFoundError(f"{scene}: scene folder not found under {root}/scans or "
-                            f"{root}/scans_test")
+    raise FileNotFoundError(
+        f"{scene}: scene folder not found under {root}/scans or {root}/scans_test"
+    )
 
 
 def read_split(path: str, warn: Callable[[str], None] = warn_data) -> list[str]:
@@ -107,16 +108,18 @@ def read_label_table(path: str, warn: Callable[[str], None] = warn_data) -> dict
     category listed twice keeps its first id (warning if the ids differ).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"label table not found: {path} (expected "
-                                f"{LABEL_TABLE} at the dataset root)")
+        raise FileNotFoundError(
+            f"label table not found: {path} (expected {LABEL_TABLE} at the dataset root)"
+        )
     with open(path, encoding="utf-8", newline="") as fh:
         lines = fh.read().split("\n")
     header = lines[0].rstrip("\r").split("\t")
     try:
         i_raw, i_nyu = header.index("raw_category"), header.index("nyu40id")
     except ValueError:
-        raise ValueError(f"{path}: header lacks 'raw_category' / 'nyu40id' columns "
-                         f"(found {header[:6]}...)") from None
+        raise ValueError(
+            f"{path}: header lacks 'raw_category' / 'nyu40id' columns (found {header[:6]}...)"
+        ) from None
     table: dict[str, int] = {}
     for no, line in enumerate(lines[1:], 2):
         line = line.rstrip("\r")
@@ -137,8 +140,10 @@ def read_label_table(path: str, warn: Callable[[str], None] = warn_data) -> dict
             continue
         if raw in table:
             if table[raw] != nyu_id:
-                warn(f"{path}:{no}: raw_category {raw!r} listed again with nyu40id "
-                     f"{nyu_id} (keeping {table[raw]})")
+                warn(
+                    f"{path}:{no}: raw_category {raw!r} listed again with nyu40id "
+                    f"{nyu_id} (keeping {table[raw]})"
+                )
             continue
         table[raw] = nyu_id
     return table
@@ -158,10 +163,14 @@ def _load_json(path: str, scene: str) -> dict:
         raise ValueError(f"{scene}: {path} is not valid JSON ({e})") from e
 
 
-def prepare_scannet_scene(scene_dir: str, scene: str, label_table: dict[str, int], *,
-                          test: bool | None = None,
-                          warn: Callable[[str], None] = warn_data
-                          ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def prepare_scannet_scene(
+    scene_dir: str,
+    scene: str,
+    label_table: dict[str, int],
+    *,
+    test: bool | None = None,
+    warn: Callable[[str], None] = warn_data,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Prepare one ScanNet scene (rules in the module docstring).
 
     Args:
@@ -197,13 +206,19 @@ def prepare_scannet_scene(scene_dir: str, scene: str, label_table: dict[str, int
         raise ValueError(f"{scene}: {files['segs']} has no 'segIndices'")
     seg = np.asarray(segs["segIndices"], dtype=np.int64)
     if seg.shape != (n,):
-        raise ValueError(f"{scene}: {files['segs']} has {seg.size} segIndices for {n} "
-                         f"mesh vertices")
+        raise ValueError(
+            f"{scene}: {files['segs']} has {seg.size} segIndices for {n} mesh vertices"
+        )
     stats = Counter(scenes=1, points=n, superpoints=len(np.unique(seg)))
     semantic = np.full(n, IGNORE_LABEL, np.int32)
     instance = np.full(n, IGNORE_LABEL, np.int32)
-    arrays = {"xyz": xyz, "rgb": rgb, "semantic": semantic, "instance": instance,
-              "superpoint": seg.astype(np.int32)}
+    arrays = {
+        "xyz": xyz,
+        "rgb": rgb,
+        "semantic": semantic,
+        "instance": instance,
+        "superpoint": seg.astype(np.int32),
+    }
 
     has_labels = os.path.isfile(files["labels"])
     has_agg = os.path.isfile(files["aggregation"])
@@ -221,13 +236,14 @@ def prepare_scannet_scene(scene_dir: str, scene: str, label_table: dict[str, int
         raise ValueError(f"{scene}: {files['labels']} has no vertex property 'label'")
     nyu = np.asarray(lab["label"]).astype(np.int64)
     if nyu.shape != (n,):
-        raise ValueError(f"{scene}: {files['labels']} has {nyu.size} vertices, the mesh "
-                         f"{n}")
+        raise ValueError(f"{scene}: {files['labels']} has {nyu.size} vertices, the mesh {n}")
     stray = (nyu < 0) | (nyu > 40)
     if stray.any():
         vals = sorted(set(nyu[stray].tolist()))
-        warn(f"{scene}: {int(stray.sum())} vertices of {files['labels']} carry ids "
-             f"outside nyu40 {vals[:10]}; treated as unannotated")
+        warn(
+            f"{scene}: {int(stray.sum())} vertices of {files['labels']} carry ids "
+            f"outside nyu40 {vals[:10]}; treated as unannotated"
+        )
         stats["stray_label_points"] += int(stray.sum())
     semantic[:] = map_nyu40(nyu)
 
@@ -251,8 +267,10 @@ def prepare_scannet_scene(scene_dir: str, scene: str, label_table: dict[str, int
             continue
         by_object[oid] = {"segments": segments, "label": label}
     if stats["duplicate_groups"]:
-        warn(f"{scene}: {files['aggregation']} lists {stats['duplicate_groups']} "
-             f"segGroups again under an existing objectId; kept the first of each")
+        warn(
+            f"{scene}: {files['aggregation']} lists {stats['duplicate_groups']} "
+            f"segGroups again under an existing objectId; kept the first of each"
+        )
 
     seg_ids = np.unique(seg)
     claimed = np.zeros(n, bool)
@@ -261,8 +279,10 @@ def prepare_scannet_scene(scene_dir: str, scene: str, label_table: dict[str, int
         obj = by_object[oid]
         nyu_id = label_table.get(obj["label"])
         if nyu_id is None:
-            warn(f"raw category {obj['label']!r} is not in {LABEL_TABLE}; its objects are "
-                 f"treated as unannotated")
+            warn(
+                f"raw category {obj['label']!r} is not in {LABEL_TABLE}; its objects are "
+                f"treated as unannotated"
+            )
             stats["objects_unmapped"] += 1
             continue
         cls = int(map_nyu40(np.array([nyu_id]))[0])
@@ -273,8 +293,10 @@ def prepare_scannet_scene(scene_dir: str, scene: str, label_table: dict[str, int
         unknown = ~np.isin(wanted, seg_ids)
         if unknown.any():
             stats["unknown_segments"] += int(unknown.sum())
-            warn(f"{scene}: object {oid} of {files['aggregation']} lists "
-                 f"{int(unknown.sum())} segment ids absent from {files['segs']}")
+            warn(
+                f"{scene}: object {oid} of {files['aggregation']} lists "
+                f"{int(unknown.sum())} segment ids absent from {files['segs']}"
+            )
         member = np.isin(seg, wanted)
         stats["points_claimed_twice"] += int((member & claimed).sum())
         member &= ~claimed
@@ -291,20 +313,34 @@ def prepare_scannet_scene(scene_dir: str, scene: str, label_table: dict[str, int
     stats["points_in_no_instance"] = int((instance == IGNORE_LABEL).sum())
     for key in ("points_claimed_twice", "points_semantic_disagrees"):
         if stats[key]:
-            warn(f"{scene}: {stats[key]} {key.replace('_', ' ')} (instance set to -100 "
-                 f"where the labels ply disagrees; first object kept when claimed twice)")
+            warn(
+                f"{scene}: {stats[key]} {key.replace('_', ' ')} (instance set to -100 "
+                f"where the labels ply disagrees; first object kept when claimed twice)"
+            )
     return arrays, dict(stats)
 
 
-def _scene_job(root: str, scene: str, table: dict[str, int], test: bool | None, *,
-               warn: Callable[[str], None] = warn_data):
-    return prepare_scannet_scene(find_scene_dir(root, scene), scene, table, test=test,
-                                 warn=warn)
+def _scene_job(
+    root: str,
+    scene: str,
+    table: dict[str, int],
+    test: bool | None,
+    *,
+    warn: Callable[[str], None] = warn_data,
+):
+    return prepare_scannet_scene(find_scene_dir(root, scene), scene, table, test=test, warn=warn)
 
 
-def prepare_scannet(root: str, out: str, *, split_dir: str | None = None,
-                    scenes: list[str] | None = None, workers: int = 1,
-                    overwrite: bool = False, progress: bool = True):
+def prepare_scannet(
+    root: str,
+    out: str,
+    *,
+    split_dir: str | None = None,
+    scenes: list[str] | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+):
     """Prepare a ScanNet v2 folder: ``O/<scene>.npz`` per scene + split lists.
 
     Scenes: ``scenes`` if given, else every folder of ``R/scans`` and ``R/scans_test``.
@@ -343,22 +379,39 @@ def prepare_scannet(root: str, out: str, *, split_dir: str | None = None,
         if os.path.isfile(p):
             splits[name] = read_split(p, warn=note)
     if scenes is None:
-        scenes = sorted({d for sub in ("scans", "scans_test")
-                         if os.path.isdir(os.path.join(root, sub))
-                         for d in os.listdir(os.path.join(root, sub))
-                         if os.path.isdir(os.path.join(root, sub, d))})
+        scenes = sorted(
+            {
+                d
+                for sub in ("scans", "scans_test")
+                if os.path.isdir(os.path.join(root, sub))
+                for d in os.listdir(os.path.join(root, sub))
+                if os.path.isdir(os.path.join(root, sub, d))
+            }
+        )
     if not scenes:
         raise FileNotFoundError(f"no scene folders under {root}/scans")
     test_set = set(splits.get("test", ()))
     # what decides a scene's arrays besides its own files: the label mapping
     with open(table_path, "rb") as fh:
         table_digest = hashlib.sha256(fh.read()).hexdigest()[:16]
-    commit = check_settings(out, {"dataset": "scannet", "label_table_sha256": table_digest},
-                            overwrite=overwrite, scenes=scenes)
-    jobs = [Job(s, os.path.join(out, f"{s}.npz"), _scene_job,
-                (root, s, table, True if s in test_set else None)) for s in scenes]
-    summary = run_jobs(jobs, workers=workers, overwrite=overwrite, desc="ScanNet scenes",
-                       progress=progress)
+    commit = check_settings(
+        out,
+        {"dataset": "scannet", "label_table_sha256": table_digest},
+        overwrite=overwrite,
+        scenes=scenes,
+    )
+    jobs = [
+        Job(
+            s,
+            os.path.join(out, f"{s}.npz"),
+            _scene_job,
+            (root, s, table, True if s in test_set else None),
+        )
+        for s in scenes
+    ]
+    summary = run_jobs(
+        jobs, workers=workers, overwrite=overwrite, desc="ScanNet scenes", progress=progress
+    )
     commit(summary)
     extra = {}
     lists, failed = {}, {}

@@ -278,11 +278,16 @@ def augment(sample: dict, rng: np.random.Generator, config: AugmentConfig) -> di
         out = elastic_distortion(out, rng, granularity=granularity, magnitude=magnitude)
     if config.max_points is not None:
         out = crop_to_max_points(
-            out, rng, max_points=config.max_points, box_size=config.crop_box,
-            shrink=config.crop_shrink)
+            out,
+            rng,
+            max_points=config.max_points,
+            box_size=config.crop_box,
+            shrink=config.crop_shrink,
+        )
     if config.color_noise:
         out = color_noise(
-            out, rng, scene_std=config.color_scene_std, point_std=config.color_point_std)
+            out, rng, scene_std=config.color_scene_std, point_std=config.color_point_std
+        )
     return out
 
 

@@ -101,19 +101,25 @@ class BoxAPEvaluator:
         pl = np.asarray(pred_labels, np.int64).reshape(-1)
         ps = np.asarray(pred_scores, np.float64).reshape(-1)
         if gb.shape[0] != gl.shape[0] or not pb.shape[0] == pl.shape[0] == ps.shape[0]:
-            raise ValueError(f"box / label / score counts differ: gt {gb.shape[0]} vs "
-                             f"{gl.shape[0]}, pred {pb.shape[0]}, {pl.shape[0]}, {ps.shape[0]}")
+            raise ValueError(
+                f"box / label / score counts differ: gt {gb.shape[0]} vs "
+                f"{gl.shape[0]}, pred {pb.shape[0]}, {pl.shape[0]}, {ps.shape[0]}"
+            )
         self._gt.append((gb, gl))
         self._pred.append((pb, pl, ps))
 
-    def add_scene_from_masks(self, xyz, gt_masks, gt_labels, pred_masks, pred_labels,
-                             pred_scores) -> None:
+    def add_scene_from_masks(
+        self, xyz, gt_masks, gt_labels, pred_masks, pred_labels, pred_scores
+    ) -> None:
         """As ``add_scene`` with boxes from masks: xyz f[N, 3], gt_masks bool[G, N],
         pred_masks bool[K, N]."""
-        self.add_scene(boxes_from_masks(xyz, np.asarray(gt_masks).reshape(-1, len(xyz))),
-                       gt_labels,
-                       boxes_from_masks(xyz, np.asarray(pred_masks).reshape(-1, len(xyz))),
-                       pred_labels, pred_scores)
+        self.add_scene(
+            boxes_from_masks(xyz, np.asarray(gt_masks).reshape(-1, len(xyz))),
+            gt_labels,
+            boxes_from_masks(xyz, np.asarray(pred_masks).reshape(-1, len(xyz))),
+            pred_labels,
+            pred_scores,
+        )
 
     def _class_ap(self, c: int, th: float) -> float:
         npos = sum(int(np.sum(gl == c)) for _, gl in self._gt)
@@ -144,13 +150,16 @@ class BoxAPEvaluator:
     def compute(self) -> dict:
         """``{"map_25", "map_50", "classes": {name: {"ap_25", "ap_50"}}}`` (keys follow the
         thresholds: ``map_{round(100*t)}``); NaN for classes without GT, nanmean over classes."""
-        ap = np.array([[self._class_ap(c, t) for t in self.thresholds]
-                       for c in range(self.num_classes)]).reshape(self.num_classes, -1)
+        ap = np.array(
+            [[self._class_ap(c, t) for t in self.thresholds] for c in range(self.num_classes)]
+        ).reshape(self.num_classes, -1)
         keys = [f"{round(100 * t)}" for t in self.thresholds]
         out = {}
         for ti, k in enumerate(keys):
             col = ap[:, ti][~np.isnan(ap[:, ti])]
             out[f"map_{k}"] = float(col.mean()) if col.size else math.nan
-        out["classes"] = {n: {f"ap_{k}": float(ap[c, ti]) for ti, k in enumerate(keys)}
-                          for c, n in enumerate(self.class_names)}
+        out["classes"] = {
+            n: {f"ap_{k}": float(ap[c, ti]) for ti, k in enumerate(keys)}
+            for c, n in enumerate(self.class_names)
+        }
         return out

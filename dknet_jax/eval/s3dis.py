@@ -73,13 +73,17 @@ def s3dis_instance_metrics(scenes, num_classes: int = NUM_CLASSES) -> dict:
         ins = np.asarray(sc["gt_instance"]).reshape(-1)
         n = sem.shape[0]
         if ins.shape[0] != n:
-            raise ValueError(f"scene {r}: gt_semantic ({n}) and gt_instance ({ins.shape[0]}) differ")
+            raise ValueError(
+                f"scene {r}: gt_semantic ({n}) and gt_instance ({ins.shape[0]}) differ"
+            )
         pm = np.asarray(sc["pred_masks"]).astype(bool)
         pm = pm.reshape(-1, n) if pm.size == 0 else pm
         pl = np.asarray(sc["pred_labels"]).reshape(-1).astype(np.int64)
         if pm.ndim != 2 or pm.shape[1] != n or pm.shape[0] != pl.shape[0]:
-            raise ValueError(f"scene {r}: pred_masks {pm.shape} must be [K, {n}] with K = "
-                             f"len(pred_labels) = {pl.shape[0]}")
+            raise ValueError(
+                f"scene {r}: pred_masks {pm.shape} must be [K, {n}] with K = "
+                f"len(pred_labels) = {pl.shape[0]}"
+            )
         if np.any((pl < 0) | (pl >= num_classes)):
             raise ValueError(f"scene {r}: pred_labels must be 0..{num_classes - 1}")
         bad = (sem != IGNORE_LABEL) & ((sem < 0) | (sem >= num_classes))

@@ -88,8 +88,10 @@ def semantic_to_nyu40(labels) -> np.ndarray:
     labels = np.asarray(labels)
     bad = (labels != IGNORE_LABEL) & ((labels < 0) | (labels >= len(SCANNET_NYU40_IDS)))
     if np.any(bad):
-        raise ValueError(f"semantic labels must be 0..{len(SCANNET_NYU40_IDS) - 1} or "
-                         f"{IGNORE_LABEL}, got {np.unique(labels[bad])[:5].tolist()}")
+        raise ValueError(
+            f"semantic labels must be 0..{len(SCANNET_NYU40_IDS) - 1} or "
+            f"{IGNORE_LABEL}, got {np.unique(labels[bad])[:5].tolist()}"
+        )
     table = np.asarray((0,) + tuple(SCANNET_NYU40_IDS), dtype=np.int64)
     return table[np.where(labels == IGNORE_LABEL, 0, labels + 1)]
 
@@ -98,8 +100,10 @@ def instance_class_to_nyu40(classes) -> np.ndarray:
     """Instance-class indices (int[K] 0..17, benchmark order) -> nyu40 ids."""
     classes = np.asarray(classes)
     if np.any((classes < 0) | (classes >= CLASS_IDS.size)):
-        raise ValueError(f"instance classes must be 0..{CLASS_IDS.size - 1}, got "
-                         f"{np.unique(classes[(classes < 0) | (classes >= CLASS_IDS.size)]).tolist()}")
+        raise ValueError(
+            f"instance classes must be 0..{CLASS_IDS.size - 1}, got "
+            f"{np.unique(classes[(classes < 0) | (classes >= CLASS_IDS.size)]).tolist()}"
+        )
     return CLASS_IDS[classes]
 
 
@@ -209,7 +213,8 @@ class ScanNetInstanceEvaluator:
         if gt_ids.ndim != 1 or not np.issubdtype(gt_ids.dtype, np.integer):
             raise ValueError(
                 f"gt_ids must be a 1-D integer array (nyu40*1000+instance per vertex), got "
-                f"dtype {gt_ids.dtype} shape {gt_ids.shape}")
+                f"dtype {gt_ids.dtype} shape {gt_ids.shape}"
+            )
         gt_ids = gt_ids.astype(np.int64)
         n = gt_ids.shape[0]
         masks = np.asarray(pred_masks)
@@ -217,7 +222,8 @@ class ScanNetInstanceEvaluator:
             masks = masks.reshape(0, n)
         if masks.ndim != 2 or masks.shape[1] != n:
             raise ValueError(
-                f"pred_masks must be [K, N] with N = {n} (len(gt_ids)), got shape {masks.shape}")
+                f"pred_masks must be [K, N] with N = {n} (len(gt_ids)), got shape {masks.shape}"
+            )
         masks = masks != 0
         k = masks.shape[0]
         labels = np.asarray(pred_label_ids).reshape(-1)
@@ -225,15 +231,19 @@ class ScanNetInstanceEvaluator:
         if labels.shape[0] != k or scores.shape[0] != k:
             raise ValueError(
                 f"pred_label_ids ({labels.shape[0]}) and pred_scores ({scores.shape[0]}) need "
-                f"one entry per mask ({k})")
+                f"one entry per mask ({k})"
+            )
         if np.any(np.isnan(scores)):  # +-inf rank as in the official script's np.argsort
-            raise ValueError("pred_scores contain NaN; the official ranking of NaN is "
-                             "ill-defined, give numbers (+-inf are accepted)")
+            raise ValueError(
+                "pred_scores contain NaN; the official ranking of NaN is "
+                "ill-defined, give numbers (+-inf are accepted)"
+            )
 
         # GT instances: distinct non-zero ids whose label is an instance class
         uniq, inverse, counts = np.unique(gt_ids, return_inverse=True, return_counts=True)
-        uniq_cls = np.array([_ID_TO_CLASS.get(int(u // 1000), -1) if u != 0 else -1
-                             for u in uniq], dtype=np.int64)
+        uniq_cls = np.array(
+            [_ID_TO_CLASS.get(int(u // 1000), -1) if u != 0 else -1 for u in uniq], dtype=np.int64
+        )
         is_inst = uniq_cls >= 0
         void = ~np.isin(gt_ids // 1000, CLASS_IDS)  # [N] label not an instance class
         inst_uniq = np.flatnonzero(is_inst)  # positions in `uniq`
@@ -247,8 +257,9 @@ class ScanNetInstanceEvaluator:
         kept = np.flatnonzero((pred_cls >= 0) & (sizes >= MIN_REGION_SIZE))
         # intersections of kept predictions with every GT slot (+ none) and void area
         km, pts = np.nonzero(masks[kept])
-        inter = np.bincount(km * (g_total + 1) + point_slot[pts],
-                            minlength=kept.size * (g_total + 1)).reshape(kept.size, g_total + 1)
+        inter = np.bincount(
+            km * (g_total + 1) + point_slot[pts], minlength=kept.size * (g_total + 1)
+        ).reshape(kept.size, g_total + 1)
         void_inter = np.bincount(km[void[pts]], minlength=kept.size)
 
         scene: dict[int, _SceneClass] = {}
@@ -262,7 +273,8 @@ class ScanNetInstanceEvaluator:
                 pred_size=sizes[kept[p_idx]],
                 conf=scores[kept[p_idx]],
                 void=void_inter[p_idx].astype(np.int64),
-                inter=inter[np.ix_(p_idx, g_idx)].astype(np.int64))
+                inter=inter[np.ix_(p_idx, g_idx)].astype(np.int64),
+            )
         self._scenes.append(scene)
 
     def gt_instance_sizes(self) -> np.ndarray:
@@ -276,11 +288,15 @@ class ScanNetInstanceEvaluator:
         if np.any(sizes >= MIN_REGION_SIZE):
             return None
         if sizes.size == 0:
-            return ("every AP is nan: no GT vertex has an instance-class id (nyu40_id*1000 + "
-                    f"instance with a nyu40 id in {CLASS_IDS.tolist()})")
-        return (f"every AP is nan: all {sizes.size} GT instance(s) have fewer than "
-                f"{MIN_REGION_SIZE} vertices (largest {int(sizes.max())}), and the benchmark "
-                f"ignores smaller ones; GT files need one id per vertex of the full mesh")
+            return (
+                "every AP is nan: no GT vertex has an instance-class id (nyu40_id*1000 + "
+                f"instance with a nyu40 id in {CLASS_IDS.tolist()})"
+            )
+        return (
+            f"every AP is nan: all {sizes.size} GT instance(s) have fewer than "
+            f"{MIN_REGION_SIZE} vertices (largest {int(sizes.max())}), and the benchmark "
+            f"ignores smaller ones; GT files need one id per vertex of the full mesh"
+        )
 
     def compute_ap_matrix(self) -> np.ndarray:
         """f64[18, 10] AP per class (rows in benchmark order) and overlap ``OVERLAPS``."""
@@ -357,6 +373,8 @@ def format_table(results: dict) -> str:
     for name, d in results["classes"].items():
         lines.append(f"{name:<16}{fmt(d['ap']):>8}{fmt(d['ap50%']):>8}{fmt(d['ap25%']):>8}")
     lines.append("-" * 40)
-    lines.append(f"{'average':<16}{fmt(results['all_ap']):>8}{fmt(results['all_ap_50%']):>8}"
-                 f"{fmt(results['all_ap_25%']):>8}")
+    lines.append(
+        f"{'average':<16}{fmt(results['all_ap']):>8}{fmt(results['all_ap_50%']):>8}"
+        f"{fmt(results['all_ap_25%']):>8}"
+    )
     return "\n".join(lines)

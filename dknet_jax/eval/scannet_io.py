@@ -51,7 +51,8 @@ def read_ids(path: str) -> np.ndarray:
     if not lines:
         raise BenchmarkFormatError(
             f"GT file {path} is empty; it needs one integer (nyu40_id*1000+instance) per "
-            f"vertex of the scene's *_vh_clean_2.ply mesh")
+            f"vertex of the scene's *_vh_clean_2.ply mesh"
+        )
     try:
         return np.array([int(x) for x in lines], dtype=np.int64)
     except ValueError as e:
@@ -85,12 +86,14 @@ def read_mask(path: str, num_vertices: int) -> np.ndarray:
     if len(lines) != n:
         raise BenchmarkFormatError(
             f"wrong number of lines in mask file {path}: {len(lines)} vs {n} mesh vertices "
-            f"in the GT file; masks need one 0/1 per vertex of the *_vh_clean_2.ply mesh")
+            f"in the GT file; masks need one 0/1 per vertex of the *_vh_clean_2.ply mesh"
+        )
     try:
         vals = np.array([int(x) for x in lines], dtype=np.int64)
     except ValueError as e:
         raise BenchmarkFormatError(
-            f"mask file {path} must hold one integer (0/1) per line: {e}") from e
+            f"mask file {path} must hold one integer (0/1) per line: {e}"
+        ) from e
     return vals != 0  # as the official script: any non-zero value is set
 
 
@@ -109,11 +112,13 @@ def read_prediction_list(pred_file: str, pred_root: str) -> list[tuple[str, int,
         if line.lstrip().startswith("#"):
             raise BenchmarkFormatError(
                 f"{where}: comment line {line!r}; the format has no comments (the official "
-                f"script stops on this line too): delete it")
+                f"script stops on this line too): delete it"
+            )
         if len(parts) != 3:
             raise BenchmarkFormatError(
                 f"{where}: expected '<relative mask path> <nyu40 label id> <confidence>', "
-                f"got {line!r}")
+                f"got {line!r}"
+            )
         rel, label_s, conf_s = parts
         if os.path.isabs(rel):
             raise BenchmarkFormatError(f"{where}: mask path {rel} must be relative to {root}")
@@ -129,10 +134,13 @@ def read_prediction_list(pred_file: str, pred_root: str) -> list[tuple[str, int,
             raise BenchmarkFormatError(
                 f"{where}: confidence {conf_s} is NaN; the official script's ranking of a NaN "
                 f"is ill-defined (Python max/min against it depend on argument order, "
-                f"np.unique's NaN handling on the numpy version): give a number (+-inf work)")
+                f"np.unique's NaN handling on the numpy version): give a number (+-inf work)"
+            )
         if path in entries:
-            warnings.warn(f"{where}: mask {rel} listed twice; the later line wins (as the "
-                          f"official script)", stacklevel=2)
+            warnings.warn(
+                f"{where}: mask {rel} listed twice; the later line wins (as the official script)",
+                stacklevel=2,
+            )
         entries[path] = (label, conf)
     return [(p, lab, c) for p, (lab, c) in entries.items()]
 
@@ -141,15 +149,16 @@ def _skip_note(skipped: list[tuple[str, int]]) -> str:
     """The warning text for predictions skipped because of their label id."""
     ids = sorted({lab for _, lab in skipped})
     files = sorted({f for f, _ in skipped})
-    return (f"{len(skipped)} prediction line(s) skipped because their label id is not an "
-            f"instance class (label ids {', '.join(map(str, ids[:10]))}"
-            f"{', ...' if len(ids) > 10 else ''}; in {len(files)} file(s), e.g. {files[0]}), "
-            f"as the official script does; the instance classes' nyu40 ids are "
-            f"{CLASS_IDS.tolist()}")
+    return (
+        f"{len(skipped)} prediction line(s) skipped because their label id is not an "
+        f"instance class (label ids {', '.join(map(str, ids[:10]))}"
+        f"{', ...' if len(ids) > 10 else ''}; in {len(files)} file(s), e.g. {files[0]}), "
+        f"as the official script does; the instance classes' nyu40 ids are "
+        f"{CLASS_IDS.tolist()}"
+    )
 
 
-def read_prediction(pred_file: str, pred_root: str, num_vertices: int,
-                    skipped: list | None = None):
+def read_prediction(pred_file: str, pred_root: str, num_vertices: int, skipped: list | None = None):
     """Reads one scene's predictions.
 
     Returns (masks bool[K, N], label_ids i64[K], scores f64[K], paths list[str]) for the
@@ -176,8 +185,9 @@ def read_prediction(pred_file: str, pred_root: str, num_vertices: int,
     return masks, labels, scores, [e[0] for e in entries]
 
 
-def write_prediction(pred_dir: str, scene: str, masks, label_ids, scores,
-                     mask_dir: str = DEFAULT_MASK_DIR) -> str:
+def write_prediction(
+    pred_dir: str, scene: str, masks, label_ids, scores, mask_dir: str = DEFAULT_MASK_DIR
+) -> str:
     """Writes ``<pred_dir>/<scene>.txt`` and its masks under ``<pred_dir>/<mask_dir>/``,
     each through a temp file + rename (the list last); first removes this scene's mask
     files (``<scene>_NNN.txt``) of an earlier run so the folder never mixes runs.
@@ -189,13 +199,17 @@ def write_prediction(pred_dir: str, scene: str, masks, label_ids, scores,
     label_ids = np.asarray(label_ids).reshape(-1)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if masks.ndim != 2 or label_ids.shape[0] != masks.shape[0] or scores.shape[0] != masks.shape[0]:
-        raise ValueError(f"need masks [K, N] with K labels and K scores, got {masks.shape}, "
-                         f"{label_ids.shape}, {scores.shape}")
+        raise ValueError(
+            f"need masks [K, N] with K labels and K scores, got {masks.shape}, "
+            f"{label_ids.shape}, {scores.shape}"
+        )
     for what, value in (("scene", scene), ("mask_dir", mask_dir)):
         if not value or any(c.isspace() for c in value):
-            raise ValueError(f"{what} {value!r} would write an unparsable prediction line "
-                             f"(the benchmark splits lines on spaces); use a name without "
-                             f"whitespace, e.g. the scene id")
+            raise ValueError(
+                f"{what} {value!r} would write an unparsable prediction line "
+                f"(the benchmark splits lines on spaces); use a name without "
+                f"whitespace, e.g. the scene id"
+            )
     folder = os.path.join(pred_dir, mask_dir)
     os.makedirs(folder, exist_ok=True)
     # masks of an earlier run of this scene (e.g. _007 when this run has 3) would mix runs
@@ -209,8 +223,7 @@ def write_prediction(pred_dir: str, scene: str, masks, label_ids, scores,
         buf = np.full(2 * masks.shape[1], 10, dtype=np.uint8)
         buf[0::2] = 48 + masks[k].astype(np.uint8)
         data = buf.tobytes()
-        io_atomic.write_atomic(os.path.join(pred_dir, rel), lambda fh, d=data: fh.write(d),
-                               "wb")
+        io_atomic.write_atomic(os.path.join(pred_dir, rel), lambda fh, d=data: fh.write(d), "wb")
         lines.append(f"{rel} {int(label_ids[k])} {float(scores[k])!r}\n")
     out = os.path.join(pred_dir, f"{scene}.txt")
     text = "".join(lines)
@@ -219,12 +232,14 @@ def write_prediction(pred_dir: str, scene: str, masks, label_ids, scores,
 
 
 def _txt_files(d: str) -> list[str]:
-    return sorted(f for f in os.listdir(d)
-                  if f.endswith(".txt") and os.path.isfile(os.path.join(d, f)))
+    return sorted(
+        f for f in os.listdir(d) if f.endswith(".txt") and os.path.isfile(os.path.join(d, f))
+    )
 
 
-def load_dirs(gt_dir: str, pred_dir: str,
-              progress: bool = True) -> tuple[ScanNetInstanceEvaluator, list[str]]:
+def load_dirs(
+    gt_dir: str, pred_dir: str, progress: bool = True
+) -> tuple[ScanNetInstanceEvaluator, list[str]]:
     """Reads a GT folder and a prediction folder into an evaluator.
 
     Returns (evaluator with one scene per prediction file, GT scenes skipped because they
@@ -237,43 +252,54 @@ def load_dirs(gt_dir: str, pred_dir: str,
     pred_files = [f for f in _txt_files(pred_dir) if f != RESULT_FILE_NAME]
     if not pred_files:
         raise BenchmarkFormatError(
-            f"no prediction files (<scene>.txt) in {pred_dir}; masks go in a subfolder")
+            f"no prediction files (<scene>.txt) in {pred_dir}; masks go in a subfolder"
+        )
     orphans = sorted(set(pred_files) - set(gt_scenes))
     if orphans:
         raise BenchmarkFormatError(
             f"prediction files without a GT file in {gt_dir}: {orphans[:5]} "
-            f"({len(orphans)} in all); names must match the GT files")
+            f"({len(orphans)} in all); names must match the GT files"
+        )
     skipped = sorted(set(gt_scenes) - set(pred_files))
     if skipped:
-        warnings.warn(f"{len(skipped)} GT scene(s) have no prediction file and are skipped "
-                      f"(not counted as misses), as the official script does: "
-                      f"{[s[:-4] for s in skipped[:5]]}", stacklevel=2)
+        warnings.warn(
+            f"{len(skipped)} GT scene(s) have no prediction file and are skipped "
+            f"(not counted as misses), as the official script does: "
+            f"{[s[:-4] for s in skipped[:5]]}",
+            stacklevel=2,
+        )
     ev = ScanNetInstanceEvaluator()
     owner: dict[str, str] = {}
     dropped: list[tuple[str, int]] = []
     it = pred_files
     if progress:
         from tqdm import tqdm
+
         it = tqdm(pred_files, desc="scenes", unit="scene")
     for name in it:
         try:
             gt_ids = read_ids(os.path.join(gt_dir, name))
         except UnicodeDecodeError as e:
-            raise BenchmarkFormatError(f"GT file {os.path.join(gt_dir, name)} is not a text "
-                                       f"file ({e.reason} at byte {e.start})") from e
+            raise BenchmarkFormatError(
+                f"GT file {os.path.join(gt_dir, name)} is not a text "
+                f"file ({e.reason} at byte {e.start})"
+            ) from e
         try:
             masks, labels, scores, paths = read_prediction(
-                os.path.join(pred_dir, name), pred_dir, gt_ids.shape[0], skipped=dropped)
+                os.path.join(pred_dir, name), pred_dir, gt_ids.shape[0], skipped=dropped
+            )
         except UnicodeDecodeError as e:
             raise BenchmarkFormatError(
                 f"prediction list {os.path.join(pred_dir, name)} or one of its mask files is "
                 f"not a text file ({e.reason} at byte {e.start}); the list holds "
-                f"'<mask path> <label id> <confidence>' lines") from e
+                f"'<mask path> <label id> <confidence>' lines"
+            ) from e
         for p in paths:
             if owner.setdefault(p, name) != name:
                 raise BenchmarkFormatError(
                     f"mask file {p} is listed by {owner[p]} and {name}; every prediction "
-                    f"needs its own mask file")
+                    f"needs its own mask file"
+                )
         ev.add_scene(gt_ids, masks, labels, scores)
     if dropped:
         warnings.warn(_skip_note(dropped), stacklevel=2)

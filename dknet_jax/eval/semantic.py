@@ -34,10 +34,13 @@ def confusion_matrix(pred, gt, num_classes: int, ignore_label: int = IGNORE_LABE
     for name, x in (("gt", gt), ("pred", pred)):
         bad = (x < 0) | (x >= num_classes)
         if np.any(bad):
-            raise ValueError(f"{name} labels must be 0..{num_classes - 1} (or {ignore_label} "
-                             f"in gt), got {np.unique(x[bad])[:5].tolist()}")
-    return np.bincount(gt * num_classes + pred,
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+            raise ValueError(
+                f"{name} labels must be 0..{num_classes - 1} (or {ignore_label} "
+                f"in gt), got {np.unique(x[bad])[:5].tolist()}"
+            )
+    return np.bincount(gt * num_classes + pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
@@ -54,7 +57,9 @@ class SemanticEvaluator:
 
     def __init__(self, num_classes: int = 20, class_names=None, ignore_label: int = IGNORE_LABEL):
         if class_names is None:
-            class_names = SCANNET_CLASSES if num_classes == 20 else [str(i) for i in range(num_classes)]
+            class_names = (
+                SCANNET_CLASSES if num_classes == 20 else [str(i) for i in range(num_classes)]
+            )
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.num_classes = num_classes

@@ -34,8 +34,17 @@ def _instance_ids_local(instance):
     return out
 
 
-def evaluate_split(graphdef, params, rest, config, *, split: str, out_dir: str | None = None,
-                   write_files: bool = False, progress: bool = True) -> dict:
+def evaluate_split(
+    graphdef,
+    params,
+    rest,
+    config,
+    *,
+    split: str,
+    out_dir: str | None = None,
+    write_files: bool = False,
+    progress: bool = True,
+) -> dict:
     """Run inference over ``config.data.root``/``split`` and compute the metrics.
 
     With ``write_files``: ``out_dir/pred/`` gets ScanNet-format predictions for every scene
@@ -43,24 +52,35 @@ def evaluate_split(graphdef, params, rest, config, *, split: str, out_dir: str |
     """
     d, m = config.data, config.model
     paths = list_scenes(d.root, d.val_split if split is None else split)
-    it = EvalIterator(paths, batch_size=d.eval_batch_size, voxel_size=d.voxel_size,
-                      num_classes=m.num_classes, buckets=d.point_buckets,
-                      instance_buckets=d.instance_buckets, num_workers=1, prefetch=2)
+    it = EvalIterator(
+        paths,
+        batch_size=d.eval_batch_size,
+        voxel_size=d.voxel_size,
+        num_classes=m.num_classes,
+        buckets=d.point_buckets,
+        instance_buckets=d.instance_buckets,
+        num_workers=1,
+        prefetch=2,
+    )
     predict = make_predict_fn(graphdef, config)
     scannet = d.dataset == "scannet"
     ap_eval = E.ScanNetInstanceEvaluator() if scannet else None
-    sem_eval = E.SemanticEvaluator(num_classes=m.num_classes,
-                                   class_names=SCANNET_CLASSES if scannet else S3DIS_CLASSES)
+    sem_eval = E.SemanticEvaluator(
+        num_classes=m.num_classes, class_names=SCANNET_CLASSES if scannet else S3DIS_CLASSES
+    )
     s3dis_scenes, shapes, exhausted = [], set(), 0
     diag = StageDiagnostics(MIN_GT_POINTS)
     t0 = time.time()
-    for batch, names in tqdm(it, total=len(paths), disable=not progress, desc=f"eval {split}",
-                             unit="batch"):
+    for batch, names in tqdm(
+        it, total=len(paths), disable=not progress, desc=f"eval {split}", unit="batch"
+    ):
         shapes.add(tuple(batch.valid.shape) + tuple(batch.instance_class.shape))
         pred = predict(params, rest, batch)
         if bool(pred["voxel_overflow"]):
-            raise RuntimeError("voxel capacity overflow during evaluation (a scene exceeds "
-                               "its bucket); add a larger data.point_buckets entry")
+            raise RuntimeError(
+                "voxel capacity overflow during evaluation (a scene exceeds "
+                "its bucket); add a larger data.point_buckets entry"
+            )
         exhausted += int(np.sum(np.asarray(pred["pool_exhausted"])))
         diag.add(pred["diag"])
         for s in split_scenes(batch, pred, names):
@@ -70,17 +90,29 @@ def evaluate_split(graphdef, params, rest, config, *, split: str, out_dir: str |
                 label_ids = E.semantic_to_nyu40(s["labels"])
                 ap_eval.add_scene(gt_ids, s["masks"], label_ids, s["scores"])
                 if write_files and out_dir:
-                    E.write_prediction(os.path.join(out_dir, "pred"), s["name"], s["masks"],
-                                       label_ids, s["scores"])
+                    E.write_prediction(
+                        os.path.join(out_dir, "pred"), s["name"], s["masks"], label_ids, s["scores"]
+                    )
                     os.makedirs(os.path.join(out_dir, "gt"), exist_ok=True)
                     E.write_gt_ids(os.path.join(out_dir, "gt", s["name"] + ".txt"), gt_ids)
             else:
-                s3dis_scenes.append({"gt_semantic": s["semantic"], "gt_instance": s["instance"],
-                                     "pred_masks": s["masks"], "pred_labels": s["labels"],
-                                     "pred_scores": s["scores"]})
-    results = {"split": split, "scenes": len(paths), "compiled_shapes": len(shapes),
-               "pool_exhausted_scenes": exhausted, "seconds": time.time() - t0,
-               "semantic": sem_eval.compute()}
+                s3dis_scenes.append(
+                    {
+                        "gt_semantic": s["semantic"],
+                        "gt_instance": s["instance"],
+                        "pred_masks": s["masks"],
+                        "pred_labels": s["labels"],
+                        "pred_scores": s["scores"],
+                    }
+                )
+    results = {
+        "split": split,
+        "scenes": len(paths),
+        "compiled_shapes": len(shapes),
+        "pool_exhausted_scenes": exhausted,
+        "seconds": time.time() - t0,
+        "semantic": sem_eval.compute(),
+    }
     if scannet:
         inst = ap_eval.compute()
         results["instance"] = E.results_to_json(inst)
@@ -98,8 +130,9 @@ def headline(results: dict) -> float:
     return float("nan") if value is None else float(value)
 
 
-def evaluate_checkpoint(config, workdir: str, *, split: str, out_dir: str,
-                        best: bool = False) -> dict:
+def evaluate_checkpoint(
+    config, workdir: str, *, split: str, out_dir: str, best: bool = False
+) -> dict:
     """scripts/evaluate.py: restore, evaluate ``split``, print and write results."""
     from dknet_jax.config import validate
 
@@ -107,10 +140,19 @@ def evaluate_checkpoint(config, workdir: str, *, split: str, out_dir: str,
     list_scenes(config.data.root, split)  # a missing data root or split fails before restoring
     model = load_model(workdir, config, which="best" if best else "latest")
     print(f"Restored step {model.meta['step']} from {workdir}", flush=True)
-    results = evaluate_split(model.graphdef, model.params, model.rest, config, split=split,
-                             out_dir=out_dir, write_files=True)
-    print(f"{results['scenes']} scenes in {results['seconds']:.1f}s; "
-          f"{results['compiled_shapes']} compiled batch shape(s)")
+    results = evaluate_split(
+        model.graphdef,
+        model.params,
+        model.rest,
+        config,
+        split=split,
+        out_dir=out_dir,
+        write_files=True,
+    )
+    print(
+        f"{results['scenes']} scenes in {results['seconds']:.1f}s; "
+        f"{results['compiled_shapes']} compiled batch shape(s)"
+    )
     if "table" in results:
         print(results["table"])
     else:

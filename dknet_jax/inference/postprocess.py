@@ -136,8 +136,19 @@ def otsu_threshold(values, valid=None, *, bins=100) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("bins", "num_superpoints"))
-def _postprocess_jit(masks, slot_ok, sem_prob, valid, superpoint, class_ok, min_score,
-                     min_points, *, bins, num_superpoints):
+def _postprocess_jit(
+    masks,
+    slot_ok,
+    sem_prob,
+    valid,
+    superpoint,
+    class_ok,
+    min_score,
+    min_points,
+    *,
+    bins,
+    num_superpoints,
+):
     k, n = masks.shape
     s = sem_prob.shape[1]
     slots = jnp.arange(k, dtype=jnp.int32)
@@ -155,16 +166,17 @@ def _postprocess_jit(masks, slot_ok, sem_prob, valid, superpoint, class_ok, min_
     coverage = inter.astype(jnp.float32) / jnp.maximum(intra, 1).astype(jnp.float32)
     label = argmax_over(above & (coverage > 0)[:, None], coverage[:, None] * masks)
     # points per slot before the superpoint vote (label is -1 off valid points)
-    count_pre = jax.ops.segment_sum(jnp.ones((n,), jnp.int32), jnp.where(label >= 0, label, k),
-                                    num_segments=k + 1)[:k]
+    count_pre = jax.ops.segment_sum(
+        jnp.ones((n,), jnp.int32), jnp.where(label >= 0, label, k), num_segments=k + 1
+    )[:k]
 
     if num_superpoints > 0:
         p = num_superpoints
         has_sp = valid & (superpoint >= 0) & (superpoint < p)
         key = jnp.where(has_sp, superpoint * (k + 1) + label + 1, p * (k + 1))
-        votes = jax.ops.segment_sum(
-            jnp.ones((n,), jnp.int32), key, num_segments=p * (k + 1) + 1
-        )[:-1].reshape(p, k + 1)
+        votes = jax.ops.segment_sum(jnp.ones((n,), jnp.int32), key, num_segments=p * (k + 1) + 1)[
+            :-1
+        ].reshape(p, k + 1)
         winner = jnp.argmax(votes, axis=1).astype(jnp.int32) - 1  # first max: lower label
         label = jnp.where(has_sp, winner[jnp.clip(superpoint, 0, p - 1)], label)
     label = jnp.where(valid, label, -1)
@@ -189,10 +201,13 @@ def _postprocess_jit(masks, slot_ok, sem_prob, valid, superpoint, class_ok, min_
 
     keep = slot_ok & (cls >= 0) & (count >= min_points) & (score >= min_score)
     vote_lost = (count_pre > 0) & (
-        (count == 0) | ((count_pre >= min_points) & (count < min_points)))
+        (count == 0) | ((count_pre >= min_points) & (count < min_points))
+    )
     reason = jnp.select(
         [count_pre == 0, vote_lost, cls < 0, count < min_points],
-        [REMOVED_OTSU, REMOVED_SUPERPOINT, REMOVED_CLASS, REMOVED_SIZE], REMOVED_SCORE)
+        [REMOVED_OTSU, REMOVED_SUPERPOINT, REMOVED_CLASS, REMOVED_SIZE],
+        REMOVED_SCORE,
+    )
     removed_by = jnp.where(slot_ok & ~keep, reason, 0).astype(jnp.int32)
     return Instances(
         masks=final & keep[:, None],
@@ -255,11 +270,13 @@ def postprocess(
         superpoint = jnp.asarray(superpoint, jnp.int32)
         if superpoint.shape != (n,):
             raise ValueError(
-                f"postprocess: superpoint must be i32[N]=[{n}], got {superpoint.shape}")
+                f"postprocess: superpoint must be i32[N]=[{n}], got {superpoint.shape}"
+            )
         if int(num_superpoints) < 1:
             raise ValueError(
                 "postprocess: pass num_superpoints (the static capacity of superpoint ids, "
-                "e.g. max id + 1 rounded up to a bucket) together with superpoint")
+                "e.g. max id + 1 rounded up to a bucket) together with superpoint"
+            )
     s = sem_prob.shape[1]
     bad = [c for c in ignore_classes if not 0 <= int(c) < s]
     if bad:
@@ -269,7 +286,14 @@ def postprocess(
     class_ok = np.ones((s,), bool)
     class_ok[[int(c) for c in ignore_classes]] = False
     return _postprocess_jit(
-        masks, slot_ok, sem_prob, valid, superpoint, jnp.asarray(class_ok),
-        jnp.float32(min_score), jnp.int32(min_points), bins=int(bins),
+        masks,
+        slot_ok,
+        sem_prob,
+        valid,
+        superpoint,
+        jnp.asarray(class_ok),
+        jnp.float32(min_score),
+        jnp.int32(min_points),
+        bins=int(bins),
         num_superpoints=int(num_superpoints),
     )

@@ -46,10 +46,17 @@ def postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok):
     def one_scene(args):
         masks_b, ok_b, scene = args
         valid_b = batch.valid & (batch.batch_id == scene)
-        r = postprocess(masks_b, ok_b, sem_prob, valid_b, superpoint,
-                        num_superpoints=n if superpoint is not None else 0,
-                        min_score=te.score_threshold, min_points=te.min_points,
-                        ignore_classes=tuple(range(m.first_instance_class)))
+        r = postprocess(
+            masks_b,
+            ok_b,
+            sem_prob,
+            valid_b,
+            superpoint,
+            num_superpoints=n if superpoint is not None else 0,
+            min_score=te.score_threshold,
+            min_points=te.min_points,
+            ignore_classes=tuple(range(m.first_instance_class)),
+        )
         return r.masks, r.labels, r.scores, r.keep, r.removed_by
 
     out = jax.lax.map(one_scene, (probs, inst_ok.reshape(b, k), jnp.arange(b, dtype=jnp.int32)))
@@ -68,17 +75,24 @@ def make_predict_fn(graphdef, config, *, diagnostics: bool = True):
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
         out = model(batch, merge_threshold=config.test.merge_threshold)
-        result = postprocess_batch(config, batch, out.heads.semantic_logits, out.mask_logits,
-                                   out.inst_ok)
+        result = postprocess_batch(
+            config, batch, out.heads.semantic_logits, out.mask_logits, out.inst_ok
+        )
         if diagnostics:
-            result["diag"] = stage_counts(batch, out, result,
-                                          first_instance_class=config.model.first_instance_class,
-                                          min_gt_points=MIN_GT_POINTS)
+            result["diag"] = stage_counts(
+                batch,
+                out,
+                result,
+                first_instance_class=config.model.first_instance_class,
+                min_gt_points=MIN_GT_POINTS,
+            )
         del result["removed_by"]
         result.update(
             sem_pred=jnp.argmax(out.heads.semantic_logits, axis=-1).astype(jnp.int32),
-            pool_exhausted=out.pool_exhausted, instance_overflow=out.instance_overflow,
-            voxel_overflow=out.voxel_overflow)
+            pool_exhausted=out.pool_exhausted,
+            instance_overflow=out.instance_overflow,
+            voxel_overflow=out.voxel_overflow,
+        )
         return result
 
     return jax.jit(predict)
@@ -97,16 +111,19 @@ def split_scenes(batch, pred, names):
             continue
         rows = np.flatnonzero(np.asarray(batch.valid) & (np.asarray(batch.batch_id) == b))
         keep = np.asarray(pred["keep"][b])
-        scenes.append({
-            "name": name, "rows": rows,
-            "masks": np.asarray(pred["masks"][b])[keep][:, rows],
-            "labels": np.asarray(pred["labels"][b])[keep],
-            "scores": np.asarray(pred["scores"][b])[keep],
-            "sem_pred": np.asarray(pred["sem_pred"])[rows],
-            "semantic": np.asarray(batch.semantic)[rows],
-            "instance": np.asarray(batch.instance)[rows],
-            "xyz": np.asarray(batch.xyz)[rows],
-        })
+        scenes.append(
+            {
+                "name": name,
+                "rows": rows,
+                "masks": np.asarray(pred["masks"][b])[keep][:, rows],
+                "labels": np.asarray(pred["labels"][b])[keep],
+                "scores": np.asarray(pred["scores"][b])[keep],
+                "sem_pred": np.asarray(pred["sem_pred"])[rows],
+                "semantic": np.asarray(batch.semantic)[rows],
+                "instance": np.asarray(batch.instance)[rows],
+                "xyz": np.asarray(batch.xyz)[rows],
+            }
+        )
     return scenes
 
 
@@ -114,6 +131,7 @@ def split_scenes(batch, pred, names):
 class LoadedModel:
     """A restored model: ``graphdef``/``params``/``rest`` for ``make_predict_fn``, the
     config used, and where it came from."""
+
     graphdef: object
     params: object
     rest: object
@@ -124,8 +142,13 @@ class LoadedModel:
     compiled: dict = dataclasses.field(default_factory=dict)  # (ratio, N, G) -> executable
 
 
-def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
-               log: Callable[[str], None] = print, *, which: str = "auto") -> LoadedModel:
+def load_model(
+    checkpoint: str,
+    config: ml_collections.ConfigDict | None = None,
+    log: Callable[[str], None] = print,
+    *,
+    which: str = "auto",
+) -> LoadedModel:
     """Restore a trained DKNet for inference: the one restore path of evaluate and predict.
 
     ``checkpoint``: a work dir of ``scripts/train.py``, its ``checkpoints/`` (latest) or
@@ -145,8 +168,9 @@ def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
     folder = os.path.join(workdir, "best" if best else "checkpoints")
     steps = ckpt_lib.list_steps(folder)
     if not steps:
-        raise FileNotFoundError(f"no checkpoint steps in {folder}: train first "
-                                f"(scripts/train.py --workdir {workdir})")
+        raise FileNotFoundError(
+            f"no checkpoint steps in {folder}: train first (scripts/train.py --workdir {workdir})"
+        )
     if step is None:
         step = steps[-1]
     elif step not in steps:
@@ -155,22 +179,34 @@ def load_model(checkpoint: str, config: ml_collections.ConfigDict | None = None,
     if config is None:
         config = ckpt_lib.config_from_meta(meta, log)
         if config is None:
-            raise ValueError(f"the checkpoint in {folder}/{step} holds no config; pass the "
-                             f"training config with --config=configs/<name>.py")
+            raise ValueError(
+                f"the checkpoint in {folder}/{step} holds no config; pass the "
+                f"training config with --config=configs/<name>.py"
+            )
     validate(config)
     if config.model.kernel_from == "oracle":
-        raise ValueError("config.model.kernel_from='oracle' uses ground truth and cannot "
-                         "predict on a new scan; use 'aggregate' or 'top'")
+        raise ValueError(
+            "config.model.kernel_from='oracle' uses ground truth and cannot "
+            "predict on a new scan; use 'aggregate' or 'top'"
+        )
     # the restore target needs only shapes: the model traced, not initialised
     graphdef, params, rest = abstract_model(config)
     params, rest, meta = ckpt_lib.restore_model(workdir, step, best, params, rest)
     return LoadedModel(graphdef, params, rest, config, step, folder, meta)
 
 
-def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, *,
-              name: str = "scan", subsample: bool = False, seed: int = 0,
-              timings: dict | None = None, log: Callable[[str], None] = print
-              ) -> tuple[dict, np.ndarray | None, list]:
+def run_model(
+    model: LoadedModel,
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    superpoint,
+    *,
+    name: str = "scan",
+    subsample: bool = False,
+    seed: int = 0,
+    timings: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict, np.ndarray | None, list]:
     """Infer one scan. Returns (the scene dict of :func:`split_scenes` with masks /
     sem_pred mapped back to all N points, the indices of the inferred subset or None,
     warnings). ``superpoint`` i32[N] or None (no vote)."""
@@ -192,12 +228,15 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
                 f"'({', '.join(str(b) for b in d.point_buckets)}, {_round_up(n)})' (memory "
                 f"grows with it), downsample the scan (e.g. one point per "
                 f"{d.voxel_size} m voxel), or pass --subsample to infer on {cap} random "
-                f"points and give every point its nearest inferred point's prediction")
+                f"points and give every point its nearest inferred point's prediction"
+            )
         rng = np.random.default_rng(seed)
         subset = np.sort(rng.choice(n, cap, replace=False))
-        notes.append(f"scan has {n} points > largest bucket {cap}: inferred on a random "
-                     f"subset of {cap} points, the rest take their nearest neighbour's "
-                     f"prediction")
+        notes.append(
+            f"scan has {n} points > largest bucket {cap}: inferred on a random "
+            f"subset of {cap} points, the rest take their nearest neighbour's "
+            f"prediction"
+        )
         log("warning: " + notes[-1])
     sel = slice(None) if subset is None else subset
     sx, srgb = xyz[sel], rgb[sel]
@@ -205,12 +244,23 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
     # same compiled function)
     sp = np.arange(len(sx), dtype=np.int32) if superpoint is None else superpoint[sel]
     m = len(sx)
-    sample = prepare_eval({"xyz": sx.astype(np.float32), "rgb": srgb,
-                           "semantic": np.full(m, IGNORE_LABEL, np.int32),
-                           "instance": np.full(m, IGNORE_LABEL, np.int32),
-                           "superpoint": np.asarray(sp, np.int32), "name": name})
-    batch = pack_batch([sample], buckets=d.point_buckets, instance_buckets=d.instance_buckets,
-                       num_classes=config.model.num_classes, voxel_size=d.voxel_size)
+    sample = prepare_eval(
+        {
+            "xyz": sx.astype(np.float32),
+            "rgb": srgb,
+            "semantic": np.full(m, IGNORE_LABEL, np.int32),
+            "instance": np.full(m, IGNORE_LABEL, np.int32),
+            "superpoint": np.asarray(sp, np.int32),
+            "name": name,
+        }
+    )
+    batch = pack_batch(
+        [sample],
+        buckets=d.point_buckets,
+        instance_buckets=d.instance_buckets,
+        num_classes=config.model.num_classes,
+        voxel_size=d.voxel_size,
+    )
     ratio = level_values(config.model.level_capacity_ratio)
     timings["compile_s"] = timings["inference_s"] = 0.0
     while True:
@@ -218,18 +268,23 @@ def run_model(model: LoadedModel, xyz: np.ndarray, rgb: np.ndarray, superpoint, 
         if not bool(pred["voxel_overflow"]):
             break
         if ratio != (1.0,):  # a sparse scan fills the coarse UNet levels: give them room
-            notes.append(f"a UNet level overflowed with model.level_capacity_ratio={ratio}; "
-                         f"reran with 1.0 (never overflows, more memory)")
+            notes.append(
+                f"a UNet level overflowed with model.level_capacity_ratio={ratio}; "
+                f"reran with 1.0 (never overflows, more memory)"
+            )
             log("warning: " + notes[-1])
             ratio = (1.0,)
             continue
         raise ValueError(
             f"{name}: the voxel key space overflowed (the scan spans "
             f"{np.ptp(sx, axis=0).round(2).tolist()} m at {d.voxel_size} m voxels); crop "
-            f"the scan or use a larger --config.data.voxel_size")
+            f"the scan or use a larger --config.data.voxel_size"
+        )
     if bool(np.any(np.asarray(pred["instance_overflow"]))):
-        notes.append("the scan had more candidate groups than instance slots: the lowest-"
-                     "scoring ones were dropped; raise --config.model.max_instances")
+        notes.append(
+            "the scan had more candidate groups than instance slots: the lowest-"
+            "scoring ones were dropped; raise --config.model.max_instances"
+        )
         log("warning: " + notes[-1])
     scene = split_scenes(batch, pred, [name])[0]
     if subset is not None:
@@ -265,5 +320,3 @@ def _infer(model: LoadedModel, batch, ratio: tuple, timings: dict) -> dict:
 
 def _round_up(n: int) -> int:
     return int(2 ** np.ceil(np.log2(max(n, 1))))
-
-

@@ -30,8 +30,18 @@ import os
 import numpy as np
 
 __all__ = [
-    "BACKGROUND", "GREY", "add_legend", "auto_radius", "distinct_colors", "project_perspective",
-    "project_top", "render_perspective", "render_top", "render_views", "save_png", "splat",
+    "BACKGROUND",
+    "GREY",
+    "add_legend",
+    "auto_radius",
+    "distinct_colors",
+    "project_perspective",
+    "project_top",
+    "render_perspective",
+    "render_top",
+    "render_views",
+    "save_png",
+    "splat",
     "surface_spacing",
 ]
 
@@ -57,8 +67,9 @@ def _check(xyz: np.ndarray, colors: np.ndarray, size) -> tuple[np.ndarray, np.nd
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ValueError(f"render: xyz must be [N, 3], got {list(xyz.shape)}")
     if colors.shape != xyz.shape:
-        raise ValueError(f"render: colors must be [N, 3] like xyz {list(xyz.shape)}, got "
-                         f"{list(colors.shape)}")
+        raise ValueError(
+            f"render: colors must be [N, 3] like xyz {list(xyz.shape)}, got {list(colors.shape)}"
+        )
     if not np.all(np.isfinite(xyz)):
         raise ValueError("render: xyz contains NaN or inf")
     w, h = (int(s) for s in size)
@@ -90,8 +101,7 @@ def _camera(xyz: np.ndarray, azimuth: float, elevation: float, fov: float):
     radius = max(float(np.linalg.norm(hi - lo)) / 2.0, 1e-6)
     dist = radius / np.sin(np.radians(fov) / 2.0) * 1.02
     az, el = np.radians(azimuth), np.radians(elevation)
-    eye = centre + dist * np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az),
-                                    np.sin(el)])
+    eye = centre + dist * np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
     fwd = (centre - eye) / np.linalg.norm(centre - eye)
     right = np.cross(fwd, [0.0, 0.0, 1.0])
     if np.linalg.norm(right) < 1e-9:  # looking straight down
@@ -101,8 +111,15 @@ def _camera(xyz: np.ndarray, azimuth: float, elevation: float, fov: float):
     return eye, fwd, right, up
 
 
-def project_perspective(xyz: np.ndarray, size: tuple[int, int], *, azimuth: float = -60.0,
-                        elevation: float = 60.0, fov: float = 50.0, margin: int = 8):
+def project_perspective(
+    xyz: np.ndarray,
+    size: tuple[int, int],
+    *,
+    azimuth: float = -60.0,
+    elevation: float = 60.0,
+    fov: float = 50.0,
+    margin: int = 8,
+):
     """Pinhole view from outside the bounding sphere, zoomed and centred so the points'
     projection fills the panel (less ``margin``). xyz f64[N, 3] -> (u, v, depth, scale)
     f64[N]; depth = distance along the view axis (points behind the camera get depth inf),
@@ -154,8 +171,16 @@ def auto_radius(spacing: float, scale, max_radius: int = 4) -> np.ndarray:
     return np.clip(np.nan_to_num(r), 0, max_radius).astype(np.int64)
 
 
-def splat(u: np.ndarray, v: np.ndarray, depth: np.ndarray, colors: np.ndarray,
-          size: tuple[int, int], *, radius=0, background=BACKGROUND) -> np.ndarray:
+def splat(
+    u: np.ndarray,
+    v: np.ndarray,
+    depth: np.ndarray,
+    colors: np.ndarray,
+    size: tuple[int, int],
+    *,
+    radius=0,
+    background=BACKGROUND,
+) -> np.ndarray:
     """Z-buffered point splatting.
 
     Args:
@@ -212,8 +237,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.where(fin, (x - lo) / (hi - lo) if hi > lo else 0.0, 0.0)
 
 
-def render_top(xyz, colors, size=(640, 480), *, radius: int | None = None, margin: int = 8,
-               shade: bool = False, background=BACKGROUND) -> np.ndarray:
+def render_top(
+    xyz,
+    colors,
+    size=(640, 480),
+    *,
+    radius: int | None = None,
+    margin: int = 8,
+    shade: bool = False,
+    background=BACKGROUND,
+) -> np.ndarray:
     """u8[H, W, 3] top view (see the module docstring); ``shade`` darkens lower points."""
     xyz, colors, w, h = _check(xyz, colors, size)
     img_bg = np.empty((h, w, 3), np.uint8)
@@ -227,26 +260,44 @@ def render_top(xyz, colors, size=(640, 480), *, radius: int | None = None, margi
     return splat(u, v, depth, colors, (w, h), radius=r, background=background)
 
 
-def render_perspective(xyz, colors, size=(640, 480), *, azimuth: float = -60.0,
-                       elevation: float = 60.0, fov: float = 50.0, radius: int | None = None,
-                       margin: int = 8, shade: bool = False,
-                       background=BACKGROUND) -> np.ndarray:
+def render_perspective(
+    xyz,
+    colors,
+    size=(640, 480),
+    *,
+    azimuth: float = -60.0,
+    elevation: float = 60.0,
+    fov: float = 50.0,
+    radius: int | None = None,
+    margin: int = 8,
+    shade: bool = False,
+    background=BACKGROUND,
+) -> np.ndarray:
     """u8[H, W, 3] perspective view; ``shade`` darkens farther points (depth cue)."""
     xyz, colors, w, h = _check(xyz, colors, size)
     if len(xyz) == 0:
         img = np.empty((h, w, 3), np.uint8)
         img[:] = np.asarray(background, np.uint8)
         return img
-    u, v, depth, scale = project_perspective(xyz, (w, h), azimuth=azimuth,
-                                             elevation=elevation, fov=fov, margin=margin)
+    u, v, depth, scale = project_perspective(
+        xyz, (w, h), azimuth=azimuth, elevation=elevation, fov=fov, margin=margin
+    )
     if shade:
         colors = _shade(colors, _unit(depth), 0.45)
     r = auto_radius(surface_spacing(xyz), scale) if radius is None else int(radius)
     return splat(u, v, depth, colors, (w, h), radius=r, background=background)
 
 
-def render_views(xyz, colors, size=(1280, 480), *, radius: int | None = None,
-                 shade: bool = False, background=BACKGROUND, **perspective) -> np.ndarray:
+def render_views(
+    xyz,
+    colors,
+    size=(1280, 480),
+    *,
+    radius: int | None = None,
+    shade: bool = False,
+    background=BACKGROUND,
+    **perspective,
+) -> np.ndarray:
     """u8[H, W, 3]: the top view in the left half (``W // 2`` columns) and the
     perspective view in the right half (the remaining columns).
 
@@ -256,15 +307,21 @@ def render_views(xyz, colors, size=(1280, 480), *, radius: int | None = None,
     if w < 2:
         raise ValueError(f"render_views: width must be >= 2 (two panels), got {w}")
     left = w // 2
-    top = render_top(xyz, colors, (left, h), radius=radius, shade=shade,
-                     background=background)
-    persp = render_perspective(xyz, colors, (w - left, h), radius=radius, shade=shade,
-                               background=background, **perspective)
+    top = render_top(xyz, colors, (left, h), radius=radius, shade=shade, background=background)
+    persp = render_perspective(
+        xyz, colors, (w - left, h), radius=radius, shade=shade, background=background, **perspective
+    )
     return np.concatenate([top, persp], axis=1)
 
 
-def add_legend(image: np.ndarray, entries, *, title: str | None = None,
-               background=BACKGROUND, max_rows: int = 12) -> np.ndarray:
+def add_legend(
+    image: np.ndarray,
+    entries,
+    *,
+    title: str | None = None,
+    background=BACKGROUND,
+    max_rows: int = 12,
+) -> np.ndarray:
     """Append a legend strip below ``image`` (u8[H, W, 3]) -> u8[H + L, W, 3].
 
     entries: list of (text, (r, g, b)), drawn as colour swatches with their text, flowed
@@ -301,8 +358,9 @@ def add_legend(image: np.ndarray, entries, *, title: str | None = None,
             draw.text((x, pad + title_h + last_row * row_h), text, fill=(0, 0, 0), font=font)
             continue
         y = pad + title_h + row * row_h
-        draw.rectangle([x, y + 1, x + sw, y + 1 + sw], fill=tuple(int(c) for c in color),
-                       outline=(60, 60, 60))
+        draw.rectangle(
+            [x, y + 1, x + sw, y + 1 + sw], fill=tuple(int(c) for c in color), outline=(60, 60, 60)
+        )
         draw.text((x + sw + 4, y), text, fill=(0, 0, 0), font=font)
     return np.concatenate([image, np.asarray(strip, np.uint8)], axis=0)
 
@@ -315,4 +373,5 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"save_png: need uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
     Image.fromarray(image, "RGB").save(
-        path if hasattr(path, "write") else os.fspath(path), format="PNG")
+        path if hasattr(path, "write") else os.fspath(path), format="PNG"
+    )

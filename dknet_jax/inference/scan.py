@@ -52,24 +52,65 @@ from dknet_jax.inference import render as R
 from dknet_jax.inference.predictor import LoadedModel, load_model, run_model
 
 __all__ = [
-    "Prediction", "class_names", "compute_superpoints",
-    "instance_colors", "instance_per_point", "predict_file", "render_picture",
-    "scene_id_for", "semantic_colors",
-    "show_viewer", "summarise", "write_outputs",
+    "Prediction",
+    "class_names",
+    "compute_superpoints",
+    "instance_colors",
+    "instance_per_point",
+    "predict_file",
+    "render_picture",
+    "scene_id_for",
+    "semantic_colors",
+    "show_viewer",
+    "summarise",
+    "write_outputs",
 ]
 
 # ScanNet's nyu40 palette entries of the 20 benchmark classes (util.create_color_palette)
-_SCANNET20_COLORS = np.array([
-    (174, 199, 232), (152, 223, 138), (31, 119, 180), (255, 187, 120), (188, 189, 34),
-    (140, 86, 75), (255, 152, 150), (214, 39, 40), (197, 176, 213), (148, 103, 189),
-    (196, 156, 148), (23, 190, 207), (247, 182, 210), (219, 219, 141), (255, 127, 14),
-    (158, 218, 229), (44, 160, 44), (112, 128, 144), (227, 119, 194), (82, 84, 163)],
-    np.uint8)
+_SCANNET20_COLORS = np.array(
+    [
+        (174, 199, 232),
+        (152, 223, 138),
+        (31, 119, 180),
+        (255, 187, 120),
+        (188, 189, 34),
+        (140, 86, 75),
+        (255, 152, 150),
+        (214, 39, 40),
+        (197, 176, 213),
+        (148, 103, 189),
+        (196, 156, 148),
+        (23, 190, 207),
+        (247, 182, 210),
+        (219, 219, 141),
+        (255, 127, 14),
+        (158, 218, 229),
+        (44, 160, 44),
+        (112, 128, 144),
+        (227, 119, 194),
+        (82, 84, 163),
+    ],
+    np.uint8,
+)
 # a fixed palette for the 13 S3DIS classes
-_S3DIS_COLORS = np.array([
-    (0, 255, 0), (0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 255), (100, 100, 255),
-    (200, 200, 100), (170, 120, 200), (255, 0, 0), (200, 100, 100), (10, 200, 100),
-    (200, 200, 200), (50, 50, 50)], np.uint8)
+_S3DIS_COLORS = np.array(
+    [
+        (0, 255, 0),
+        (0, 0, 255),
+        (0, 255, 255),
+        (255, 255, 0),
+        (255, 0, 255),
+        (100, 100, 255),
+        (200, 200, 100),
+        (170, 120, 200),
+        (255, 0, 0),
+        (200, 100, 100),
+        (10, 200, 100),
+        (200, 200, 200),
+        (50, 50, 50),
+    ],
+    np.uint8,
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,8 +132,9 @@ def semantic_colors(config) -> np.ndarray:
 # superpoints and inference
 
 
-def compute_superpoints(xyz: np.ndarray, faces: np.ndarray | None,
-                        voxel_size: float | None = None) -> np.ndarray:
+def compute_superpoints(
+    xyz: np.ndarray, faces: np.ndarray | None, voxel_size: float | None = None
+) -> np.ndarray:
     """i32[N] superpoint ids 0..P-1: ScanNet's mesh segmentation when there are faces,
     else the kNN point-cloud variant (on ``voxel_size`` cells when given, which bounds the
     cost on dense scans)."""
@@ -140,6 +182,7 @@ class Prediction:
       xyz_input: the input's coordinates exactly as read (f32 or f64), or None for
         ``xyz + origin``; the PLYs and the summary use :meth:`coords`.
     """
+
     name: str
     xyz: np.ndarray
     rgb: np.ndarray
@@ -166,8 +209,7 @@ class Prediction:
         return xyz if self.origin is None else xyz + np.asarray(self.origin, np.float64)
 
     def origin_list(self) -> list[float]:
-        return [0.0] * 3 if self.origin is None else np.asarray(
-            self.origin, np.float64).tolist()
+        return [0.0] * 3 if self.origin is None else np.asarray(self.origin, np.float64).tolist()
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,12 +218,17 @@ class Prediction:
 
 def _box(points: np.ndarray) -> dict:
     lo, hi = points.min(axis=0), points.max(axis=0)
-    return {"min": lo.tolist(), "max": hi.tolist(), "centre": ((lo + hi) / 2).tolist(),
-            "size": (hi - lo).tolist()}
+    return {
+        "min": lo.tolist(),
+        "max": hi.tolist(),
+        "centre": ((lo + hi) / 2).tolist(),
+        "size": (hi - lo).tolist(),
+    }
 
 
-def summarise(pred: Prediction, config, timings: dict | None = None,
-              extra: dict | None = None) -> dict:
+def summarise(
+    pred: Prediction, config, timings: dict | None = None, extra: dict | None = None
+) -> dict:
     """JSON-ready summary: per instance (id, class, nyu40 id, score, point count, box
     min/max/centre/size in the input's coordinates, in float64) and scene statistics,
     with ``scene.origin`` (subtracted before the model, see the module docstring)."""
@@ -192,30 +239,46 @@ def summarise(pred: Prediction, config, timings: dict | None = None,
     for k in range(len(pred.labels)):
         pts = world[pred.masks[k]]
         cls = int(pred.labels[k])
-        instances.append({
-            "id": k, "class": names[cls], "class_index": cls,
-            "nyu40_id": int(SCANNET_NYU40_IDS[cls]) if scannet else None,
-            "score": float(pred.scores[k]), "points": int(pred.masks[k].sum()),
-            "points_assigned": int(np.sum(pred.instance == k)),
-            "box": _box(pts) if len(pts) else None,
-        })
+        instances.append(
+            {
+                "id": k,
+                "class": names[cls],
+                "class_index": cls,
+                "nyu40_id": int(SCANNET_NYU40_IDS[cls]) if scannet else None,
+                "score": float(pred.scores[k]),
+                "points": int(pred.masks[k].sum()),
+                "points_assigned": int(np.sum(pred.instance == k)),
+                "box": _box(pts) if len(pts) else None,
+            }
+        )
     counts = np.bincount(pred.sem_pred, minlength=len(names))
     per_class: dict[str, int] = {}
     for inst in instances:
         per_class[inst["class"]] = per_class.get(inst["class"], 0) + 1
     scene = {
-        "points": int(len(pred.xyz)), "faces": int(len(pred.faces)) if pred.faces is not None
-        else 0, "inferred_points": int(pred.inferred), "point_bucket": int(pred.bucket),
-        "superpoints": int(pred.superpoint.max()) + 1 if pred.superpoint is not None
-        and len(pred.superpoint) else None,
-        "instances": len(instances), "instances_per_class": per_class,
+        "points": int(len(pred.xyz)),
+        "faces": int(len(pred.faces)) if pred.faces is not None else 0,
+        "inferred_points": int(pred.inferred),
+        "point_bucket": int(pred.bucket),
+        "superpoints": int(pred.superpoint.max()) + 1
+        if pred.superpoint is not None and len(pred.superpoint)
+        else None,
+        "instances": len(instances),
+        "instances_per_class": per_class,
         "unassigned_points": int(np.sum(pred.instance < 0)),
         "semantic_points": {names[i]: int(c) for i, c in enumerate(counts) if c},
-        "box": _box(world), "origin": pred.origin_list(),
+        "box": _box(world),
+        "origin": pred.origin_list(),
     }
-    out = {"name": pred.name, "dataset": config.data.dataset, "classes": list(names),
-           "scene": scene, "instances": instances, "warnings": list(pred.warnings),
-           "timings_s": dict(timings or {})}
+    out = {
+        "name": pred.name,
+        "dataset": config.data.dataset,
+        "classes": list(names),
+        "scene": scene,
+        "instances": instances,
+        "warnings": list(pred.warnings),
+        "timings_s": dict(timings or {}),
+    }
     out.update(extra or {})
     return out
 
@@ -234,12 +297,21 @@ def _ply(path: str, pred: Prediction, colors: np.ndarray) -> None:
     x = pred.coords()  # the input's coordinates; float64 unless float32 holds them exactly
     if x.dtype != np.float64 or np.array_equal(x.astype(np.float32), x):
         x = x.astype(np.float32)
-    vertex = {"x": x[:, 0], "y": x[:, 1], "z": x[:, 2], "red": colors[:, 0],
-              "green": colors[:, 1], "blue": colors[:, 2],
-              "instance": pred.instance.astype(np.int32),
-              "semantic": pred.sem_pred.astype(np.int32)}
-    io_atomic.write_atomic(path, lambda fh: write_ply(
-        fh, vertex, faces=pred.faces, comments=("dknet-jax prediction",)), "wb")
+    vertex = {
+        "x": x[:, 0],
+        "y": x[:, 1],
+        "z": x[:, 2],
+        "red": colors[:, 0],
+        "green": colors[:, 1],
+        "blue": colors[:, 2],
+        "instance": pred.instance.astype(np.int32),
+        "semantic": pred.sem_pred.astype(np.int32),
+    }
+    io_atomic.write_atomic(
+        path,
+        lambda fh: write_ply(fh, vertex, faces=pred.faces, comments=("dknet-jax prediction",)),
+        "wb",
+    )
 
 
 def render_picture(pred: Prediction, config, size=(1280, 520)) -> np.ndarray:
@@ -253,10 +325,14 @@ def render_picture(pred: Prediction, config, size=(1280, 520)) -> np.ndarray:
     img = R.render_views(pred.xyz[show], cols[show], size=size, shade=True)
     names = class_names(config)
     palette = R.distinct_colors(len(pred.labels))
-    entries = [(f"{k} {names[int(c)]} {s:.2f}", tuple(palette[k]))
-               for k, (c, s) in enumerate(zip(pred.labels, pred.scores, strict=True))]
-    title = (f"{pred.name}: {len(pred.xyz)} points, {len(pred.labels)} instances "
-             f"(left: top view, right: perspective; grey = no instance)")
+    entries = [
+        (f"{k} {names[int(c)]} {s:.2f}", tuple(palette[k]))
+        for k, (c, s) in enumerate(zip(pred.labels, pred.scores, strict=True))
+    ]
+    title = (
+        f"{pred.name}: {len(pred.xyz)} points, {len(pred.labels)} instances "
+        f"(left: top view, right: perspective; grey = no instance)"
+    )
     return R.add_legend(img, entries, title=title)
 
 
@@ -269,10 +345,17 @@ def scene_id_for(input_path: str, scene_id: str | None = None) -> str:
     ``scene<4 digits>_<2 digits>`` prefix of the file name (``scene0000_00_vh_clean_2.ply`` ->
     ``scene0000_00``), else the file stem with each run of whitespace replaced by ``_``."""
     if scene_id is not None:
-        if (not scene_id or scene_id in (".", "..") or re.search(r"\s", scene_id)
-                or "/" in scene_id or os.sep in scene_id):
-            raise ValueError(f"invalid scene id {scene_id!r}: it names the submission files, "
-                             f"so it needs no whitespace or '/', e.g. --scene_id=scene0000_00")
+        if (
+            not scene_id
+            or scene_id in (".", "..")
+            or re.search(r"\s", scene_id)
+            or "/" in scene_id
+            or os.sep in scene_id
+        ):
+            raise ValueError(
+                f"invalid scene id {scene_id!r}: it names the submission files, "
+                f"so it needs no whitespace or '/', e.g. --scene_id=scene0000_00"
+            )
         return scene_id
     stem = os.path.splitext(os.path.basename(input_path))[0]
     m = _SCANNET_SCENE.match(stem)
@@ -304,20 +387,25 @@ def _check_no_clash(paths: dict, inputs: list[str]) -> None:
     for kind, path in paths.items():
         if kind == "masks":
             folder, pattern = os.path.split(path)
-            rx = re.compile(re.escape(pattern[:-len("NNN.txt")]) + r"\d{3,}\.txt")
-            hits = [p for r, p in real_inputs.items()
-                    if os.path.dirname(r) == os.path.realpath(folder)
-                    and rx.fullmatch(os.path.basename(r))]
+            rx = re.compile(re.escape(pattern[: -len("NNN.txt")]) + r"\d{3,}\.txt")
+            hits = [
+                p
+                for r, p in real_inputs.items()
+                if os.path.dirname(r) == os.path.realpath(folder)
+                and rx.fullmatch(os.path.basename(r))
+            ]
         else:
             hits = [real_inputs[r] for r in (os.path.realpath(path),) if r in real_inputs]
         if hits:
             raise ValueError(
                 f"output {path} ({kind}) would overwrite the input {hits[0]}; pass another "
-                f"--out folder (or rename the input)")
+                f"--out folder (or rename the input)"
+            )
 
 
-def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None = None,
-                  extra: dict | None = None) -> dict:
+def write_outputs(
+    out_dir: str, pred: Prediction, config, timings: dict | None = None, extra: dict | None = None
+) -> dict:
     """Write every output file; returns {kind: path} and the summary under "summary".
 
     Files: ``<scene>.txt`` + ``predicted_masks/<scene>_NNN.txt`` (ScanNet submission;
@@ -332,8 +420,9 @@ def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None =
     paths = _output_paths(out_dir, name, scene_id, config.data.dataset == "scannet")
     paths.pop("masks", None)
     if "submission" in paths:
-        paths["submission"] = E.write_prediction(out_dir, scene_id, pred.masks,
-                                                 E.semantic_to_nyu40(pred.labels), pred.scores)
+        paths["submission"] = E.write_prediction(
+            out_dir, scene_id, pred.masks, E.semantic_to_nyu40(pred.labels), pred.scores
+        )
     _ply(paths["instances_ply"], pred, instance_colors(pred))
     _ply(paths["semantic_ply"], pred, semantic_colors(config)[pred.sem_pred])
     image = render_picture(pred, config)
@@ -349,10 +438,18 @@ def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None =
 # the whole thing
 
 
-def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
-                 config: ml_collections.ConfigDict | None = None, superpoints: str = "auto",
-                 subsample: bool = False, log: Callable[[str], None] = print,
-                 model: LoadedModel | None = None, scene_id: str | None = None) -> dict:
+def predict_file(
+    checkpoint: str,
+    input_path: str,
+    out_dir: str,
+    *,
+    config: ml_collections.ConfigDict | None = None,
+    superpoints: str = "auto",
+    subsample: bool = False,
+    log: Callable[[str], None] = print,
+    model: LoadedModel | None = None,
+    scene_id: str | None = None,
+) -> dict:
     """Read ``input_path``, predict with the model in ``checkpoint`` (or ``model``), write
     the outputs to ``out_dir``. Returns {"paths", "summary", "prediction", "config"}.
 
@@ -376,57 +473,86 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
     xyz, rgb, faces = scan["xyz"], scan["rgb"], scan["faces"]  # xyz: f32, minus origin
     origin = scan["origin"]
     timings["load_s"] = time.perf_counter() - t0
-    log(f"loaded {input_path}: {len(xyz)} points"
+    log(
+        f"loaded {input_path}: {len(xyz)} points"
         + (f", {len(faces)} faces" if faces is not None else "")
-        + (f", coordinates relative to the origin {origin.tolist()} (map coordinates)"
-           if np.any(origin) else "")
-        + f" ({timings['load_s']:.2f} s)")
+        + (
+            f", coordinates relative to the origin {origin.tolist()} (map coordinates)"
+            if np.any(origin)
+            else ""
+        )
+        + f" ({timings['load_s']:.2f} s)"
+    )
 
     t0 = time.perf_counter()
     if model is None:
         model = load_model(checkpoint, config, log=log)
     timings["restore_s"] = time.perf_counter() - t0
     log(f"restored step {model.step} from {model.source} ({timings['restore_s']:.2f} s)")
-    _check_no_clash(_output_paths(out_dir, name, sid, model.config.data.dataset == "scannet"),
-                    [input_path])
+    _check_no_clash(
+        _output_paths(out_dir, name, sid, model.config.data.dataset == "scannet"), [input_path]
+    )
 
     sp = None
     if superpoints == "auto" and not model.config.test.use_superpoints:
         log("superpoints: skipped (config.test.use_superpoints is off)")
     elif superpoints == "auto":
         t0 = time.perf_counter()
-        sp = compute_superpoints(xyz, faces, voxel_size=None if faces is not None
-                                 else model.config.data.voxel_size)
+        sp = compute_superpoints(
+            xyz, faces, voxel_size=None if faces is not None else model.config.data.voxel_size
+        )
         timings["superpoints_s"] = time.perf_counter() - t0
         kind = "mesh" if faces is not None and len(faces) else "point-cloud"
         log(f"superpoints ({kind}): {int(sp.max()) + 1} ({timings['superpoints_s']:.2f} s)")
 
-    scene, subset, notes = run_model(model, xyz, rgb, sp, name=name, subsample=subsample,
-                                     timings=timings, log=log)
-    log(f"inference: compile {timings['compile_s']:.2f} s, run {timings['inference_s']:.2f} s"
-        f" (bucket {scene['bucket']} points)")
+    scene, subset, notes = run_model(
+        model, xyz, rgb, sp, name=name, subsample=subsample, timings=timings, log=log
+    )
+    log(
+        f"inference: compile {timings['compile_s']:.2f} s, run {timings['inference_s']:.2f} s"
+        f" (bucket {scene['bucket']} points)"
+    )
 
     order = np.lexsort((np.arange(len(scene["scores"])), -scene["scores"]))
     masks = scene["masks"][order]
     scores = scene["scores"][order].astype(np.float32)
     pred = Prediction(
-        name=name, xyz=xyz, rgb=rgb, faces=faces, masks=masks,
-        labels=scene["labels"][order].astype(np.int32), scores=scores,
+        name=name,
+        xyz=xyz,
+        rgb=rgb,
+        faces=faces,
+        masks=masks,
+        labels=scene["labels"][order].astype(np.int32),
+        scores=scores,
         sem_pred=scene["sem_pred"].astype(np.int32),
-        instance=instance_per_point(masks, scores), superpoint=sp,
-        inferred=len(xyz) if subset is None else len(subset), bucket=scene["bucket"],
-        warnings=read_notes + notes, scene_id=sid, origin=origin,
-        xyz_input=scan["xyz_input"])
+        instance=instance_per_point(masks, scores),
+        superpoint=sp,
+        inferred=len(xyz) if subset is None else len(subset),
+        bucket=scene["bucket"],
+        warnings=read_notes + notes,
+        scene_id=sid,
+        origin=origin,
+        xyz_input=scan["xyz_input"],
+    )
 
     t0 = time.perf_counter()
-    out = write_outputs(out_dir, pred, model.config, timings,
-                        extra={"checkpoint": {"source": model.source, "step": model.step},
-                               "input": os.path.abspath(input_path)})
+    out = write_outputs(
+        out_dir,
+        pred,
+        model.config,
+        timings,
+        extra={
+            "checkpoint": {"source": model.source, "step": model.step},
+            "input": os.path.abspath(input_path),
+        },
+    )
     timings["write_s"] = time.perf_counter() - t0
     out["summary"]["timings_s"] = dict(timings)
     io_atomic.write_json(out["paths"]["summary"], out["summary"])
-    log(f"wrote {len(out['paths'])} outputs to {out_dir} ({timings['write_s']:.2f} s): "
-        f"{len(pred.labels)} instances")
+    log(
+        f"wrote {len(out['paths'])} outputs to {out_dir} ({timings['write_s']:.2f} s): "
+        f"{len(pred.labels)} instances"
+    )
     out["prediction"] = pred
     out["config"] = model.config
     return out
@@ -439,16 +565,23 @@ def show_viewer(pred: Prediction, config, port: int = 8080) -> None:
     try:
         import viser
     except ImportError as e:
-        raise ImportError("--viewer needs the optional 'viser' package (pip install viser); "
-                          "the PNG and PLY outputs were written without it") from e
+        raise ImportError(
+            "--viewer needs the optional 'viser' package (pip install viser); "
+            "the PNG and PLY outputs were written without it"
+        ) from e
     server = viser.ViserServer(port=port)
     scene = getattr(server, "scene", server)  # viser >= 0.2 puts scene calls on .scene
     xyz = (pred.xyz - pred.xyz.mean(axis=0)).astype(np.float32)
     spacing = max(R.surface_spacing(xyz), 1e-3)
-    layers = {"instance": instance_colors(pred),
-              "class": semantic_colors(config)[pred.sem_pred], "input": pred.rgb}
-    handles = {k: scene.add_point_cloud(f"/{k}", points=xyz, colors=c, point_size=spacing)
-               for k, c in layers.items()}
+    layers = {
+        "instance": instance_colors(pred),
+        "class": semantic_colors(config)[pred.sem_pred],
+        "input": pred.rgb,
+    }
+    handles = {
+        k: scene.add_point_cloud(f"/{k}", points=xyz, colors=c, point_size=spacing)
+        for k, c in layers.items()
+    }
     for k, h in handles.items():
         h.visible = k == "instance"
     choice = server.gui.add_dropdown("colour by", options=tuple(layers), initial_value="instance")

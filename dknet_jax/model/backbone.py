@@ -160,15 +160,18 @@ class ResidualBlock(nnx.Module):
 # --------------------------------------------------------------------------- UNet
 
 
-def _per_level(value, count: int, name: str, upper: float = 1.0,
-               unit: str = "level transition") -> tuple[float, ...]:
+def _per_level(
+    value, count: int, name: str, upper: float = 1.0, unit: str = "level transition"
+) -> tuple[float, ...]:
     """A number in (0, ``upper``], or ``count`` of them (one per ``unit``) -> ``count`` floats."""
     values = level_values(value)
     if len(values) == 1:
         values = values * count
     if len(values) != count or not all(0.0 < x <= upper for x in values):
-        raise ValueError(f"{name} must be a number in (0, {upper:g}] or {count} of them "
-                         f"(one per {unit}), got {value!r}")
+        raise ValueError(
+            f"{name} must be a number in (0, {upper:g}] or {count} of them "
+            f"(one per {unit}), got {value!r}"
+        )
     return values
 
 
@@ -227,12 +230,15 @@ class SparseUNet(nnx.Module):
         _per_level(level_capacity_ratio, len(widths) - 1, "level_capacity_ratio")
         conv.resolve_impl(impl)  # validate early
         self.widths = widths
-        self.level_capacity_ratio = (tuple(level_capacity_ratio)
-                                     if isinstance(level_capacity_ratio, (list, tuple))
-                                     else level_capacity_ratio)
+        self.level_capacity_ratio = (
+            tuple(level_capacity_ratio)
+            if isinstance(level_capacity_ratio, (list, tuple))
+            else level_capacity_ratio
+        )
         self.min_level_capacity = min_level_capacity
-        self.pairs_per_voxel = _per_level(pairs_per_voxel, len(widths), "pairs_per_voxel",
-                                          upper=27.0, unit="level")
+        self.pairs_per_voxel = _per_level(
+            pairs_per_voxel, len(widths), "pairs_per_voxel", upper=27.0, unit="level"
+        )
         self.expected_level_ratio = expected_level_ratio
         self.use_running_average = False
         nb = blocks_per_level

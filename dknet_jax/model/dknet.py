@@ -151,9 +151,14 @@ class DKNet(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, batch: PointBatch, *, key: Array | None = None,
-                 decode_masks: bool = True,
-                 merge_threshold: float | None = None) -> DKNetOutputs:
+    def __call__(
+        self,
+        batch: PointBatch,
+        *,
+        key: Array | None = None,
+        decode_masks: bool = True,
+        merge_threshold: float | None = None,
+    ) -> DKNetOutputs:
         """Forward pass on one packed batch: the stage methods below, in order.
 
         ``key`` drives random candidate sampling (``candidates="random"``);
@@ -203,12 +208,14 @@ class DKNet(nnx.Module):
         """The point heads and the per-scene heatmap H f32[N] (softmax over each scene's
         predicted-foreground points)."""
         heads = self.heads(fp, batch.valid)
-        heat = scene_softmax(heads.heat_logits, batch.batch_id, heads.foreground,
-                             batch.scene_valid.shape[0])
+        heat = scene_softmax(
+            heads.heat_logits, batch.batch_id, heads.foreground, batch.scene_valid.shape[0]
+        )
         return heads, heat
 
-    def mine(self, batch: PointBatch, heads: PointHeadOutputs, heat: Array,
-             key: Array | None = None) -> tuple[Array, Array, Array]:
+    def mine(
+        self, batch: PointBatch, heads: PointHeadOutputs, heat: Array, key: Array | None = None
+    ) -> tuple[Array, Array, Array]:
         """Candidate mining per scene, K slots each, flattened to M = B*K slots:
         (cand_idx i32[M] point index, cand_ok bool[M], pool_exhausted bool[B])."""
         n = batch.valid.shape[0]
@@ -238,9 +245,15 @@ class DKNet(nnx.Module):
         idx, ok, exhausted = jax.vmap(mine)(scene_valid, keys)
         return idx.reshape(-1), ok.reshape(-1), exhausted
 
-    def group(self, batch: PointBatch, heads: PointHeadOutputs, heat: Array,
-              cand_idx: Array, cand_ok: Array,
-              merge_threshold: float | None = None) -> Groups:
+    def group(
+        self,
+        batch: PointBatch,
+        heads: PointHeadOutputs,
+        heat: Array,
+        cand_idx: Array,
+        cand_ok: Array,
+        merge_threshold: float | None = None,
+    ) -> Groups:
         """Aggregation: context features, pairwise merge scores, groups, group features,
         and the groups moved into ``max_instances`` instance slots per scene."""
         n = batch.valid.shape[0]
@@ -287,7 +300,8 @@ class DKNet(nnx.Module):
 
         ki = self.max_instances
         (inst_feat, inst_pos), inst_ok, inst_source, inst_overflow = agg.compact_groups(
-            inst_ok, (inst_feat, inst_pos), scenes=b, slots=ki)
+            inst_ok, (inst_feat, inst_pos), scenes=b, slots=ki
+        )
         return Groups(
             cand_batch=cand_batch,
             merge_logits=merge_logits,
@@ -301,8 +315,9 @@ class DKNet(nnx.Module):
             instance_overflow=inst_overflow,
         )
 
-    def masks(self, batch: PointBatch, heads: PointHeadOutputs, groups: Groups,
-              decode_masks: bool = True) -> tuple[Array, Array | None]:
+    def masks(
+        self, batch: PointBatch, heads: PointHeadOutputs, groups: Groups, decode_masks: bool = True
+    ) -> tuple[Array, Array | None]:
         """Instance kernels f32[M', L] from the group features and, with ``decode_masks``,
         the dynamic-conv mask logits f32[M', N] (else None)."""
         n = batch.valid.shape[0]
@@ -349,8 +364,11 @@ class DKNet(nnx.Module):
 def build_model(config, seed: int | None = None):
     """DKNet from a full config (``config.model``, ``config.kernels.impl``, ``config.seed``);
     returns ``(graphdef, params, rest)`` split for jit (``nnx.split(model, nnx.Param, ...)``)."""
-    model = DKNet(config.model, impl=resolve_impl(config.kernels.impl),
-                  rngs=nnx.Rngs(config.seed if seed is None else seed))
+    model = DKNet(
+        config.model,
+        impl=resolve_impl(config.kernels.impl),
+        rngs=nnx.Rngs(config.seed if seed is None else seed),
+    )
     return nnx.split(model, nnx.Param, ...)
 
 

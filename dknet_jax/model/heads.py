@@ -44,8 +44,7 @@ NORMS = ("batch", "layer", "none")
 _torch_linear_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def predicted_foreground(semantic_logits: Array, valid: Array,
-                         first_instance_class: int) -> Array:
+def predicted_foreground(semantic_logits: Array, valid: Array, first_instance_class: int) -> Array:
     """bool[N]: valid rows whose argmax class is an instance class (>= first_instance_class).
 
     ``semantic_logits`` f32[N, S]. The heatmap's BatchNorm and softmax use these rows."""

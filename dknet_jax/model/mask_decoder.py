@@ -52,8 +52,10 @@ def kernel_hidden(length: int, mask_feat_dim: int) -> int:
     :func:`num_kernel_params` with in_dim = Cm + 3: L = (Cm + 5) * H + 1)."""
     hidden, rest = divmod(length - 1, mask_feat_dim + 5)
     if rest or hidden <= 0:
-        raise ValueError(f"kernel length {length} does not fit mask features of width "
-                         f"{mask_feat_dim} (need (Cm + 3) * H + 2 * H + 1)")
+        raise ValueError(
+            f"kernel length {length} does not fit mask features of width "
+            f"{mask_feat_dim} (need (Cm + 3) * H + 2 * H + 1)"
+        )
     return hidden
 
 
@@ -63,32 +65,32 @@ def split_kernels(kernels: Array, in_dim: int, hidden: int):
     k, length = kernels.shape
     expected = num_kernel_params(in_dim, hidden)
     if length != expected:
-        raise ValueError(f"decode_masks: kernels have length {length} but in_dim={in_dim}, "
-                         f"hidden={hidden} need {expected}; check mask_feat_dim/dynamic_hidden")
+        raise ValueError(
+            f"decode_masks: kernels have length {length} but in_dim={in_dim}, "
+            f"hidden={hidden} need {expected}; check mask_feat_dim/dynamic_hidden"
+        )
     n1 = in_dim * hidden
     w1 = kernels[:, :n1].reshape(k, in_dim, hidden)
-    b1 = kernels[:, n1:n1 + hidden]
-    w2 = kernels[:, n1 + hidden:n1 + 2 * hidden]
+    b1 = kernels[:, n1 : n1 + hidden]
+    w2 = kernels[:, n1 + hidden : n1 + 2 * hidden]
     b2 = kernels[:, n1 + 2 * hidden]
     return w1, b1, w2, b2
 
 
-def scene_point_mask(inst_batch: Array, inst_ok: Array, batch_id: Array,
-                     valid: Array) -> Array:
+def scene_point_mask(inst_batch: Array, inst_ok: Array, batch_id: Array, valid: Array) -> Array:
     """bool[K, N]: point i is a valid point of instance k's scene and slot k is valid."""
-    return (inst_ok[:, None] & valid[None, :]
-            & (inst_batch[:, None] == batch_id[None, :]))
+    return inst_ok[:, None] & valid[None, :] & (inst_batch[:, None] == batch_id[None, :])
 
 
 def check_inputs(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, what):
     n = mask_feats.shape[0]
-    if mask_feats.ndim != 2 or xyz.shape != (n, 3) or batch_id.shape != (n,) or \
-            valid.shape != (n,):
-        raise ValueError(f"{what}: mask_feats {mask_feats.shape}, xyz {xyz.shape}, "
-                         f"batch_id {batch_id.shape}, valid {valid.shape} disagree on N")
+    if mask_feats.ndim != 2 or xyz.shape != (n, 3) or batch_id.shape != (n,) or valid.shape != (n,):
+        raise ValueError(
+            f"{what}: mask_feats {mask_feats.shape}, xyz {xyz.shape}, "
+            f"batch_id {batch_id.shape}, valid {valid.shape} disagree on N"
+        )
     if centroids.shape != (kernels.shape[0], 3):
-        raise ValueError(f"{what}: centroids {centroids.shape} should be "
-                         f"[{kernels.shape[0]}, 3]")
+        raise ValueError(f"{what}: centroids {centroids.shape} should be [{kernels.shape[0]}, 3]")
     if chunk_size <= 0:
         raise ValueError(f"{what}: chunk_size must be > 0, got {chunk_size}")
 
@@ -123,10 +125,20 @@ def chunk_logits(params, x, bid, ok, inst_batch, inst_ok):
     return logit, inside
 
 
-def decode_masks(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: Array,
-                 mask_feats: Array, xyz: Array, batch_id: Array, valid: Array, *,
-                 hidden: int = 16, chunk_size: int = 16384,
-                 fill_value: float = MASK_FILL) -> Array:
+def decode_masks(
+    kernels: Array,
+    centroids: Array,
+    inst_batch: Array,
+    inst_ok: Array,
+    mask_feats: Array,
+    xyz: Array,
+    batch_id: Array,
+    valid: Array,
+    *,
+    hidden: int = 16,
+    chunk_size: int = 16384,
+    fill_value: float = MASK_FILL,
+) -> Array:
     """Mask logits of every instance over every point of its scene.
 
     Args:
@@ -143,8 +155,9 @@ def decode_masks(kernels: Array, centroids: Array, inst_batch: Array, inst_ok: A
     """
     check_inputs(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, "decode_masks")
     n = mask_feats.shape[0]
-    params, x, (bid, ok), _ = chunked_inputs(kernels, centroids, mask_feats, xyz,
-                                              [batch_id, valid], hidden, chunk_size)
+    params, x, (bid, ok), _ = chunked_inputs(
+        kernels, centroids, mask_feats, xyz, [batch_id, valid], hidden, chunk_size
+    )
 
     @jax.checkpoint
     def one_chunk(args):

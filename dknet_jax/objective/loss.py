@@ -31,15 +31,28 @@ Array = jax.Array
 def loss_weights(loss_config) -> L.LossTerms:
     """``config.loss`` -> per-term weights."""
     f = lambda v: jnp.float32(v)
-    return L.LossTerms(semantic=f(loss_config.semantic), offset=f(loss_config.offset),
-                       center=f(loss_config.center), aggregation=f(loss_config.aggregation),
-                       mask=f(loss_config.mask))
+    return L.LossTerms(
+        semantic=f(loss_config.semantic),
+        offset=f(loss_config.offset),
+        center=f(loss_config.center),
+        aggregation=f(loss_config.aggregation),
+        mask=f(loss_config.mask),
+    )
 
 
-def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms,
-                   gates: L.LossTerms, num_classes: int, offset_direction: bool = False,
-                   mask_iou_threshold: float = 0.25, mask_iou_fallback: bool = True,
-                   aggregation_loss: bool = True, mask_chunk: int = 16_384):
+def compute_losses(
+    out: DKNetOutputs,
+    batch: PointBatch,
+    *,
+    weights: L.LossTerms,
+    gates: L.LossTerms,
+    num_classes: int,
+    offset_direction: bool = False,
+    mask_iou_threshold: float = 0.25,
+    mask_iou_fallback: bool = True,
+    aggregation_loss: bool = True,
+    mask_chunk: int = 16_384,
+):
     """Eq. 8 on one packed batch.
 
     Args:
@@ -73,32 +86,64 @@ def compute_losses(out: DKNetOutputs, batch: PointBatch, *, weights: L.LossTerms
 
     sem_pred = jnp.argmax(h.semantic_logits, axis=-1)
     if out.mask_logits is None:  # chunked: decode again from the kernels, never [M, N]
-        decoder = (out.kernels, out.inst_pos, out.instance_batch, out.inst_ok, h.mask_feats,
-                   batch.xyz, batch.batch_id, batch.valid)
+        decoder = (
+            out.kernels,
+            out.inst_pos,
+            out.instance_batch,
+            out.inst_ok,
+            h.mask_feats,
+            batch.xyz,
+            batch.batch_id,
+            batch.valid,
+        )
         hidden = mask_decoder.kernel_hidden(out.kernels.shape[-1], h.mask_feats.shape[-1])
-        counts = mask_loss.decoded_class_counts(*decoder, sem_pred, num_classes, hidden=hidden,
-                                            chunk_size=mask_chunk)
+        counts = mask_loss.decoded_class_counts(
+            *decoder, sem_pred, num_classes, hidden=hidden, chunk_size=mask_chunk
+        )
         pred_class = class_from_counts(counts)
     else:
-        point_mask = mask_decoder.scene_point_mask(out.instance_batch, out.inst_ok, batch.batch_id,
-                                            batch.valid)
+        point_mask = mask_decoder.scene_point_mask(
+            out.instance_batch, out.inst_ok, batch.batch_id, batch.valid
+        )
         pred_class = majority_class((out.mask_logits > 0) & point_mask, sem_pred, num_classes)
     _, gt_for_pred = match_instances(
-        out.inst_pos, pred_class, out.instance_batch, out.inst_ok, t.centroid, t.gt_class,
-        t.gt_batch, t.gt_ok)
+        out.inst_pos,
+        pred_class,
+        out.instance_batch,
+        out.inst_ok,
+        t.centroid,
+        t.gt_class,
+        t.gt_batch,
+        t.gt_ok,
+    )
     if out.mask_logits is None:
         mask, num_counted, _ = mask_loss.decoded_mask_loss(
-            *decoder, batch.instance, gt_for_pred, hidden=hidden, chunk_size=mask_chunk,
-            iou_threshold=mask_iou_threshold, iou_fallback=mask_iou_fallback)
+            *decoder,
+            batch.instance,
+            gt_for_pred,
+            hidden=hidden,
+            chunk_size=mask_chunk,
+            iou_threshold=mask_iou_threshold,
+            iou_fallback=mask_iou_fallback,
+        )
     else:
-        mask, num_counted, _ = L.mask_loss(out.mask_logits, batch.instance, gt_for_pred,
-                                           point_mask, iou_threshold=mask_iou_threshold,
-                                           iou_fallback=mask_iou_fallback)
+        mask, num_counted, _ = L.mask_loss(
+            out.mask_logits,
+            batch.instance,
+            gt_for_pred,
+            point_mask,
+            iou_threshold=mask_iou_threshold,
+            iou_fallback=mask_iou_fallback,
+        )
     terms = L.LossTerms(semantic=sem, offset=off, center=center, aggregation=merge, mask=mask)
     total = L.total_loss(terms, weights, gates)
     metrics = {
-        "loss": total, "semantic": sem, "offset": off, "center": center,
-        "aggregation": merge, "mask": mask,
+        "loss": total,
+        "semantic": sem,
+        "offset": off,
+        "center": center,
+        "aggregation": merge,
+        "mask": mask,
         "candidates": jnp.sum(out.cand_ok).astype(jnp.float32),
         "instances": jnp.sum(out.inst_ok).astype(jnp.float32),
         "matched": num_counted.astype(jnp.float32),

@@ -47,9 +47,18 @@ def class_from_counts(counts: Array) -> Array:
     return jnp.where(jnp.sum(counts, axis=-1) > 0, cls, -1)
 
 
-def match_cost(pred_centroid: Array, pred_class: Array, pred_batch: Array, pred_ok: Array,
-               gt_centroid: Array, gt_class: Array, gt_batch: Array, gt_ok: Array,
-               *, class_weight: float = 1.0):
+def match_cost(
+    pred_centroid: Array,
+    pred_class: Array,
+    pred_batch: Array,
+    pred_ok: Array,
+    gt_centroid: Array,
+    gt_class: Array,
+    gt_batch: Array,
+    gt_ok: Array,
+    *,
+    class_weight: float = 1.0,
+):
     """Eq. 5 cost ``||C_pred - C_gt||_2 + class_weight * 1[class differs]``.
 
     Args:
@@ -85,8 +94,10 @@ def _assign_host(cost: np.ndarray, row_group: np.ndarray, col_group: np.ndarray)
                 continue
             sub = cost[b][np.ix_(rows, cols)]
             if not np.all(np.isfinite(sub)):
-                raise ValueError("hungarian: the cost matrix has NaN/inf entries; check the "
-                                 "predicted centroids (a diverged model?)")
+                raise ValueError(
+                    "hungarian: the cost matrix has NaN/inf entries; check the "
+                    "predicted centroids (a diverged model?)"
+                )
             r, c = linear_sum_assignment(sub)
             gt_for_pred[b, rows[r]] = cols[c]
             pred_for_gt[b, cols[c]] = rows[r]
@@ -107,23 +118,45 @@ def hungarian(cost: Array, row_group: Array, col_group: Array):
     """
     lead = cost.shape[:-2]
     k, g = cost.shape[-2:]
-    out = (jax.ShapeDtypeStruct((*lead, g), jnp.int32),
-           jax.ShapeDtypeStruct((*lead, k), jnp.int32))
-    return jax.pure_callback(_assign_host, out, jax.lax.stop_gradient(cost),
-                             row_group.astype(jnp.int32), col_group.astype(jnp.int32),
-                             vmap_method="expand_dims")
+    out = (jax.ShapeDtypeStruct((*lead, g), jnp.int32), jax.ShapeDtypeStruct((*lead, k), jnp.int32))
+    return jax.pure_callback(
+        _assign_host,
+        out,
+        jax.lax.stop_gradient(cost),
+        row_group.astype(jnp.int32),
+        col_group.astype(jnp.int32),
+        vmap_method="expand_dims",
+    )
 
 
-def match_instances(pred_centroid: Array, pred_class: Array, pred_batch: Array,
-                    pred_ok: Array, gt_centroid: Array, gt_class: Array, gt_batch: Array,
-                    gt_ok: Array, *, class_weight: float = 1.0):
+def match_instances(
+    pred_centroid: Array,
+    pred_class: Array,
+    pred_batch: Array,
+    pred_ok: Array,
+    gt_centroid: Array,
+    gt_class: Array,
+    gt_batch: Array,
+    gt_ok: Array,
+    *,
+    class_weight: float = 1.0,
+):
     """Match packed predictions to packed GT per scene (cost of :func:`match_cost`).
 
     Shapes as in :func:`match_cost`. Returns ``pred_for_gt i32[G]``, ``gt_for_pred i32[K]``
     (-1 = unmatched); pairs are only ever within one scene and between valid slots.
     """
-    cost, _ = match_cost(pred_centroid, pred_class, pred_batch, pred_ok, gt_centroid,
-                         gt_class, gt_batch, gt_ok, class_weight=class_weight)
+    cost, _ = match_cost(
+        pred_centroid,
+        pred_class,
+        pred_batch,
+        pred_ok,
+        gt_centroid,
+        gt_class,
+        gt_batch,
+        gt_ok,
+        class_weight=class_weight,
+    )
     row_group = jnp.where(pred_ok, pred_batch, -1)
     col_group = jnp.where(gt_ok, gt_batch, -1)
     return hungarian(cost, row_group, col_group)

@@ -78,8 +78,9 @@ class Targets:
     heat: Array
 
 
-def compute_targets(batch: PointBatch, *, heat_alpha: float = 25.0,
-                    radius_eps: float = 1e-4) -> Targets:
+def compute_targets(
+    batch: PointBatch, *, heat_alpha: float = 25.0, radius_eps: float = 1e-4
+) -> Targets:
     """Targets for a packed batch (docs/method.md section 4).
 
     Heatmap target of an instance point: ``exp(-heat_alpha * d^2 / (r + radius_eps)^2)``, d
@@ -96,7 +97,16 @@ def compute_targets(batch: PointBatch, *, heat_alpha: float = 25.0,
     off = jnp.where(on[:, None], c - batch.xyz, 0.0)
     d2 = jnp.sum(off * off, axis=-1)
     heat = jnp.where(on, jnp.exp(-heat_alpha * d2 / (r + radius_eps) ** 2), 0.0)
-    return Targets(centroid=centroid, box_min=bmin, box_max=bmax, radius=radius, count=count,
-                   gt_class=batch.instance_class, gt_batch=batch.instance_batch,
-                   gt_ok=batch.instance_valid & (count > 0), on_instance=on, offset=off,
-                   heat=heat)
+    return Targets(
+        centroid=centroid,
+        box_min=bmin,
+        box_max=bmax,
+        radius=radius,
+        count=count,
+        gt_class=batch.instance_class,
+        gt_batch=batch.instance_batch,
+        gt_ok=batch.instance_valid & (count > 0),
+        on_instance=on,
+        offset=off,
+        heat=heat,
+    )

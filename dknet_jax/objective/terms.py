@@ -54,8 +54,9 @@ def cross_entropy(logits: Array, labels: Array, valid: Array | None = None) -> A
     return _masked_mean(nll, ok)
 
 
-def multiclass_dice(logits: Array, labels: Array, valid: Array | None = None,
-                    eps: float = 1e-5) -> Array:
+def multiclass_dice(
+    logits: Array, labels: Array, valid: Array | None = None, eps: float = 1e-5
+) -> Array:
     """Multi-class dice loss on softmax(logits) over labelled rows; mean over S classes."""
     s = logits.shape[-1]
     ok = labels != IGNORE_LABEL
@@ -122,14 +123,28 @@ def mask_pair_sums(mask_logits: Array, target: Array, point_mask: Array) -> Arra
     t = target.astype(mask_logits.dtype) * w
     p = jax.nn.sigmoid(mask_logits) * w
     hard = jax.lax.stop_gradient((mask_logits > 0).astype(mask_logits.dtype) * w)
-    return jnp.stack([
-        jnp.sum(w, axis=1), jnp.sum(bce_with_logits(mask_logits, t) * w, axis=1),
-        jnp.sum(p * t, axis=1), jnp.sum(p, axis=1), jnp.sum(t, axis=1),
-        jnp.sum(hard * t, axis=1), jnp.sum(hard, axis=1)], axis=1)
+    return jnp.stack(
+        [
+            jnp.sum(w, axis=1),
+            jnp.sum(bce_with_logits(mask_logits, t) * w, axis=1),
+            jnp.sum(p * t, axis=1),
+            jnp.sum(p, axis=1),
+            jnp.sum(t, axis=1),
+            jnp.sum(hard * t, axis=1),
+            jnp.sum(hard, axis=1),
+        ],
+        axis=1,
+    )
 
 
-def mask_loss_from_sums(sums: Array, matched: Array, *, iou_threshold: float = 0.25,
-                        iou_fallback: bool = True, eps: float = 1e-6):
+def mask_loss_from_sums(
+    sums: Array,
+    matched: Array,
+    *,
+    iou_threshold: float = 0.25,
+    iou_fallback: bool = True,
+    eps: float = 1e-6,
+):
     """Eq. 6 from :func:`mask_pair_sums` ``f32[K, 7]`` and ``matched bool[K]``.
 
     ``iou_fallback``: when no matched pair has IoU > ``iou_threshold``, count every matched
@@ -149,8 +164,16 @@ def mask_loss_from_sums(sums: Array, matched: Array, *, iou_threshold: float = 0
     return loss, num, iou
 
 
-def mask_loss(mask_logits: Array, instance: Array, gt_for_pred: Array, point_mask: Array, *,
-              iou_threshold: float = 0.25, iou_fallback: bool = True, eps: float = 1e-6):
+def mask_loss(
+    mask_logits: Array,
+    instance: Array,
+    gt_for_pred: Array,
+    point_mask: Array,
+    *,
+    iou_threshold: float = 0.25,
+    iou_fallback: bool = True,
+    eps: float = 1e-6,
+):
     """Eq. 6: BCE + dice per matched (prediction, GT) pair with IoU > ``iou_threshold``.
 
     Materialises several f32[K, N] temporaries; ``mask_loss.decoded_mask_loss`` computes the
@@ -170,9 +193,13 @@ def mask_loss(mask_logits: Array, instance: Array, gt_for_pred: Array, point_mas
     matched = gt_for_pred >= 0
     pm = point_mask & matched[:, None]
     target = instance[None, :] == gt_for_pred[:, None]
-    return mask_loss_from_sums(mask_pair_sums(mask_logits, target, pm), matched,
-                               iou_threshold=iou_threshold, iou_fallback=iou_fallback,
-                               eps=eps)
+    return mask_loss_from_sums(
+        mask_pair_sums(mask_logits, target, pm),
+        matched,
+        iou_threshold=iou_threshold,
+        iou_fallback=iou_fallback,
+        eps=eps,
+    )
 
 
 @flax.struct.dataclass
@@ -198,8 +225,13 @@ def stage_gates(epoch: Array, *, heatmap_epoch: int, mask_epoch: int) -> LossTer
     """
     one = jnp.ones((), jnp.float32)
     heat = (epoch >= heatmap_epoch).astype(jnp.float32)
-    return LossTerms(semantic=one, offset=one, center=heat, aggregation=heat,
-                     mask=(epoch >= mask_epoch).astype(jnp.float32))
+    return LossTerms(
+        semantic=one,
+        offset=one,
+        center=heat,
+        aggregation=heat,
+        mask=(epoch >= mask_epoch).astype(jnp.float32),
+    )
 
 
 def total_loss(terms: LossTerms, weights: LossTerms, gates: LossTerms) -> Array:

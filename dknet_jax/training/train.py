@@ -52,15 +52,23 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
             model.train()
             # chunked: no [M, N] mask logits; compute_losses decodes chunk by chunk
             out = model(batch, key=key, decode_masks=not m.chunked_mask_loss)
-            gates = stage_gates(epoch, heatmap_epoch=t.stage_heatmap_epoch,
-                                mask_epoch=t.stage_mask_epoch)
+            gates = stage_gates(
+                epoch, heatmap_epoch=t.stage_heatmap_epoch, mask_epoch=t.stage_mask_epoch
+            )
             total, metrics = compute_losses(
-                out, batch, weights=weights, gates=gates, num_classes=m.num_classes,
+                out,
+                batch,
+                weights=weights,
+                gates=gates,
+                num_classes=m.num_classes,
                 offset_direction=m.offset_direction_loss,
                 mask_iou_threshold=mask_gate_threshold(
-                    epoch, config.loss.mask_iou_threshold, config.loss.mask_iou_gate_epoch),
+                    epoch, config.loss.mask_iou_threshold, config.loss.mask_iou_gate_epoch
+                ),
                 mask_iou_fallback=config.loss.mask_iou_fallback,
-                aggregation_loss=m.aggregation != "none", mask_chunk=m.mask_chunk)
+                aggregation_loss=m.aggregation != "none",
+                mask_chunk=m.mask_chunk,
+            )
             metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)
             metrics["pool_exhausted"] = jnp.sum(out.pool_exhausted).astype(jnp.float32)
             metrics["instance_overflow"] = jnp.sum(out.instance_overflow).astype(jnp.float32)
@@ -76,8 +84,7 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         metrics["skipped"] = (~ok).astype(jnp.float32)
-        return (keep(new_params, params), keep(new_rest, rest), keep(new_opt, opt_state),
-                metrics)
+        return (keep(new_params, params), keep(new_rest, rest), keep(new_opt, opt_state), metrics)
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1, 2))
@@ -92,8 +99,7 @@ def shard_batch(batch, mesh: Mesh | None):
     n = batch.valid.shape[0]
     pts = NamedSharding(mesh, PartitionSpec("data"))
     rep = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(
-        lambda x: jax.device_put(x, pts if x.shape[:1] == (n,) else rep), batch)
+    return jax.tree.map(lambda x: jax.device_put(x, pts if x.shape[:1] == (n,) else rep), batch)
 
 
 def _log(path: str, record: dict) -> None:
@@ -152,8 +158,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # no empty work dir behind)
     train_paths = list_scenes(d.root, d.train_split)
     if not train_paths:
-        raise SceneError(f"{d.root}: training split {d.train_split!r} is empty; prepare "
-                         f"scenes into it (scripts/prepare_*.py) or set config.data.train_split")
+        raise SceneError(
+            f"{d.root}: training split {d.train_split!r} is empty; prepare "
+            f"scenes into it (scripts/prepare_*.py) or set config.data.train_split"
+        )
     # before any training: a missing split is an error now, not after the first epoch;
     # an empty one trains without evaluation (instead of logging NaN metrics)
     has_val = bool(_validation_scenes(d.root, d.val_split))
@@ -164,7 +172,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f"no validation scenes in {os.path.join(d.root, d.val_split)} (split "
             f"{d.val_split!r} of {d.root} is empty): training runs without evaluation; "
             f"best/ will not be written. Prepare the split or set config.data.val_split",
-            stacklevel=2)
+            stacklevel=2,
+        )
     steps_per_epoch = t.steps_per_epoch or max(len(train_paths) // d.batch_size, 1)
     total_steps = t.epochs * steps_per_epoch
     graphdef, params, rest = build_model(config)
@@ -184,8 +193,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         best = float(meta["best"]) if meta.get("best") is not None else best
         print(f"Resumed from step {step} in {workdir}", flush=True)
 
-    it = pipeline.train_iterator(train_paths, config, num_workers=1, prefetch=d.prefetch,
-                        state=data_state)
+    it = pipeline.train_iterator(
+        train_paths, config, num_workers=1, prefetch=d.prefetch, state=data_state
+    )
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
     train_step = make_train_step(graphdef, tx, config, mesh)
@@ -195,8 +205,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     time_offset = truncate_log(log_path, step)
     shapes: set = set()
     last_eval: dict = {}
-    pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
-                disable=not sys.stderr.isatty() and os.environ.get("DKNET_PROGRESS") != "1")
+    pbar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not sys.stderr.isatty() and os.environ.get("DKNET_PROGRESS") != "1",
+    )
     acc: dict = {}
     overflows = 0
     t_start = time.time() - time_offset
@@ -206,7 +221,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         epoch = step // steps_per_epoch
         key, sub = jax.random.split(key)
         params, rest, opt_state, metrics = train_step(
-            params, rest, opt_state, shard_batch(batch, mesh), sub, jnp.int32(epoch))
+            params, rest, opt_state, shard_batch(batch, mesh), sub, jnp.int32(epoch)
+        )
         step += 1
         pbar.update(1)
         metrics = jax.device_get(metrics)
@@ -214,49 +230,74 @@ def train_and_evaluate(config, workdir: str) -> dict:
             # the step left the state untouched; a rare overflow costs one batch, a
             # frequent one means the capacities are wrong for this data
             overflows += 1
-            msg = (f"voxel capacity overflow at step {step} (batch of "
-                   f"{batch.valid.shape[0]} points): raise config.model.level_capacity_ratio "
-                   f"(1.0 never overflows), add a larger config.data.point_buckets entry, or "
-                   f"lower config.data.max_points")
+            msg = (
+                f"voxel capacity overflow at step {step} (batch of "
+                f"{batch.valid.shape[0]} points): raise config.model.level_capacity_ratio "
+                f"(1.0 never overflows), add a larger config.data.point_buckets entry, or "
+                f"lower config.data.max_points"
+            )
             if overflows > max(5, step // 20):
                 raise RuntimeError(f"{msg} ({overflows} overflowing batches so far)")
             warnings.warn(msg + "; batch skipped", stacklevel=1)
         elif metrics["skipped"] > 0:
             raise FloatingPointError(
                 f"non-finite loss/gradient at step {step} (loss={metrics['loss']}); the update "
-                f"was skipped. Lower config.train.lr or set config.train.grad_clip")
+                f"was skipped. Lower config.train.lr or set config.train.grad_clip"
+            )
         for name, value in metrics.items():
             acc.setdefault(name, []).append(float(value))
         if step % t.log_every == 0 or step == total_steps:
-            record = {"step": step, "epoch": epoch, "lr": float(schedule(step)),
-                      "compiled_shapes": len(shapes), "time": time.time() - t_start}
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "lr": float(schedule(step)),
+                "compiled_shapes": len(shapes),
+                "time": time.time() - t_start,
+            }
             record.update({k: float(np.mean(v)) for k, v in acc.items()})
             acc = {}
             _log(log_path, record)
             pbar.set_postfix(loss=f"{record['loss']:.3f}")
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in record.items()), flush=True)
+            print(
+                " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in record.items()
+                ),
+                flush=True,
+            )
         end_of_epoch = step % steps_per_epoch == 0
-        do_eval = (end_of_epoch and ((epoch + 1) % t.eval_every_epochs == 0)) or \
-            step == total_steps
+        do_eval = (end_of_epoch and ((epoch + 1) % t.eval_every_epochs == 0)) or step == total_steps
         if do_eval or step % t.ckpt_every_steps == 0:
             metric = None
             if do_eval and has_val:
-                last_eval = ev.evaluate_split(graphdef, params, rest, config,
-                                              split=d.val_split, progress=False)
+                last_eval = ev.evaluate_split(
+                    graphdef, params, rest, config, split=d.val_split, progress=False
+                )
                 metric = ev.headline(last_eval)
                 metric = None if np.isnan(metric) else metric
-                _log(log_path, clean_json({
-                    "step": step, "epoch": epoch, "val": last_eval["instance"],
-                    "val_miou": last_eval["semantic"].get("miou"),
-                    "diagnostics": last_eval["diagnostics"]}))
+                _log(
+                    log_path,
+                    clean_json(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "val": last_eval["instance"],
+                            "val_miou": last_eval["semantic"].get("miou"),
+                            "diagnostics": last_eval["diagnostics"],
+                        }
+                    ),
+                )
                 if "table" in last_eval:
                     print(last_eval["table"], flush=True)
                 print(format_summary(last_eval["diagnostics"]), flush=True)
                 best = max(best, metric) if metric is not None else best
             state = train_state(params, rest, opt_state, key)
-            meta = {"step": step, "data": it.state(), "best": best if best > -1e30 else None,
-                    "config": config.to_json_best_effort()}
+            meta = {
+                "step": step,
+                "data": it.state(),
+                "best": best if best > -1e30 else None,
+                "config": config.to_json_best_effort(),
+            }
             ckpt.save(step, state, meta, metric=metric)
     pbar.close()
     ckpt.close()
