@@ -52,7 +52,7 @@ from dknet_jax.inference import render as R
 from dknet_jax.inference.predictor import LoadedModel, load_model, run_model
 
 __all__ = [
-    "Prediction", "class_names", "compute_superpoints",
+    "Prediction", "ScanOutputs", "class_names", "compute_superpoints",
     "instance_colors", "instance_per_point", "predict_file", "render_picture",
     "scene_id_for", "semantic_colors",
     "show_viewer", "summarise", "write_outputs",
@@ -316,9 +316,27 @@ def _check_no_clash(paths: dict, inputs: list[str]) -> None:
                 f"--out folder (or rename the input)")
 
 
+@dataclasses.dataclass
+class ScanOutputs:
+    """What :func:`write_outputs` and :func:`predict_file` return.
+
+    Attributes:
+      paths: {kind: path} of every file written (``submission``, ``instances_ply``,
+        ``semantic_ply``, ``png``, ``summary``).
+      summary: the JSON summary's content.
+      prediction: the :class:`Prediction` the files were written from.
+      config: the config the model ran with.
+    """
+
+    paths: dict
+    summary: dict
+    prediction: Prediction
+    config: ml_collections.ConfigDict
+
+
 def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None = None,
-                  extra: dict | None = None) -> dict:
-    """Write every output file; returns {kind: path} and the summary under "summary".
+                  extra: dict | None = None) -> ScanOutputs:
+    """Write every output file; returns the paths and the summary (:class:`ScanOutputs`).
 
     Files: ``<scene>.txt`` + ``predicted_masks/<scene>_NNN.txt`` (ScanNet submission;
     ScanNet label space only; ``<scene>`` is ``pred.scene_id`` or ``scene_id_for(name)``),
@@ -342,7 +360,7 @@ def write_outputs(out_dir: str, pred: Prediction, config, timings: dict | None =
     if "submission" in paths:
         summary["scene_id"] = scene_id
     io_atomic.write_json(paths["summary"], summary)
-    return {"paths": paths, "summary": summary}
+    return ScanOutputs(paths, summary, pred, config)
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,7 +372,7 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
                  subsample: bool = False, log: Callable[[str], None] = print,
                  model: LoadedModel | None = None, scene_id: str | None = None) -> dict:
     """Read ``input_path``, predict with the model in ``checkpoint`` (or ``model``), write
-    the outputs to ``out_dir``. Returns {"paths", "summary", "prediction", "config"}.
+    the outputs to ``out_dir``. Returns :class:`ScanOutputs`.
 
     superpoints: "auto" (compute them; mesh segmentation when the file has faces) or
     "none" (skip the superpoint vote). scene_id: names the submission files (default
@@ -404,17 +422,17 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
     scene, subset, notes = run_model(model, xyz, rgb, sp, name=name, subsample=subsample,
                                      timings=timings, log=log)
     log(f"inference: compile {timings['compile_s']:.2f} s, run {timings['inference_s']:.2f} s"
-        f" (bucket {scene['bucket']} points)")
+        f" (bucket {scene.bucket} points)")
 
-    order = np.lexsort((np.arange(len(scene["scores"])), -scene["scores"]))
-    masks = scene["masks"][order]
-    scores = scene["scores"][order].astype(np.float32)
+    order = np.lexsort((np.arange(len(scene.scores)), -scene.scores))
+    masks = scene.masks[order]
+    scores = scene.scores[order].astype(np.float32)
     pred = Prediction(
         name=name, xyz=xyz, rgb=rgb, faces=faces, masks=masks,
-        labels=scene["labels"][order].astype(np.int32), scores=scores,
-        sem_pred=scene["sem_pred"].astype(np.int32),
+        labels=scene.labels[order].astype(np.int32), scores=scores,
+        sem_pred=scene.sem_pred.astype(np.int32),
         instance=instance_per_point(masks, scores), superpoint=sp,
-        inferred=len(xyz) if subset is None else len(subset), bucket=scene["bucket"],
+        inferred=len(xyz) if subset is None else len(subset), bucket=scene.bucket,
         warnings=read_notes + notes, scene_id=sid, origin=origin,
         xyz_input=scan["xyz_input"])
 
@@ -423,12 +441,10 @@ def predict_file(checkpoint: str, input_path: str, out_dir: str, *,
                         extra={"checkpoint": {"source": model.source, "step": model.step},
                                "input": os.path.abspath(input_path)})
     timings["write_s"] = time.perf_counter() - t0
-    out["summary"]["timings_s"] = dict(timings)
-    io_atomic.write_json(out["paths"]["summary"], out["summary"])
-    log(f"wrote {len(out['paths'])} outputs to {out_dir} ({timings['write_s']:.2f} s): "
+    out.summary["timings_s"] = dict(timings)
+    io_atomic.write_json(out.paths["summary"], out.summary)
+    log(f"wrote {len(out.paths)} outputs to {out_dir} ({timings['write_s']:.2f} s): "
         f"{len(pred.labels)} instances")
-    out["prediction"] = pred
-    out["config"] = model.config
     return out
 
 
