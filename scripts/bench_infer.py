@@ -221,9 +221,9 @@ def main(argv=None) -> dict:
         r = {"scene": names[0], "points": n_pts, "bucket": bucket}
         c, t, fused = timed(predict, (params, rest, batch), args.reps, compiled, ("fused", shape))
         r["fused_s"], r["fused_compile_s"] = t, c
-        if bool(fused["voxel_overflow"]):
+        if bool(fused.voxel_overflow):
             r["warning"] = "voxel capacity overflow"
-        r["kept"] = int(np.asarray(fused["keep"]).sum())
+        r["kept"] = int(np.asarray(fused.keep).sum())
         if stage_fns is not None:
             f = stage_fns
             c1, t1, (fp, overflow) = timed(
@@ -263,18 +263,17 @@ def main(argv=None) -> dict:
             r["candidates"] = int(np.asarray(cand_ok).sum())
             r["instances"] = int(np.asarray(inst_ok).sum())
             r["pool_exhausted"] = bool(np.asarray(exhausted).any())
-            mask_diff = float(np.mean(np.asarray(out["masks"]) != np.asarray(fused["masks"])))
+            mask_diff = float(np.mean(np.asarray(out["masks"]) != np.asarray(fused.masks)))
             score_diff = float(
                 np.max(
                     np.abs(
-                        np.asarray(out["scores"], np.float64)
-                        - np.asarray(fused["scores"], np.float64)
+                        np.asarray(out["scores"], np.float64) - np.asarray(fused.scores, np.float64)
                     )
                 )
             )
             r["stages_bitwise_equal"] = bool(
                 all(
-                    np.array_equal(np.asarray(out[key]), np.asarray(fused[key]))
+                    np.array_equal(np.asarray(out[key]), np.asarray(getattr(fused, key)))
                     for key in ("keep", "labels", "masks", "scores")
                 )
             )

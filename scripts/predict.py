@@ -71,11 +71,11 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for kind, path in out["paths"].items():
+    for kind, path in out.paths.items():
         print(f"  {kind:14s} {path}")
     if _VIEWER.value:
         try:
-            show_viewer(out["prediction"], out["config"], port=_PORT.value)
+            show_viewer(out.prediction, out.config, port=_PORT.value)
         except ImportError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

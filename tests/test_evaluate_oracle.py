@@ -326,7 +326,7 @@ def test_predict_file_with_oracle_model(root, tmp_path, wrong):
     out = P.predict_file(
         "unused", str(scan), str(out_dir), superpoints="none", log=lambda m: None, model=model
     )
-    pred = out["prediction"]
+    pred = out.prediction
     # instances sorted by score, highest first; labels are class indices
     order = np.argsort(-pred.scores, kind="stable")
     np.testing.assert_array_equal(order, np.arange(len(pred.scores)))

@@ -189,7 +189,7 @@ def test_predict_mesh_ply(tmp_path, model, scene):
     logs = []
     out = P.predict_file(None, str(path), str(tmp_path / "out"), model=model, log=logs.append)
     summary, _ = _check_outputs(
-        str(tmp_path / "out"), "room", scene.vertices, scene.faces, out["summary"]
+        str(tmp_path / "out"), "room", scene.vertices, scene.faces, out.summary
     )
     # every point is foreground (semantic bias) and no filter is on: instances must appear,
     # so the mask-file / PLY / summary cross-checks above ran on real masks
@@ -213,10 +213,10 @@ def test_predict_bare_ply_and_txt(tmp_path, model, scene):
     write_ply(bare, {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2]}, binary=False)
     logs = []
     out = P.predict_file(None, str(bare), str(tmp_path / "o1"), model=model, log=logs.append)
-    _check_outputs(str(tmp_path / "o1"), "bare", xyz, None, out["summary"])
+    _check_outputs(str(tmp_path / "o1"), "bare", xyz, None, out.summary)
     assert any("no colours" in m for m in logs)
     assert any("superpoints (point-cloud)" in m for m in logs)
-    np.testing.assert_array_equal(out["prediction"].rgb, 128)
+    np.testing.assert_array_equal(out.prediction.rgb, 128)
 
     txt = tmp_path / "rows.txt"
     rows = np.concatenate([scene.vertices[1::3], scene.colors[1::3]], 1)
@@ -224,10 +224,8 @@ def test_predict_bare_ply_and_txt(tmp_path, model, scene):
     out = P.predict_file(
         None, str(txt), str(tmp_path / "o2"), model=model, superpoints="none", log=lambda m: None
     )
-    _check_outputs(
-        str(tmp_path / "o2"), "rows", rows[:, :3].astype(np.float32), None, out["summary"]
-    )
-    assert out["summary"]["scene"]["superpoints"] is None
+    _check_outputs(str(tmp_path / "o2"), "rows", rows[:, :3].astype(np.float32), None, out.summary)
+    assert out.summary["scene"]["superpoints"] is None
 
 
 def test_too_many_points_error_and_subsample(tmp_path, model):
@@ -259,11 +257,11 @@ def test_too_many_points_error_and_subsample(tmp_path, model):
         subsample=True,
         log=logs.append,
     )
-    pred = out["prediction"]
+    pred = out.prediction
     assert pred.inferred == BUCKET and pred.sem_pred.shape == (n,)
     assert pred.masks.shape[1] == n
-    assert any("random subset" in m for m in logs) and out["summary"]["warnings"]
-    _check_outputs(str(tmp_path / "o"), "big", xyz, None, out["summary"])
+    assert any("random subset" in m for m in logs) and out.summary["warnings"]
+    _check_outputs(str(tmp_path / "o"), "big", xyz, None, out.summary)
 
 
 def test_write_outputs_hand_built(tmp_path):
@@ -288,7 +286,7 @@ def test_write_outputs_hand_built(tmp_path):
     )
     np.testing.assert_array_equal(pred.instance, [0, 0, 0, 1, -1])  # point 2: 0.9 wins
     out = P.write_outputs(str(tmp_path), pred, base_config())
-    s = out["summary"]
+    s = out.summary
     a, b = s["instances"]
     assert (a["class"], a["nyu40_id"], a["points"], a["points_assigned"]) == ("chair", 5, 3, 3)
     assert (b["class"], b["nyu40_id"], b["points"], b["points_assigned"]) == ("toilet", 33, 2, 1)
@@ -334,11 +332,11 @@ def test_write_outputs_s3dis_label_space(tmp_path):
         warnings=[],
     )
     out = P.write_outputs(str(tmp_path), pred, c)
-    assert "submission" not in out["paths"]  # nyu40 files only for the ScanNet labels
+    assert "submission" not in out.paths  # nyu40 files only for the ScanNet labels
     assert not os.path.exists(tmp_path / "area.txt")
-    inst = out["summary"]["instances"][0]
+    inst = out.summary["instances"][0]
     assert (inst["class"], inst["nyu40_id"], inst["points"]) == ("chair", None, 2)
-    assert out["summary"]["scene"]["semantic_points"] == {"floor": 1, "chair": 2}
+    assert out.summary["scene"]["semantic_points"] == {"floor": 1, "chair": 2}
     sply = plyfile.PlyData.read(tmp_path / "area_semantic.ply")["vertex"].data
     cols = np.stack([sply[k] for k in ("red", "green", "blue")], 1)
     np.testing.assert_array_equal(cols, P.semantic_colors(c)[[1, 8, 8]])
@@ -491,15 +489,15 @@ def test_submission_named_by_scene_id_pairs_with_gt(tmp_path, model, scene):
     res = P.predict_file(
         None, str(ply), str(out), model=model, superpoints="none", log=lambda m: None
     )
-    assert res["paths"]["submission"] == str(out / "scene0000_00.txt")
-    assert res["summary"]["scene_id"] == "scene0000_00"
+    assert res.paths["submission"] == str(out / "scene0000_00.txt")
+    assert res.summary["scene_id"] == "scene0000_00"
     for f in (
         "scene0000_00_vh_clean_2_instances.ply",
         "scene0000_00_vh_clean_2.png",
         "scene0000_00_vh_clean_2_summary.json",
     ):
         assert (out / f).is_file()
-    k = res["summary"]["scene"]["instances"]
+    k = res.summary["scene"]["instances"]
     assert k >= 1
     assert sorted(os.listdir(out / "predicted_masks")) == [
         f"scene0000_00_{i:03d}.txt" for i in range(k)
@@ -518,7 +516,7 @@ def test_submission_named_by_scene_id_pairs_with_gt(tmp_path, model, scene):
         None, str(spaced), str(tmp_path / "o2"), model=model, superpoints="none", log=lambda m: None
     )
     lst = tmp_path / "o2" / "my_room.txt"
-    assert res["paths"]["submission"] == str(lst)
+    assert res.paths["submission"] == str(lst)
     lines = lst.read_text().splitlines()
     assert lines and all(len(ln.split(" ")) == 3 for ln in lines)
     assert all(ln.startswith("predicted_masks/my_room_") for ln in lines)
@@ -534,7 +532,7 @@ def test_submission_named_by_scene_id_pairs_with_gt(tmp_path, model, scene):
         scene_id="scene0707_00",
         log=lambda m: None,
     )
-    assert res["paths"]["submission"] == str(tmp_path / "o3" / "scene0707_00.txt")
+    assert res.paths["submission"] == str(tmp_path / "o3" / "scene0707_00.txt")
     assert (tmp_path / "o3" / "predicted_masks" / "scene0707_00_000.txt").is_file()
 
 
@@ -606,7 +604,7 @@ def test_georeferenced_double_ply_keeps_precision(tmp_path, model, scene, monkey
         vx = plyfile.PlyData.read(tmp_path / "out" / f"site_{kind}.ply")["vertex"].data
         assert vx["x"].dtype == np.float64
         np.testing.assert_allclose(np.stack([vx["x"], vx["y"], vx["z"]], 1), xyz, rtol=0, atol=1e-6)
-    summary, _ = _check_outputs(str(tmp_path / "out"), "site", xyz, scene.faces, out["summary"])
+    summary, _ = _check_outputs(str(tmp_path / "out"), "site", xyz, scene.faces, out.summary)
     # the origin: the whole-metre floor of the bounding-box minimum
     assert summary["scene"]["origin"] == np.floor(xyz.min(0)).tolist()
     assert summary["scene"]["origin"][:2] == [5e5, 4e6]
@@ -631,7 +629,7 @@ def test_implausible_extent_warning_reaches_the_summary(tmp_path, model):
     )
     assert any(m.startswith("warning: ") and "more than a room" in m for m in logs)
     assert any(
-        "more than a room (x/y up to 100 m, z up to 20 m)" in w for w in out["summary"]["warnings"]
+        "more than a room (x/y up to 100 m, z up to 20 m)" in w for w in out.summary["warnings"]
     )
 
 

@@ -76,33 +76,33 @@ def evaluate_split(
     ):
         shapes.add(tuple(batch.valid.shape) + tuple(batch.instance_class.shape))
         pred = predict(params, rest, batch)
-        if bool(pred["voxel_overflow"]):
+        if bool(pred.voxel_overflow):
             raise RuntimeError(
                 "voxel capacity overflow during evaluation (a scene exceeds "
                 "its bucket); add a larger data.point_buckets entry"
             )
-        exhausted += int(np.sum(np.asarray(pred["pool_exhausted"])))
-        diag.add(pred["diag"])
+        exhausted += int(np.sum(np.asarray(pred.pool_exhausted)))
+        diag.add(pred.diag)
         for s in split_scenes(batch, pred, names):
-            sem_eval.add(s["sem_pred"], s["semantic"])
+            sem_eval.add(s.sem_pred, s.semantic)
             if scannet:
-                gt_ids = E.gt_ids_from_labels(s["semantic"], _instance_ids_local(s["instance"]))
-                label_ids = E.semantic_to_nyu40(s["labels"])
-                ap_eval.add_scene(gt_ids, s["masks"], label_ids, s["scores"])
+                gt_ids = E.gt_ids_from_labels(s.semantic, _instance_ids_local(s.instance))
+                label_ids = E.semantic_to_nyu40(s.labels)
+                ap_eval.add_scene(gt_ids, s.masks, label_ids, s.scores)
                 if write_files and out_dir:
                     E.write_prediction(
-                        os.path.join(out_dir, "pred"), s["name"], s["masks"], label_ids, s["scores"]
+                        os.path.join(out_dir, "pred"), s.name, s.masks, label_ids, s.scores
                     )
                     os.makedirs(os.path.join(out_dir, "gt"), exist_ok=True)
-                    E.write_gt_ids(os.path.join(out_dir, "gt", s["name"] + ".txt"), gt_ids)
+                    E.write_gt_ids(os.path.join(out_dir, "gt", s.name + ".txt"), gt_ids)
             else:
                 s3dis_scenes.append(
                     {
-                        "gt_semantic": s["semantic"],
-                        "gt_instance": s["instance"],
-                        "pred_masks": s["masks"],
-                        "pred_labels": s["labels"],
-                        "pred_scores": s["scores"],
+                        "gt_semantic": s.semantic,
+                        "gt_instance": s.instance,
+                        "pred_masks": s.masks,
+                        "pred_labels": s.labels,
+                        "pred_scores": s.scores,
                     }
                 )
     results = {

@@ -3,9 +3,9 @@
 Data flow: a work dir -> :func:`load_model` (``checkpoint.restore_model``, the config saved
 in the checkpoint) -> :class:`LoadedModel` -> :func:`make_predict_fn` (jit: ``DKNet`` ->
 :func:`postprocess_batch` -> optional per-stage diagnostic counts) on a packed
-``PointBatch`` -> :func:`split_scenes` (host: one dict per scene). :func:`run_model` does
-all of it for one scan given as arrays (``scan.predict_file`` for files; ``evaluate`` runs
-:func:`make_predict_fn` over a prepared split).
+``PointBatch`` -> :func:`split_scenes` (host: one :class:`SceneResult` per scene).
+:func:`run_model` does all of it for one scan given as arrays (``scan.predict_file`` for
+files; ``evaluate`` runs :func:`make_predict_fn` over a prepared split).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -63,12 +64,61 @@ def postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok):
     return dict(zip(("masks", "labels", "scores", "keep", "removed_by"), out, strict=True))
 
 
+@flax.struct.dataclass
+class BatchPrediction:
+    """What the jitted predict function returns for a packed batch of B scenes (device
+    arrays; K instance slots per scene, N points).
+
+    Attributes:
+      masks: bool[B, K, N] post-processed masks; labels: i32[B, K] class indices;
+        scores: f32[B, K]; keep: bool[B, K] slots that survive post-processing.
+      sem_pred: i32[N] semantic class per point.
+      pool_exhausted: bool[B] the LN-NMS pool ran out (the exact whole-scene loop ran).
+      instance_overflow: bool[B] more groups than instance slots (the lowest dropped).
+      voxel_overflow: bool[] a voxel capacity overflowed (the outputs are invalid).
+      diag: the per-stage diagnostic counts against the batch's GT
+        (``diagnostics.stage_counts``), or None without diagnostics.
+    """
+
+    masks: jax.Array
+    labels: jax.Array
+    scores: jax.Array
+    keep: jax.Array
+    sem_pred: jax.Array
+    pool_exhausted: jax.Array
+    instance_overflow: jax.Array
+    voxel_overflow: jax.Array
+    diag: dict | None = None
+
+
+@dataclasses.dataclass
+class SceneResult:
+    """One real scene of a packed batch, on the host (:func:`split_scenes`): the kept
+    instances and per-point arrays in the scene's row order.
+
+    Attributes:
+      name: scene name; rows: i64[n] indices of its points in the batch.
+      masks: bool[K', n]; labels: i32[K'] class indices; scores: f32[K'].
+      sem_pred: i32[n] predicted class per point.
+      semantic, instance: i32[n] the batch's GT (-100 where unknown); xyz: f32[n, 3].
+      bucket: the point capacity the batch was padded to (set by :func:`run_model`).
+    """
+
+    name: str
+    rows: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    sem_pred: np.ndarray
+    semantic: np.ndarray
+    instance: np.ndarray
+    xyz: np.ndarray
+    bucket: int = 0
+
+
 def make_predict_fn(graphdef, config, *, diagnostics: bool = True):
-    """jit(params, rest, batch) -> dict of device arrays for a packed batch of B scenes:
-    ``masks`` bool[B, K, N], ``labels`` i32[B, K], ``scores`` f32[B, K], ``keep`` bool[B, K],
-    ``sem_pred`` i32[N], ``pool_exhausted`` bool[B], ``instance_overflow`` bool[B],
-    ``voxel_overflow`` bool[], and with
-    ``diagnostics`` ``diag``: the per-stage counts against the batch's GT
+    """jit(params, rest, batch) -> :class:`BatchPrediction` for a packed batch of B scenes;
+    with ``diagnostics`` its ``diag`` holds the per-stage counts against the batch's GT
     (``diagnostics.stage_counts``, computed in the same jit)."""
 
     def predict(params, rest, batch):
@@ -78,31 +128,33 @@ def make_predict_fn(graphdef, config, *, diagnostics: bool = True):
         result = postprocess_batch(
             config, batch, out.heads.semantic_logits, out.mask_logits, out.inst_ok
         )
+        diag = None
         if diagnostics:
-            result["diag"] = stage_counts(
+            diag = stage_counts(
                 batch,
                 out,
                 result,
                 first_instance_class=config.model.first_instance_class,
                 min_gt_points=MIN_GT_POINTS,
             )
-        del result["removed_by"]
-        result.update(
+        return BatchPrediction(
+            masks=result["masks"],
+            labels=result["labels"],
+            scores=result["scores"],
+            keep=result["keep"],
             sem_pred=jnp.argmax(out.heads.semantic_logits, axis=-1).astype(jnp.int32),
             pool_exhausted=out.pool_exhausted,
             instance_overflow=out.instance_overflow,
             voxel_overflow=out.voxel_overflow,
+            diag=diag,
         )
-        return result
 
     return jax.jit(predict)
 
 
-def split_scenes(batch, pred, names):
-    """Host: a packed batch's predictions -> one dict per real scene (rows in file order).
-
-    Returns a list of dicts: name, rows (indices into the batch), masks bool[K', n],
-    labels i32[K'], scores f32[K'], sem_pred i32[n], gt semantic/instance i32[n]."""
+def split_scenes(batch, pred: BatchPrediction, names) -> list[SceneResult]:
+    """Host: a packed batch's predictions -> one :class:`SceneResult` per real scene
+    (``names[b]`` None or an invalid scene slot: skipped)."""
     batch = jax.device_get(batch)
     pred = jax.device_get(pred)
     scenes = []
@@ -110,19 +162,19 @@ def split_scenes(batch, pred, names):
         if name is None or not bool(batch.scene_valid[b]):
             continue
         rows = np.flatnonzero(np.asarray(batch.valid) & (np.asarray(batch.batch_id) == b))
-        keep = np.asarray(pred["keep"][b])
+        keep = np.asarray(pred.keep[b])
         scenes.append(
-            {
-                "name": name,
-                "rows": rows,
-                "masks": np.asarray(pred["masks"][b])[keep][:, rows],
-                "labels": np.asarray(pred["labels"][b])[keep],
-                "scores": np.asarray(pred["scores"][b])[keep],
-                "sem_pred": np.asarray(pred["sem_pred"])[rows],
-                "semantic": np.asarray(batch.semantic)[rows],
-                "instance": np.asarray(batch.instance)[rows],
-                "xyz": np.asarray(batch.xyz)[rows],
-            }
+            SceneResult(
+                name=name,
+                rows=rows,
+                masks=np.asarray(pred.masks[b])[keep][:, rows],
+                labels=np.asarray(pred.labels[b])[keep],
+                scores=np.asarray(pred.scores[b])[keep],
+                sem_pred=np.asarray(pred.sem_pred)[rows],
+                semantic=np.asarray(batch.semantic)[rows],
+                instance=np.asarray(batch.instance)[rows],
+                xyz=np.asarray(batch.xyz)[rows],
+            )
         )
     return scenes
 
@@ -206,8 +258,8 @@ def run_model(
     seed: int = 0,
     timings: dict | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[dict, np.ndarray | None, list]:
-    """Infer one scan. Returns (the scene dict of :func:`split_scenes` with masks /
+) -> tuple[SceneResult, np.ndarray | None, list]:
+    """Infer one scan. Returns (the :class:`SceneResult` of :func:`split_scenes` with masks /
     sem_pred mapped back to all N points, the indices of the inferred subset or None,
     warnings). ``superpoint`` i32[N] or None (no vote)."""
     from dknet_jax.data.batching import pack_batch
@@ -265,7 +317,7 @@ def run_model(
     timings["compile_s"] = timings["inference_s"] = 0.0
     while True:
         pred = _infer(model, batch, ratio, timings)
-        if not bool(pred["voxel_overflow"]):
+        if not bool(pred.voxel_overflow):
             break
         if ratio != (1.0,):  # a sparse scan fills the coarse UNet levels: give them room
             notes.append(
@@ -280,7 +332,7 @@ def run_model(
             f"{np.ptp(sx, axis=0).round(2).tolist()} m at {d.voxel_size} m voxels); crop "
             f"the scan or use a larger --config.data.voxel_size"
         )
-    if bool(np.any(np.asarray(pred["instance_overflow"]))):
+    if bool(np.any(np.asarray(pred.instance_overflow))):
         notes.append(
             "the scan had more candidate groups than instance slots: the lowest-"
             "scoring ones were dropped; raise --config.model.max_instances"
@@ -291,9 +343,9 @@ def run_model(
         from scipy.spatial import cKDTree
 
         _, nn = cKDTree(sx).query(xyz, k=1)
-        scene["masks"] = scene["masks"][:, nn]
-        scene["sem_pred"] = scene["sem_pred"][nn]
-    scene["bucket"] = int(batch.valid.shape[0])
+        scene.masks = scene.masks[:, nn]
+        scene.sem_pred = scene.sem_pred[nn]
+    scene.bucket = int(batch.valid.shape[0])
     return scene, subset, notes
 
 

@@ -53,6 +53,7 @@ from dknet_jax.inference.predictor import LoadedModel, load_model, run_model
 
 __all__ = [
     "Prediction",
+    "ScanOutputs",
     "class_names",
     "compute_superpoints",
     "instance_colors",
@@ -403,10 +404,28 @@ def _check_no_clash(paths: dict, inputs: list[str]) -> None:
             )
 
 
+@dataclasses.dataclass
+class ScanOutputs:
+    """What :func:`write_outputs` and :func:`predict_file` return.
+
+    Attributes:
+      paths: {kind: path} of every file written (``submission``, ``instances_ply``,
+        ``semantic_ply``, ``png``, ``summary``).
+      summary: the JSON summary's content.
+      prediction: the :class:`Prediction` the files were written from.
+      config: the config the model ran with.
+    """
+
+    paths: dict
+    summary: dict
+    prediction: Prediction
+    config: ml_collections.ConfigDict
+
+
 def write_outputs(
     out_dir: str, pred: Prediction, config, timings: dict | None = None, extra: dict | None = None
-) -> dict:
-    """Write every output file; returns {kind: path} and the summary under "summary".
+) -> ScanOutputs:
+    """Write every output file; returns the paths and the summary (:class:`ScanOutputs`).
 
     Files: ``<scene>.txt`` + ``predicted_masks/<scene>_NNN.txt`` (ScanNet submission;
     ScanNet label space only; ``<scene>`` is ``pred.scene_id`` or ``scene_id_for(name)``),
@@ -431,7 +450,7 @@ def write_outputs(
     if "submission" in paths:
         summary["scene_id"] = scene_id
     io_atomic.write_json(paths["summary"], summary)
-    return {"paths": paths, "summary": summary}
+    return ScanOutputs(paths, summary, pred, config)
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,7 +470,7 @@ def predict_file(
     scene_id: str | None = None,
 ) -> dict:
     """Read ``input_path``, predict with the model in ``checkpoint`` (or ``model``), write
-    the outputs to ``out_dir``. Returns {"paths", "summary", "prediction", "config"}.
+    the outputs to ``out_dir``. Returns :class:`ScanOutputs`.
 
     superpoints: "auto" (compute them; mesh segmentation when the file has faces) or
     "none" (skip the superpoint vote). scene_id: names the submission files (default
@@ -510,25 +529,25 @@ def predict_file(
     )
     log(
         f"inference: compile {timings['compile_s']:.2f} s, run {timings['inference_s']:.2f} s"
-        f" (bucket {scene['bucket']} points)"
+        f" (bucket {scene.bucket} points)"
     )
 
-    order = np.lexsort((np.arange(len(scene["scores"])), -scene["scores"]))
-    masks = scene["masks"][order]
-    scores = scene["scores"][order].astype(np.float32)
+    order = np.lexsort((np.arange(len(scene.scores)), -scene.scores))
+    masks = scene.masks[order]
+    scores = scene.scores[order].astype(np.float32)
     pred = Prediction(
         name=name,
         xyz=xyz,
         rgb=rgb,
         faces=faces,
         masks=masks,
-        labels=scene["labels"][order].astype(np.int32),
+        labels=scene.labels[order].astype(np.int32),
         scores=scores,
-        sem_pred=scene["sem_pred"].astype(np.int32),
+        sem_pred=scene.sem_pred.astype(np.int32),
         instance=instance_per_point(masks, scores),
         superpoint=sp,
         inferred=len(xyz) if subset is None else len(subset),
-        bucket=scene["bucket"],
+        bucket=scene.bucket,
         warnings=read_notes + notes,
         scene_id=sid,
         origin=origin,
@@ -547,14 +566,12 @@ def predict_file(
         },
     )
     timings["write_s"] = time.perf_counter() - t0
-    out["summary"]["timings_s"] = dict(timings)
-    io_atomic.write_json(out["paths"]["summary"], out["summary"])
+    out.summary["timings_s"] = dict(timings)
+    io_atomic.write_json(out.paths["summary"], out.summary)
     log(
-        f"wrote {len(out['paths'])} outputs to {out_dir} ({timings['write_s']:.2f} s): "
+        f"wrote {len(out.paths)} outputs to {out_dir} ({timings['write_s']:.2f} s): "
         f"{len(pred.labels)} instances"
     )
-    out["prediction"] = pred
-    out["config"] = model.config
     return out
 
 
