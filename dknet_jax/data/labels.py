@@ -136,6 +136,27 @@ NYU40_PALETTE = np.array(
 )
 NYU40_PALETTE.flags.writeable = False
 
+# a fixed colour for each of the 13 S3DIS classes (ours: S3DIS ships no palette)
+S3DIS_PALETTE = np.array(
+    [
+        (0, 255, 0),
+        (0, 0, 255),
+        (0, 255, 255),
+        (255, 255, 0),
+        (255, 0, 255),
+        (100, 100, 255),
+        (200, 200, 100),
+        (170, 120, 200),
+        (255, 0, 0),
+        (200, 100, 100),
+        (10, 200, 100),
+        (200, 200, 200),
+        (50, 50, 50),
+    ],
+    np.uint8,
+)
+S3DIS_PALETTE.flags.writeable = False
+
 
 def nyu40_to_scannet20() -> np.ndarray:
     """i32[41]: nyu40 id -> benchmark semantic index 0..19, -100 for other ids."""

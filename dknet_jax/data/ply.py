@@ -124,8 +124,8 @@ def write_ply(
       binary: binary little-endian (True) or ASCII (False).
 
     The binary file is byte for byte what ``plyfile`` writes; only the triangle list is
-    written in one block (plyfile writes list properties row by row, about 10 s for a
-    ScanNet-sized mesh).
+    written in one block (plyfile writes list properties row by row, which is slow on a
+    ScanNet-sized mesh: docs/benchmarks.md, "Data preparation").
     """
     cols = {k: np.asarray(v) for k, v in vertex.items()}
     num = len(next(iter(cols.values())))

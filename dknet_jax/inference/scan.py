@@ -45,7 +45,13 @@ import ml_collections
 import numpy as np
 
 from dknet_jax import io_atomic
-from dknet_jax.data.labels import S3DIS_CLASSES, SCANNET_CLASSES, SCANNET_NYU40_IDS
+from dknet_jax.data.labels import (
+    NYU40_PALETTE,
+    S3DIS_CLASSES,
+    S3DIS_PALETTE,
+    SCANNET_CLASSES,
+    SCANNET_NYU40_IDS,
+)
 from dknet_jax.data.ply import write_ply
 from dknet_jax.data.readers import read_scan
 from dknet_jax.inference import render as R
@@ -67,51 +73,8 @@ __all__ = [
     "write_outputs",
 ]
 
-# ScanNet's nyu40 palette entries of the 20 benchmark classes (util.create_color_palette)
-_SCANNET20_COLORS = np.array(
-    [
-        (174, 199, 232),
-        (152, 223, 138),
-        (31, 119, 180),
-        (255, 187, 120),
-        (188, 189, 34),
-        (140, 86, 75),
-        (255, 152, 150),
-        (214, 39, 40),
-        (197, 176, 213),
-        (148, 103, 189),
-        (196, 156, 148),
-        (23, 190, 207),
-        (247, 182, 210),
-        (219, 219, 141),
-        (255, 127, 14),
-        (158, 218, 229),
-        (44, 160, 44),
-        (112, 128, 144),
-        (227, 119, 194),
-        (82, 84, 163),
-    ],
-    np.uint8,
-)
-# a fixed palette for the 13 S3DIS classes
-_S3DIS_COLORS = np.array(
-    [
-        (0, 255, 0),
-        (0, 0, 255),
-        (0, 255, 255),
-        (255, 255, 0),
-        (255, 0, 255),
-        (100, 100, 255),
-        (200, 200, 100),
-        (170, 120, 200),
-        (255, 0, 0),
-        (200, 100, 100),
-        (10, 200, 100),
-        (200, 200, 200),
-        (50, 50, 50),
-    ],
-    np.uint8,
-)
+# the colour of each class: ScanNet's nyu40 palette at the 20 benchmark classes' ids
+_SCANNET20_COLORS = NYU40_PALETTE[list(SCANNET_NYU40_IDS)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,7 +89,7 @@ def class_names(config) -> tuple[str, ...]:
 
 def semantic_colors(config) -> np.ndarray:
     """u8[S, 3] fixed colour per semantic class (ScanNet: the benchmark's nyu40 palette)."""
-    return _SCANNET20_COLORS if config.data.dataset == "scannet" else _S3DIS_COLORS
+    return _SCANNET20_COLORS if config.data.dataset == "scannet" else S3DIS_PALETTE
 
 
 # ---------------------------------------------------------------------------------------
