@@ -2,12 +2,17 @@
 
 Place in the data flow: a standalone measurement of inference (``EvalIterator`` ->
 ``predictor.make_predict_fn`` [DKNet forward -> post-processing]) on synthetic rooms, for
-``docs/benchmarks.md`` ("Inference"). Data and config helpers come from
-``scripts/bench_train.py`` (same cached rooms).
+``docs/benchmarks.md`` ("Inference"). Data and machine numbers come from
+``dknet_jax.benchmarking`` (the same cached rooms as ``scripts/bench_train.py``).
 
     python scripts/bench_infer.py                 # ScanNet config, 8 ScanNet-sized rooms
     python scripts/bench_infer.py --quick         # synthetic config, small rooms (minutes on a CPU)
     python scripts/bench_infer.py --gpu_budget    # 4 rooms, 3 reps: ~2 minutes on a GPU
+    python scripts/bench_infer.py --config=configs/scannet.py --config.model.candidates=nms
+
+Config: ``--config=<file>[:<arg>]`` (default ``configs/scannet.py``; with ``--quick``
+``configs/synthetic.py``) and ``--config.<key>=<value>`` overrides, as in
+``scripts/train.py``.
 
 One scene per batch (ScanNet's ``eval_batch_size`` 1), padded to its point bucket. Every
 stage below is jit-compiled on its own, fed the previous stage's outputs for the same
@@ -38,26 +43,58 @@ device before timing; outputs stay on the device (no host transfer in the number
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train (helpers)
-from bench_train import (  # noqa: E402
-    REPO,
-    apply_defaults,
+from dknet_jax.benchmarking import (
+    bench_config,
+    bench_scenes,
     compiled_gib,
     device_line,
     device_peak_gib,
+    flag_given,
     host_peak_gib,
-    load_config,
-    scene_paths,
     table,
+    with_default_config,
 )
+from dknet_jax.cli import UserError, prepare_output_file, run_absl
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "config file[:arg] (default configs/scannet.py; --quick: configs/synthetic.py); "
+    "override keys with --config.<key>=<value>",
+    lock_config=True,
+)
+_SCENES = flags.DEFINE_integer("scenes", None, "rooms (default 8; --quick 3, --gpu_budget 4)")
+_REPS = flags.DEFINE_integer("reps", 3, "timed warm calls per stage")
+_SIZE = flags.DEFINE_enum(
+    "size",
+    None,
+    ["tiny", "small", "scannet"],
+    "synthetic room size (default scannet; --quick: small)",
+)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "use these prepared scenes instead")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", None, "where synthetic rooms are cached (default $TMP/dknet_bench/<size>_s0)"
+)
+_WORKERS = flags.DEFINE_integer(
+    "workers", min(4, os.cpu_count() or 1), "processes generating rooms"
+)
+_IMPL = flags.DEFINE_enum(
+    "impl", None, ["auto", "xla", "pallas"], "sparse-conv kernels (config.kernels.impl)"
+)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "workdir to restore weights from")
+_NO_STAGES = flags.DEFINE_bool("no_stages", False, "time only the fused function")
+_QUICK = flags.DEFINE_bool("quick", False, "synthetic config, 3 small rooms")
+_GPU_BUDGET = flags.DEFINE_bool("gpu_budget", False, "4 ScanNet-sized rooms")
+_JSON = flags.DEFINE_string("json", None, "also write the numbers to this JSON file")
 
 PUBLISHED_MS = {"PointGroup": 452, "SoftGroup": 345, "ISBNet": 237, "SPFormer": 247}
 STAGES = ("backbone", "heads", "candidates", "aggregation", "masks", "postprocess")
@@ -72,7 +109,7 @@ def make_stage_fns(graphdef, config):
     from dknet_jax.inference.predictor import postprocess_batch
 
     if config.model.kernel_from == "oracle":
-        raise SystemExit(
+        raise UserError(
             "bench_infer: kernel_from=oracle needs GT instances (training-time "
             "analysis only); benchmark 'aggregate' or 'top'"
         )
@@ -129,59 +166,28 @@ def timed(fn, args, reps: int, compiled: dict, tag):
     return t_comp, float(np.median(times)), out
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        help="config file[:arg] (default configs/scannet.py; --quick: configs/synthetic.py)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. --set model.candidates=nms (repeatable)",
-    )
-    p.add_argument("--scenes", type=int, default=None, help="rooms (default 8)")
-    p.add_argument("--reps", type=int, default=3, help="timed warm calls per stage")
-    p.add_argument("--size", default=None, choices=("tiny", "small", "scannet"))
-    p.add_argument("--data_dir", default=None, help="use these prepared scenes instead")
-    p.add_argument(
-        "--cache_dir",
-        default=None,
-        help="where synthetic rooms are cached (default $TMP/dknet_bench/<size>_s0)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="processes generating rooms",
-    )
-    p.add_argument("--impl", default=None, choices=("auto", "xla", "pallas"))
-    p.add_argument("--checkpoint", default=None, help="workdir to restore weights from")
-    p.add_argument("--no_stages", action="store_true", help="time only the fused function")
-    p.add_argument("--quick", action="store_true", help="synthetic config, 3 small rooms")
-    p.add_argument("--gpu_budget", action="store_true", help="4 ScanNet-sized rooms")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    args = p.parse_args(argv)
-    defaults = dict(
-        config="configs/synthetic.py" if args.quick else "configs/scannet.py",
-        scenes=3 if args.quick else 4 if args.gpu_budget else 8,
-        size="small" if args.quick else "scannet",
-    )
-    return apply_defaults(args, defaults)
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _JSON.value:
+        prepare_output_file(_JSON.value, "--json")
+    benchmark()
+    return 0
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    overrides = list(args.set) + ["data.eval_batch_size=1"]
-    if args.impl:
-        overrides.append(f"kernels.impl={args.impl}")
-    config = load_config(args.config, overrides)
-    paths = scene_paths(args, args.size)
+def benchmark() -> dict:
+    """Time the fused predict function and its stages; print the table, return the
+    numbers."""
+    quick, budget = _QUICK.value, _GPU_BUDGET.value
+    scenes = _SCENES.value if _SCENES.value is not None else 3 if quick else 4 if budget else 8
+    size = _SIZE.value or ("small" if quick else "scannet")
+    own = {"data.eval_batch_size": 1}
+    if _IMPL.value:
+        own["kernels.impl"] = _IMPL.value
+    config, overrides = bench_config(flags.FLAGS["config"], own)
+    paths = bench_scenes(
+        scenes, size, data_dir=_DATA_DIR.value, cache_dir=_CACHE_DIR.value, workers=_WORKERS.value
+    )
 
     import jax
 
@@ -193,14 +199,15 @@ def main(argv=None) -> dict:
     dev = device_line()
     print(dev, flush=True)
     d, m = config.data, config.model
-    if args.checkpoint:
-        model = load_model(args.checkpoint, config, which="latest")
+    checkpoint = _CHECKPOINT.value
+    if checkpoint:
+        model = load_model(checkpoint, config, which="latest")
         graphdef, params, rest = model.graphdef, model.params, model.rest
-        print(f"restored step {model.step} from {args.checkpoint}", flush=True)
+        print(f"restored step {model.step} from {checkpoint}", flush=True)
     else:
         graphdef, params, rest = build_model(config)
     predict = make_predict_fn(graphdef, config)
-    stage_fns = None if args.no_stages else make_stage_fns(graphdef, config)
+    stage_fns = None if _NO_STAGES.value else make_stage_fns(graphdef, config)
     it = EvalIterator(
         paths,
         batch_size=1,
@@ -213,13 +220,14 @@ def main(argv=None) -> dict:
     )
     compiled: dict = {}
     rows = []
+    reps = _REPS.value
     for batch_np, names in it:
         batch = jax.device_put(batch_np)
         n_pts = int(np.asarray(batch_np.valid).sum())
         bucket = int(batch_np.valid.shape[0])
         shape = (bucket, int(batch_np.instance_class.shape[0]))
         r = {"scene": names[0], "points": n_pts, "bucket": bucket}
-        c, t, fused = timed(predict, (params, rest, batch), args.reps, compiled, ("fused", shape))
+        c, t, fused = timed(predict, (params, rest, batch), reps, compiled, ("fused", shape))
         r["fused_s"], r["fused_compile_s"] = t, c
         if bool(fused.voxel_overflow):
             r["warning"] = "voxel capacity overflow"
@@ -227,33 +235,33 @@ def main(argv=None) -> dict:
         if stage_fns is not None:
             f = stage_fns
             c1, t1, (fp, overflow) = timed(
-                f["backbone"], (params, rest, batch), args.reps, compiled, ("backbone", shape)
+                f["backbone"], (params, rest, batch), reps, compiled, ("backbone", shape)
             )
             c2, t2, (h, heat) = timed(
-                f["heads"], (params, rest, batch, fp), args.reps, compiled, ("heads", shape)
+                f["heads"], (params, rest, batch, fp), reps, compiled, ("heads", shape)
             )
             c3, t3, (cand_idx, cand_ok, exhausted) = timed(
                 f["candidates"],
                 (params, rest, batch, h, heat),
-                args.reps,
+                reps,
                 compiled,
                 ("candidates", shape),
             )
             c4, t4, groups = timed(
                 f["aggregation"],
                 (params, rest, batch, h, heat, cand_idx, cand_ok),
-                args.reps,
+                reps,
                 compiled,
                 ("aggregation", shape),
             )
             inst_ok = groups.inst_ok
             c5, t5, mask_logits = timed(
-                f["masks"], (params, rest, batch, h, groups), args.reps, compiled, ("masks", shape)
+                f["masks"], (params, rest, batch, h, groups), reps, compiled, ("masks", shape)
             )
             c6, t6, out = timed(
                 f["postprocess"],
                 (batch, h.semantic_logits, mask_logits, inst_ok),
-                args.reps,
+                reps,
                 compiled,
                 ("postprocess", shape),
             )
@@ -300,29 +308,29 @@ def main(argv=None) -> dict:
     it.close()
     results = {
         "device": dev,
-        "config": args.config,
+        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
         "overrides": overrides,
         "impl": resolve_impl(config.kernels.impl),
-        "checkpoint": args.checkpoint,
+        "checkpoint": checkpoint,
         "scenes": rows,
         "host_peak_gib": host_peak_gib(),
         "device_peak_gib": device_peak_gib(),
         "xla_memory_gib": {f"{k[0]} {k[1]}": v for k, v in compiled.items()},
     }
-    _report(args, results)
-    if args.json:
-        with open(args.json, "w") as fh:
+    _report(results)
+    if _JSON.value:
+        with open(_JSON.value, "w") as fh:
             json.dump(results, fh, indent=2, default=str)
     return results
 
 
-def _report(args, res: dict) -> None:
+def _report(res: dict) -> None:
     rows = res["scenes"]
     med = lambda xs: float(np.median(xs)) * 1e3
     pts = [r["points"] for r in rows]
     out = [
         ("device", res["device"]),
-        ("config", f"{os.path.relpath(res['config'], REPO)} {' '.join(res['overrides'])}"),
+        ("config", f"{res['config']} {' '.join(res['overrides'])}"),
         ("sparse conv impl", res["impl"]),
         ("weights", res["checkpoint"] or "random init (untrained)"),
         (
@@ -396,4 +404,6 @@ def _report(args, res: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    default = "configs/synthetic.py" if flag_given(sys.argv, "quick") else "configs/scannet.py"
+    sys.argv = with_default_config(sys.argv, default)
+    run_absl(main)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import time
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dknet_jax.benchmarking import device_peak_gib, host_peak_gib
 from dknet_jax.model.backbone import SparseUNet, count_params
 from dknet_jax.sparse import conv, hashing
 from dknet_jax.sparse.voxelize import voxelize
@@ -92,11 +92,10 @@ def _time(fn, *args, repeats: int):
 
 
 def _peak_mem() -> str:
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if dev.platform == "gpu" else None
-    if stats and "peak_bytes_in_use" in stats:
-        return f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB device"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB host RSS"
+    device = device_peak_gib()
+    if device is not None:
+        return f"{device:.2f} GiB device"
+    return f"{host_peak_gib():.2f} GiB host RSS"
 
 
 def main():

@@ -30,6 +30,7 @@ LAYERS = {
     "objective": 6,
     "inference": 7,
     "training": 8,
+    "benchmarking": 9,
 }
 
 
