@@ -314,6 +314,8 @@ def read_scan(path: str | os.PathLike, *, warn: Callable[[str], None] = warn_dat
     if ext not in _READERS:
         raise ValueError(f"{path}: unsupported scan format {ext!r}; use one of "
                          f"{sorted(_READERS)}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; pass a scan file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"scan file not found: {path}")
     raw = _READERS[ext](path, warn)
