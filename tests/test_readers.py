@@ -254,3 +254,9 @@ def test_implausible_extent_warns(tmp_path, scale, axis):
                       r"\(x/y up to 100 m, z up to 20 m\).*metres"):
         out = read_scan(p)
     assert out["xyz"].shape == (50, 3)
+
+
+def test_scan_path_that_is_a_folder(tmp_path):
+    (tmp_path / "scan.ply").mkdir()
+    with pytest.raises(ValueError, match=r"scan.ply is a folder; pass a scan file"):
+        read_scan(tmp_path / "scan.ply")
