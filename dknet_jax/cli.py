@@ -32,6 +32,7 @@ class UserError(ValueError):
 _PROJECT_ERRORS = (("dknet_jax.checkpoint", "CheckpointError"),
                    ("dknet_jax.data.dataset", "SceneError"),
                    ("dknet_jax.data.preparation", "SettingsMismatch"),
+                   ("dknet_jax.data.scannet", "LabelTableError"),
                    ("dknet_jax.eval.scannet_io", "BenchmarkFormatError"))
 
 
@@ -86,6 +87,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     _setup_warnings(debug)
     try:
         return main(argv) or 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130  # the shell's status for Ctrl-C
     except Exception as e:
         if debug or not isinstance(e, user_errors()):
             raise
@@ -129,6 +135,11 @@ def run_absl(main: Callable[[list[str]], int | None]) -> None:
             app.run(wrapped)
         else:
             app.run(wrapped, flags_parser=parse_flags)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as e:
         if debug:
             raise

@@ -268,3 +268,24 @@ def test_predict_out_under_a_file(tmp_path):
     r = run("predict.py", f"--checkpoint={tmp_path / 'no_run'}",
             f"--input={tmp_path / 'scan.ply'}", f"--out={out}")
     assert_user_error(r, "--out", str(out), "cannot create")
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    """Ctrl-C of a script: 'interrupted' and the shell's status 130, no traceback."""
+    from dknet_jax.cli import run_cli
+
+    def main(argv):
+        raise KeyboardInterrupt
+
+    assert run_cli(main, []) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_prepare_scannet_binary_label_table(tmp_path):
+    """It was a ValueError treated as a bug (a traceback)."""
+    raw = tmp_path / "raw"
+    (raw / "scans").mkdir(parents=True)
+    (raw / "scannetv2-labels.combined.tsv").write_bytes(bytes(range(128, 256)))
+    r = run("prepare_scannet.py", f"--scannet_root={raw}", f"--out={tmp_path / 'out'}",
+            "--workers=1")
+    assert_user_error(r, "scannetv2-labels.combined.tsv", "not a text file")

@@ -83,6 +83,10 @@ def find_scene_dir(root: str, scene: str) -> str:
                             f"{root}/scans_test")
 
 
+class LabelTableError(ValueError):
+    """The label table cannot be used (binary, no id columns): a user error."""
+
+
 def read_split(path: str, warn: Callable[[str], None] = warn_data) -> list[str]:
     """Scene ids of a split file (one a line; blank lines ignored; a UTF-8 BOM is not part
     of the first id)."""
@@ -114,13 +118,13 @@ def read_label_table(path: str, warn: Callable[[str], None] = warn_data) -> dict
         with open(path, encoding="utf-8-sig", newline="") as fh:
             lines = fh.read().split("\n")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: the label table is not a text file ({e.reason} at byte "
+        raise LabelTableError(f"{path}: the label table is not a text file ({e.reason} at byte "
                          f"{e.start}); expected ScanNet's tab-separated {LABEL_TABLE}") from e
     header = lines[0].rstrip("\r").split("\t")
     try:
         i_raw, i_nyu = header.index("raw_category"), header.index("nyu40id")
     except ValueError:
-        raise ValueError(f"{path}: header lacks 'raw_category' / 'nyu40id' columns "
+        raise LabelTableError(f"{path}: header lacks 'raw_category' / 'nyu40id' columns "
                          f"(found {header[:6]}...)") from None
     table: dict[str, int] = {}
     for no, line in enumerate(lines[1:], 2):
