@@ -1,8 +1,8 @@
 """Shared command-line plumbing: one ``error: ...`` line and exit status 2 for user errors.
 
 Every script ends with ``run_absl(main)`` (absl scripts) or returns ``run_cli(_main, argv)``
-from its ``main`` (argparse scripts). A user error (a bad config key or value, a missing
-data folder, checkpoint or split, a malformed benchmark file, an output path that cannot be
+from its ``main`` (argparse scripts). A user error (a bad config key or value, a missing data
+folder, checkpoint or split, a malformed benchmark file, an output path that cannot be
 written) prints one line on stderr and exits 2; the traceback is shown only with ``--debug`` on the
 command line (removed before the script parses it) or ``DKNET_DEBUG=1`` in the
 environment. Any other exception is a bug and keeps its traceback.
@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import sys
+import warnings
 from typing import Callable
 
 from dknet_jax.config import ConfigError
@@ -32,6 +33,7 @@ _PROJECT_ERRORS = (
     ("dknet_jax.checkpoint", "CheckpointError"),
     ("dknet_jax.data.dataset", "SceneError"),
     ("dknet_jax.data.preparation", "SettingsMismatch"),
+    ("dknet_jax.data.scannet", "LabelTableError"),
     ("dknet_jax.eval.scannet_io", "BenchmarkFormatError"),
 )
 
@@ -49,6 +51,18 @@ def _debug_requested() -> bool:
         sys.argv = [a for a in sys.argv if a != "--debug"]  # the scripts' parsers never see it
         debug = True
     return debug
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Python warnings as ``warning: <message>`` lines, without the source file and line
+    (shown with --debug)."""
+    text = " ".join(str(message).split())
+    return text + "\n" if text.startswith("warning:") else f"warning: {text}\n"
+
+
+def _setup_warnings(debug: bool) -> None:
+    if not debug:
+        warnings.formatwarning = _format_warning
 
 
 def _message(e: BaseException) -> str:
@@ -73,8 +87,14 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     debug = _debug_requested()
     if argv is not None and "--debug" in argv:
         argv, debug = [a for a in argv if a != "--debug"], True
+    _setup_warnings(debug)
     try:
         return main(argv) or 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130  # the shell's status for Ctrl-C
     except Exception as e:
         if debug or not isinstance(e, user_errors()):
             raise
@@ -85,20 +105,44 @@ def run_absl(main: Callable[[list[str]], int | None]) -> None:
     """``absl.app.run(main)`` with `run_cli`'s handling of user errors.
 
     Errors raised while absl parses the flags (an unknown ``--config.<key>`` override, a
-    config file that fails to load) are command-line errors too: they are reported with
-    the overrides given, as one line."""
-    from absl import app
+    config file that fails to load, a value absl cannot convert such as
+    ``--config.train.lr=abc``, a missing required flag, an unknown flag) and a
+    ``UsageError`` of ``main`` (stray arguments) are command-line errors too: one line,
+    exit 2, instead of absl's ``FATAL Flags parsing error`` (exit 1) or its full usage."""
+    from absl import app, flags
 
     debug = _debug_requested()
+    _setup_warnings(debug)
     started = False
 
     def wrapped(argv):
         nonlocal started
         started = True
-        return main(argv)
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            if debug:
+                raise
+            raise UserError(f"{str(e).rstrip('.')}; see --helpshort") from e
+
+    def parse_flags(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            msg = " ".join(str(e).split()).rstrip(".")
+            print(f"error: {msg}; see --helpshort", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
 
     try:
-        app.run(wrapped)
+        if debug:
+            app.run(wrapped)
+        else:
+            app.run(wrapped, flags_parser=parse_flags)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as e:
         if debug:
             raise
@@ -136,6 +180,22 @@ def check_input_dir(path: str, what: str) -> str:
     if not os.path.isdir(path):
         state = "is a file, not a folder" if os.path.exists(path) else "does not exist"
         raise UserError(f"{what} {path} {state}")
+    return path
+
+
+def check_output_dir(path: str, what: str) -> str:
+    """Check, creating nothing, that the folder ``path`` can be used or created (not a
+    file; the nearest existing folder above it writable): for outputs created only after
+    the inputs are checked (train.py's --workdir, evaluate.py's --out)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path} is a file; pass a folder (it is created if missing)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{what} {path}: cannot create the folder ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {parent} is not writable; pass another folder")
     return path
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from dknet_jax.cli import prepare_output_file, run_cli
+from dknet_jax.cli import UserError, prepare_output_file, run_cli
 from dknet_jax.eval import evaluate_dirs, format_table, results_to_json
 
 
@@ -28,6 +29,7 @@ def _main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.out:
         prepare_output_file(args.out)  # before scoring, not after
+        _check_not_an_input(args.out, args.gt_dir, args.pred_dir)
     results, skipped = evaluate_dirs(args.gt_dir, args.pred_dir, progress=not args.no_progress)
     print(format_table(results))
     if skipped:
@@ -37,6 +39,22 @@ def _main(argv=None) -> int:
             json.dump(results_to_json(results), f, indent=2)
         print(f"wrote {args.out}")
     return 0
+
+
+def _check_not_an_input(out: str, *input_dirs: str) -> None:
+    """--out must not replace a file the evaluation reads (a GT, prediction or mask .txt
+    under the input folders)."""
+    real = os.path.realpath(out)
+    for d in input_dirs:
+        top = os.path.realpath(d)
+        if (
+            os.path.isfile(real)
+            and real.endswith(".txt")
+            and os.path.commonpath([real, top]) == top
+        ):
+            raise UserError(
+                f"--out {out} is an input file under {d}; pass another file name, e.g. results.json"
+            )
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dknet_jax.cli import run_absl
+from dknet_jax.cli import check_output_dir, run_absl
 from dknet_jax.inference.evaluate import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
@@ -29,6 +29,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint op at INFO
     out = _OUT.value or os.path.join(_CKPT.value, f"eval_{_SPLIT.value}")
+    check_output_dir(out, "--out")  # before the model is restored and run
     evaluate_checkpoint(
         _CONFIG.value, _CKPT.value, split=_SPLIT.value, out_dir=out, best=_BEST.value
     )

@@ -33,6 +33,14 @@ def _main(argv=None) -> int:
     ap.add_argument("--k_thresh", type=float, default=0.01, help="Felzenszwalb k")
     ap.add_argument("--seg_min_verts", type=int, default=20, help="minimum superpoint size")
     args = ap.parse_args(argv)
+    # checked here, not per room (each room would fail on its own, exit status 1)
+    if not args.voxel_size > 0:
+        ap.error(f"--voxel_size must be > 0 (metres), got {args.voxel_size}")
+    for flag, value in (("--k", args.k), ("--seg_min_verts", args.seg_min_verts)):
+        if value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    if not args.k_thresh >= 0:
+        ap.error(f"--k_thresh must be >= 0, got {args.k_thresh}")
     check_input_dir(args.s3dis_root, "--s3dis_root")
     prepare_output_dir(args.out)
     s = prepare_s3dis(

@@ -65,6 +65,45 @@ def test_train_config_errors(tmp_path, override, names):
     assert not work.exists()
 
 
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--config.train.lr=abc"], ["--config.train.lr=abc", "'abc'"]),  # absl cannot convert
+        (["--epochs=3"], ["'epochs'", "--helpshort"]),  # unknown flag
+        (["extra"], ["'extra'"]),  # a stray argument (absl's UsageError)
+    ],
+)
+def test_train_flag_parsing_errors(tmp_path, args, names):
+    """Errors absl raises itself are ours too: one line and exit 2, not absl's 'FATAL Flags
+    parsing error' (exit 1) or its full usage text."""
+    work = tmp_path / "work"
+    r = run("train.py", TINY, *args, f"--workdir={work}")
+    assert_user_error(r, *names)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not work.exists()
+
+
+def test_train_missing_required_flag():
+    r = run("train.py", TINY)
+    assert_user_error(r, "--workdir")
+
+
+def test_train_workdir_is_a_file(tmp_path, data_root):
+    """Checked before the data: it was a bare 'File exists' from makedirs."""
+    work = tmp_path / "work"
+    work.write_text("x")
+    r = run("train.py", TINY, f"--config.data.root={data_root}", f"--workdir={work}")
+    assert_user_error(r, "--workdir", str(work), "is a file")
+
+
+def test_overfit_unknown_key_is_one_line(tmp_path):
+    """overfit.py's default config was loaded while its flag was defined, so a bad
+    override was a traceback (exit 1) before run_absl could report it."""
+    r = run("overfit.py", "--config.model.candidate=nms", f"--workdir={tmp_path / 'o'}")
+    assert_user_error(r, "'candidate'")
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_missing_data_root_creates_no_workdir(tmp_path):
     work = tmp_path / "work"
     missing = tmp_path / "no_such_data"
@@ -105,6 +144,20 @@ def test_evaluate_missing_checkpoint(tmp_path, data_root):
     assert_user_error(r, str(missing))
 
 
+def test_evaluate_out_is_a_file(tmp_path, data_root):
+    out = tmp_path / "o.txt"
+    out.write_text("x")
+    r = run(
+        "evaluate.py",
+        TINY,
+        f"--config.data.root={data_root}",
+        f"--checkpoint={tmp_path / 'no_run'}",
+        f"--out={out}",
+    )
+    assert_user_error(r, "--out", str(out), "is a file")
+    assert out.read_text() == "x"
+
+
 def test_evaluate_missing_split_is_checked_before_the_checkpoint(tmp_path, data_root):
     r = run(
         "evaluate.py",
@@ -142,6 +195,19 @@ def test_prepare_out_is_a_file(tmp_path, script, root_flag):
     assert_user_error(r, "--out", str(out), "is a file")
 
 
+@pytest.mark.parametrize(
+    "arg, name",
+    [("--voxel_size=-1", "--voxel_size"), ("--k=0", "--k"), ("--k_thresh=-0.5", "--k_thresh")],
+)
+def test_prepare_s3dis_bad_settings_fail_before_any_room(tmp_path, arg, name):
+    """These failed every room on its own (exit 1) or ran (--k 0)."""
+    (tmp_path / "raw").mkdir()
+    r = run("prepare_s3dis.py", f"--s3dis_root={tmp_path / 'raw'}", f"--out={tmp_path / 'o'}", arg)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: {name} must be" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 # --- scripts/eval_scannet.py -----------------------------------------------------------
 
 
@@ -173,6 +239,34 @@ def test_eval_scannet_out_is_a_directory_fails_before_scoring(tmp_path, bench_di
     )
     assert_user_error(r, "--out", str(out), "is a folder")
     assert "AP" not in r.stdout  # nothing was scored
+
+
+@pytest.mark.parametrize(
+    "target", ["gt/scene0000_00.txt", "pred/scene0000_00.txt", "pred/masks/m0.txt"]
+)
+def test_eval_scannet_out_never_replaces_an_input(tmp_path, bench_dirs, target):
+    """--out pointing at a file the evaluation reads was overwritten with the JSON."""
+    before = (tmp_path / target).read_bytes()
+    r = run(
+        "eval_scannet.py",
+        f"--gt_dir={tmp_path / 'gt'}",
+        f"--pred_dir={tmp_path / 'pred'}",
+        f"--out={tmp_path / target}",
+        "--no_progress",
+    )
+    assert_user_error(r, "--out", "is an input file")
+    assert (tmp_path / target).read_bytes() == before
+
+
+def test_eval_scannet_warnings_are_one_line(tmp_path, bench_dirs):
+    """Python warnings print as 'warning: ...', without the source file and line."""
+    gt, pred = bench_dirs
+    (pred / "scene0000_00.txt").write_text("masks/m0.txt 0 0.5\n")
+    r = run("eval_scannet.py", f"--gt_dir={gt}", f"--pred_dir={pred}", "--no_progress")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("warning: ") for ln in lines), r.stderr
+    assert "label ids 0" in r.stderr and "UserWarning" not in r.stderr
 
 
 def test_eval_scannet_writes_results(tmp_path, bench_dirs):
@@ -233,3 +327,25 @@ def test_predict_out_under_a_file(tmp_path):
         f"--out={out}",
     )
     assert_user_error(r, "--out", str(out), "cannot create")
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    """Ctrl-C of a script: 'interrupted' and the shell's status 130, no traceback."""
+    from dknet_jax.cli import run_cli
+
+    def main(argv):
+        raise KeyboardInterrupt
+
+    assert run_cli(main, []) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_prepare_scannet_binary_label_table(tmp_path):
+    """It was a ValueError treated as a bug (a traceback)."""
+    raw = tmp_path / "raw"
+    (raw / "scans").mkdir(parents=True)
+    (raw / "scannetv2-labels.combined.tsv").write_bytes(bytes(range(128, 256)))
+    r = run(
+        "prepare_scannet.py", f"--scannet_root={raw}", f"--out={tmp_path / 'out'}", "--workers=1"
+    )
+    assert_user_error(r, "scannetv2-labels.combined.tsv", "not a text file")

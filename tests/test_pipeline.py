@@ -173,6 +173,20 @@ def test_list_scenes(tmp_path, split):
         list_scenes(tmp_path, "test")
 
 
+def test_list_scenes_bom_binary_list_and_root_a_file(tmp_path):
+    """A BOM is not part of the first name; a binary list and a root that is a file are
+    errors naming the file (issue 11 probes)."""
+    for n in ("a", "b"):
+        np.savez(tmp_path / f"{n}.npz", **room(10, 0))
+    (tmp_path / "val.txt").write_bytes(b"\xef\xbb\xbfb\r\na\r\n")
+    assert [os.path.basename(p) for p in list_scenes(tmp_path, "val")] == ["a.npz", "b.npz"]
+    (tmp_path / "train.txt").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(SceneError, match=r"train.txt: split list is not a text file"):
+        list_scenes(tmp_path, "train")
+    with pytest.raises(SceneError, match=r"a.npz: prepared-scene folder is a file"):
+        list_scenes(tmp_path / "a.npz", "train")
+
+
 # --------------------------------------------------------------------------------------
 # training iterator
 

@@ -495,3 +495,21 @@ def test_s3dis_failed_val_room_named(tmp_path, capsys):
     report = json.load(open(os.path.join(out, "prepare_report.json")))
     assert report["split_failed"] == {"Area_5": ["Area_5_hallway_1"], "val": ["Area_5_hallway_1"]}
     assert "Area_5_hallway_1" in capsys.readouterr().err
+
+
+def test_split_list_bom_and_binary_label_table(tmp_path):
+    """A BOM is not part of the first scene id (it was skipped as malformed); a binary
+    label table is an error naming it (it was an anonymous UnicodeDecodeError)."""
+    from dknet_jax.data.scannet import read_split
+
+    p = tmp_path / "scannetv2_train.txt"
+    p.write_bytes(b"\xef\xbb\xbfscene0000_00\r\nscene0001_00\n")
+    seen = []
+    assert read_split(str(p), warn=seen.append) == ["scene0000_00", "scene0001_00"]
+    assert not seen
+    table = tmp_path / "scannetv2-labels.combined.tsv"
+    table.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(
+        ValueError, match="scannetv2-labels.combined.tsv: the label table is not a text file"
+    ):
+        read_label_table(str(table))

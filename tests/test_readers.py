@@ -322,3 +322,9 @@ def test_write_ply_binary_is_plyfiles_bytes(tmp_path, faces):
     with open(tmp_path / "fh.ply", "wb") as fh:
         write_ply(fh, vertex, faces, comments=("made by a test",))
     assert (tmp_path / "fh.ply").read_bytes() == ref
+
+
+def test_scan_path_that_is_a_folder(tmp_path):
+    (tmp_path / "scan.ply").mkdir()
+    with pytest.raises(ValueError, match=r"scan.ply is a folder; pass a scan file"):
+        read_scan(tmp_path / "scan.ply")

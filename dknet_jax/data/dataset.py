@@ -156,8 +156,9 @@ def list_scenes(
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
+        state = "is a file" if os.path.exists(root) else "does not exist"
         raise SceneError(
-            f"{root}: prepared-scene folder does not exist (prepare the data "
+            f"{root}: prepared-scene folder {state} (prepare the data "
             f"with scripts/prepare_*.py or set config.data.root)"
         )
     if names is None and split is not None:
@@ -167,8 +168,14 @@ def list_scenes(
         for cand in (f"{split}.txt", f"scannetv2_{split}.txt"):
             lst = os.path.join(root, cand)
             if os.path.isfile(lst):
-                with open(lst) as fh:
-                    names = [ln.strip() for ln in fh if ln.strip()]
+                try:  # utf-8-sig: a BOM is not part of the first scene name
+                    with open(lst, encoding="utf-8-sig") as fh:
+                        names = [ln.strip() for ln in fh if ln.strip()]
+                except UnicodeDecodeError as e:
+                    raise SceneError(
+                        f"{lst}: split list is not a text file ({e.reason} at "
+                        f"byte {e.start}); one scene name per line"
+                    ) from e
                 break
         else:
             raise SceneError(

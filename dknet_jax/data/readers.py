@@ -328,6 +328,8 @@ def read_scan(path: str | os.PathLike, *, warn: Callable[[str], None] = warn_dat
     ext = os.path.splitext(path)[1].lower()
     if ext not in _READERS:
         raise ValueError(f"{path}: unsupported scan format {ext!r}; use one of {sorted(_READERS)}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; pass a scan file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"scan file not found: {path}")
     raw = _READERS[ext](path, warn)

@@ -202,7 +202,8 @@ def prepare_s3dis(
         raise FileNotFoundError(f"S3DIS root not found: {root}")
     rooms = find_rooms(root, areas)
     if not rooms:
-        raise FileNotFoundError(f"no Area_N/<room> folders under {root}")
+        only = f" for --areas {' '.join(map(str, areas))}" if areas is not None else ""
+        raise FileNotFoundError(f"no Area_N/<room> folders under {root}{only}")
     # the superpoint parameters decide the arrays: recorded, a rerun must use the same
     room_params = dict(inspect.signature(prepare_s3dis_room).parameters)
     settings = {"dataset": "s3dis"}

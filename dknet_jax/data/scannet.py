@@ -84,10 +84,15 @@ def find_scene_dir(root: str, scene: str) -> str:
     )
 
 
+class LabelTableError(ValueError):
+    """The label table cannot be used (binary, no id columns): a user error."""
+
+
 def read_split(path: str, warn: Callable[[str], None] = warn_data) -> list[str]:
-    """Scene ids of a split file (one a line; blank lines ignored)."""
+    """Scene ids of a split file (one a line; blank lines ignored; a UTF-8 BOM is not part
+    of the first id)."""
     out = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for no, line in enumerate(fh, 1):
             s = line.strip()
             if not s:
@@ -111,13 +116,19 @@ def read_label_table(path: str, warn: Callable[[str], None] = warn_data) -> dict
         raise FileNotFoundError(
             f"label table not found: {path} (expected {LABEL_TABLE} at the dataset root)"
         )
-    with open(path, encoding="utf-8", newline="") as fh:
-        lines = fh.read().split("\n")
+    try:  # utf-8-sig: a BOM is not part of the first column name
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            lines = fh.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise LabelTableError(
+            f"{path}: the label table is not a text file ({e.reason} at byte "
+            f"{e.start}); expected ScanNet's tab-separated {LABEL_TABLE}"
+        ) from e
     header = lines[0].rstrip("\r").split("\t")
     try:
         i_raw, i_nyu = header.index("raw_category"), header.index("nyu40id")
     except ValueError:
-        raise ValueError(
+        raise LabelTableError(
             f"{path}: header lacks 'raw_category' / 'nyu40id' columns (found {header[:6]}...)"
         ) from None
     table: dict[str, int] = {}

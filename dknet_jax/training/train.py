@@ -144,7 +144,32 @@ def _validation_scenes(root: str, split: str) -> list[str]:
     return list_scenes(root, split)
 
 
+def _remove_empty_dirs(top: str) -> None:
+    """Remove ``top`` and the folders under it that hold no file (bottom-up)."""
+    for d, _, _ in sorted(os.walk(top), key=lambda x: -len(x[0])):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass  # holds a file (or is gone)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last
+    validation results (or {} if none ran).
+
+    A run that created ``workdir`` and stops before writing anything (a scene that cannot
+    be read at the first batch, Ctrl-C while compiling) removes the empty folders it
+    created, so a failed start leaves no empty work dir. See `_train_and_evaluate`."""
+    created = not os.path.exists(workdir)
+    try:
+        return _train_and_evaluate(config, workdir)
+    except BaseException:
+        if created:
+            _remove_empty_dirs(workdir)
+        raise
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last
     validation results (or {} if none ran).
 
