@@ -2,8 +2,9 @@
 bitwise the outputs recorded with the code *before* the switches existed.
 
 ``tests/data/default_dknet_outputs.npz`` was written by running this module as a script
-(``python tests/test_default_outputs.py tests/data/default_dknet_outputs.npz``) on the
-commit before the switches were added (CPU, XLA). Every array of the forward pass is
+(``python tests/test_default_outputs.py tests/data/default_dknet_outputs.npz``, which
+applies conftest.py's JAX settings) on the tree of commit 22a4198, before the switches
+were added (CPU, XLA). Every array of the forward pass is
 compared with ``np.array_equal``, in eval mode (running statistics) and train mode
 (batch statistics), so a default whose arithmetic changed at all fails here.
 """
@@ -101,6 +102,9 @@ def test_default_config_outputs_are_unchanged():
 
 
 if __name__ == "__main__":
+    # the settings of conftest.py, under which the test runs (they change the numerics)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_disable_most_optimizations", True)
     outs = run_outputs(baseline_config())
     np.savez_compressed(sys.argv[1], **outs)
     for k, v in outs.items():
