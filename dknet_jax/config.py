@@ -25,6 +25,7 @@ CHOICES = {
     "model.mask_center": ("shifted", "point"),
     "model.empty_context": ("zeros", "foreground_mean"),
     "model.cand_rule": ("ours", "released"),
+    "test.postprocess": ("ours", "released"),
     "kernels.impl": ("auto", "xla", "pallas"),
 }
 
@@ -140,6 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
     te.min_points = 100
     te.use_superpoints = True
     te.merge_threshold = 0.5  # merge-score threshold of the grouping at inference (released)
+    # post-processing rules: ours (inference/postprocess.py postprocess) | released (the
+    # released test.py: cover re-weighting, strict size / score filters, sqrt score, ...;
+    # postprocess.postprocess_released)
+    te.postprocess = "ours"
 
     # --- kernels ----------------------------------------------------------------------
     c.kernels = k = ml_collections.ConfigDict()
@@ -180,6 +185,7 @@ def released_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     c.test.score_threshold = 0.1
     c.test.min_points = 100
     c.test.use_superpoints = True
+    c.test.postprocess = "released"
     return c
 
 

@@ -158,3 +158,124 @@ def test_released_settings_and_validation():
         bad.model[key] = value
         with pytest.raises(ConfigError, match=f"config.model.{key}"):
             validate(bad)
+
+
+def released_postprocess_numpy(masks, sem_prob, sp, min_points, min_score, fic=2):
+    """A line-by-line numpy transcription of the released post-processing
+    (R:model/DKNet.py:368-376 and R:test.py:78-153, batch size 1), rows really removed as
+    the released code does. Returns {slot: (mask bool[N], class, score)} of the kept
+    instances."""
+    k, n = masks.shape
+    s = sem_prob.shape[1]
+    sem_pred = sem_prob.argmax(1)
+    fg = sem_pred >= fic
+    thres = np.zeros(k)
+    for i in range(k):  # dknet_ops.otsu: int(100 m) bins, first maximum, 0 if none
+        b = np.minimum((masks[i] * np.float32(100)).astype(np.int64), 99)
+        hist = np.bincount(b, minlength=100).astype(np.float64)
+        best, bt = 0.0, 0
+        for t in range(1, 100):
+            n0, n1 = hist[:t].sum(), hist[t:].sum()
+            if n0 == 0 or n1 == 0:
+                continue
+            m0 = (hist[:t] * np.arange(t)).sum() / n0
+            m1 = (hist[t:] * np.arange(t, 100)).sum() / n1
+            v = n0 * n1 * (m1 - m0) ** 2
+            if v > best:
+                best, bt = v, t
+        thres[i] = bt / 100
+    masks = masks.astype(np.float64)
+    thre = np.where(masks < thres[:, None], 0.0, masks)
+
+    def segment(thre, thres):
+        score, seg = thre.max(0), thre.argmax(0)
+        nz = thres[thres != 0]
+        return np.where(score < (nz.min() if len(nz) else 0.0), -100, seg)
+
+    def classes(seg, count):
+        out = []
+        for i in range(count):
+            m = (seg == i) & fg
+            if not m.any():
+                out.append(s)
+                continue
+            vals, cnt = np.unique(sem_pred[m], return_counts=True)
+            out.append(int(vals[cnt.argmax()]))
+        return np.array(out)
+
+    seg = segment(thre, thres)
+    ins_sem = classes(seg, k)
+    org = thre.sum(1) + 1e-6
+    inter = np.array([np.floor(masks[i, seg == i].sum()) for i in range(k)])
+    cover = np.minimum(inter / org, 1.0)
+    thre = np.sqrt(thre * cover[:, None])
+    thres = np.sqrt(thres * cover)
+    seg = segment(thre, thres)
+    keep = np.array([(seg == i).sum() for i in range(k)]) > min_points
+    slots = np.flatnonzero(keep)
+    ins_sem, thres, thre = ins_sem[keep], thres[keep], thre[keep]
+    seg = segment(thre, thres)
+    scores = np.zeros(len(slots))
+    for i in range(len(slots)):
+        pts = (seg == i).sum()
+        scores[i] = thre[i, seg == i].sum() / (pts + 1e-6)
+        if ins_sem[i] == s:
+            scores[i] = 0
+        else:
+            scores[i] *= sem_prob[seg == i, ins_sem[i]].sum() / (pts + 1e-6)
+    scores = np.sqrt(scores)
+    keep = scores > min_score
+    slots, scores, thres, thre = slots[keep], scores[keep], thres[keep], thre[keep]
+    seg = segment(thre, thres)
+    count = len(slots)
+    col = np.where(seg < 0, count, seg)
+    label_map = np.zeros((sp.max() + 1, count + 1))
+    np.add.at(label_map, (sp, col), 1)
+    lab = label_map.argmax(1)
+    seg = np.where(lab == count, -100, lab)[sp]
+    final = classes(seg, count)
+    return {
+        int(slots[i]): (seg == i, int(final[i]), float(scores[i]))
+        for i in range(count)
+        if final[i] != s
+    }
+
+
+def test_released_postprocess_matches_the_transcription():
+    from dknet_jax.inference.postprocess import postprocess_released
+
+    rng = np.random.default_rng(3)
+    k, n, s = 8, 1500, 20
+    centres = rng.uniform(0, 1, (k, 2))
+    xy = rng.uniform(0, 1, (n, 2))
+    d = np.linalg.norm(xy[None] - centres[:, None], axis=2)
+    logits = 4.0 - 25.0 * d + rng.normal(0, 0.7, (k, n))
+    logits[6] -= 3.0  # a weak instance (size filter)
+    masks = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    sem_logits = rng.normal(0, 1, (n, s))
+    owner = d.argmin(0)
+    sem_logits[np.arange(n), 2 + owner % 5] += 3.0
+    sem_logits[owner == 3, 0] += 5.0  # instance 3 on wall: no class, dropped
+    sem_prob = np.exp(sem_logits) / np.exp(sem_logits).sum(1, keepdims=True)
+    sem_prob = sem_prob.astype(np.float32)
+    sp = np.arange(n) // 5
+    for min_points, min_score in ((100, 0.1), (30, 0.45)):
+        want = released_postprocess_numpy(masks, sem_prob, sp, min_points, min_score)
+        got = postprocess_released(
+            masks,
+            np.ones(k, bool),
+            sem_prob,
+            np.ones(n, bool),
+            sp,
+            num_superpoints=n,
+            min_score=min_score,
+            min_points=min_points,
+        )
+        keep = np.asarray(got.keep)
+        assert sorted(np.flatnonzero(keep)) == sorted(want), (min_points, min_score)
+        assert 0 < len(want) < k
+        for slot, (mask, cls, score) in want.items():
+            np.testing.assert_array_equal(np.asarray(got.masks[slot]), mask)
+            assert int(got.labels[slot]) == cls
+            np.testing.assert_allclose(float(got.scores[slot]), score, rtol=1e-5)
+        assert not np.asarray(got.masks)[~keep].any()

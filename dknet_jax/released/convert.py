@@ -63,27 +63,27 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
         rf"unet\.{_U}blocks\.block(?P<B>\d)\.conv_branch\.0\.{_BN}",
         "backbone/encoders/{L}/{B}/bn1/{f}",
         "bn",
-    ),  # noqa: E501
+    ),
     (
         rf"unet\.{_U}blocks\.block(?P<B>\d)\.conv_branch\.2\.weight",
         "backbone/encoders/{L}/{B}/conv1/weight",
         "k3",
-    ),  # noqa: E501
+    ),
     (
         rf"unet\.{_U}blocks\.block(?P<B>\d)\.conv_branch\.3\.{_BN}",
         "backbone/encoders/{L}/{B}/bn2/{f}",
         "bn",
-    ),  # noqa: E501
+    ),
     (
         rf"unet\.{_U}blocks\.block(?P<B>\d)\.conv_branch\.5\.weight",
         "backbone/encoders/{L}/{B}/conv2/weight",
         "k3",
-    ),  # noqa: E501
+    ),
     (
         rf"unet\.{_U}blocks\.block(?P<B>\d)\.i_branch\.0\.weight",
         "backbone/encoders/{L}/{B}/proj",
         "subm1",
-    ),  # noqa: E501
+    ),
     (rf"unet\.{_U}conv\.0\.{_BN}", "backbone/down_bns/{L}/{f}", "bn"),
     (rf"unet\.{_U}conv\.2\.weight", "backbone/downs/{L}/weight", "k2"),
     (rf"unet\.{_U}deconv\.0\.{_BN}", "backbone/up_bns/{L}/{f}", "bn"),
@@ -92,27 +92,27 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
         rf"unet\.{_U}blocks_tail\.block(?P<B>\d)\.conv_branch\.0\.{_BN}",
         "backbone/decoders/{L}/{B}/bn1/{f}",
         "bn",
-    ),  # noqa: E501
+    ),
     (
         rf"unet\.{_U}blocks_tail\.block(?P<B>\d)\.conv_branch\.2\.weight",
         "backbone/decoders/{L}/{B}/conv1/weight",
         "k3",
-    ),  # noqa: E501
+    ),
     (
         rf"unet\.{_U}blocks_tail\.block(?P<B>\d)\.conv_branch\.3\.{_BN}",
         "backbone/decoders/{L}/{B}/bn2/{f}",
         "bn",
-    ),  # noqa: E501
+    ),
     (
         rf"unet\.{_U}blocks_tail\.block(?P<B>\d)\.conv_branch\.5\.weight",
         "backbone/decoders/{L}/{B}/conv2/weight",
         "k3",
-    ),  # noqa: E501
+    ),
     (
         rf"unet\.{_U}blocks_tail\.block(?P<B>\d)\.i_branch\.0\.weight",
         "backbone/decoders/{L}/{B}/proj",
         "subm1",
-    ),  # noqa: E501
+    ),
     (rf"output_layer\.0\.{_BN}", "backbone/output_bn/{f}", "bn"),
     # semantic head: linear.{0,3,6} Linear, linear.{1,4} BN
     (r"linear\.(?P<i>[03])\.weight", "heads/semantic/linears/{i3}/kernel", "lin_w"),
@@ -145,8 +145,8 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
         r"weight_generator\.before_embedding_tower\.0\.0\.weight",
         "heads/kernel/linears/0/kernel",
         "c1_w",
-    ),  # noqa: E501
-    (rf"weight_generator\.before_embedding_tower\.0\.1\.{_BN}", "heads/kernel/norms/0/{f}", "bn"),  # noqa: E501
+    ),
+    (rf"weight_generator\.before_embedding_tower\.0\.1\.{_BN}", "heads/kernel/norms/0/{f}", "bn"),
     (r"weight_generator\.controller\.weight", "heads/kernel/out/kernel", "ctrl_w"),
     (r"weight_generator\.controller\.bias", "heads/kernel/out/bias", "ctrl_b"),
     # not used
