@@ -329,6 +329,32 @@ def test_whole_pipeline_shapes_and_determinism(model, forward):
         np.testing.assert_array_equal(np.asarray(res[key]), np.asarray(res2[key]))
 
 
+def test_train_resume_target_restores_the_converted_state(converted):
+    """scripts/train.py --workdir W resumes from the converted step 0: the state matches
+    the tree train.py builds (parameters, BatchNorm statistics, AdamW state, key)."""
+    from dknet_jax.checkpoint import Checkpoints, train_state
+    from dknet_jax.training.optim import make_optimizer
+
+    config = C.released_config()
+    _, params, rest = abstract_model(config)
+    tx, _ = make_optimizer(config.train, 1000, 10)
+    opt = jax.eval_shape(tx.init, params)
+    target = train_state(params, rest, opt, jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    ckpt = Checkpoints(converted["work"])
+    try:
+        state, meta = ckpt.restore_latest_readable(target)
+    finally:
+        ckpt.close()
+    assert meta["step"] == 0 and meta["data"] is None
+    flat = {
+        C.path_name(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
+    w = converted["sd"]["linear.6.weight"]
+    np.testing.assert_array_equal(flat["heads/semantic/out/kernel"], w.T)
+    np.testing.assert_array_equal(flat["heads/kernel/linears/0/bias"], 0.0)
+
+
 # --------------------------------------------------------------------------- CLIs
 
 
