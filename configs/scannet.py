@@ -7,17 +7,21 @@ numbers where the paper is silent).
 Expected (paper, val): mAP 50.8, AP50 66.7, AP25 76.9. Ablations, e.g.
   --config.model.candidates=nms   --config.model.aggregation=train_only
   --config.model.kernel_from=top
-`--config=configs/scannet.py:tiny` gives a test-sized variant.
+`--config=configs/scannet.py:tiny` gives a test-sized variant;
+`--config=configs/scannet.py:released` the released model's switches (the config of a
+checkpoint converted by scripts/convert_released.py; docs/released_model.md section 5).
 """
 
-from dknet_jax.config import base_config
+from dknet_jax.config import base_config, released_settings
 
 
 def get_config(arg: str | None = None):
     c = base_config()
     c.data.dataset = "scannet"
     c.data.root = "data/scannet"
-    if arg == "tiny":
+    if arg == "released":
+        released_settings(c)
+    elif arg == "tiny":
         c.model.widths = (8, 16)
         c.model.blocks_per_level = 1
         c.data.max_points = 4096

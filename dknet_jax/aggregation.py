@@ -95,8 +95,8 @@ def same_instance(cand_instance, ok) -> Array:
     return same.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("radius", "chunk"))
-def _context_jit(xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius, chunk):
+@functools.partial(jax.jit, static_argnames=("radius", "chunk", "empty"))
+def _context_jit(xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius, chunk, empty):
     n, d = feats.shape
     k = cand_idx.shape[0]
     safe = jnp.clip(cand_idx, 0, n - 1)
@@ -141,11 +141,33 @@ def _context_jit(xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, ra
     (fg_sum, bg_sum, fg_n, bg_n), _ = jax.lax.scan(step, zeros, xs)
     fg = fg_sum / jnp.maximum(fg_n, 1.0)[:, None]
     bg = bg_sum / jnp.maximum(bg_n, 1.0)[:, None]
+    if empty == "foreground_mean":  # released utils.neighboors_pooling: an empty set
+        # takes the mean feature of all valid points (the predicted foreground) of the scene
+        in_scene = (scene_id[None, :] == c_scene[:, None]) & valid[None, :]
+        w = in_scene.astype(feats.dtype)
+        mean = (
+            jnp.matmul(w, feats, precision=jax.lax.Precision.HIGHEST)
+            / jnp.maximum(w.sum(1), 1.0)[:, None]
+        )
+        fg = jnp.where((fg_n > 0)[:, None], fg, mean)
+        bg = jnp.where((bg_n > 0)[:, None], bg, mean)
+        fg = jnp.where(cand_ok[:, None], fg, 0.0)
+        bg = jnp.where(cand_ok[:, None], bg, 0.0)
     return fg, bg, fg_n
 
 
 def context_features(
-    xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius=0.3, chunk=8192
+    xyz,
+    feats,
+    sem_pred,
+    valid,
+    scene_id,
+    cand_idx,
+    cand_ok,
+    *,
+    radius=0.3,
+    chunk=8192,
+    empty="zeros",
 ) -> tuple[Array, Array, Array]:
     """Foreground / background context of each candidate (paper Sec. 3.4).
 
@@ -153,7 +175,10 @@ def context_features(
     ``scene_id[p]``), over valid points q of the same scene:
       fg[c] = mean of feats[q] with ``sem_pred[q] == s`` and ``|x_q - x_p|^2 <= R^2``;
       bg[c] = mean of feats[q] with ``sem_pred[q] != s`` and ``|x_q - x_p|^2 <= (2R)^2``.
-    Empty sets give zeros. The released code uses the predicted-foreground points only;
+    Empty sets give zeros (``empty="zeros"``) or, with ``empty="foreground_mean"`` (the
+    released ``neighboors_pooling``), the mean of ``feats`` over the valid points of the
+    candidate's scene (the released code takes it over the batch: the same at batch size
+    1). The released code uses the predicted-foreground points only;
     pass that as ``valid``. Memory is bounded by chunking the points: O(K * chunk).
 
     Args:
@@ -161,7 +186,7 @@ def context_features(
       valid: bool[N] points that may contribute; scene_id: i32[N] scene of each point.
       cand_idx: i32[K] candidate point indices (any value in invalid slots);
       cand_ok: bool[K] valid slots.
-      radius: R; chunk: points per step (static).
+      radius: R; chunk: points per step (static); empty: "zeros" | "foreground_mean".
     Returns:
       fg f32[K, D'], bg f32[K, D'], fg_count f32[K] (the neighbour count used as the
       weight in `group_features`); zeros in invalid slots. Differentiable in ``feats``.
@@ -188,6 +213,10 @@ def context_features(
             f"{cand_ok.shape}"
         )
     chunk = int(max(1, min(int(chunk), n)))
+    if empty not in ("zeros", "foreground_mean"):
+        raise ValueError(
+            f"context_features: empty={empty!r} is not one of ('zeros', 'foreground_mean')"
+        )
     return _context_jit(
         xyz,
         feats,
@@ -198,6 +227,7 @@ def context_features(
         cand_ok,
         radius=float(radius),
         chunk=chunk,
+        empty=empty,
     )
 
 

@@ -85,11 +85,24 @@ def _resolve_algorithm(algorithm: str) -> str:
 
 
 def _greedy_pool(
-    xyz, score, valid, *, radius, threshold, normalise, max_candidates, pool_size, algorithm
+    xyz,
+    score,
+    valid,
+    *,
+    radius,
+    threshold,
+    normalise,
+    max_candidates,
+    pool_size,
+    algorithm,
+    classes=None,
+    released=False,
 ):
     """The greedy suppression loop run inside the top-K pool.
 
-    Returns (idx i32[max_candidates], ok bool[max_candidates], exhausted bool[]).
+    ``released`` (with ``classes`` i32[N]): the released ``topk_nms`` rule (see
+    `ln_nms_with_info`). Returns (idx i32[max_candidates], ok bool[max_candidates],
+    exhausted bool[]).
     """
     n = xyz.shape[0]
     k = min(int(pool_size), n)
@@ -102,13 +115,20 @@ def _greedy_pool(
     px = xyz[pool]
     # K x K "within R" (squared distance <= R^2), written per axis so XLA fuses it.
     d2 = sum((px[:, a][:, None] - px[:, a][None, :]) ** 2 for a in range(3))
-    adj = (d2 <= jnp.float32(radius) ** 2) & pool_ok[None, :]
-    if normalise:
+    if released:  # strict radius; the normaliser over same-class neighbours; ratio >= T
+        adj = (d2 < jnp.float32(radius) ** 2) & pool_ok[None, :]
+        pc = classes[pool]
+        nb_max = jnp.max(jnp.where(adj & (pc[:, None] == pc[None, :]), ps[None, :], -jnp.inf), 1)
+        norm = jnp.where(nb_max > 0, ps / jnp.where(nb_max > 0, nb_max, 1.0), 0.0)
+        accept = norm >= threshold
+    elif normalise:
+        adj = (d2 <= jnp.float32(radius) ** 2) & pool_ok[None, :]
         # Max of valid scores within R (suppressed or not); includes the point itself.
         nb_max = jnp.max(jnp.where(adj, ps[None, :], -jnp.inf), axis=1)
         norm = jnp.where(nb_max > 0, ps / jnp.where(nb_max > 0, nb_max, 1.0), 0.0)
         accept = norm > threshold
     else:
+        adj = (d2 <= jnp.float32(radius) ** 2) & pool_ok[None, :]
         accept = jnp.ones((k,), bool)
     accept = accept & pool_ok
 
@@ -134,13 +154,27 @@ def _greedy_pool(
         threshold=threshold,
         normalise=normalise,
         max_candidates=m,
+        classes=classes,
+        released=released,
     )
     idx = jnp.where(exhausted, full_idx, idx)
     ok = jnp.where(exhausted, full_ok, ok)
     return idx, ok, exhausted
 
 
-def _scene_loop(xyz, score, valid, active, *, radius, threshold, normalise, max_candidates):
+def _scene_loop(
+    xyz,
+    score,
+    valid,
+    active,
+    *,
+    radius,
+    threshold,
+    normalise,
+    max_candidates,
+    classes=None,
+    released=False,
+):
     """The greedy loop over every point of the scene, one pick per step (O(N) per pick).
 
     Runs only while ``active`` (bool[]); returns (idx i32[max_candidates], N in empty
@@ -160,12 +194,19 @@ def _scene_loop(xyz, score, valid, active, *, radius, threshold, normalise, max_
         removed, idx, n_cand = state
         p = jnp.argmax(jnp.where(removed, -jnp.inf, score))
         d2 = sum((xyz[:, a] - xyz[p, a]) ** 2 for a in range(3))
-        near = d2 <= r2
-        if normalise:
+        if released:
+            near = d2 < r2
+            same = near & (classes == classes[p])
+            nb_max = jnp.max(jnp.where(same, masked, -jnp.inf))
+            norm = jnp.where(nb_max > 0, score[p] / jnp.where(nb_max > 0, nb_max, 1.0), 0.0)
+            take = norm >= threshold
+        elif normalise:
+            near = d2 <= r2
             nb_max = jnp.max(jnp.where(near, masked, -jnp.inf))
             norm = jnp.where(nb_max > 0, score[p] / jnp.where(nb_max > 0, nb_max, 1.0), 0.0)
             take = norm > threshold
         else:
+            near = d2 <= r2
             take = jnp.bool_(True)
         idx = jnp.where(take, idx.at[n_cand].set(p.astype(jnp.int32)), idx)
         removed = (removed | near).at[p].set(True)
@@ -252,6 +293,28 @@ def _ln_nms_jit(xyz, score, valid, *, radius, threshold, max_candidates, pool_si
     )
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("radius", "threshold", "max_candidates", "pool_size", "algorithm"),
+)
+def _ln_nms_released_jit(
+    xyz, score, valid, classes, *, radius, threshold, max_candidates, pool_size, algorithm
+):
+    return _greedy_pool(
+        xyz,
+        score,
+        valid,
+        radius=radius,
+        threshold=threshold,
+        normalise=True,
+        max_candidates=max_candidates,
+        pool_size=pool_size,
+        algorithm=algorithm,
+        classes=classes,
+        released=True,
+    )
+
+
 def ln_nms_with_info(
     xyz,
     score,
@@ -262,6 +325,7 @@ def ln_nms_with_info(
     max_candidates=200,
     pool_size=4096,
     algorithm="auto",
+    classes=None,
 ) -> tuple[Array, Array, Array]:
     """LN-NMS (paper Sec. 3.3) plus the pool-exhaustion flag.
 
@@ -281,6 +345,10 @@ def ln_nms_with_info(
       pool_size: K, the static pool of top-scoring points (see the module docstring).
       algorithm: "sequential" (one pick per step), "rounds" (parallel rounds over the
         K x K mask) or "auto" (sequential on CPU, rounds elsewhere); identical results.
+      classes: None (the rule above) or i32[N] predicted classes: the released
+        ``topk_nms`` rule instead, "within R" is ``d^2 < R^2`` (strict), the normaliser is
+        the max over p's *same-class* points within R, and p is kept iff the ratio is
+        ``>= threshold`` (config ``model.cand_rule="released"``).
 
     Returns:
       idx: i32[max_candidates] point indices in pick order; N (the sentinel) in empty slots.
@@ -291,6 +359,21 @@ def ln_nms_with_info(
     """
     _check_sizes(max_candidates, pool_size)
     xyz, score, valid = _check_inputs(xyz, score, valid)
+    if classes is not None:
+        classes = jnp.asarray(classes, jnp.int32)
+        if classes.shape != score.shape:
+            raise ValueError(f"ln_nms: classes must be [N] = {score.shape}, got {classes.shape}")
+        return _ln_nms_released_jit(
+            xyz,
+            score,
+            valid,
+            classes,
+            radius=float(radius),
+            threshold=float(threshold),
+            max_candidates=int(max_candidates),
+            pool_size=int(pool_size),
+            algorithm=_resolve_algorithm(algorithm),
+        )
     return _ln_nms_jit(
         xyz,
         score,
@@ -487,10 +570,12 @@ def mine_candidates(
     pool_size: int = 4096,
     relative: bool = False,
     algorithm: str = "auto",
+    classes=None,
 ) -> tuple[Array, Array, Array]:
     """Dispatch to a candidate miner by name (``method`` is static).
 
-    - ``"ln_nms"``: `ln_nms_with_info` with ``radius``, ``threshold``, ``algorithm``.
+    - ``"ln_nms"``: `ln_nms_with_info` with ``radius``, ``threshold``, ``algorithm``,
+      ``classes`` (None, or the predicted classes for the released rule).
     - ``"nms"``: `nms_with_info` with ``radius``, ``score_threshold``, ``algorithm``.
     - ``"random"``: `random_candidates` with ``key`` (required), ``score_threshold`` as its
       threshold (0 when None) and ``relative``.
@@ -511,6 +596,7 @@ def mine_candidates(
             max_candidates=max_candidates,
             pool_size=pool_size,
             algorithm=algorithm,
+            classes=classes,
         )
     if method == "nms":
         return nms_with_info(

@@ -21,6 +21,11 @@ CHOICES = {
     "model.candidates": ("ln_nms", "nms", "random"),
     "model.aggregation": ("full", "train_only", "none"),
     "model.kernel_from": ("aggregate", "top", "oracle"),
+    "model.kernel_norm": ("none", "batch"),
+    "model.mask_center": ("shifted", "point"),
+    "model.empty_context": ("zeros", "foreground_mean"),
+    "model.cand_rule": ("ours", "released"),
+    "test.postprocess": ("ours", "released"),
     "kernels.impl": ("auto", "xla", "pallas"),
 }
 
@@ -84,6 +89,18 @@ def base_config() -> ml_collections.ConfigDict:
     # instead of holding the f32[M, N] logits; same loss, far less memory (False = dense)
     m.chunked_mask_loss = True
     m.offset_direction_loss = False
+    # --- released-model switches (docs/released_model.md section 5, "switch" column);
+    # the defaults are this project's model, configs/scannet.py:released sets the
+    # released values (the converted checkpoint of scripts/convert_released.py uses them)
+    m.tower_bn_eps = 1e-4  # BN eps of reduce / mask_feat / merge / a normed kernel MLP (1e-5)
+    m.kernel_norm = "none"  # norm in the kernel MLP: none | batch (weight_generator: batch)
+    m.mask_center = "shifted"  # mask centre C_k: shifted (x + offset) | point (released)
+    m.merge_clamp = 0.0  # lower bound of |F_a,i - F_a,j| in the merge MLP input (1e-6)
+    # empty fg / bg context set: zeros | foreground_mean (released neighboors_pooling)
+    m.empty_context = "zeros"
+    # LN-NMS rule (candidates="ln_nms"): ours (d <= R, max over all fg points within R,
+    # ratio > T) | released (topk_nms: d < R, max over same-class points, ratio >= T)
+    m.cand_rule = "ours"
 
     # --- loss -----------------------------------------------------------------------
     c.loss = lo = ml_collections.ConfigDict()
@@ -124,12 +141,51 @@ def base_config() -> ml_collections.ConfigDict:
     te.min_points = 100
     te.use_superpoints = True
     te.merge_threshold = 0.5  # merge-score threshold of the grouping at inference (released)
+    # post-processing rules: ours (inference/postprocess.py postprocess) | released (the
+    # released test.py: cover re-weighting, strict size / score filters, sqrt score, ...;
+    # postprocess.postprocess_released)
+    te.postprocess = "ours"
 
     # --- kernels ----------------------------------------------------------------------
     c.kernels = k = ml_collections.ConfigDict()
     # auto = xla for now (see sparse/conv.py AUTO_PALLAS_ON_GPU); pallas = opt in
     k.impl = "auto"
 
+    return c
+
+
+def released_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Set, in place, what the released DKNet ScanNet model (``config/DKNet_run1_scannet.
+    yaml`` and its code) uses where this project's defaults differ, so a checkpoint
+    converted by ``scripts/convert_released.py`` runs as the released forward
+    (docs/released_model.md section 5 lists every difference and its switch)."""
+    c.data.voxel_size = 0.02  # scale 50
+    m = c.model
+    m.in_channels = 6  # rgb + xyz (use_coords)
+    m.widths = (32, 64, 96, 128, 160, 192, 224)
+    m.blocks_per_level = 2
+    m.num_classes = 20
+    m.first_instance_class = 2
+    m.head_width = 32
+    m.agg_dim = 16
+    m.mask_feat_dim = 16
+    m.kernel_hidden = 16
+    m.max_candidates = 150
+    m.max_instances = 0
+    m.cand_radius = 0.3
+    m.cand_threshold = 0.5
+    m.merge_threshold = 0.5
+    m.tower_bn_eps = 1e-5
+    m.kernel_norm = "batch"
+    m.mask_center = "point"
+    m.merge_clamp = 1e-6
+    m.empty_context = "foreground_mean"
+    m.cand_rule = "released"
+    c.test.merge_threshold = 0.5
+    c.test.score_threshold = 0.1
+    c.test.min_points = 100
+    c.test.use_superpoints = True
+    c.test.postprocess = "released"
     return c
 
 
@@ -180,6 +236,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("model.merge_threshold", "test.merge_threshold"):
         if not 0.0 < _get(config, key) <= 1.0:
             raise ConfigError(f"config.{key} must be in (0, 1], got {_get(config, key)!r}")
+    if not m.tower_bn_eps > 0:
+        raise ConfigError(f"config.model.tower_bn_eps must be > 0, got {m.tower_bn_eps!r}")
+    if not m.merge_clamp >= 0:
+        raise ConfigError(f"config.model.merge_clamp must be >= 0, got {m.merge_clamp!r}")
     if not 0 <= m.first_instance_class < m.num_classes:
         raise ConfigError("config.model.first_instance_class must be in [0, num_classes)")
     if not 0 <= m.max_instances <= m.max_candidates:

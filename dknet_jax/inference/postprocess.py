@@ -84,8 +84,9 @@ def _bin(masks, bins):
     return jnp.clip(jnp.floor(masks * jnp.float32(bins)), 0, bins - 1).astype(jnp.int32)
 
 
-def _otsu_from_bins(b, valid, bins):
-    """b: i32[K, N] bin indices; valid: bool[N]. Returns the split t* i32[K]."""
+def _otsu_from_bins(b, valid, bins, degenerate=None):
+    """b: i32[K, N] bin indices; valid: bool[N]. Returns the split t* i32[K]
+    (``degenerate``, default ``bins // 2``, when no split has positive variance)."""
     k = b.shape[0]
     keys = (jnp.arange(k, dtype=jnp.int32)[:, None] * bins + b).reshape(-1)
     ones = jnp.broadcast_to(valid.astype(jnp.int32)[None, :], b.shape).reshape(-1)
@@ -103,7 +104,7 @@ def _otsu_from_bins(b, valid, bins):
     mu1 = f(s1) / jnp.maximum(f(n1), 1.0)
     var = jnp.where(both, f(n0) * f(n1) * (mu0 - mu1) ** 2, 0.0)
     t = jnp.argmax(var, axis=1).astype(jnp.int32) + 1
-    return jnp.where(jnp.max(var, axis=1) > 0, t, bins // 2)
+    return jnp.where(jnp.max(var, axis=1) > 0, t, bins // 2 if degenerate is None else degenerate)
 
 
 @functools.partial(jax.jit, static_argnames=("bins",))
@@ -296,4 +297,158 @@ def postprocess(
         jnp.int32(min_points),
         bins=int(bins),
         num_superpoints=int(num_superpoints),
+    )
+
+
+# --------------------------------------------------------------------------- released rules
+
+RULES = ("ours", "released")  # config.test.postprocess
+
+
+@functools.partial(jax.jit, static_argnames=("bins", "num_superpoints", "first_instance_class"))
+def _released_jit(
+    masks,
+    slot_ok,
+    sem_prob,
+    valid,
+    superpoint,
+    min_score,
+    min_points,
+    *,
+    bins,
+    num_superpoints,
+    first_instance_class,
+):
+    k, n = masks.shape
+    s = sem_prob.shape[1]
+    slots = jnp.arange(k, dtype=jnp.int32)
+    masks = jnp.where(slot_ok[:, None] & valid[None, :], masks, 0.0)
+    # Otsu over the scene's points; a split with no positive variance gives 0
+    b = _bin(masks, bins)
+    t = _otsu_from_bins(b, valid, bins, degenerate=0)
+    thres = jnp.where(slot_ok, t.astype(jnp.float32) / bins, 0.0)
+    sem_pred = jnp.argmax(sem_prob, axis=1).astype(jnp.int32)
+    fg = valid & (sem_pred >= first_instance_class)
+
+    def segment(thre, thres, alive):
+        """seg_result: argmax over the alive slots (first on ties); -100 (here -1) where
+        the best value is below the smallest non-zero alive threshold."""
+        vals = jnp.where(alive[:, None], thre, -jnp.inf)
+        score = jnp.max(vals, axis=0)
+        seg = jnp.argmax(vals, axis=0).astype(jnp.int32)
+        nz = alive & (thres != 0)
+        low = jnp.where(nz.any(), jnp.min(jnp.where(nz, thres, jnp.inf)), 0.0)
+        return jnp.where(valid & alive.any() & (score >= low), seg, -1)
+
+    def instance_class(seg):
+        """torch.mode of the predicted classes of each instance's foreground points
+        (smallest class on ties); S when it has none."""
+        member = (seg[None, :] == slots[:, None]) & fg[None, :]
+        onehot = (sem_pred[:, None] == jnp.arange(s)[None, :]).astype(jnp.float32)
+        votes = jnp.matmul(member.astype(jnp.float32), onehot, precision=jax.lax.Precision.HIGHEST)
+        return jnp.where(votes.max(1) > 0, jnp.argmax(votes, axis=1), s).astype(jnp.int32)
+
+    alive = slot_ok
+    thre = jnp.where(masks >= thres[:, None], masks, 0.0)
+    seg = segment(thre, thres, alive)
+    cls = instance_class(seg)  # the decoding step's classes (used by the score)
+    own = seg[None, :] == slots[:, None]
+    # cover score: the raw masks over the instance's points, truncated to an integer (the
+    # released code stores it in a long tensor), over the thresholded mask's sum
+    inter = jnp.floor(jnp.sum(jnp.where(own, masks, 0.0), axis=1))
+    cover = jnp.minimum(inter / (thre.sum(1) + 1e-6), 1.0)
+    thre = jnp.sqrt(thre * cover[:, None])
+    thres = jnp.sqrt(thres * cover)
+    seg = segment(thre, thres, alive)
+    n_size = (seg[None, :] == slots[:, None]).sum(1)
+    alive = alive & (n_size > min_points)
+    seg = segment(thre, thres, alive)
+    own = (seg[None, :] == slots[:, None]).astype(jnp.float32)
+    pts = own.sum(1) + 1e-6
+    mask_mean = (own * thre).sum(1) / pts
+    cls_prob = sem_prob[:, jnp.clip(cls, 0, s - 1)]  # [N, K]
+    sem_mean = (own * cls_prob.T).sum(1) / pts
+    score = jnp.sqrt(jnp.where(cls == s, 0.0, mask_mean * sem_mean))
+    size_ok = alive
+    alive = alive & (score > min_score)
+    seg = segment(thre, thres, alive)
+    count_pre = (seg[None, :] == slots[:, None]).sum(1)
+    if num_superpoints > 0:  # majority vote; background (index K) loses ties
+        p = num_superpoints
+        has_sp = valid & (superpoint >= 0) & (superpoint < p)
+        lab = jnp.where(seg >= 0, seg, k)
+        key = jnp.where(has_sp, superpoint * (k + 1) + lab, p * (k + 1))
+        votes = jax.ops.segment_sum(jnp.ones((n,), jnp.int32), key, num_segments=p * (k + 1) + 1)
+        winner = jnp.argmax(votes[:-1].reshape(p, k + 1), axis=1).astype(jnp.int32)
+        winner = jnp.where(winner == k, -1, winner)
+        seg = jnp.where(has_sp, winner[jnp.clip(superpoint, 0, p - 1)], seg)
+    seg = jnp.where(valid, seg, -1)
+    final_cls = instance_class(seg)
+    keep = alive & (final_cls < s)
+    final = seg[None, :] == slots[:, None]
+    count = final.sum(1)
+    reason = jnp.select(
+        [n_size == 0, ~size_ok, ~alive, (count_pre > 0) & (count == 0)],
+        [REMOVED_OTSU, REMOVED_SIZE, REMOVED_SCORE, REMOVED_SUPERPOINT],
+        REMOVED_CLASS,
+    )
+    return Instances(
+        masks=final & keep[:, None],
+        labels=jnp.where(final_cls < s, final_cls, -1),
+        scores=score,
+        keep=keep,
+        point_instance=seg,
+        thresholds=thres,
+        coverage=cover,
+        removed_by=jnp.where(slot_ok & ~keep, reason, 0).astype(jnp.int32),
+    )
+
+
+def postprocess_released(
+    masks,
+    slot_ok,
+    sem_prob,
+    valid,
+    superpoint=None,
+    *,
+    num_superpoints: int = 0,
+    bins: int = 100,
+    min_score: float = 0.1,
+    min_points: int = 100,
+    first_instance_class: int = 2,
+) -> Instances:
+    """The released DKNet post-processing (R:model/DKNet.py:368-376, R:test.py:78-153;
+    docs/released_model.md section 4, step 10-11) on one scene, same arguments and result
+    as :func:`postprocess` (``config.test.postprocess="released"``):
+
+    Otsu per instance (a split without positive variance gives 0); ``thre = M`` where
+    ``M >= T`` else 0; ``seg`` = argmax over the alive slots, background where the best
+    value is below the smallest non-zero threshold; class per instance = the most frequent
+    predicted class of its foreground points (smallest on ties; none -> no class);
+    cover = ``floor(sum of M over seg == k) / sum(thre_k)``, at most 1; ``thre`` and ``T``
+    become ``sqrt(. x cover)``; re-segment; drop instances with ``<= min_points`` points;
+    re-segment; score = ``sqrt(mean thre x mean class probability)`` over its points (0
+    without a class); drop ``score <= min_score``; re-segment; superpoint majority vote
+    (background loses ties); the final class as above, and instances without one are
+    dropped. The released code takes the Otsu histogram over every point of the batch and
+    the thresholds' minimum over every instance of the batch: at its test batch size 1
+    this is the scene, as here.
+    """
+    masks = jnp.asarray(masks, jnp.float32)
+    k, n = masks.shape
+    sem_prob = jnp.asarray(sem_prob, jnp.float32)
+    if superpoint is None:
+        num_superpoints = 0
+        superpoint = jnp.full((n,), -1, jnp.int32)
+    return _released_jit(
+        masks,
+        jnp.asarray(slot_ok, bool),
+        sem_prob,
+        jnp.asarray(valid, bool),
+        jnp.asarray(superpoint, jnp.int32),
+        jnp.float32(min_score),
+        jnp.int32(min_points),
+        bins=int(bins),
+        num_superpoints=int(num_superpoints),
+        first_instance_class=int(first_instance_class),
     )

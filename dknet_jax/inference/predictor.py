@@ -25,7 +25,7 @@ from flax import nnx
 from dknet_jax import checkpoint as ckpt_lib
 from dknet_jax.config import level_values, validate
 from dknet_jax.inference.diagnostics import MIN_GT_POINTS, stage_counts
-from dknet_jax.inference.postprocess import postprocess
+from dknet_jax.inference.postprocess import postprocess, postprocess_released
 from dknet_jax.model import abstract_model
 from dknet_jax.types import IGNORE_LABEL
 
@@ -47,6 +47,19 @@ def postprocess_batch(config, batch, semantic_logits, mask_logits, inst_ok):
     def one_scene(args):
         masks_b, ok_b, scene = args
         valid_b = batch.valid & (batch.batch_id == scene)
+        if te.get("postprocess", "ours") == "released":
+            r = postprocess_released(
+                masks_b,
+                ok_b,
+                sem_prob,
+                valid_b,
+                superpoint,
+                num_superpoints=n if superpoint is not None else 0,
+                min_score=te.score_threshold,
+                min_points=te.min_points,
+                first_instance_class=m.first_instance_class,
+            )
+            return r.masks, r.labels, r.scores, r.keep, r.removed_by
         r = postprocess(
             masks_b,
             ok_b,

@@ -54,7 +54,8 @@ class DKNetOutputs:
         dropped). Each scene's groups fill its slots first, in lead heat order.
       inst_batch: i32[I] scene of each instance slot.
       inst_source: i32[I] candidate slot of the instance's lead (M in empty slots).
-      inst_pos: f32[I, 3] instance centroid C_k (shifted position of the lead).
+      inst_pos: f32[I, 3] instance centroid C_k (shifted position of the lead; with
+        ``model.mask_center="point"`` the lead point's coordinate).
       kernels: f32[I, L] instance kernels of the dynamic mask decoder (layout:
         ``mask_decoder.split_kernels``); with ``inst_pos``, ``inst_batch``, ``inst_ok`` and
         ``heads.mask_feats`` they define the masks (``mask_decoder.decode_masks``).
@@ -130,6 +131,10 @@ class DKNet(nnx.Module):
         self.merge_threshold = float(m["merge_threshold"])
         self.kernel_from = m["kernel_from"]
         self.mask_chunk = int(m["mask_chunk"])
+        # released-model switches (docs/released_model.md section 5; defaults = ours)
+        self.mask_center = m.get("mask_center", "shifted")
+        self.empty_context = m.get("empty_context", "zeros")
+        self.cand_rule = m.get("cand_rule", "ours")
         self.backbone = SparseUNet(
             m.in_channels,
             tuple(m.widths),
@@ -148,6 +153,9 @@ class DKNet(nnx.Module):
             agg_dim=m.agg_dim,
             mask_feat_dim=m.mask_feat_dim,
             kernel_hidden=m.kernel_hidden,
+            tower_eps=float(m.get("tower_bn_eps", 1e-4)),
+            kernel_norm=m.get("kernel_norm", "none"),
+            merge_clamp=float(m.get("merge_clamp", 0.0)),
             rngs=rngs,
         )
 
@@ -226,6 +234,9 @@ class DKNet(nnx.Module):
         keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), b)
 
         random = self.candidates == "random"
+        classes = None
+        if self.cand_rule == "released":  # same-class normaliser of the released topk_nms
+            classes = jnp.argmax(heads.semantic_logits, axis=-1).astype(jnp.int32)
 
         def mine(valid_b, key_b):
             return mine_candidates(
@@ -240,6 +251,7 @@ class DKNet(nnx.Module):
                 max_candidates=self.max_candidates,
                 pool_size=min(self.pool_size, n),
                 relative=True,
+                classes=classes,
             )
 
         idx, ok, exhausted = jax.vmap(mine)(scene_valid, keys)
@@ -272,6 +284,7 @@ class DKNet(nnx.Module):
             cand_idx,
             cand_ok,
             radius=self.cand_radius,
+            empty=self.empty_context,
         )
         agg_feats = jnp.concatenate([fg, bg, cand_pos], axis=-1)
         m = cand_idx.shape[0]
@@ -289,14 +302,17 @@ class DKNet(nnx.Module):
         else:  # every candidate is its own instance
             lead = jnp.where(cand_ok, jnp.arange(m, dtype=jnp.int32), -1)
 
+        # the mask decoder's centre C_k: the lead's shifted position x + offset (ours) or the
+        # lead point's own coordinate (released: coords_[candidate_pt_])
+        centre = batch.xyz[safe] if self.mask_center == "point" else cand_pos
         if self.kernel_from == "aggregate":
-            inst_feat, inst_pos, inst_ok = agg.group_features(lead, fg, fg_count, cand_pos)
+            inst_feat, inst_pos, inst_ok = agg.group_features(lead, fg, fg_count, centre)
         elif self.kernel_from == "top":  # elimination: the lead's own feature
             inst_feat, inst_pos, inst_ok = agg.group_features(
-                lead, fg, (lead == jnp.arange(m)).astype(fg.dtype), cand_pos
+                lead, fg, (lead == jnp.arange(m)).astype(fg.dtype), centre
             )
         else:  # oracle: mean reduced feature over the GT instance the lead lies in
-            inst_feat, inst_pos, inst_ok = self._oracle_features(batch, heads, safe, lead, cand_pos)
+            inst_feat, inst_pos, inst_ok = self._oracle_features(batch, heads, safe, lead, centre)
 
         ki = self.max_instances
         (inst_feat, inst_pos), inst_ok, inst_source, inst_overflow = agg.compact_groups(
@@ -321,7 +337,7 @@ class DKNet(nnx.Module):
         """Instance kernels f32[M', L] from the group features and, with ``decode_masks``,
         the dynamic-conv mask logits f32[M', N] (else None)."""
         n = batch.valid.shape[0]
-        kernels = self.heads.kernels(groups.inst_feat)
+        kernels = self.heads.kernels(groups.inst_feat, groups.inst_ok)
         mask_logits = None
         if decode_masks:
             mask_logits = mask_decoder.decode_masks(

@@ -14,12 +14,16 @@ Layer layout (follows the released DKNet code; widths are constructor arguments)
 - ``reduce``    D -> 32 -> 32 -> 32 -> D'    (the code's ``kernel_branch``: 3 conv blocks)
 - ``mask_feat`` D -> 32 -> 32 -> 32 -> 16    (the code's ``mask_branch``)
 - ``merge``     2D'+3 -> (2D'+3) x3 -> 1     (the code's ``merge_branch``, pairwise)
-- ``kernel``    D' -> 16 -> L = 337          (Linear, ReLU, Linear; no norm)
+- ``kernel``    D' -> 16 -> L = 337          (Linear, ReLU, Linear; no norm by default;
+  ``kernel_norm="batch"`` adds a BatchNorm as the released ``weight_generator`` has)
 
 Norm choice: ``norm="batch"`` (default, as in the code) is BatchNorm whose statistics use
 only the rows of a ``mask`` (padding / non-foreground rows never enter them), momentum 0.1
 in PyTorch terms (flax ``momentum=0.9``), epsilon 1e-4. ``"layer"`` (LayerNorm, no running
-state) and ``"none"`` are drop-in alternatives for ablations. Hidden Linears carry a bias
+state) and ``"none"`` are drop-in alternatives for ablations. ``tower_eps`` sets the
+epsilon of the ``reduce`` / ``mask_feat`` / ``merge`` (and, with ``kernel_norm="batch"``,
+``kernel``) norms: the released towers and weight generator use PyTorch's BatchNorm1d
+default 1e-5 (config ``model.tower_bn_eps``; default 1e-4 as before). Hidden Linears carry a bias
 (harmless before BN, needed without it). Weights use PyTorch's default Linear init
 (uniform +-1/sqrt(fan_in)), biases start at zero. Train/eval mode for BatchNorm follows
 ``module.train()`` / ``module.eval()`` (``use_running_average``).
@@ -88,6 +92,7 @@ class MLP(nnx.Module):
         out_dim: int,
         *,
         norm: str = "batch",
+        eps: float = 1e-4,
         rngs: nnx.Rngs,
     ):
         if norm not in NORMS:
@@ -101,9 +106,9 @@ class MLP(nnx.Module):
             ]
         )
         if norm == "batch":
-            norms = [nnx.BatchNorm(b, momentum=0.9, epsilon=1e-4, rngs=rngs) for b in hidden]
+            norms = [nnx.BatchNorm(b, momentum=0.9, epsilon=eps, rngs=rngs) for b in hidden]
         elif norm == "layer":
-            norms = [nnx.LayerNorm(b, epsilon=1e-4, rngs=rngs) for b in hidden]
+            norms = [nnx.LayerNorm(b, epsilon=eps, rngs=rngs) for b in hidden]
         else:
             norms = []
         self.norms = nnx.List(norms)
@@ -160,6 +165,12 @@ class PointHeads(nnx.Module):
       dynamic_hidden: output channels of the first dynamic 1x1 layer (16); with
         mask_feat_dim it fixes L = num_kernel_params(mask_feat_dim + 3, dynamic_hidden).
       norm: "batch" (masked BatchNorm) | "layer" | "none".
+      tower_eps: norm epsilon of ``reduce``, ``mask_feat``, ``merge`` and a normed
+        ``kernel`` (1e-4; the released towers: 1e-5).
+      kernel_norm: norm of the kernel MLP's hidden layer ("none"; the released
+        ``weight_generator``: "batch").
+      merge_clamp: lower bound of ``|F_a,i - F_a,j|`` in :meth:`merge_logits` (0 = none;
+        the released code clamps at 1e-6).
     """
 
     def __init__(
@@ -174,6 +185,9 @@ class PointHeads(nnx.Module):
         kernel_hidden: int = 16,
         dynamic_hidden: int = 16,
         norm: str = "batch",
+        tower_eps: float = 1e-4,
+        kernel_norm: str = "none",
+        merge_clamp: float = 0.0,
         rngs: nnx.Rngs,
     ):
         if not 0 <= first_instance_class < num_classes:
@@ -182,16 +196,20 @@ class PointHeads(nnx.Module):
                 f"in [0, num_classes={num_classes})"
             )
         self.first_instance_class = first_instance_class
+        self.merge_clamp = float(merge_clamp)
         self.dynamic_hidden = dynamic_hidden  # pass as mask_decoder.decode_masks(hidden=...)
         self.kernel_len = num_kernel_params(mask_feat_dim + 3, dynamic_hidden)
         d, w, a = feat_dim, width, 2 * agg_dim + 3
         self.semantic = MLP(d, [w, w], num_classes, norm=norm, rngs=rngs)
         self.offset = MLP(d, [w], 3, norm=norm, rngs=rngs)
         self.heatmap = MLP(d + 3, [w, w], 1, norm=norm, rngs=rngs)
-        self.reduce = MLP(d, [w, w, w], agg_dim, norm=norm, rngs=rngs)
-        self.mask_feat = MLP(d, [w, w, w], mask_feat_dim, norm=norm, rngs=rngs)
-        self.merge = MLP(a, [a, a, a], 1, norm=norm, rngs=rngs)
-        self.kernel = MLP(agg_dim, [kernel_hidden], self.kernel_len, norm="none", rngs=rngs)
+        te = tower_eps
+        self.reduce = MLP(d, [w, w, w], agg_dim, norm=norm, eps=te, rngs=rngs)
+        self.mask_feat = MLP(d, [w, w, w], mask_feat_dim, norm=norm, eps=te, rngs=rngs)
+        self.merge = MLP(a, [a, a, a], 1, norm=norm, eps=te, rngs=rngs)
+        self.kernel = MLP(
+            agg_dim, [kernel_hidden], self.kernel_len, norm=kernel_norm, eps=te, rngs=rngs
+        )
 
     def __call__(self, feats: Array, valid: Array) -> PointHeadOutputs:
         """Per-point heads. ``feats f32[N, D]``, ``valid bool[N]`` -> :class:`PointHeadOutputs`.
@@ -233,8 +251,13 @@ class PointHeads(nnx.Module):
           f32[K, K] logits (sigmoid -> merge score A); symmetric by construction.
         """
         diff = jnp.abs(agg_feats[:, None, :] - agg_feats[None, :, :])
+        if self.merge_clamp > 0:  # released: torch.clamp(|A_i - A_j|, min=1e-6)
+            diff = jnp.maximum(diff, self.merge_clamp)
         return self.merge(diff, pair_mask)[..., 0]
 
-    def kernels(self, inst_feats: Array) -> Array:
-        """Instance kernels: ``inst_feats f32[K, D']`` -> ``f32[K, L]`` (L = 337)."""
-        return self.kernel(inst_feats)
+    def kernels(self, inst_feats: Array, mask: Array | None = None) -> Array:
+        """Instance kernels: ``inst_feats f32[K, D']`` -> ``f32[K, L]`` (L = 337).
+
+        ``mask`` bool[K]: the slots that enter a BatchNorm's statistics (``kernel_norm=
+        "batch"`` in training; ignored without a norm)."""
+        return self.kernel(inst_feats, mask)

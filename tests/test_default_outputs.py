@@ -1,0 +1,111 @@
+"""The released-model switches (issue 14) keep today's model: a default-config DKNet gives
+bitwise the outputs recorded with the code *before* the switches existed.
+
+``tests/data/default_dknet_outputs.npz`` was written by running this module as a script
+(``python tests/test_default_outputs.py tests/data/default_dknet_outputs.npz``, which
+applies conftest.py's JAX settings) on the tree of commit 22a4198, before the switches
+were added (CPU, XLA). Every array of the forward pass is
+compared with ``np.array_equal``, in eval mode (running statistics) and train mode
+(batch statistics), so a default whose arithmetic changed at all fails here.
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dknet_jax.config import base_config
+from dknet_jax.model import build_model
+from dknet_jax.types import PointBatch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE = os.path.join(HERE, "data", "default_dknet_outputs.npz")
+
+
+def baseline_config():
+    c = base_config()
+    c.model.widths = (8, 16, 24)
+    c.model.blocks_per_level = 1
+    c.model.level_capacity_ratio = (1.0,)
+    c.model.max_candidates = 12
+    c.model.max_instances = 8
+    c.model.pool_size = 64
+    c.model.mask_chunk = 128
+    c.kernels.impl = "xla"
+    return c
+
+
+def baseline_batch(n=300, seed=0) -> PointBatch:
+    """Two scenes of points on a 2 cm grid in a few blobs (so neighbourhoods and groups
+    exist), padded to n rows."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b, m in enumerate((160, 110)):
+        centres = rng.uniform(0.0, 0.8, (4, 3))
+        pts = centres[rng.integers(0, 4, m)] + rng.normal(0, 0.06, (m, 3))
+        pts = np.clip(pts, 0.0, None)
+        rows.append((b, pts))
+    xyz = np.zeros((n, 3), np.float32)
+    batch_id = np.full(n, 2, np.int32)
+    valid = np.zeros(n, bool)
+    i = 0
+    for b, pts in rows:
+        xyz[i : i + len(pts)] = pts
+        batch_id[i : i + len(pts)] = b
+        valid[i : i + len(pts)] = True
+        i += len(pts)
+    vox = np.floor(xyz / 0.02).astype(np.int32)
+    rgb = rng.uniform(-1, 1, (n, 3)).astype(np.float32)
+    feats = np.concatenate([rgb, xyz], axis=1) * valid[:, None]
+    g = 4
+    return PointBatch(
+        xyz=jnp.asarray(xyz),
+        feats=jnp.asarray(feats, jnp.float32),
+        vox=jnp.asarray(vox),
+        batch_id=jnp.asarray(batch_id),
+        valid=jnp.asarray(valid),
+        semantic=jnp.full(n, -100, jnp.int32),
+        instance=jnp.full(n, -100, jnp.int32),
+        superpoint=jnp.asarray(np.where(valid, np.arange(n) // 7, -1), jnp.int32),
+        instance_class=jnp.full(g, -100, jnp.int32),
+        instance_batch=jnp.full(g, 2, jnp.int32),
+        instance_valid=jnp.zeros(g, bool),
+        scene_valid=jnp.ones(2, bool),
+    )
+
+
+def run_outputs(config) -> dict:
+    """Every array of the eval-mode and train-mode forward passes, flattened by name."""
+    graphdef, params, rest = build_model(config, seed=3)
+    batch = baseline_batch()
+    out = {}
+    for mode in ("eval", "train"):
+        model = nnx.merge(graphdef, params, rest)
+        model.eval() if mode == "eval" else model.train()
+        res = nnx.jit(lambda m, b: m(b))(model, batch)
+        leaves = jax.tree_util.tree_leaves_with_path(res)
+        for path, leaf in leaves:
+            out[f"{mode}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    return out
+
+
+def test_default_config_outputs_are_unchanged():
+    want = np.load(FIXTURE)
+    got = run_outputs(baseline_config())
+    assert sorted(got) == sorted(want.files)
+    for name in want.files:
+        assert got[name].dtype == want[name].dtype, name
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+if __name__ == "__main__":
+    # the settings of conftest.py, under which the test runs (they change the numerics)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_disable_most_optimizations", True)
+    outs = run_outputs(baseline_config())
+    np.savez_compressed(sys.argv[1], **outs)
+    for k, v in outs.items():
+        print(k, v.shape, v.dtype)
