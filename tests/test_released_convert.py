@@ -375,6 +375,7 @@ def test_cli_convert_errors(tmp_path):
     assert r.returncode == 2 and "download the released" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # compiles the full-size model twice in subprocesses (~8 CPU-minutes)
 def test_cli_predict_and_evaluate_on_the_converted_work_dir(tmp_path, converted):
     """predict.py (config from the checkpoint meta) and evaluate.py
     (``--config=configs/scannet.py:released``) load the converted work dir."""
