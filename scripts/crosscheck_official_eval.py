@@ -31,11 +31,25 @@ from dknet_jax.eval import load_dirs
 from dknet_jax.eval.scannet_instance import CLASS_IDS, OVERLAPS, summarize
 
 
+def _load_file(name: str, path: str, register: bool = True):
+    """Execute the module at ``path`` as ``name`` (registered in ``sys.modules`` so the
+    official code's ``import util`` / ``import util_3d`` find it without a path search)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def load_official(ref: str):
     """Imports the official module (its argparse needs argv; stubs only if deps are absent).
 
-    sys.path, sys.argv and the helper modules it imports (``util``, ``util_3d``, stubs) are
-    restored / unregistered afterwards so they do not shadow anything else.
+    Its helper modules (``util``, ``util_3d``, and the ``imageio`` / ``plyfile`` stubs when
+    those packages are missing) are loaded from their files and registered by name first,
+    so no search path is added; they are unregistered afterwards, and ``sys.argv`` and the
+    ``sys.path`` entry the official script inserts for itself are restored, so nothing
+    else is shadowed.
     """
     bench = os.path.join(ref, "BenchmarkScripts")
     script = os.path.join(bench, "3d_evaluation", "evaluate_semantic_instance.py")
@@ -44,17 +58,16 @@ def load_official(ref: str):
             f"{script} not found; --ref must be the scannet_official_eval folder"
         )
     saved_path, saved_argv, saved_mods = list(sys.path), sys.argv, set(sys.modules)
-    for dep in ("imageio", "plyfile"):
-        if importlib.util.find_spec(dep) is None:
-            sys.path.append(os.path.join(ref, "_stubs"))  # after real packages
-    sys.path.insert(0, bench)
     sys.argv = ["evaluate_semantic_instance.py", "--pred_path", ".", "--gt_path", "."]
     try:
-        spec = importlib.util.spec_from_file_location("official_scannet_eval", script)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        for dep in ("imageio", "plyfile"):
+            if importlib.util.find_spec(dep) is None:
+                _load_file(dep, os.path.join(ref, "_stubs", f"{dep}.py"))
+        _load_file("util", os.path.join(bench, "util.py"))
+        _load_file("util_3d", os.path.join(bench, "util_3d.py"))
+        mod = _load_file("official_scannet_eval", script, register=False)
     finally:
-        sys.path[:], sys.argv = saved_path, saved_argv
+        sys.path[:], sys.argv = saved_path, saved_argv  # the official script inserts its dir
         for name in ("util", "util_3d", "imageio", "plyfile"):
             if name not in saved_mods:
                 sys.modules.pop(name, None)
