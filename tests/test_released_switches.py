@@ -279,3 +279,77 @@ def test_released_postprocess_matches_the_transcription():
             assert int(got.labels[slot]) == cls
             np.testing.assert_allclose(float(got.scores[slot]), score, rtol=1e-5)
         assert not np.asarray(got.masks)[~keep].any()
+
+
+def released_candidate_merge(scores, thre):
+    """The released greedy merge (R:model/DKNet.py:219-238) transcribed to numpy: zero the
+    diagonal; while the highest remaining score is > thre, take it (first maximum in
+    row-major order, as torch.argmax), merge the two whole groups, zero every score inside
+    the merged group, label it with the smaller id. Returns ins_map i64[I]."""
+    s = np.array(scores, np.float32, copy=True)
+    n = s.shape[0]
+    np.fill_diagonal(s, 0)
+    ins_map = np.arange(n)
+    while s.max() > thre:
+        index = int(s.argmax())
+        i, j = index // n, index % n
+        new = np.concatenate(
+            [np.flatnonzero(ins_map == ins_map[i]), np.flatnonzero(ins_map == ins_map[j])]
+        )
+        s[np.ix_(new, new)] = 0
+        ins_map[new] = min(ins_map[i], ins_map[j])
+    return ins_map
+
+
+def leads_from_ins_map(ins_map, heat):
+    """Released group centre: the member with the highest heat (first on ties)."""
+    lead = np.empty(len(ins_map), np.int64)
+    for g in np.unique(ins_map):
+        members = np.flatnonzero(ins_map == g)
+        lead[members] = members[np.argmax(heat[members])]
+    return lead
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_released_merge_rule_matches_the_greedy_loop(symmetric):
+    rng = np.random.default_rng(7)
+    levels = np.array([0.05, 0.3, 0.49, 0.5, 0.5, 0.51, 0.7, 0.95], np.float32)
+    ties_seen = differs = 0
+    for trial in range(40):
+        m = int(rng.integers(2, 24))
+        s = levels[rng.integers(0, len(levels), (m, m))]
+        s = np.where(rng.uniform(size=(m, m)) < 0.75, np.float32(0.05), s)  # sparse edges
+        if symmetric:
+            s = np.triu(s, 1) + np.triu(s, 1).T
+        ok = rng.uniform(size=m) < 0.85
+        heat = rng.choice(np.array([0.1, 0.2, 0.3], np.float32), m)  # many heat ties
+        scores = np.where(ok[:, None] & ok[None, :], s, 0).astype(np.float32)
+        valid = np.flatnonzero(ok)
+        want = np.full(m, -1)
+        if len(valid):
+            sub = leads_from_ins_map(
+                released_candidate_merge(scores[np.ix_(valid, valid)], 0.5), heat[valid]
+            )
+            want[valid] = valid[sub]
+        got = np.asarray(agg.merge_groups(scores, ok, heat, threshold=0.5, strict=True))
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+        ties_seen += int(np.any(scores == 0.5))
+        loose = np.asarray(agg.merge_groups(scores, ok, heat, threshold=0.5))
+        differs += int(np.any(loose != got))
+    assert ties_seen > 10 and differs > 0  # exact-0.5 scores were there and mattered
+
+
+def test_released_merge_rule_hand_cases():
+    heat = np.array([0.9, 0.5, 0.7, 0.2], np.float32)
+    ok = np.ones(4, bool)
+    # chain 0-1 (0.8), 1-2 (0.6), 0-2 below: not transitive as scores, one group all the
+    # same (the released loop merges whole groups); 3 joins only by an exact 0.5
+    s = np.zeros((4, 4), np.float32)
+    s[0, 1] = s[1, 0] = 0.8
+    s[1, 2] = s[2, 1] = 0.6
+    s[0, 2] = s[2, 0] = 0.1
+    s[2, 3] = s[3, 2] = 0.5
+    strict = np.asarray(agg.merge_groups(s, ok, heat, strict=True))
+    assert list(strict) == [0, 0, 0, 3]
+    assert list(released_candidate_merge(s, 0.5)) == [0, 0, 0, 3]
+    assert list(np.asarray(agg.merge_groups(s, ok, heat))) == [0, 0, 0, 0]
