@@ -164,7 +164,7 @@ def test_released_settings_and_validation():
         bad.model[key] = value
         with pytest.raises(ConfigError, match=f"config.model.{key}"):
             validate(bad)
-    for key, value in (("released_aug", 1), ("released_aug_seed", -5)):
+    for key, value in (("released_aug_seed", -5), ("released_aug_seed", 2**32)):
         bad = base_config()
         bad.test[key] = value
         with pytest.raises(ConfigError, match=f"config.test.{key}"):
