@@ -15,7 +15,8 @@ mask features, kernel tower): the max abs error and the max error normalised by
     python scripts/crosscheck_released_torch.py [--points 600] [--seed 1] [--tol 1e-4]
 
 Needs ``torch`` and ``spconv`` 2.x (CPU wheels: ``pip install torch spconv``); neither is
-a dependency of this package.
+a dependency of this package. torch runs on one thread: spconv's CPU kernels race on
+several (see ``main``).
 """
 
 from __future__ import annotations
@@ -279,6 +280,11 @@ def main(argv=None) -> int:
     from dknet_jax.released import pth
     from dknet_jax.released import spec as S
 
+    # spconv 2.3.8's CPU convolutions give wrong, run-to-run different features when torch
+    # runs them on several threads (a race: two forwards of the same input differed by
+    # 0.16 at a random layer, single-threaded they agree bit for bit and match
+    # dknet_jax/released/reference.py to 1e-6), so the released side runs on one thread
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     xyz, rgb, vox = synthetic_scene(args.points, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
