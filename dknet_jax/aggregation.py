@@ -134,8 +134,16 @@ def _context_jit(
         fg = base & same & (d2 <= r2)
         bg = base & ~same & (d2 <= r2_bg)
         if cap > 0:  # keep a point while fewer than `cap` earlier points are in the list
-            fg = fg & (fg_n[:, None] + jnp.cumsum(fg.astype(jnp.int32), axis=1) <= cap)
-            bg = bg & (bg_n[:, None] + jnp.cumsum(bg.astype(jnp.int32), axis=1) <= cap)
+
+            def cut(masks):
+                fg, bg = masks
+                fg = fg & (fg_n[:, None] + jnp.cumsum(fg.astype(jnp.int32), axis=1) <= cap)
+                bg = bg & (bg_n[:, None] + jnp.cumsum(bg.astype(jnp.int32), axis=1) <= cap)
+                return fg, bg
+
+            # the running sums only where a list reaches the cap in this chunk
+            full = jnp.any(fg_n + fg.sum(1) > cap) | jnp.any(bg_n + bg.sum(1) > cap)
+            fg, bg = jax.lax.cond(full, cut, lambda masks: masks, (fg, bg))
         fg = fg.astype(feats.dtype)
         bg = bg.astype(feats.dtype)
         hi = jax.lax.Precision.HIGHEST
