@@ -62,7 +62,8 @@ class DKNetOutputs:
       mask_logits: f32[I, N] instance mask logits (-1e9 outside the instance's scene),
         or None when the model ran with ``decode_masks=False``.
       pool_exhausted: bool[B] the LN-NMS pool ran out in a scene, so the exact whole-scene
-        loop ran (same candidates, slower; a larger pool_size makes it rarer).
+        loop ran (same candidates, slower; a larger pool_size makes it rarer). Always set
+        with ``cand_rule="released"`` and ``neighbour_cap > 0``, which use that loop only.
       instance_overflow: bool[B] a scene had more groups than instance slots; the groups
         with the lowest lead heat were dropped (raise max_instances).
       voxel_overflow: bool[] the voxel capacity of some UNet level or the key space
