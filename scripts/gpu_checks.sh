@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent card (the `device` tool): Pallas kernel vs reference,
-# the full UNet forward+backward on the Pallas vs XLA path, sparse-engine benchmark on the Pallas and XLA paths, inference and train-step
-# benchmarks. Logs go to $OUT (or ./gpu_logs). Each step has its own time limit so the
-# whole run stays inside one short device call.
+# the full UNet forward+backward on the Pallas vs XLA path, sparse-engine benchmark on
+# the Pallas and XLA paths, inference and train-step benchmarks. Logs go to $OUT (or
+# ./gpu_logs). Each step has its own time limit so the whole run stays inside one short
+# device call.
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
