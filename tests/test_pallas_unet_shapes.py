@@ -178,3 +178,14 @@ def test_unet_shapes_interpret_match_brute_force(cin, cout):
     for got, want in ((out, e_out), (d_feats, e_feats), (d_weight, e_weight)):
         scale = max(1.0, float(np.abs(want).max()))
         np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5 * scale, rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_gpu_check_unet_step_passes_in_the_interpreter():
+    """The GPU script's full-UNet step (impl=pallas vs xla vs XLA-highest, fwd+bwd) on a
+    tiny UNet in the Pallas interpreter: the script itself works and the paths agree."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_pallas.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_pallas", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--interpret", "--unet_only", "--repeats", "1"]) == 0
