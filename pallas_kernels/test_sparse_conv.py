@@ -16,10 +16,15 @@ import numpy as np
 import pytest
 
 from pallas_kernels.sparse_conv import (
+    DEFAULT_SMEM_BUDGET,
+    SMEM_LIMIT_SM90,
     BlockSizes,
     default_block_sizes,
+    derive_block_sizes,
     gather_matmul,
     gather_matmul_reference,
+    padded_channels,
+    smem_bytes,
 )
 
 # Offsets (a, b, c) in product(range(3), repeat=3) minus 1: index 9a+3b+c, k <-> 26-k mirror.
@@ -184,13 +189,127 @@ def test_default_block_sizes():
     assert default_block_sizes(40, 32, 64).block_rows == 64
     big = default_block_sizes(150_000, 32, 32)
     assert (big.block_rows, big.block_cin, big.block_cout) == (128, 32, 32)
-    wide = default_block_sizes(150_000, 224, 224)  # padded to 256: chunked, divides it
-    assert (wide.block_cin, wide.block_cout) == (64, 64)  # 64x128 exceeded H200 smem
-    assert 256 % wide.block_cin == 0 and 256 % wide.block_cout == 0
+    # 224 -> 224 is padded to 256: a 64-channel chunk (4 loop steps per offset) and two
+    # 128-channel output programs. smem = 2 * (128*64 + 64*128) * 4 + 128*128*4 + 1024.
+    wide = default_block_sizes(150_000, 224, 224)
+    assert (wide.block_rows, wide.block_cin, wide.block_cout) == (128, 64, 128)
+    assert smem_bytes(wide) == 2 * 65536 + 65536 + 1024 == 197632 <= DEFAULT_SMEM_BUDGET
+    assert default_block_sizes(150_000, 224, 224, jnp.bfloat16) == wide  # already fits
     for v in (1, 5, 17, 100, 1000, 10**6):
         b = default_block_sizes(v, 7, 5).block_rows
         assert 16 <= b <= 128 and b & (b - 1) == 0
         assert b < 2 * max(v, 16)  # never more than one block of padding for tiny inputs
+
+
+def test_smem_model_by_hand():
+    b = BlockSizes(128, 32, 64, num_warps=4, num_stages=3)
+    # 3 stages x (128*32 + 32*64) f32 + the 128x64 f32 accumulator tile + 1 KiB
+    assert smem_bytes(b) == 3 * (4096 + 2048) * 4 + 128 * 64 * 4 + 1024
+    assert smem_bytes(b, jnp.bfloat16) == 3 * (4096 + 2048) * 2 + 128 * 64 * 4 + 1024
+    one = BlockSizes(128, 32, 64, num_stages=1)  # no pipelining: operands still staged once
+    assert smem_bytes(one) == (4096 + 2048) * 4 + 128 * 64 * 4 + 1024
+    assert smem_bytes(b, resident_chunks=4) == 4 * 3 * (4096 + 2048) * 4 + 128 * 64 * 4 + 1024
+
+
+# What the H200 (jax 0.11.2) reported when the first kernel version, which unrolled the
+# input-channel chunks inside the offset loop (all Cin_p / block_cin chunks resident),
+# ran the UNet (docs/benchmarks.md, git 4f84a65): requested bytes per tile choice. The
+# Cin -> Cout below are the UNet shapes (scannet widths) that can have produced them: the
+# first one in the forward order whose chunks exceed the limit under either reading of
+# the pipeliner's buffers (one or two copies per stage).
+H200_FAILURES = [
+    (BlockSizes(128, 64, 128, num_warps=8, num_stages=2), 294_912, [(128, 128), (224, 224)]),
+    (BlockSizes(128, 64, 64, num_warps=4, num_stages=2), 409_600, [(160, 160), (384, 192)]),
+]
+
+
+@pytest.mark.parametrize("blocks,requested,shapes", H200_FAILURES)
+def test_smem_model_predicts_the_h200_failures(blocks, requested, shapes):
+    for cin, _ in shapes:
+        chunks = padded_channels(cin) // blocks.block_cin
+        modelled = smem_bytes(blocks, jnp.float32, resident_chunks=chunks)
+        assert modelled >= requested > SMEM_LIMIT_SM90
+        assert modelled > DEFAULT_SMEM_BUDGET
+    # The current kernel keeps one chunk resident: the same tiles fit.
+    assert smem_bytes(blocks) <= DEFAULT_SMEM_BUDGET
+
+
+# Offline Triton 3.9 compiles for sm_90 of the Pallas kernel's Triton IR (pip triton, no
+# GPU; scripts/triton_smem.py and docs/benchmarks.md): (blocks, dtype, resident chunks,
+# shared bytes of the compiled program). Resident chunks > 1: the first kernel version.
+TRITON_39_SMEM = [
+    (BlockSizes(128, 16, 32, 4, 2), jnp.float32, 1, 20_992),
+    (BlockSizes(128, 32, 16, 4, 2), jnp.float32, 1, 37_376),
+    (BlockSizes(128, 32, 32, 4, 2), jnp.float32, 1, 41_472),
+    (BlockSizes(128, 64, 64, 4, 2), jnp.float32, 1, 98_816),
+    (BlockSizes(128, 64, 128, 8, 2), jnp.float32, 1, 131_072),
+    (BlockSizes(128, 64, 128, 8, 3), jnp.float32, 1, 131_584),
+    (BlockSizes(128, 32, 128, 8, 3), jnp.float32, 1, 66_048),
+    (BlockSizes(128, 64, 128, 8, 3), jnp.bfloat16, 1, 66_048),
+    (BlockSizes(128, 64, 128, 8, 2), jnp.float32, 4, 524_288),  # 224 -> 224, old kernel
+    (BlockSizes(128, 64, 64, 4, 2), jnp.float32, 4, 393_728),  # 160 -> 160, old kernel
+    (BlockSizes(128, 64, 64, 4, 2), jnp.float32, 8, 786_944),  # 448 -> 224, old kernel
+]
+
+
+@pytest.mark.parametrize("blocks,dtype,chunks,compiled", TRITON_39_SMEM)
+def test_smem_model_covers_offline_triton_compiles(blocks, dtype, chunks, compiled):
+    assert smem_bytes(blocks, dtype, resident_chunks=chunks) >= compiled
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_stages", [1, 2, 3, 4])
+def test_derived_block_sizes_valid_and_within_budget(dtype, num_stages):
+    for cin, cout in itertools.product([3, 6, 16, 32, 48, 96, 130, 224, 384, 448, 1000], repeat=2):
+        for rows in (1, 40, 150_000):
+            b = derive_block_sizes(rows, cin, cout, dtype, num_stages=num_stages)
+            assert b.num_stages == num_stages
+            for d in (b.block_rows, b.block_cin, b.block_cout):
+                assert d >= 16 and d & (d - 1) == 0
+            assert padded_channels(cin) % b.block_cin == 0
+            assert padded_channels(cout) % b.block_cout == 0
+            assert smem_bytes(b, dtype) <= DEFAULT_SMEM_BUDGET
+
+
+def test_derive_block_sizes_shrinks_in_order_then_fails():
+    # 3 stages f32 at 64 x 128 tiles: 3 * 64 KiB + 64 KiB + 1 KiB = 263,168 > budget, so
+    # the contraction chunk halves first: 3 * 32 KiB + 64 KiB + 1 KiB = 164,864.
+    b = derive_block_sizes(150_000, 224, 224, num_stages=3)
+    assert (b.block_rows, b.block_cin, b.block_cout, b.num_warps) == (128, 32, 128, 8)
+    # A 100,000-byte budget: chunk 32 (164,864), output 64 -> (128*32 + 32*64) * 4 * 3
+    # + 32 KiB + 1 KiB = 107,520, rows 64 -> 3 * (8 + 8) KiB + 16 KiB + 1 KiB = 66,560.
+    b = derive_block_sizes(150_000, 224, 224, num_stages=3, smem_budget=100_000)
+    assert (b.block_rows, b.block_cin, b.block_cout) == (64, 32, 64)
+    assert smem_bytes(b) == 66_560
+    with pytest.raises(ValueError, match="smem_budget"):
+        derive_block_sizes(150_000, 224, 224, smem_budget=4_000)
+    with pytest.raises(ValueError, match="num_stages"):
+        derive_block_sizes(10, 4, 4, num_stages=0)
+
+
+def test_many_chunks_and_output_programs_match_brute_force():
+    """Forced 16-wide tiles: 7 input-channel chunks per offset, 3 output programs, and the
+    mirrored feats-gradient kernel (40 -> 100) with the tiles capped to its channels."""
+    rng = np.random.default_rng(5)
+    coords = random_coords(rng, 40, extent=5)
+    nbr = submanifold_table(coords)
+    feats, weight = make_inputs(rng, len(coords), 27, 100, 40)
+    blocks = BlockSizes(16, 16, 16)
+    out = gather_matmul(feats, nbr, weight, mirrored=True, interpret=True, blocks=blocks)
+    assert_close(out, brute_forward(feats, nbr, weight))
+    cot = rng.normal(size=(len(coords), 40)).astype(np.float32)
+    d_feats, d_weight = _grads(
+        lambda f, w: gather_matmul(f, nbr, w, mirrored=True, interpret=True, blocks=blocks),
+        feats,
+        weight,
+        cot,
+    )
+    e_feats, e_weight = brute_grads(feats, nbr, weight, cot)
+    assert_close(d_feats, e_feats)
+    assert_close(d_weight, e_weight)
+    wide = BlockSizes(16, 128, 128)  # capped at 128 / 64 channels: still exact
+    out = gather_matmul(feats, nbr, weight, mirrored=True, interpret=True, blocks=wide)
+    assert_close(out, brute_forward(feats, nbr, weight))
 
 
 def _pallas_grid(fn, *args):
@@ -237,6 +356,8 @@ def test_bad_inputs_raise_clear_errors():
         )
     with pytest.raises(ValueError, match="integer"):
         gather_matmul(feats, nbr.astype(np.float32), np.zeros((27, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="blocks must be a BlockSizes"):
+        gather_matmul(feats, nbr, np.zeros((27, 4, 8), np.float32), blocks=(16, 16, 16))
 
 
 @pytest.mark.parametrize("cin,cout", [(32, 32), (7, 5), (224, 224)])

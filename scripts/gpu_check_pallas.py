@@ -6,11 +6,21 @@ precision, and times forward and forward+backward of the kernel against two XLA 
 (``ref``: gather [V, K, Cin] + einsum; ``scan``: per-offset gather + matmul accumulated in
 a loop), warm, median of several runs. Cases: small random tables (missing neighbours,
 odd channels) and a synthetic room (floor, walls, boxes at 2 cm, ~150k voxels) with its
-3x3x3 submanifold table, C = 32->32 and 64->64 (K = 27, f32).
+3x3x3 submanifold table, C = 32->32, 64->64 and the UNet's widest decoder input 384->192
+(K = 27, f32; tiles from ``derive_block_sizes``).
+
+Then the whole UNet (``SparseUNet``, paper widths 32..224, 2 blocks per level) on that
+room: forward + backward (loss sum(out * cot) / V, train mode) with ``impl="pallas"`` and
+``impl="xla"``, same weights, both compared with XLA at HIGHEST precision (output and
+every parameter gradient, errors relative to each array's max |ref|), and warm times of
+forward and forward+backward for both. A pass here is the evidence for turning on
+``AUTO_PALLAS_ON_GPU`` in ``dknet_jax/sparse/conv.py``.
 
   python scripts/gpu_check_pallas.py            # full: + 224->224 and a block_rows sweep
   python scripts/gpu_check_pallas.py --quick    # the required cases, fewer repeats
+  python scripts/gpu_check_pallas.py --unet_only           # only the full-UNet check
   JAX_PLATFORMS=cpu python scripts/gpu_check_pallas.py --interpret --quick  # script check
+      (on CPU the UNet check runs widths 8,16 on a tiny room unless --unet_widths is given)
 
 Exit status: 0 all cases match, 1 a mismatch or a failed case, 2 no GPU (without --interpret).
 """
@@ -256,12 +266,93 @@ def print_table(rows):
         )
 
 
+def unet_check(coords: np.ndarray, args, tol: float) -> bool:
+    """Full SparseUNet forward+backward, impl="pallas" vs "xla", against XLA at HIGHEST.
+
+    Prints the errors (output, worst parameter gradient) of both paths and their warm
+    times; returns whether the Pallas path is finite and within ``tol``.
+    """
+    from flax import nnx
+
+    from dknet_jax.model.backbone import SparseUNet, subm_conv_shapes
+    from dknet_jax.sparse.voxelize import voxelize
+
+    widths = tuple(int(w) for w in args.unet_widths.split(","))
+    v = len(coords)
+    rng = np.random.default_rng(3)
+    vox = jnp.asarray(coords - coords.min(0), jnp.int32)
+    inputs = (
+        vox,
+        jnp.zeros(v, jnp.int32),
+        jnp.ones(v, bool),
+        jnp.asarray(rng.uniform(-1, 1, size=(v, 6)), jnp.float32),
+        jnp.asarray(rng.normal(size=(v, widths[0])), jnp.float32),
+    )
+
+    def build(impl):
+        net = SparseUNet(6, widths, args.unet_blocks, impl=impl, rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+
+        def loss(params, vox, bid, valid, feats, cot, train=True):
+            vx = voxelize(vox, bid, valid, feats, capacity=v)
+            out = nnx.merge(graphdef, params, rest, copy=True)(vx, train=train)
+            return jnp.sum(out * cot) / v, out
+
+        fwd = jax.jit(lambda p, *a: loss(p, *a, train=False)[1])
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        return net, params, fwd, step
+
+    net, params, _, _ = build("xla")
+    shapes = sorted(set(subm_conv_shapes(net)))
+    print(
+        f"UNet widths {widths}, {args.unet_blocks} blocks/level, {v} voxels; subm shapes {shapes}"
+    )
+    with _highest_precision():
+        _, _, _, ref_step = build("xla")
+        (_, want_out), want_g = jax.block_until_ready(ref_step(params, *inputs))
+    rows, ok = [], True
+    for impl in ("xla", "pallas"):
+        try:
+            _, p_impl, fwd, step = build(impl)
+            same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), p_impl, params)
+            assert all(jax.tree.leaves(same)), "weights differ between the two builds"
+            t = time.perf_counter()
+            (loss_val, out), grads = jax.block_until_ready(step(params, *inputs))
+            first = time.perf_counter() - t
+            err_out = rel_err(out, want_out)
+            leaf_errs = jax.tree.leaves(jax.tree.map(rel_err, grads, want_g))
+            err_g = max(leaf_errs)
+            finite = bool(np.isfinite(float(loss_val))) and bool(jnp.isfinite(out).all())
+            t_fwd = timed(fwd, (params, *inputs), args.repeats)
+            t_fb = timed(step, (params, *inputs), args.repeats)
+            rows.append((impl, err_out, err_g, t_fwd, t_fb, first, finite))
+            if impl == "pallas" and not (finite and max(err_out, err_g) <= tol):
+                ok = False
+        except Exception as e:
+            print(f"  UNet impl={impl} FAILED: {type(e).__name__}: {str(e)[:2000]}")
+            traceback.print_exc(limit=4)
+            ok = False
+    print("impl | err out | max err dParam | fwd ms | fwd+bwd ms | first call s | finite")
+    for impl, eo, eg, tf, tb, first, finite in rows:
+        print(f"{impl} | {eo:.1e} | {eg:.1e} | {tf:.1f} | {tb:.1f} | {first:.1f} | {finite}")
+    print(f"UNET {'OK' if ok else 'FAILED'}: pallas vs XLA-highest within {tol}")
+    return ok
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="required cases only, 5 repeats")
     p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU check)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    p.add_argument("--unet_only", action="store_true", help="only the full-UNet check")
+    p.add_argument("--no_unet", action="store_true", help="skip the full-UNet check")
+    p.add_argument("--unet_widths", default=None, help="e.g. 32,64,96,128,160,192,224")
+    p.add_argument("--unet_blocks", type=int, default=None, help="blocks per level")
     args = p.parse_args(argv)
+    if args.unet_widths is None:
+        args.unet_widths = "8,16" if args.interpret else "32,64,96,128,160,192,224"
+    if args.unet_blocks is None:
+        args.unet_blocks = 1 if args.interpret else 2
     if args.repeats is None:
         args.repeats = 1 if args.interpret else (5 if args.quick else 20)
 
@@ -298,6 +389,7 @@ def main(argv=None):
         ("subm small", lambda: small, 16, 16, True),
         ("room", lambda: room, 32, 32, True),
         ("room", lambda: room, 64, 64, True),
+        ("room", lambda: room, 384, 192, True),
     ]
     if not args.quick:
         cases += [
@@ -306,6 +398,8 @@ def main(argv=None):
         ]
 
     rows, failed = [], []
+    if args.unet_only:
+        cases = []
     for name, make_nbr, cin, cout, mirrored in cases:
         label = f"{name} {cin}->{cout}"
         t = time.perf_counter()
@@ -324,7 +418,11 @@ def main(argv=None):
 
     if rows:
         print_table(rows)
-    if not args.quick:
+    if not args.no_unet:
+        unet_coords = coords if not args.interpret else room_voxels(0.05)
+        if not unet_check(unet_coords, args, 2e-2 if on_gpu else 1e-4):
+            failed.append("unet")
+    if not args.quick and not args.unet_only:
         for cin in (32, 64):
             try:
                 sweep = block_sweep(room, cin, cin, args)

@@ -335,3 +335,42 @@ def count_unet_params(*args, **kwargs) -> int:
     is supplied)."""
     net = nnx.eval_shape(lambda: SparseUNet(*args, **kwargs, rngs=nnx.Rngs(0)))
     return count_params(net)
+
+
+def subm_conv_shapes(module: nnx.Module) -> list[tuple[int, int]]:
+    """(Cin, Cout) of every :class:`SubmConv3d` in ``module``, one entry per layer, in
+    graph order. These are the convolutions that ``impl="pallas"`` runs through the
+    gather-matmul kernel (forward; the mirrored feats gradient runs it as Cout -> Cin)."""
+    return [
+        (int(m.weight.shape[1]), int(m.weight.shape[2]))
+        for _, m in nnx.iter_graph(module)
+        if isinstance(m, SubmConv3d)
+    ]
+
+
+def projection_shapes(module: nnx.Module) -> list[tuple[int, int]]:
+    """(Cin, Cout) of every residual block's 1x1 skip projection in ``module``: plain
+    matmuls (``x @ proj``) on XLA whatever the conv ``impl``."""
+    return [
+        (int(m.proj.shape[0]), int(m.proj.shape[1]))
+        for _, m in nnx.iter_graph(module)
+        if isinstance(m, ResidualBlock) and m.proj is not None
+    ]
+
+
+def unet_from_config(model_config, *, impl: str = "auto") -> SparseUNet:
+    """An abstract (shapes only, nothing allocated) :class:`SparseUNet` built like
+    ``DKNet`` builds its backbone from ``config.model``; for listing layer shapes."""
+    m = model_config
+    return nnx.eval_shape(
+        lambda: SparseUNet(
+            m.in_channels,
+            tuple(m.widths),
+            m.blocks_per_level,
+            impl=impl,
+            level_capacity_ratio=m.level_capacity_ratio,
+            expected_level_ratio=m.expected_level_ratio,
+            pairs_per_voxel=m.pairs_per_voxel,
+            rngs=nnx.Rngs(0),
+        )
+    )

@@ -42,10 +42,15 @@ Array = jax.Array
 IMPLS = ("auto", "xla", "pallas")
 
 
-# Whether "auto" picks the Pallas kernel on a GPU backend. Off until the kernel runs the
-# whole UNet on a card: on an H200 (jax 0.11.2) the kernel alone matched the reference at
-# 32/64 channels, but compiling the full UNet with it failed with "Shared memory size
-# limit exceeded" (docs/benchmarks.md). Opt in with impl="pallas".
+# Whether "auto" picks the Pallas kernel on a GPU backend. Off until the kernel has run
+# the whole UNet forward+backward on a card and matched XLA: on an H200 (jax 0.11.2) the
+# first kernel version matched the reference alone at 32/64 channels, but the full UNet
+# with it failed with "Shared memory size limit exceeded" (docs/benchmarks.md). The kernel
+# now derives its tiles from a shared-memory model (pallas_kernels/sparse_conv.py,
+# derive_block_sizes), checked on CPU by lowering every UNet shape and by offline Triton
+# compiles, not yet on a card. Turn this on when `scripts/gpu_check_pallas.py
+# --unet_only` (a step of scripts/gpu_checks.sh) prints "UNET OK" on a GPU. Until then
+# opt in with impl="pallas".
 AUTO_PALLAS_ON_GPU = False
 
 
