@@ -6,9 +6,10 @@ the model heads; this module holds the parameter-free, jit-able pieces:
 
 - `context_features`: fg / bg mean features around each candidate (and fg counts).
 - `same_instance`: the K x K target of the merge BCE.
-- `merge_groups` (public contract): connected components of ``scores >= threshold``,
-  lead = highest-heat member. Equal to the paper's greedy merge (it joins the two groups
-  with the highest remaining score >= threshold until none is left, which ends exactly in
+- `merge_groups` (public contract): connected components of ``scores >= threshold``
+  (``strict=True``: ``scores > threshold``, the released rule), lead = highest-heat member.
+  Equal to the paper's / released greedy merge (it joins the two whole groups with the
+  highest remaining score above the threshold until none is left, which ends exactly in
   the connected components of that graph, whatever the order).
 - `group_features`: per-group kernel input (neighbour-count-weighted mean of members' fg)
   and position (that of the lead, the highest-heat member).
@@ -30,12 +31,12 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("threshold",))
-def _merge_groups_jit(scores, ok, heat, *, threshold):
+@functools.partial(jax.jit, static_argnames=("threshold", "strict"))
+def _merge_groups_jit(scores, ok, heat, *, threshold, strict):
     m = scores.shape[0]
     eye = jnp.eye(m, dtype=bool)
     pair_ok = ok[:, None] & ok[None, :]
-    above = scores >= threshold
+    above = scores > threshold if strict else scores >= threshold
     reach = ((above | above.T) & pair_ok) | (eye & ok[:, None])
     # Transitive closure by repeated squaring: after s steps paths of length 2^s are in.
     steps = max(1, math.ceil(math.log2(max(m, 2))))
@@ -51,17 +52,23 @@ def _merge_groups_jit(scores, ok, heat, *, threshold):
     return jnp.where(ok, lead, -1)
 
 
-def merge_groups(scores, ok, heat, *, threshold=0.5) -> Array:
+def merge_groups(scores, ok, heat, *, threshold=0.5, strict=False) -> Array:
     """Group duplicate candidates (public contract, docs/contracts.md section 2).
 
     Groups are the connected components of the graph with an edge i-j when
     ``scores[i, j] >= threshold`` or ``scores[j, i] >= threshold``, among valid slots.
+    With ``strict`` the edge needs ``> threshold``: the released ``candidate_merge``
+    (R:model/DKNet.py:219-238) repeatedly takes the highest remaining score, stops when it
+    is not ``> merge_thre``, merges the two *whole* groups and zeroes the scores inside the
+    merged group only; every cross-group score above the threshold is taken eventually, so
+    its groups are these components (config ``model.merge_rule="released"``).
 
     Args:
       scores: f32[M, M] merge probabilities (the diagonal is ignored).
       ok: bool[M] valid candidate slots.
       heat: f32[M] candidate heatmap scores.
       threshold: edge threshold (0.5 in the paper).
+      strict: ``>`` instead of ``>=`` (differs only for scores exactly at the threshold).
     Returns:
       lead: i32[M] slot of the member with the highest ``heat`` in each slot's group
       (ties: lower slot); -1 for invalid slots.
@@ -76,7 +83,7 @@ def merge_groups(scores, ok, heat, *, threshold=0.5) -> Array:
         raise ValueError(
             f"merge_groups: ok and heat must be [M] with M = {m}; got {ok.shape}, {heat.shape}"
         )
-    return _merge_groups_jit(scores, ok, heat, threshold=float(threshold))
+    return _merge_groups_jit(scores, ok, heat, threshold=float(threshold), strict=bool(strict))
 
 
 def same_instance(cand_instance, ok) -> Array:
@@ -95,8 +102,10 @@ def same_instance(cand_instance, ok) -> Array:
     return same.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("radius", "chunk", "empty"))
-def _context_jit(xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius, chunk, empty):
+@functools.partial(jax.jit, static_argnames=("radius", "chunk", "empty", "cap"))
+def _context_jit(
+    xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius, chunk, empty, cap
+):
     n, d = feats.shape
     k = cand_idx.shape[0]
     safe = jnp.clip(cand_idx, 0, n - 1)
@@ -122,8 +131,21 @@ def _context_jit(xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, ra
         d2 = sum((c_xyz[:, a][:, None] - p_xyz[:, a][None, :]) ** 2 for a in range(3))
         base = p_valid[None, :] & (p_scene[None, :] == c_scene[:, None]) & cand_ok[:, None]
         same = p_sem[None, :] == c_sem[:, None]
-        fg = (base & same & (d2 <= r2)).astype(feats.dtype)
-        bg = (base & ~same & (d2 <= r2_bg)).astype(feats.dtype)
+        fg = base & same & (d2 <= r2)
+        bg = base & ~same & (d2 <= r2_bg)
+        if cap > 0:  # keep a point while fewer than `cap` earlier points are in the list
+
+            def cut(masks):
+                fg, bg = masks
+                fg = fg & (fg_n[:, None] + jnp.cumsum(fg.astype(jnp.int32), axis=1) <= cap)
+                bg = bg & (bg_n[:, None] + jnp.cumsum(bg.astype(jnp.int32), axis=1) <= cap)
+                return fg, bg
+
+            # the running sums only where a list reaches the cap in this chunk
+            full = jnp.any(fg_n + fg.sum(1) > cap) | jnp.any(bg_n + bg.sum(1) > cap)
+            fg, bg = jax.lax.cond(full, cut, lambda masks: masks, (fg, bg))
+        fg = fg.astype(feats.dtype)
+        bg = bg.astype(feats.dtype)
         hi = jax.lax.Precision.HIGHEST
         return (
             fg_sum + jnp.matmul(fg, p_f, precision=hi),
@@ -168,6 +190,7 @@ def context_features(
     radius=0.3,
     chunk=8192,
     empty="zeros",
+    neighbour_cap=0,
 ) -> tuple[Array, Array, Array]:
     """Foreground / background context of each candidate (paper Sec. 3.4).
 
@@ -180,13 +203,17 @@ def context_features(
     candidate's scene (the released code takes it over the batch: the same at batch size
     1). The released code uses the predicted-foreground points only;
     pass that as ``valid``. Memory is bounded by chunking the points: O(K * chunk).
+    ``neighbour_cap`` > 0 keeps only the first ``neighbour_cap`` points of each set in
+    point order (the released ``topk_nms`` lists of 2000 slots; config
+    ``model.neighbour_cap``): the means, and the fg count (then at most the cap).
 
     Args:
       xyz: f32[N, 3]; feats: f32[N, D'] reduced point features; sem_pred: i32[N].
       valid: bool[N] points that may contribute; scene_id: i32[N] scene of each point.
       cand_idx: i32[K] candidate point indices (any value in invalid slots);
       cand_ok: bool[K] valid slots.
-      radius: R; chunk: points per step (static); empty: "zeros" | "foreground_mean".
+      radius: R; chunk: points per step (static); empty: "zeros" | "foreground_mean";
+      neighbour_cap: 0 (no cap) or the list length.
     Returns:
       fg f32[K, D'], bg f32[K, D'], fg_count f32[K] (the neighbour count used as the
       weight in `group_features`); zeros in invalid slots. Differentiable in ``feats``.
@@ -217,6 +244,10 @@ def context_features(
         raise ValueError(
             f"context_features: empty={empty!r} is not one of ('zeros', 'foreground_mean')"
         )
+    if int(neighbour_cap) < 0:
+        raise ValueError(
+            f"context_features: neighbour_cap must be >= 0 (0 = no cap), got {neighbour_cap}"
+        )
     return _context_jit(
         xyz,
         feats,
@@ -228,6 +259,7 @@ def context_features(
         radius=float(radius),
         chunk=chunk,
         empty=empty,
+        cap=int(neighbour_cap),
     )
 
 

@@ -97,16 +97,34 @@ def _greedy_pool(
     algorithm,
     classes=None,
     released=False,
+    cap=0,
 ):
     """The greedy suppression loop run inside the top-K pool.
 
     ``released`` (with ``classes`` i32[N]): the released ``topk_nms`` rule (see
-    `ln_nms_with_info`). Returns (idx i32[max_candidates], ok bool[max_candidates],
-    exhausted bool[]).
+    `ln_nms_with_info`); with ``cap`` > 0 its normaliser sees only the first ``cap``
+    same-class points within R in point order, which depends on points outside any pool,
+    so the whole-scene loop runs directly (``exhausted`` is then True: the slow path ran).
+    Returns (idx i32[max_candidates], ok bool[max_candidates], exhausted bool[]).
     """
     n = xyz.shape[0]
     k = min(int(pool_size), n)
     m = int(max_candidates)
+    if released and cap > 0:
+        idx, ok = _scene_loop(
+            xyz,
+            score,
+            valid,
+            jnp.bool_(True),
+            radius=radius,
+            threshold=threshold,
+            normalise=normalise,
+            max_candidates=m,
+            classes=classes,
+            released=True,
+            cap=cap,
+        )
+        return idx, ok, jnp.bool_(True)
     masked = jnp.where(valid, score, -jnp.inf)
     # lax.top_k is stable: equal scores come out lower index first.
     _, pool = jax.lax.top_k(masked, k)
@@ -174,12 +192,15 @@ def _scene_loop(
     max_candidates,
     classes=None,
     released=False,
+    cap=0,
 ):
     """The greedy loop over every point of the scene, one pick per step (O(N) per pick).
 
     Runs only while ``active`` (bool[]); returns (idx i32[max_candidates], N in empty
     slots; ok bool[max_candidates], a prefix). Same tie rule as the pool (the highest
-    remaining score, lower index first: ``argmax`` returns the first maximum).
+    remaining score, lower index first: ``argmax`` returns the first maximum). ``cap``
+    (released rule only): the normaliser is the max of ``score[p]`` and the scores of the
+    first ``cap`` valid same-class points within R in point order.
     """
     n = xyz.shape[0]
     m = int(max_candidates)
@@ -197,6 +218,10 @@ def _scene_loop(
         if released:
             near = d2 < r2
             same = near & (classes == classes[p])
+            if cap > 0:  # the released fg list keeps its first `cap` entries
+                listed = same & valid
+                same = listed & (jnp.cumsum(listed.astype(jnp.int32)) <= cap)
+                same = same.at[p].set(True)  # max_conf starts at the point's own heat
             nb_max = jnp.max(jnp.where(same, masked, -jnp.inf))
             norm = jnp.where(nb_max > 0, score[p] / jnp.where(nb_max > 0, nb_max, 1.0), 0.0)
             take = norm >= threshold
@@ -295,10 +320,10 @@ def _ln_nms_jit(xyz, score, valid, *, radius, threshold, max_candidates, pool_si
 
 @functools.partial(
     jax.jit,
-    static_argnames=("radius", "threshold", "max_candidates", "pool_size", "algorithm"),
+    static_argnames=("radius", "threshold", "max_candidates", "pool_size", "algorithm", "cap"),
 )
 def _ln_nms_released_jit(
-    xyz, score, valid, classes, *, radius, threshold, max_candidates, pool_size, algorithm
+    xyz, score, valid, classes, *, radius, threshold, max_candidates, pool_size, algorithm, cap
 ):
     return _greedy_pool(
         xyz,
@@ -312,6 +337,7 @@ def _ln_nms_released_jit(
         algorithm=algorithm,
         classes=classes,
         released=True,
+        cap=cap,
     )
 
 
@@ -326,6 +352,7 @@ def ln_nms_with_info(
     pool_size=4096,
     algorithm="auto",
     classes=None,
+    neighbour_cap=0,
 ) -> tuple[Array, Array, Array]:
     """LN-NMS (paper Sec. 3.3) plus the pool-exhaustion flag.
 
@@ -349,6 +376,10 @@ def ln_nms_with_info(
         ``topk_nms`` rule instead, "within R" is ``d^2 < R^2`` (strict), the normaliser is
         the max over p's *same-class* points within R, and p is kept iff the ratio is
         ``>= threshold`` (config ``model.cand_rule="released"``).
+      neighbour_cap: with ``classes``, > 0 limits that normaliser to p itself and the
+        first ``neighbour_cap`` valid same-class points within R in point order (the
+        released fg list of 2000 slots; config ``model.neighbour_cap``); the whole-scene
+        loop then always runs. 0 = no cap. Ignored without ``classes``.
 
     Returns:
       idx: i32[max_candidates] point indices in pick order; N (the sentinel) in empty slots.
@@ -359,6 +390,8 @@ def ln_nms_with_info(
     """
     _check_sizes(max_candidates, pool_size)
     xyz, score, valid = _check_inputs(xyz, score, valid)
+    if int(neighbour_cap) < 0:
+        raise ValueError(f"ln_nms: neighbour_cap must be >= 0 (0 = no cap), got {neighbour_cap}")
     if classes is not None:
         classes = jnp.asarray(classes, jnp.int32)
         if classes.shape != score.shape:
@@ -373,6 +406,7 @@ def ln_nms_with_info(
             max_candidates=int(max_candidates),
             pool_size=int(pool_size),
             algorithm=_resolve_algorithm(algorithm),
+            cap=int(neighbour_cap),
         )
     return _ln_nms_jit(
         xyz,
@@ -571,11 +605,13 @@ def mine_candidates(
     relative: bool = False,
     algorithm: str = "auto",
     classes=None,
+    neighbour_cap: int = 0,
 ) -> tuple[Array, Array, Array]:
     """Dispatch to a candidate miner by name (``method`` is static).
 
     - ``"ln_nms"``: `ln_nms_with_info` with ``radius``, ``threshold``, ``algorithm``,
-      ``classes`` (None, or the predicted classes for the released rule).
+      ``classes`` (None, or the predicted classes for the released rule) and
+      ``neighbour_cap``.
     - ``"nms"``: `nms_with_info` with ``radius``, ``score_threshold``, ``algorithm``.
     - ``"random"``: `random_candidates` with ``key`` (required), ``score_threshold`` as its
       threshold (0 when None) and ``relative``.
@@ -597,6 +633,7 @@ def mine_candidates(
             pool_size=pool_size,
             algorithm=algorithm,
             classes=classes,
+            neighbour_cap=neighbour_cap,
         )
     if method == "nms":
         return nms_with_info(

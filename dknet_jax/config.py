@@ -25,6 +25,7 @@ CHOICES = {
     "model.mask_center": ("shifted", "point"),
     "model.empty_context": ("zeros", "foreground_mean"),
     "model.cand_rule": ("ours", "released"),
+    "model.merge_rule": ("components", "released"),
     "test.postprocess": ("ours", "released"),
     "kernels.impl": ("auto", "xla", "pallas"),
 }
@@ -101,6 +102,13 @@ def base_config() -> ml_collections.ConfigDict:
     # LN-NMS rule (candidates="ln_nms"): ours (d <= R, max over all fg points within R,
     # ratio > T) | released (topk_nms: d < R, max over same-class points, ratio >= T)
     m.cand_rule = "ours"
+    # merge grouping: components (edge score >= merge_threshold) | released (the greedy
+    # candidate_merge: edge score > merge_threshold, strict; the same components otherwise)
+    m.merge_rule = "components"
+    # at most this many points (the first ones in point order) in each candidate's fg and
+    # bg neighbour lists: the LN-NMS normaliser (cand_rule="released"), the context means
+    # and the fg count; 0 = no cap (released topk_nms: 2000)
+    m.neighbour_cap = 0
 
     # --- loss -----------------------------------------------------------------------
     c.loss = lo = ml_collections.ConfigDict()
@@ -145,6 +153,11 @@ def base_config() -> ml_collections.ConfigDict:
     # released test.py: cover re-weighting, strict size / score filters, sqrt score, ...;
     # postprocess.postprocess_released)
     te.postprocess = "ours"
+    # the released test-time input transform (random x-flip + z-rotation of each scene,
+    # data/scannetv2_inst.py dataAugment(xyz, False, True, True)), drawn from the numpy
+    # stream np.random.seed(released_aug_seed) in sorted scene order (evaluate.py only)
+    te.released_aug = False
+    te.released_aug_seed = 567
 
     # --- kernels ----------------------------------------------------------------------
     c.kernels = k = ml_collections.ConfigDict()
@@ -181,11 +194,15 @@ def released_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     m.merge_clamp = 1e-6
     m.empty_context = "foreground_mean"
     m.cand_rule = "released"
+    m.merge_rule = "released"
+    m.neighbour_cap = 2000
     c.test.merge_threshold = 0.5
     c.test.score_threshold = 0.1
     c.test.min_points = 100
     c.test.use_superpoints = True
     c.test.postprocess = "released"
+    c.test.released_aug = True
+    c.test.released_aug_seed = 567
     return c
 
 
@@ -240,6 +257,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.model.tower_bn_eps must be > 0, got {m.tower_bn_eps!r}")
     if not m.merge_clamp >= 0:
         raise ConfigError(f"config.model.merge_clamp must be >= 0, got {m.merge_clamp!r}")
+    if not isinstance(m.neighbour_cap, int) or m.neighbour_cap < 0:
+        raise ConfigError(
+            f"config.model.neighbour_cap must be an integer >= 0 (0 = no cap), "
+            f"got {m.neighbour_cap!r}"
+        )
+    if not isinstance(config.test.released_aug, bool):
+        raise ConfigError(
+            f"config.test.released_aug must be True or False, got {config.test.released_aug!r}"
+        )
+    seed = config.test.released_aug_seed
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(
+            f"config.test.released_aug_seed must be an integer in [0, 2**32) (a numpy seed), "
+            f"got {seed!r}"
+        )
     if not 0 <= m.first_instance_class < m.num_classes:
         raise ConfigError("config.model.first_instance_class must be in [0, num_classes)")
     if not 0 <= m.max_instances <= m.max_candidates:

@@ -381,3 +381,79 @@ def test_eval_scene_larger_than_largest_bucket(split):
             buckets=(256,),
             instance_buckets=IBUCKETS,
         )
+
+
+def released_data_augment_global(xyz, count):
+    """The released testMerge draws, transcribed with numpy's *global* legacy API as the
+    released code calls it (np.random.seed, np.random.randint, np.random.rand), state
+    saved and restored around it. Returns (matrices, transformed xyz of each draw)."""
+    import math
+
+    saved = np.random.get_state()
+    try:
+        np.random.seed(567)
+        mats = []
+        for _ in range(count):
+            m = np.eye(3)
+            m[0][0] *= np.random.randint(0, 2) * 2 - 1
+            theta = np.random.rand() * 2 * math.pi
+            m = np.matmul(
+                m,
+                [
+                    [math.cos(theta), math.sin(theta), 0],
+                    [-math.sin(theta), math.cos(theta), 0],
+                    [0, 0, 1],
+                ],
+            )
+            mats.append(m)
+    finally:
+        np.random.set_state(saved)
+    return np.array(mats), [np.matmul(xyz, m) for m in mats]
+
+
+def test_released_test_transform(split):
+    from dknet_jax.data.transforms import prepare_eval, released_test_matrices
+
+    mats = released_test_matrices(567, 40)
+    want, _ = released_data_augment_global(np.zeros((1, 3)), 40)
+    np.testing.assert_array_equal(mats, want)  # the released stream, draw for draw
+    np.testing.assert_array_equal(released_test_matrices(567, 5), mats[:5])  # prefix-stable
+    assert not np.allclose(released_test_matrices(568, 5), mats[:5])
+    for m in mats:  # a rigid map: z kept, x-flip optional, rotation about z
+        np.testing.assert_allclose(m @ m.T, np.eye(3), atol=1e-12)
+        np.testing.assert_array_equal(m[2], [0, 0, 1])
+        np.testing.assert_array_equal(m[:, 2], [0, 0, 1])
+    flips = np.linalg.det(mats) < 0
+    assert 0 < flips.sum() < len(mats)  # both with and without the x-flip
+    s = load_scene(split[3])
+    plain, moved = prepare_eval(s), prepare_eval(s, mats[3])
+    a, b = plain["xyz"].astype(np.float64), moved["xyz"].astype(np.float64)
+    d_a = np.linalg.norm(a[:, None] - a[None], axis=-1)
+    d_b = np.linalg.norm(b[:, None] - b[None], axis=-1)
+    np.testing.assert_allclose(d_b, d_a, atol=2e-5)  # distances preserved
+    np.testing.assert_allclose(b, a @ mats[3], atol=1e-5)
+    np.testing.assert_allclose(b.mean(0), 0, atol=1e-4)
+    assert not np.allclose(a, b, atol=1e-2)
+    for k in ("rgb", "semantic", "instance", "superpoint"):
+        np.testing.assert_array_equal(moved[k], s[k])
+    with pytest.raises(ValueError, match="matrix"):
+        prepare_eval(s, np.eye(2))
+    with pytest.raises(ValueError, match="seed"):
+        released_test_matrices(-1, 3)
+    # the iterator: off by default (centred only); on, scene i gets matrix i of the stream
+    kw = dict(
+        batch_size=4,
+        voxel_size=0.05,
+        num_classes=S,
+        buckets=(1024, 2048),
+        instance_buckets=IBUCKETS,
+        num_workers=0,
+    )
+    for seed in (None, 567):
+        for batch, names in EvalIterator(split, released_aug_seed=seed, **kw):
+            for b, name in enumerate(names):
+                if name is None:
+                    continue
+                i = int(name[5:9])
+                want = prepare_eval(load_scene(split[i]), None if seed is None else mats[i])
+                np.testing.assert_array_equal(batch.xyz[batch.batch_id == b], want["xyz"])

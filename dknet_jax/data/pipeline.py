@@ -45,7 +45,12 @@ import numpy as np
 
 from dknet_jax.data.batching import pack_batch
 from dknet_jax.data.dataset import load_scene, scene_name, scene_num_points
-from dknet_jax.data.transforms import AugmentConfig, augment, prepare_eval
+from dknet_jax.data.transforms import (
+    AugmentConfig,
+    augment,
+    prepare_eval,
+    released_test_matrices,
+)
 
 _PLAN_TAG, _SCENE_TAG = 0, 1
 
@@ -337,7 +342,10 @@ class EvalIterator(_BatchIterator):
     ``(PointBatch, names)`` with ``names`` a list of B scene names (None for the empty
     padding scenes, whose ``scene_valid`` is False). Consecutive scenes share a batch
     while their points fit the largest bucket (at most ``batch_size`` of them); a single
-    scene larger than the largest bucket is an error naming it."""
+    scene larger than the largest bucket is an error naming it. ``released_aug_seed``
+    (config ``test.released_aug``): scene i of ``paths`` gets the released test-time
+    flip + rotation ``transforms.released_test_matrices(seed, len(paths))[i]`` (``paths``
+    in sorted-name order, as ``dataset.list_scenes`` and the released loader give them)."""
 
     def __init__(
         self,
@@ -352,11 +360,17 @@ class EvalIterator(_BatchIterator):
         num_workers: int = 2,
         prefetch: int = 4,
         transfer: Callable | None = None,
+        released_aug_seed: int | None = None,
     ):
         super().__init__(
             num_epochs=1, num_workers=num_workers, prefetch=prefetch, transfer=transfer
         )
         self._paths = [str(p) for p in paths]
+        self._matrices = (
+            None
+            if released_aug_seed is None
+            else released_test_matrices(released_aug_seed, len(self._paths))
+        )
         self._packing = _Packing(
             tuple(sorted(buckets)),
             tuple(sorted(instance_buckets)),
@@ -401,7 +415,8 @@ class EvalIterator(_BatchIterator):
                     self._paths[i],
                     num_classes=self._packing.num_classes,
                     require_labels=self._require_labels,
-                )
+                ),
+                None if self._matrices is None else self._matrices[i],
             )
             for i in indices
         ]

@@ -17,7 +17,9 @@ docs/method.md section 1): centre on the mean -> jitter of the linear map (I + N
 (granularity 6 / 20 voxels, magnitude 40 / 160 voxels at the 2 cm reference voxel, i.e.
 0.12 m / 0.40 m and 0.8 m / 3.2 m; the released code scales both with the voxel size,
 so they are kept constant in metres here) -> crop to ``max_points`` -> optional colour
-noise. Evaluation (:func:`prepare_eval`) only centres: no random transform at test time.
+noise. Evaluation (:func:`prepare_eval`) only centres: no random transform at test time,
+unless handed the released test-time matrix (:func:`released_test_matrices`, config
+``test.released_aug``).
 
 Coordinates: the network sees the *centred, augmented* xyz in metres, both as
 ``PointBatch.xyz`` and as the last 3 channels of ``feats`` (as PointGroup/DKNet, whose
@@ -291,9 +293,49 @@ def augment(sample: dict, rng: np.random.Generator, config: AugmentConfig) -> di
     return out
 
 
-def prepare_eval(sample: dict) -> dict:
-    """Test-time transform: centre only (no randomness)."""
-    return centre(sample)
+def prepare_eval(sample: dict, matrix: np.ndarray | None = None) -> dict:
+    """Test-time transform: centre only (no randomness); with ``matrix`` f64[3, 3] (from
+    :func:`released_test_matrices`) the centred xyz rows are then multiplied by it,
+    ``xyz @ matrix`` in float64 and rounded to float32, as the released ``testMerge``
+    (its prepared scenes are already mean-centred, so centring first is the same)."""
+    sample = centre(sample)
+    if matrix is None:
+        return sample
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (3, 3):
+        raise ValueError(f"prepare_eval: matrix must be f64[3, 3], got shape {matrix.shape}")
+    xyz = sample["xyz"].astype(np.float64) @ matrix
+    return _with(sample, xyz=xyz.astype(np.float32))
+
+
+def released_test_matrices(seed: int, count: int) -> np.ndarray:
+    """f64[count, 3, 3]: the released test-time transforms of the first ``count`` scenes of
+    a split in sorted-name order (R:data/scannetv2_inst.py testMerge, ``dataAugment(xyz,
+    False, True, True)``; R:test.py seeds numpy with ``test_seed`` 567).
+
+    Scene i takes the i-th pair of draws of the legacy numpy stream
+    ``np.random.seed(seed)``: ``m = I``; ``m[0, 0] *= randint(0, 2) * 2 - 1`` (x-flip with
+    probability 1/2); ``theta = rand() * 2 pi``; ``m = m @ [[cos, sin, 0], [-sin, cos, 0],
+    [0, 0, 1]]``; points are rows, ``xyz @ m``. This is the released stream when its test
+    loader runs in the main process (``test_workers: 0``); with its worker processes
+    (``test_workers: 16``) each worker's numpy seed derives from torch's generator after
+    the model was built, which numpy cannot replay (docs/released_model.md section 5).
+    """
+    if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+        raise ValueError(
+            f"released_test_matrices: seed must be an integer in [0, 2**32), got {seed!r}"
+        )
+    if int(count) < 0:
+        raise ValueError(f"released_test_matrices: count must be >= 0, got {count}")
+    stream = np.random.RandomState(int(seed))
+    out = np.empty((int(count), 3, 3), dtype=np.float64)
+    for i in range(int(count)):
+        m = np.eye(3)
+        m[0][0] *= stream.randint(0, 2) * 2 - 1
+        theta = stream.rand() * 2 * np.pi
+        c, s = np.cos(theta), np.sin(theta)
+        out[i] = np.matmul(m, [[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
+    return out
 
 
 # --------------------------------------------------------------------------------------

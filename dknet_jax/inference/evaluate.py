@@ -61,6 +61,9 @@ def evaluate_split(
         instance_buckets=d.instance_buckets,
         num_workers=1,
         prefetch=2,
+        released_aug_seed=(
+            int(config.test.released_aug_seed) if config.test.get("released_aug") else None
+        ),
     )
     predict = make_predict_fn(graphdef, config)
     scannet = d.dataset == "scannet"

@@ -62,7 +62,8 @@ class DKNetOutputs:
       mask_logits: f32[I, N] instance mask logits (-1e9 outside the instance's scene),
         or None when the model ran with ``decode_masks=False``.
       pool_exhausted: bool[B] the LN-NMS pool ran out in a scene, so the exact whole-scene
-        loop ran (same candidates, slower; a larger pool_size makes it rarer).
+        loop ran (same candidates, slower; a larger pool_size makes it rarer). Always set
+        with ``cand_rule="released"`` and ``neighbour_cap > 0``, which use that loop only.
       instance_overflow: bool[B] a scene had more groups than instance slots; the groups
         with the lowest lead heat were dropped (raise max_instances).
       voxel_overflow: bool[] the voxel capacity of some UNet level or the key space
@@ -135,6 +136,8 @@ class DKNet(nnx.Module):
         self.mask_center = m.get("mask_center", "shifted")
         self.empty_context = m.get("empty_context", "zeros")
         self.cand_rule = m.get("cand_rule", "ours")
+        self.merge_rule = m.get("merge_rule", "components")
+        self.neighbour_cap = int(m.get("neighbour_cap", 0))
         self.backbone = SparseUNet(
             m.in_channels,
             tuple(m.widths),
@@ -252,6 +255,7 @@ class DKNet(nnx.Module):
                 pool_size=min(self.pool_size, n),
                 relative=True,
                 classes=classes,
+                neighbour_cap=self.neighbour_cap,
             )
 
         idx, ok, exhausted = jax.vmap(mine)(scene_valid, keys)
@@ -285,6 +289,7 @@ class DKNet(nnx.Module):
             cand_ok,
             radius=self.cand_radius,
             empty=self.empty_context,
+            neighbour_cap=self.neighbour_cap,
         )
         agg_feats = jnp.concatenate([fg, bg, cand_pos], axis=-1)
         m = cand_idx.shape[0]
@@ -298,7 +303,9 @@ class DKNet(nnx.Module):
         if self.aggregation == "full":
             scores = jnp.where(pair_mask, jax.nn.sigmoid(merge_logits), 0.0)
             thr = self.merge_threshold if merge_threshold is None else merge_threshold
-            lead = agg.merge_groups(scores, cand_ok, heat[safe], threshold=thr)
+            lead = agg.merge_groups(
+                scores, cand_ok, heat[safe], threshold=thr, strict=self.merge_rule == "released"
+            )
         else:  # every candidate is its own instance
             lead = jnp.where(cand_ok, jnp.arange(m, dtype=jnp.int32), -1)
 
