@@ -491,6 +491,7 @@ def test_iterators_honour_voxel_origin(split):
     from dknet_jax.config import base_config
     from dknet_jax.data.pipeline import train_iterator
 
+    kw = dict(voxel_size=0.05, num_classes=S, buckets=(1024, 2048), instance_buckets=IBUCKETS)
     differ = 0
     for origin in ("centre", "scene_min"):
         batches = take(train_iter(split, voxel_origin=origin), 3)
@@ -501,7 +502,6 @@ def test_iterators_honour_voxel_origin(split):
                 for f in FIELDS:
                     if f != "vox":
                         np.testing.assert_array_equal(getattr(x, f), getattr(y, f), err_msg=f)
-        kw = dict(voxel_size=0.05, num_classes=S, buckets=(1024, 2048), instance_buckets=IBUCKETS)
         for batch, _ in EvalIterator(split, batch_size=2, num_workers=0, voxel_origin=origin, **kw):
             differ += check_vox(batch, 0.05, origin)
     assert differ > 0
