@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 # Allowed values of the enum-like fields (the ablation switches).
 CHOICES = {
     "data.dataset": ("scannet", "s3dis"),
+    "data.voxel_origin": ("centre", "scene_min"),
     "model.candidates": ("ln_nms", "nms", "random"),
     "model.aggregation": ("full", "train_only", "none"),
     "model.kernel_from": ("aggregate", "top", "oracle"),
@@ -43,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.train_split = "train"  # subfolder or split-list name under root
     d.val_split = "val"
     d.voxel_size = 0.02  # metres (S3DIS: 0.05)
+    # where each scene's voxel grid is anchored: centre = faces on multiples of voxel_size
+    # from the origin of the centred coordinates (ours) | scene_min = the grid starts at
+    # the scene's minimum point (released: xyz * scale - min, then floor)
+    d.voxel_origin = "centre"
     d.max_points = 250_000  # training crop (docs/method.md section 1)
     d.batch_size = 4  # scenes per step (global, split over devices)
     d.eval_batch_size = 1
@@ -173,6 +178,7 @@ def released_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     converted by ``scripts/convert_released.py`` runs as the released forward
     (docs/released_model.md section 5 lists every difference and its switch)."""
     c.data.voxel_size = 0.02  # scale 50
+    c.data.voxel_origin = "scene_min"
     m = c.model
     m.in_channels = 6  # rgb + xyz (use_coords)
     m.widths = (32, 64, 96, 128, 160, 192, 224)

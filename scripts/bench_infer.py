@@ -217,6 +217,7 @@ def benchmark() -> dict:
         instance_buckets=d.instance_buckets,
         num_workers=1,
         prefetch=1,
+        voxel_origin=d.voxel_origin,
     )
     compiled: dict = {}
     rows = []

@@ -79,6 +79,7 @@ def main():
             num_classes=20,
             buckets=ladder,
             instance_buckets=cfg.instance_buckets,
+            voxel_origin=cfg.voxel_origin,
         )
         aug = AugmentConfig.for_voxel_size(cfg.voxel_size, max_points=cfg.max_points)
         for workers in (0, 1, 2):

@@ -168,3 +168,29 @@ def test_bucket_count_bounded_over_200_varied_scenes():
     assert len(shapes) <= 6, shapes
     assert len({s[1] for s in shapes}) <= 4
     assert np.mean(fill) > 0.7  # the {1, 1.5} ladder wastes < 30% on average
+
+
+def test_pack_batch_voxel_origin_per_scene():
+    """``voxel_origin="scene_min"``: each scene's grid starts at its own minimum point,
+    ``floor(p * scale - min(p * scale))`` (the released loader, scale = 1 / voxel), not at
+    the batch's; "centre" (default) is ``floor(p / voxel)`` minus its per-scene minimum."""
+    samples = [scene(40, 4), scene(60, 5), scene(25, 6)]
+    samples[1]["xyz"] = samples[1]["xyz"] + np.float32(3.3)  # scenes far apart
+    kw = dict(buckets=(128, 256), instance_buckets=(8, 16), num_classes=S, voxel_size=0.1)
+    ours = pack_batch(samples, **kw)
+    np.testing.assert_array_equal(ours.vox, pack_batch(samples, voxel_origin="centre", **kw).vox)
+    released = pack_batch(samples, voxel_origin="scene_min", **kw)
+    differ = 0
+    for i, s in enumerate(samples):
+        rows = released.batch_id == i
+        p = s["xyz"].astype(np.float64) * 10.0
+        np.testing.assert_array_equal(released.vox[rows], np.floor(p - p.min(0)))
+        c = np.floor(s["xyz"].astype(np.float64) / 0.1)
+        np.testing.assert_array_equal(ours.vox[rows], c - c.min(0))
+        differ += int((released.vox[rows] != ours.vox[rows]).any())
+    assert differ == 3  # a sub-voxel shift in every scene
+    assert (released.vox[released.batch_id == 3] == 0).all()  # padding
+    for f in ("xyz", "feats", "batch_id", "instance", "superpoint", "instance_class"):
+        np.testing.assert_array_equal(getattr(released, f), getattr(ours, f), err_msg=f)
+    with pytest.raises(ValueError, match="voxel_origin 'origin'.*data.voxel_origin"):
+        pack_batch(samples, voxel_origin="origin", **kw)

@@ -457,3 +457,100 @@ def test_released_test_transform(split):
                 i = int(name[5:9])
                 want = prepare_eval(load_scene(split[i]), None if seed is None else mats[i])
                 np.testing.assert_array_equal(batch.xyz[batch.batch_id == b], want["xyz"])
+
+
+def released_vox(xyz, voxel_size):
+    """The released voxel coordinates of one scene (R:data/scannetv2_inst.py: ``xyz *
+    scale; xyz -= xyz.min(0); .long()``), numpy float64, scale = 1 / voxel_size."""
+    p = np.asarray(xyz, np.float64) * (1.0 / voxel_size)
+    return np.trunc(p - p.min(0)).astype(np.int64)
+
+
+def ours_vox(xyz, voxel_size):
+    c = np.floor(np.asarray(xyz, np.float64) / voxel_size)
+    return c - c.min(0)
+
+
+def check_vox(batch, voxel_size, origin):
+    """Every valid scene of ``batch``: vox from its own xyz rows by ``origin``; returns how
+    many scenes differ between the two anchors (the test must be able to tell them apart)."""
+    differ = 0
+    for b in np.flatnonzero(batch.scene_valid):
+        rows = batch.batch_id == b
+        xyz = batch.xyz[rows]
+        want = released_vox(xyz, voxel_size) if origin == "scene_min" else ours_vox(xyz, voxel_size)
+        np.testing.assert_array_equal(batch.vox[rows], want)
+        differ += int(not np.array_equal(released_vox(xyz, voxel_size), ours_vox(xyz, voxel_size)))
+    assert (batch.vox[~batch.valid] == 0).all()
+    return differ
+
+
+def test_iterators_honour_voxel_origin(split):
+    """``data.voxel_origin`` reaches the voxels of every batch of both iterators (and the
+    config factory ``train_iterator``); everything else in the batch is unchanged."""
+    from dknet_jax.config import base_config
+    from dknet_jax.data.pipeline import train_iterator
+
+    kw = dict(voxel_size=0.05, num_classes=S, buckets=(1024, 2048), instance_buckets=IBUCKETS)
+    differ = 0
+    for origin in ("centre", "scene_min"):
+        batches = take(train_iter(split, voxel_origin=origin), 3)
+        differ += sum(check_vox(b, 0.05, origin) for b in batches)
+        if origin == "scene_min":
+            default = take(train_iter(split), 3)
+            for x, y in zip(batches, default, strict=True):
+                for f in FIELDS:
+                    if f != "vox":
+                        np.testing.assert_array_equal(getattr(x, f), getattr(y, f), err_msg=f)
+        for batch, _ in EvalIterator(split, batch_size=2, num_workers=0, voxel_origin=origin, **kw):
+            differ += check_vox(batch, 0.05, origin)
+    assert differ > 0
+    c = base_config()
+    c.data.voxel_size, c.data.batch_size, c.data.max_points = 0.05, 2, 800
+    c.data.point_buckets, c.data.instance_buckets = BUCKETS, IBUCKETS
+    for origin in ("centre", "scene_min"):
+        c.data.voxel_origin = origin
+        with train_iterator(split, c, num_workers=0, num_epochs=1) as it:
+            check_vox(next(it), 0.05, origin)
+    for cls, extra in ((TrainIterator, {"seed": 0, "augment_config": None}), (EvalIterator, {})):
+        with pytest.raises(ValueError, match="voxel_origin 'min'.*data.voxel_origin"):
+            cls(split, batch_size=2, voxel_origin="min", num_workers=0, **kw, **extra)
+
+
+def test_evaluate_split_uses_the_configured_voxel_origin(tmp_path, split, monkeypatch):
+    """evaluate.py's iterator is built from ``config.data.voxel_origin`` (spied: the
+    iterator ``evaluate_split`` builds is kept and read, the model is never run)."""
+    import shutil
+
+    from dknet_jax.config import base_config
+    from dknet_jax.inference import evaluate as ev
+
+    (tmp_path / "val").mkdir()
+    for p in split[:3]:
+        shutil.copy(p, tmp_path / "val")
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        built.append(EvalIterator(*args, **kwargs))
+        return built[-1]
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(ev, "EvalIterator", spy)
+    monkeypatch.setattr(ev, "make_predict_fn", stop)
+    c = base_config()
+    c.data.root, c.data.voxel_size = str(tmp_path), 0.05
+    c.data.point_buckets, c.data.instance_buckets = (1024, 2048), IBUCKETS
+    differ = 0
+    for origin in ("centre", "scene_min"):
+        c.data.voxel_origin = origin
+        with pytest.raises(Stop):
+            ev.evaluate_split(None, None, None, c, split="val", progress=False)
+        with built[-1] as it:
+            for batch, _ in it:
+                differ += check_vox(batch, 0.05, origin)
+    assert differ > 0

@@ -723,3 +723,49 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, target):
             rel = os.path.relpath(os.path.join(d, f), out)
             assert not f.endswith(".tmp"), rel
             assert open(os.path.join(d, f), "rb").read() == ref[rel], rel  # complete
+
+
+def test_predict_file_uses_the_configured_voxel_origin(tmp_path, model, scene, monkeypatch):
+    """predict.py packs the scan with ``config.data.voxel_origin``: the voxels handed to the
+    model are ``floor(p / voxel) - min`` (centre) or, released, ``floor(p * scale -
+    min(p * scale))`` (scale = 1 / voxel) of the centred scan; both runs finish."""
+    import dataclasses
+
+    from dknet_jax.inference import predictor
+
+    scan = tmp_path / "room.txt"
+    rows = _write_txt_scan(scan, scene, step=2)
+    centred = rows[:, :3].astype(np.float32).astype(np.float64)
+    centred = (centred - centred.mean(0)).astype(np.float32).astype(np.float64)
+    seen = []
+    infer = predictor._infer
+
+    def spy(loaded, batch, ratio, timings):
+        seen.append(batch)
+        return infer(loaded, batch, ratio, timings)
+
+    monkeypatch.setattr(predictor, "_infer", spy)
+    vs = model.config.data.voxel_size
+    vox = {}
+    for origin in ("centre", "scene_min"):
+        config = model.config.copy_and_resolve_references()
+        config.data.voxel_origin = origin
+        loaded = dataclasses.replace(model, config=config)  # shares the compiled cache
+        seen.clear()
+        out = P.predict_file(
+            None, str(scan), str(tmp_path / origin), model=loaded, log=lambda m: None
+        )
+        assert out.summary["scene"]["points"] == len(rows)
+        batch = seen[-1]
+        rows_ok = np.asarray(batch.valid)
+        xyz = np.asarray(batch.xyz)[rows_ok].astype(np.float64)
+        np.testing.assert_allclose(xyz, centred, atol=1e-5)
+        if origin == "scene_min":
+            p = xyz * (1.0 / vs)
+            want = np.floor(p - p.min(0))
+        else:
+            c = np.floor(xyz / vs)
+            want = c - c.min(0)
+        vox[origin] = np.asarray(batch.vox)[rows_ok]
+        np.testing.assert_array_equal(vox[origin], want)
+    assert (vox["centre"] != vox["scene_min"]).any()

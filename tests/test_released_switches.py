@@ -151,6 +151,11 @@ def test_released_settings_and_validation():
     assert (d.merge_rule, d.neighbour_cap) == ("components", 0)
     assert (c.test.released_aug, c.test.released_aug_seed) == (True, 567)
     assert base_config().test.released_aug is False
+    assert (c.data.voxel_origin, base_config().data.voxel_origin) == ("scene_min", "centre")
+    bad = base_config()
+    bad.data.voxel_origin = "min"
+    with pytest.raises(ConfigError, match=r"config.data.voxel_origin='min' is not one of"):
+        validate(bad)
     for key, value in (
         ("kernel_norm", "layer"),
         ("mask_center", "centroid"),

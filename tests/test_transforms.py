@@ -199,6 +199,62 @@ def test_voxel_coords_and_features_hand_example():
     np.testing.assert_array_equal(f[:, 3:], xyz)
 
 
+def released_voxel_locs(xyz_middle, scale):
+    """The released voxel coordinates of one scene, line for line (R:data/scannetv2_inst.py
+    testMerge, float64 numpy): ``xyz = xyz_middle * scale; xyz -= xyz.min(0)``, then
+    ``torch.from_numpy(xyz).long()`` (truncation toward 0; every value is >= 0)."""
+    xyz = np.asarray(xyz_middle, np.float64) * scale
+    xyz -= xyz.min(0)
+    return np.trunc(xyz).astype(np.int64)
+
+
+def test_voxel_origin_scene_min_hand_example():
+    # exact binary fractions, voxel 0.25 m: the scene minimum is (-0.375, 0, 2)
+    xyz = np.array(
+        [[-0.375, 0.125, 2.0], [-0.125, 0.375, 2.0], [0.0625, 0.0, 2.25], [0.25, 0.5, 2.5]],
+        np.float32,
+    )
+    # scene_min: floor((p - min) / 0.25): x 0/0.25/0.4375/0.625 -> 0, 1, 1, 2;
+    # y 0.125/0.375/0/0.5 -> 0, 1, 0, 2; z 0/0/0.25/0.5 -> 0, 0, 1, 2
+    want_min = [[0, 0, 0], [1, 1, 0], [1, 0, 1], [2, 2, 2]]
+    # centre: floor(p / 0.25) = x -2, -1, 0, 1; y 0, 1, 0, 2; z 8, 8, 9, 10, minus the min
+    want_centre = [[0, 0, 0], [1, 1, 0], [2, 0, 1], [3, 2, 2]]
+    got = T.voxel_coords(xyz, 0.25, "scene_min")
+    np.testing.assert_array_equal(got, want_min)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(T.voxel_coords(xyz, 0.25, "centre"), want_centre)
+    np.testing.assert_array_equal(T.voxel_coords(xyz, 0.25), want_centre)  # default: ours
+    # the released grid moves with the scene, ours stays on the coordinate origin
+    moved = xyz + np.float32(0.125)
+    np.testing.assert_array_equal(T.voxel_coords(moved, 0.25, "scene_min"), want_min)
+    assert not np.array_equal(T.voxel_coords(moved, 0.25, "centre"), want_centre)
+    assert T.voxel_coords(np.zeros((0, 3), np.float32), 0.25, "scene_min").shape == (0, 3)
+    with pytest.raises(ValueError, match="origin 'min'.*data.voxel_origin"):
+        T.voxel_coords(xyz, 0.25, "min")
+    with pytest.raises(ValueError, match="voxel_size"):
+        T.voxel_coords(xyz, 0.0, "scene_min")
+
+
+@pytest.mark.parametrize("voxel_size, scale", [(0.02, 50), (0.05, 20)])
+def test_voxel_origin_scene_min_is_the_released_arithmetic(voxel_size, scale):
+    rng = np.random.default_rng(3)
+    for seed in range(4):
+        xyz = T.centre(make_sample(n=3000, seed=seed))["xyz"]
+        xyz = xyz @ T.random_rotation_matrix(rng).astype(np.float32)
+        got = T.voxel_coords(xyz, voxel_size, "scene_min")
+        np.testing.assert_array_equal(got, released_voxel_locs(xyz, scale))  # bit for bit
+        # = floor((p - min) / voxel) away from rounding at a voxel face
+        u = (xyz.astype(np.float64) - xyz.min(0)) / voxel_size
+        clear = np.all(np.abs(u - np.round(u)) > 1e-6, axis=1)
+        assert clear.mean() > 0.99
+        np.testing.assert_array_equal(got[clear], np.floor(u[clear]))
+        # ours: floor(p / voxel) shifted by its minimum; the two grids differ (sub-voxel)
+        c = np.floor(xyz.astype(np.float64) / voxel_size)
+        ours = T.voxel_coords(xyz, voxel_size, "centre")
+        np.testing.assert_array_equal(ours, c - c.min(0))
+        assert (ours != got).any(axis=1).mean() > 0.05
+
+
 def test_bad_arguments():
     s = make_sample(n=10)
     with pytest.raises(ValueError, match="max_points"):

@@ -18,7 +18,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dknet_jax.data.transforms import point_features, reindex_instances, voxel_coords
+from dknet_jax.data.transforms import (
+    VOXEL_ORIGINS,
+    point_features,
+    reindex_instances,
+    voxel_coords,
+)
 from dknet_jax.types import IGNORE_LABEL, PointBatch
 
 
@@ -110,6 +115,7 @@ def pack_batch(
     num_classes: int,
     voxel_size: float,
     batch_size: int | None = None,
+    voxel_origin: str = "centre",
 ) -> PointBatch:
     """Pack scenes flat into a numpy ``PointBatch`` (layout: ``dknet_jax/types.py``).
 
@@ -121,6 +127,8 @@ def pack_batch(
         capacity G (:func:`batch_capacities`).
       num_classes: S; semantic labels must be 0..S-1 or -100.
       voxel_size: metres, for ``vox`` (:func:`transforms.voxel_coords`, per scene).
+      voxel_origin: where each scene's voxel grid is anchored (config
+        ``data.voxel_origin``): "centre" (ours) or "scene_min" (released).
       batch_size: B (default len(samples)); missing scenes are empty and
         ``scene_valid`` is False for them.
     Returns:
@@ -132,6 +140,11 @@ def pack_batch(
       semantic/instance -100, superpoint -1; empty instance slots: class -100, batch B.
     """
     batch_size = len(samples) if batch_size is None else batch_size
+    if voxel_origin not in VOXEL_ORIGINS:
+        raise ValueError(
+            f"pack_batch: voxel_origin {voxel_origin!r} is not one of {VOXEL_ORIGINS} "
+            f"(config data.voxel_origin)"
+        )
     if not 0 < len(samples) <= batch_size:
         raise ValueError(f"need 1..{batch_size} samples, got {len(samples)}")
     names = [s.get("name", f"#{i}") for i, s in enumerate(samples)]
@@ -174,7 +187,7 @@ def pack_batch(
         rows = slice(row, row + n)
         xyz[rows] = s["xyz"]
         feats[rows] = point_features(s["rgb"], s["xyz"])
-        vox[rows] = voxel_coords(s["xyz"], voxel_size)
+        vox[rows] = voxel_coords(s["xyz"], voxel_size, voxel_origin)
         batch_id[rows] = i
         valid[rows] = True
         sem = np.asarray(s["semantic"], np.int32)

@@ -46,6 +46,7 @@ import numpy as np
 from dknet_jax.data.batching import pack_batch
 from dknet_jax.data.dataset import load_scene, scene_name, scene_num_points
 from dknet_jax.data.transforms import (
+    VOXEL_ORIGINS,
     AugmentConfig,
     augment,
     prepare_eval,
@@ -186,6 +187,7 @@ class _Packing:
     num_classes: int
     voxel_size: float
     batch_size: int
+    voxel_origin: str = "centre"
 
     def pack(self, samples):
         return pack_batch(
@@ -195,7 +197,17 @@ class _Packing:
             num_classes=self.num_classes,
             voxel_size=self.voxel_size,
             batch_size=self.batch_size,
+            voxel_origin=self.voxel_origin,
         )
+
+
+def _checked_origin(voxel_origin: str) -> str:
+    if voxel_origin not in VOXEL_ORIGINS:
+        raise ValueError(
+            f"voxel_origin {voxel_origin!r} is not one of {VOXEL_ORIGINS} (config "
+            f"data.voxel_origin: 'centre' = ours, 'scene_min' = the released grid)"
+        )
+    return voxel_origin
 
 
 class TrainIterator(_BatchIterator):
@@ -205,7 +217,8 @@ class TrainIterator(_BatchIterator):
       paths: the split's npz files (index in this list = scene index for the RNG).
       batch_size: B scenes per batch.
       seed: base seed (non-negative int).
-      voxel_size, num_classes, buckets, instance_buckets: see ``batching.pack_batch``.
+      voxel_size, num_classes, buckets, instance_buckets, voxel_origin: see
+        ``batching.pack_batch``.
       augment_config: ``transforms.AugmentConfig`` (its ``max_points`` is the crop);
         None = no augmentation and no crop (only centring).
       drop_remainder: drop the last incomplete batch of an epoch (else pad it with empty
@@ -237,6 +250,7 @@ class TrainIterator(_BatchIterator):
         prefetch: int = 4,
         transfer: Callable | None = None,
         state: dict | None = None,
+        voxel_origin: str = "centre",
     ):
         super().__init__(
             num_epochs=num_epochs, num_workers=num_workers, prefetch=prefetch, transfer=transfer
@@ -259,6 +273,7 @@ class TrainIterator(_BatchIterator):
             num_classes,
             voxel_size,
             batch_size,
+            _checked_origin(voxel_origin),
         )
         cfg = augment_config
         cap = max(buckets) // batch_size
@@ -345,7 +360,8 @@ class EvalIterator(_BatchIterator):
     scene larger than the largest bucket is an error naming it. ``released_aug_seed``
     (config ``test.released_aug``): scene i of ``paths`` gets the released test-time
     flip + rotation ``transforms.released_test_matrices(seed, len(paths))[i]`` (``paths``
-    in sorted-name order, as ``dataset.list_scenes`` and the released loader give them)."""
+    in sorted-name order, as ``dataset.list_scenes`` and the released loader give them).
+    ``voxel_origin`` (config ``data.voxel_origin``): see ``batching.pack_batch``."""
 
     def __init__(
         self,
@@ -361,6 +377,7 @@ class EvalIterator(_BatchIterator):
         prefetch: int = 4,
         transfer: Callable | None = None,
         released_aug_seed: int | None = None,
+        voxel_origin: str = "centre",
     ):
         super().__init__(
             num_epochs=1, num_workers=num_workers, prefetch=prefetch, transfer=transfer
@@ -377,6 +394,7 @@ class EvalIterator(_BatchIterator):
             num_classes,
             voxel_size,
             batch_size,
+            _checked_origin(voxel_origin),
         )
         self._require_labels = require_labels
         self._groups = self._group(batch_size, max(buckets))
@@ -457,5 +475,6 @@ def train_iterator(paths: Sequence[str], config, **kwargs) -> TrainIterator:
         buckets=d.point_buckets,
         instance_buckets=d.instance_buckets,
         augment_config=augment_from_config(d),
+        voxel_origin=d.voxel_origin,
         **kwargs,
     )

@@ -342,9 +342,39 @@ def released_test_matrices(seed: int, count: int) -> np.ndarray:
 # network inputs
 
 
-def voxel_coords(xyz: np.ndarray, voxel_size: float) -> np.ndarray:
-    """i32[N, 3] = floor(xyz / voxel_size) shifted so the scene's minimum is 0."""
-    vox = np.floor(np.asarray(xyz, dtype=np.float64) / voxel_size).astype(np.int64)
+VOXEL_ORIGINS = ("centre", "scene_min")
+
+
+def voxel_coords(xyz: np.ndarray, voxel_size: float, origin: str = "centre") -> np.ndarray:
+    """i32[N, 3] voxel coordinates of one scene, starting at 0 on every axis.
+
+    ``origin`` (config ``data.voxel_origin``) says where the grid is anchored:
+
+    - ``"centre"`` (ours): ``floor(xyz / voxel_size)``, the voxel faces on multiples of
+      ``voxel_size`` from the origin of the (centred) coordinates, then shifted by the
+      per-axis minimum voxel (an integer shift: the same voxels).
+    - ``"scene_min"`` (released): the grid starts at the scene's minimum point, with the
+      released arithmetic (R:data/scannetv2_inst.py testMerge/trainMerge: ``xyz *
+      scale; xyz -= xyz.min(0); .long()``) in float64 with ``scale = 1 / voxel_size``:
+      ``floor(s - min(s))``, ``s = xyz * scale``, the per-axis minimum over this scene.
+
+    The two grids differ by a sub-voxel shift, so points near a voxel face can land in
+    different voxels. Raises ValueError for an unknown ``origin`` or ``voxel_size <= 0``.
+    """
+    if origin not in VOXEL_ORIGINS:
+        raise ValueError(
+            f"voxel_coords: origin {origin!r} is not one of {VOXEL_ORIGINS} (config "
+            f"data.voxel_origin: 'centre' = ours, 'scene_min' = the released grid)"
+        )
+    if not voxel_size > 0:
+        raise ValueError(f"voxel_coords: voxel_size must be > 0, got {voxel_size}")
+    xyz = np.asarray(xyz, dtype=np.float64)
+    if origin == "scene_min":
+        scaled = xyz * (1.0 / voxel_size)
+        if len(scaled):
+            scaled = scaled - scaled.min(axis=0)
+        return np.floor(scaled).astype(np.int32)
+    vox = np.floor(xyz / voxel_size).astype(np.int64)
     if len(vox):
         vox -= vox.min(axis=0)
     return vox.astype(np.int32)

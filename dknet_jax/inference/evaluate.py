@@ -64,6 +64,7 @@ def evaluate_split(
         released_aug_seed=(
             int(config.test.released_aug_seed) if config.test.get("released_aug") else None
         ),
+        voxel_origin=d.voxel_origin,
     )
     predict = make_predict_fn(graphdef, config)
     scannet = d.dataset == "scannet"

@@ -325,6 +325,7 @@ def run_model(
         instance_buckets=d.instance_buckets,
         num_classes=config.model.num_classes,
         voxel_size=d.voxel_size,
+        voxel_origin=d.voxel_origin,
     )
     ratio = level_values(config.model.level_capacity_ratio)
     timings["compile_s"] = timings["inference_s"] = 0.0
