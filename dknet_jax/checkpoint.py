@@ -105,7 +105,7 @@ def _aside(path: str, suffix: str) -> str:
         dst, n = f"{path}{suffix}.{n}", n + 1
     if jax.process_index() == 0:
         os.rename(path, dst)
-    _sync(f"aside:{path}")
+    _sync("aside")  # the same name on every host, whatever its mount point
     return dst
 
 
@@ -132,7 +132,7 @@ class Checkpoints:
         best_dir = os.path.join(workdir, "best")
         if jax.process_index() == 0:
             _recover_replaced(best_dir)
-        _sync(f"recover:{best_dir}")
+        _sync("recover")
         self._best = ocp.CheckpointManager(best_dir, options=best_opts)
 
     def latest_step(self) -> int | None:

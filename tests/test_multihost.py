@@ -158,6 +158,23 @@ def test_shards_split_each_global_batch(prepared):
     assert state["batch_size"] == 4  # the global batch: resumable with any process count
     with pytest.raises(ValueError, match="does not divide by the 3 processes"):
         _iterator(paths, c, num_shards=3, shard_index=0)
+    with pytest.raises(ValueError, match="needs drop_remainder=True"):
+        _iterator(paths, c, num_shards=2, shard_index=0, drop_remainder=False)
+
+
+def test_distributed_flags_single_process_and_errors():
+    """No flag: one process, nothing started; partial or impossible flags: one-line user
+    errors naming the flags (raised before JAX is touched)."""
+    from dknet_jax.cli import UserError
+    from dknet_jax.training import distributed
+
+    assert distributed.initialize() is False
+    with pytest.raises(UserError, match="missing: --coordinator_address, --process_id"):
+        distributed.initialize(num_processes=2)
+    with pytest.raises(UserError, match="--process_id must be in 0..1, got 2"):
+        distributed.initialize("localhost:1", 2, 2)
+    with pytest.raises(UserError, match="--num_processes must be >= 1"):
+        distributed.initialize("localhost:1", 0, 0)
 
 
 def _free_port() -> int:
