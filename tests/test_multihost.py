@@ -183,12 +183,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two(root, workdir, *extra, timeout=600):
-    """Both processes of a 2-process run; returns their (returncode, stdout, stderr)."""
+def _start_two(root, workdir, *extra):
+    """Start both processes of a 2-process run (``_finish`` waits for them)."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, WORKER, str(port), "2", str(i), root, workdir, *extra],
             stdout=subprocess.PIPE,
@@ -198,6 +198,10 @@ def _run_two(root, workdir, *extra, timeout=600):
         )
         for i in range(2)
     ]
+
+
+def _finish(procs, timeout=600):
+    """(returncode, stdout, stderr) of each process; kills both on a timeout or error."""
     out = []
     try:
         for p in procs:
@@ -209,6 +213,10 @@ def _run_two(root, workdir, *extra, timeout=600):
                 p.kill()
                 p.communicate()
     return out
+
+
+def _run_two(root, workdir, *extra):
+    return _finish(_start_two(root, workdir, *extra))
 
 
 def _rows(workdir):
@@ -278,11 +286,14 @@ def test_two_processes_train_like_one(prepared, none_split, tmp_path):
     full +-lr step in a random direction, in any two runs that differ in summation order
     (they differ by up to 2 lr after two steps here, in both directions)."""
     multi = str(tmp_path / "multi")
-    runs = _run_two(prepared, multi, none_split)
+    procs = _start_two(prepared, multi, none_split)
+    try:  # the reference meanwhile (compiling is single-threaded: this uses both cores)
+        single = _reference(prepared, tmp_path)
+    finally:
+        runs = _finish(procs)
     assert [r for r, _, _ in runs] == [0, 0], [se[-3000:] for _, _, se in runs]
     assert "multi-host: 2 processes, 2 devices" in runs[0][1]
     assert _quiet(runs[1][1]) == ""  # process 1 prints nothing: process 0 logs
-    single = _reference(prepared, tmp_path)
     _check_losses(multi, single)
 
     # checkpoints: written once (only process 0's array files), same data position
