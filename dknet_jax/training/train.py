@@ -270,7 +270,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     t_start = time.time() - time_offset
     while step < total_steps:
         batch = next(it)
-        shapes.add(tuple(batch.valid.shape) + tuple(batch.instance_class.shape))
         epoch = step // steps_per_epoch
         key, sub = jax.random.split(key)
         if procs > 1:
@@ -278,6 +277,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
             args = (dist.global_batch(batch, mesh), np.asarray(sub), np.int32(epoch))
         else:
             args = (shard_batch(batch, mesh), sub, jnp.int32(epoch))
+        shapes.add(tuple(args[0].valid.shape) + tuple(args[0].instance_class.shape))
         params, rest, opt_state, metrics = train_step(params, rest, opt_state, *args)
         step += 1
         pbar.update(1)
