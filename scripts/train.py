@@ -31,7 +31,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
     "multi-host: start jax.distributed with the cluster JAX detects (SLURM, Open MPI, "
-    "Kubernetes, TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)",
+    "mpi4py, Kubernetes, Cloud TPU); the three flags above, when given, take precedence",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 

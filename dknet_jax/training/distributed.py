@@ -48,8 +48,8 @@ def initialize(
 
     Explicit ``coordinator_address``/``num_processes``/``process_id`` (all three, or
     ``auto`` with any subset) start it with those values; ``auto`` alone lets JAX detect
-    the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU, or the ``JAX_COORDINATOR_ADDRESS``,
-    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` environment variables). Nothing given: a
+    the cluster (the installed JAX knows SLURM, Open MPI, mpi4py, Kubernetes and Cloud
+    TPU; ``JAX_COORDINATOR_ADDRESS`` may stand in for the address). Nothing given: a
     single process, no start-up. Must run before any JAX computation."""
     given = {
         "coordinator_address": coordinator_address,
