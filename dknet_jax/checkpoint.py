@@ -19,6 +19,12 @@ Unreadable steps (truncated/missing files) raise ``CorruptCheckpointError``; a c
 whose arrays differ from the target (another config) raises ``CheckpointMismatchError``.
 ``restore_latest_readable`` (training resume) moves corrupt steps aside to
 ``checkpoints/<step>.corrupt`` and falls back to the newest readable one.
+
+Multi-host (``jax.distributed``): every process builds ``Checkpoints`` on the same work
+dir (a filesystem all hosts see) and calls ``save`` and ``restore`` in step; orbax writes
+each file once (from process 0) and synchronises the processes itself. The folder moves
+done here (a corrupt step, a replaced ``best/`` step) are made by process 0 only, with a
+barrier before anyone reads the folder again.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -82,12 +89,23 @@ def _mismatch(where: str, diffs: list[str]) -> CheckpointMismatchError:
     )
 
 
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"dknet_checkpoint:{name}")
+
+
 def _aside(path: str, suffix: str) -> str:
-    """Rename ``path`` to a free ``path + suffix[.n]`` (ignored by orbax); return it."""
+    """Rename ``path`` to a free ``path + suffix[.n]`` (ignored by orbax); return it.
+    Several processes: process 0 renames, the others wait for it (all must call this)."""
     dst, n = path + suffix, 1
     while os.path.exists(dst):
         dst, n = f"{path}{suffix}.{n}", n + 1
-    os.rename(path, dst)
+    if jax.process_index() == 0:
+        os.rename(path, dst)
+    _sync("aside")  # the same name on every host, whatever its mount point
     return dst
 
 
@@ -112,7 +130,9 @@ class Checkpoints:
             best_mode="max",
         )
         best_dir = os.path.join(workdir, "best")
-        _recover_replaced(best_dir)
+        if jax.process_index() == 0:
+            _recover_replaced(best_dir)
+        _sync("recover")
         self._best = ocp.CheckpointManager(best_dir, options=best_opts)
 
     def latest_step(self) -> int | None:
@@ -120,7 +140,7 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, meta: dict, metric: float | None = None) -> None:
         """Save ``state``/``meta`` at ``step``; with ``metric`` also offer it to ``best/``."""
-        state = jax.device_get(state)
+        state = jax.tree.map(np.asarray, state)  # replicated (multi-host) arrays too
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._latest.save(step, args=args, force=True)
         if metric is not None:
@@ -135,14 +155,15 @@ class Checkpoints:
             if step in self._best.all_steps():
                 old = _aside(os.path.join(str(self._best.directory), str(step)), ".replaced")
                 self._best.reload()
-                print(
+                print_ = print if jax.process_index() == 0 else (lambda *a, **k: None)
+                print_(
                     f"note: best/{step} from an earlier run is replaced by this run's step {step}",
                     file=sys.stderr,
                     flush=True,
                 )
             self._best.save(step, args=args, metrics={"metric": float(metric)}, force=True)
             self._best.wait_until_finished()
-            if old is not None:
+            if old is not None and jax.process_index() == 0:
                 shutil.rmtree(old, ignore_errors=True)
         self._latest.wait_until_finished()
         self._best.wait_until_finished()

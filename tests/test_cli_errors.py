@@ -88,6 +88,24 @@ def test_train_missing_required_flag():
     assert_user_error(r, "--workdir")
 
 
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--num_processes=2"], ["--coordinator_address", "--process_id", "--distributed"]),
+        (
+            ["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
+            ["--process_id", "0..1"],
+        ),
+    ],
+)
+def test_train_multihost_flag_errors(tmp_path, args, names):
+    """Partial or impossible multi-host flags: one line before jax.distributed starts."""
+    work = tmp_path / "work"
+    r = run("train.py", TINY, *args, f"--workdir={work}")
+    assert_user_error(r, *names)
+    assert not work.exists()
+
+
 def test_train_workdir_is_a_file(tmp_path, data_root):
     """Checked before the data: it was a bare 'File exists' from makedirs."""
     work = tmp_path / "work"

@@ -222,3 +222,82 @@ def pack_batch(
 def batch_shape(batch: PointBatch) -> tuple[int, int, int]:
     """(B, N, G) of a packed batch: the key that decides recompilation."""
     return (batch.num_scenes, int(batch.xyz.shape[0]), int(batch.instance_class.shape[0]))
+
+
+def place_block(
+    block: PointBatch,
+    *,
+    index: int,
+    count: int,
+    point_capacity: int,
+    instance_capacity: int,
+) -> PointBatch:
+    """Block ``index`` of ``count`` of a global batch assembled from per-process blocks.
+
+    Multi-host training packs each process's share of the global batch (``b`` scenes) as
+    its own ``PointBatch`` (``pack_batch``); the global batch is the blocks laid one
+    after the other: ``count * point_capacity`` point rows, ``count * instance_capacity``
+    instance slots, ``count * b`` scenes. This pads ``block`` to the capacities all
+    processes agreed on (the largest bucket any of them needs, so the shapes match) and
+    makes its ids global: scene ids ``+ index * b`` (padding rows and empty slots get the
+    global ``B = count * b``), instance ids ``+ index * instance_capacity``, superpoint ids
+    ``+ index * point_capacity``. Scenes keep their order, so a global batch differs from
+    the single-process packing of the same scenes only by where the padding rows and
+    empty instance slots sit; nothing downstream depends on that (padding is masked by
+    ``valid`` / ``instance_valid`` and its ids point at the sentinel scene B).
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"block index {index} is not in 0..{count - 1}")
+    n, g = int(block.xyz.shape[0]), int(block.instance_class.shape[0])
+    if point_capacity < n or instance_capacity < g:
+        raise ValueError(
+            f"block of {n} points / {g} instance slots does not fit the agreed capacities "
+            f"{point_capacity} / {instance_capacity}"
+        )
+    b = int(block.scene_valid.shape[0])
+    big_b = count * b
+
+    def pad(x, size, fill):
+        x = np.asarray(x)
+        out = np.full((size,) + x.shape[1:], fill, x.dtype)
+        out[: len(x)] = x
+        return out
+
+    valid = pad(block.valid, point_capacity, False)
+    inst_valid = pad(block.instance_valid, instance_capacity, False)
+    instance = pad(block.instance, point_capacity, IGNORE_LABEL)
+    superpoint = pad(block.superpoint, point_capacity, -1)
+    return PointBatch(
+        xyz=pad(block.xyz, point_capacity, 0),
+        feats=pad(block.feats, point_capacity, 0),
+        vox=pad(block.vox, point_capacity, 0),
+        batch_id=np.where(valid, pad(block.batch_id, point_capacity, 0) + index * b, big_b).astype(
+            np.int32
+        ),
+        valid=valid,
+        semantic=pad(block.semantic, point_capacity, IGNORE_LABEL),
+        instance=np.where(instance >= 0, instance + index * instance_capacity, instance).astype(
+            np.int32
+        ),
+        superpoint=np.where(superpoint >= 0, superpoint + index * point_capacity, -1).astype(
+            np.int32
+        ),
+        instance_class=pad(block.instance_class, instance_capacity, IGNORE_LABEL),
+        instance_batch=np.where(
+            inst_valid, pad(block.instance_batch, instance_capacity, 0) + index * b, big_b
+        ).astype(np.int32),
+        instance_valid=inst_valid,
+        scene_valid=np.asarray(block.scene_valid),
+    )
+
+
+def concat_blocks(blocks: Sequence[PointBatch]) -> PointBatch:
+    """The global batch of already placed blocks (``place_block``), concatenated along
+    every axis; what ``jax.make_array_from_process_local_data`` assembles across
+    processes, built in one process (tests, single-host reference runs)."""
+    return PointBatch(
+        **{
+            f: np.concatenate([np.asarray(getattr(x, f)) for x in blocks])
+            for f in PointBatch.__dataclass_fields__
+        }
+    )

@@ -230,6 +230,12 @@ class TrainIterator(_BatchIterator):
       prefetch: batches built ahead.
       transfer: optional fn applied to each batch in the worker (e.g. ``jax.device_put``).
       state: a ``state()`` dict to resume from.
+      num_shards, shard_index: multi-host data parallelism. The batch plan is that of the
+        global batch (``batch_size`` scenes, the same for any number of shards), and this
+        iterator loads and packs only its ``batch_size // num_shards`` scenes of each
+        batch: shard ``i`` takes slots ``i*b .. (i+1)*b - 1`` of the global batch
+        (``batching.place_block`` then makes its ids global). ``batch_size`` must divide
+        by ``num_shards``; the last incomplete batch must be dropped (``drop_remainder``).
     """
 
     def __init__(
@@ -251,11 +257,27 @@ class TrainIterator(_BatchIterator):
         transfer: Callable | None = None,
         state: dict | None = None,
         voxel_origin: str = "centre",
+        num_shards: int = 1,
+        shard_index: int = 0,
     ):
         super().__init__(
             num_epochs=num_epochs, num_workers=num_workers, prefetch=prefetch, transfer=transfer
         )
         self._paths = [str(p) for p in paths]
+        if num_shards < 1 or not 0 <= shard_index < num_shards:
+            raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
+        if batch_size % num_shards:
+            raise ValueError(
+                f"the global batch size {batch_size} (config.data.batch_size) does not divide "
+                f"by the {num_shards} processes: each process loads an equal share of every "
+                f"batch; set config.data.batch_size to a multiple of {num_shards}"
+            )
+        if num_shards > 1 and not drop_remainder:
+            raise ValueError(
+                "multi-host training needs drop_remainder=True (a padded last batch would "
+                "leave some processes without scenes)"
+            )
+        self._shards, self._shard = int(num_shards), int(shard_index)
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if drop_remainder and len(self._paths) < batch_size:
@@ -272,7 +294,7 @@ class TrainIterator(_BatchIterator):
             tuple(sorted(instance_buckets)),
             num_classes,
             voxel_size,
-            batch_size,
+            batch_size // num_shards,
             _checked_origin(voxel_origin),
         )
         cfg = augment_config
@@ -316,8 +338,9 @@ class TrainIterator(_BatchIterator):
         return [[int(i) for i in x] for x in batches]
 
     def _make(self, epoch: int, indices: list[int]):
+        b = self._batch_size // self._shards
         samples = []
-        for i in indices:
+        for i in indices[self._shard * b : (self._shard + 1) * b]:
             sample = load_scene(self._paths[i], num_classes=self._packing.num_classes)
             if self._augment is None:
                 sample = prepare_eval(sample)

@@ -10,6 +10,11 @@ Data parallelism: with several local devices the point axis of each batch is sha
 a 1-D ``data`` mesh and parameters are replicated; XLA's SPMD partitioner inserts the
 collectives, so the result equals the single-device computation (BatchNorm statistics
 are global over the batch, as on one device).
+
+Multi-host (``jax.distributed`` started by ``scripts/train.py``): each process loads its
+share of every global batch and the global batch is assembled across processes
+(``training.distributed``); process 0 logs, evaluates and prints, every process takes
+part in checkpoint saves (written once) and restores its state from the same folder.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from dknet_jax.checkpoint import Checkpoints, train_state
-from dknet_jax.config import validate
+from dknet_jax.config import ConfigError, validate
 from dknet_jax.data import pipeline
 from dknet_jax.data.dataset import SceneError, list_scenes
 from dknet_jax.inference import evaluate as ev
@@ -38,6 +43,7 @@ from dknet_jax.io_atomic import clean_json
 from dknet_jax.model import build_model, count_params
 from dknet_jax.objective import compute_losses, loss_weights
 from dknet_jax.objective.terms import mask_gate_threshold, stage_gates
+from dknet_jax.training import distributed as dist
 from dknet_jax.training.optim import make_optimizer
 
 
@@ -103,6 +109,8 @@ def shard_batch(batch, mesh: Mesh | None):
 
 
 def _log(path: str, record: dict) -> None:
+    if not dist.is_primary():
+        return
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -179,6 +187,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     step are dropped (`truncate_log`)."""
     validate(config)
     d, t = config.data, config.train
+    primary = dist.is_primary()
+    say = print if primary else (lambda *a, **k: None)
     # the data is checked before the work dir is created (a typo in the data root leaves
     # no empty work dir behind)
     train_paths = list_scenes(d.root, d.train_split)
@@ -187,12 +197,19 @@ def _train_and_evaluate(config, workdir: str) -> dict:
             f"{d.root}: training split {d.train_split!r} is empty; prepare "
             f"scenes into it (scripts/prepare_*.py) or set config.data.train_split"
         )
+    procs = jax.process_count()
+    if d.batch_size % procs:
+        raise ConfigError(
+            f"config.data.batch_size={d.batch_size} (the global batch) does not divide by "
+            f"the {procs} processes: each process loads an equal share of every batch; "
+            f"use a multiple of {procs}"
+        )
     # before any training: a missing split is an error now, not after the first epoch;
     # an empty one trains without evaluation (instead of logging NaN metrics)
     has_val = bool(_validation_scenes(d.root, d.val_split))
     os.makedirs(workdir, exist_ok=True)
-    print("Resolved config:\n" + str(config), flush=True)
-    if not has_val:
+    say("Resolved config:\n" + str(config), flush=True)
+    if not has_val and primary:
         warnings.warn(
             f"no validation scenes in {os.path.join(d.root, d.val_split)} (split "
             f"{d.val_split!r} of {d.root} is empty): training runs without evaluation; "
@@ -202,7 +219,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     steps_per_epoch = t.steps_per_epoch or max(len(train_paths) // d.batch_size, 1)
     total_steps = t.epochs * steps_per_epoch
     graphdef, params, rest = build_model(config)
-    print(f"DKNet parameters: {count_params(nnx.merge(graphdef, params, rest)):,}", flush=True)
+    say(f"DKNet parameters: {count_params(nnx.merge(graphdef, params, rest)):,}", flush=True)
     tx, schedule = make_optimizer(t, total_steps, steps_per_epoch)
     opt_state = tx.init(params)
     key = jax.random.PRNGKey(config.seed)
@@ -216,18 +233,28 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         key = state["key"]
         step, data_state = int(meta["step"]), meta["data"]
         best = float(meta["best"]) if meta.get("best") is not None else best
-        print(f"Resumed from step {step} in {workdir}", flush=True)
+        say(f"Resumed from step {step} in {workdir}", flush=True)
 
+    # one process: shard 0 of 1 (the whole batch); multi-host: this process's share
     it = pipeline.train_iterator(
-        train_paths, config, num_workers=1, prefetch=d.prefetch, state=data_state
+        train_paths,
+        config,
+        num_workers=1,
+        prefetch=d.prefetch,
+        state=data_state,
+        num_shards=procs,
+        shard_index=jax.process_index(),
     )
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+    mesh = dist.global_mesh()
+    if procs > 1:
+        # every process holds the same values (same seed or the same checkpoint)
+        params, rest, opt_state = dist.replicate((params, rest, opt_state), mesh)
+        say(f"multi-host: {procs} processes, {len(jax.devices())} devices", flush=True)
     train_step = make_train_step(graphdef, tx, config, mesh)
     log_path = os.path.join(workdir, "metrics.jsonl")
     # rows past the restored step (logged after the last checkpoint of a killed run) are
     # logged again below; time continues from the last kept row
-    time_offset = truncate_log(log_path, step)
+    time_offset = truncate_log(log_path, step) if primary else 0.0
     shapes: set = set()
     last_eval: dict = {}
     pbar = tqdm(
@@ -235,22 +262,26 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         initial=step,
         desc="train",
         unit="step",
-        disable=not sys.stderr.isatty() and os.environ.get("DKNET_PROGRESS") != "1",
+        disable=not primary
+        or (not sys.stderr.isatty() and os.environ.get("DKNET_PROGRESS") != "1"),
     )
     acc: dict = {}
     overflows = 0
     t_start = time.time() - time_offset
     while step < total_steps:
         batch = next(it)
-        shapes.add(tuple(batch.valid.shape) + tuple(batch.instance_class.shape))
         epoch = step // steps_per_epoch
         key, sub = jax.random.split(key)
-        params, rest, opt_state, metrics = train_step(
-            params, rest, opt_state, shard_batch(batch, mesh), sub, jnp.int32(epoch)
-        )
+        if procs > 1:
+            # host values (numpy) are replicated global inputs in a multi-process jit
+            args = (dist.global_batch(batch, mesh), np.asarray(sub), np.int32(epoch))
+        else:
+            args = (shard_batch(batch, mesh), sub, jnp.int32(epoch))
+        shapes.add(tuple(args[0].valid.shape) + tuple(args[0].instance_class.shape))
+        params, rest, opt_state, metrics = train_step(params, rest, opt_state, *args)
         step += 1
         pbar.update(1)
-        metrics = jax.device_get(metrics)
+        metrics = dist.to_host(metrics)
         if metrics["voxel_overflow"] > 0:
             # the step left the state untouched; a rare overflow costs one batch, a
             # frequent one means the capacities are wrong for this data
@@ -263,7 +294,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
             )
             if overflows > max(5, step // 20):
                 raise RuntimeError(f"{msg} ({overflows} overflowing batches so far)")
-            warnings.warn(msg + "; batch skipped", stacklevel=1)
+            if primary:
+                warnings.warn(msg + "; batch skipped", stacklevel=1)
         elif metrics["skipped"] > 0:
             raise FloatingPointError(
                 f"non-finite loss/gradient at step {step} (loss={metrics['loss']}); the update "
@@ -283,7 +315,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
             acc = {}
             _log(log_path, record)
             pbar.set_postfix(loss=f"{record['loss']:.3f}")
-            print(
+            say(
                 " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in record.items()
@@ -295,26 +327,33 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         if do_eval or step % t.ckpt_every_steps == 0:
             metric = None
             if do_eval and has_val:
-                last_eval = ev.evaluate_split(
-                    graphdef, params, rest, config, split=d.val_split, progress=False
-                )
-                metric = ev.headline(last_eval)
+                # process 0 evaluates on its own devices; the others wait for its metric
+                if primary:
+                    host = (params, rest)
+                    if procs > 1:  # local copies of the replicated global arrays
+                        host = jax.device_put(dist.to_host(host), jax.local_devices()[0])
+                    last_eval = ev.evaluate_split(
+                        graphdef, *host, config, split=d.val_split, progress=False
+                    )
+                    metric = ev.headline(last_eval)
+                metric = dist.broadcast(metric if primary else 0.0)
                 metric = None if np.isnan(metric) else metric
-                _log(
-                    log_path,
-                    clean_json(
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            "val": last_eval["instance"],
-                            "val_miou": last_eval["semantic"].get("miou"),
-                            "diagnostics": last_eval["diagnostics"],
-                        }
-                    ),
-                )
-                if "table" in last_eval:
-                    print(last_eval["table"], flush=True)
-                print(format_summary(last_eval["diagnostics"]), flush=True)
+                if primary:
+                    _log(
+                        log_path,
+                        clean_json(
+                            {
+                                "step": step,
+                                "epoch": epoch,
+                                "val": last_eval["instance"],
+                                "val_miou": last_eval["semantic"].get("miou"),
+                                "diagnostics": last_eval["diagnostics"],
+                            }
+                        ),
+                    )
+                    if "table" in last_eval:
+                        print(last_eval["table"], flush=True)
+                    print(format_summary(last_eval["diagnostics"]), flush=True)
                 best = max(best, metric) if metric is not None else best
             state = train_state(params, rest, opt_state, key)
             meta = {
