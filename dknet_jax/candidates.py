@@ -302,29 +302,12 @@ def _lfmis_rounds(adj, accept, pool_ok, m):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("radius", "threshold", "max_candidates", "pool_size", "algorithm"),
-)
-def _ln_nms_jit(xyz, score, valid, *, radius, threshold, max_candidates, pool_size, algorithm):
-    return _greedy_pool(
-        xyz,
-        score,
-        valid,
-        radius=radius,
-        threshold=threshold,
-        normalise=True,
-        max_candidates=max_candidates,
-        pool_size=pool_size,
-        algorithm=algorithm,
-    )
-
-
-@functools.partial(
-    jax.jit,
     static_argnames=("radius", "threshold", "max_candidates", "pool_size", "algorithm", "cap"),
 )
-def _ln_nms_released_jit(
+def _ln_nms_jit(
     xyz, score, valid, classes, *, radius, threshold, max_candidates, pool_size, algorithm, cap
 ):
+    # classes None: the paper's rule; i32[N]: the released rule (``ln_nms_with_info``)
     return _greedy_pool(
         xyz,
         score,
@@ -336,8 +319,8 @@ def _ln_nms_released_jit(
         pool_size=pool_size,
         algorithm=algorithm,
         classes=classes,
-        released=True,
-        cap=cap,
+        released=classes is not None,
+        cap=cap if classes is not None else 0,
     )
 
 
@@ -396,27 +379,17 @@ def ln_nms_with_info(
         classes = jnp.asarray(classes, jnp.int32)
         if classes.shape != score.shape:
             raise ValueError(f"ln_nms: classes must be [N] = {score.shape}, got {classes.shape}")
-        return _ln_nms_released_jit(
-            xyz,
-            score,
-            valid,
-            classes,
-            radius=float(radius),
-            threshold=float(threshold),
-            max_candidates=int(max_candidates),
-            pool_size=int(pool_size),
-            algorithm=_resolve_algorithm(algorithm),
-            cap=int(neighbour_cap),
-        )
     return _ln_nms_jit(
         xyz,
         score,
         valid,
+        classes,
         radius=float(radius),
         threshold=float(threshold),
         max_candidates=int(max_candidates),
         pool_size=int(pool_size),
         algorithm=_resolve_algorithm(algorithm),
+        cap=int(neighbour_cap) if classes is not None else 0,
     )
 
 
