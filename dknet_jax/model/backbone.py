@@ -358,19 +358,22 @@ def projection_shapes(module: nnx.Module) -> list[tuple[int, int]]:
     ]
 
 
+def unet_from_model_config(model_config, *, impl: str = "auto", rngs: nnx.Rngs) -> SparseUNet:
+    """The :class:`SparseUNet` a ``config.model`` describes (``DKNet``'s backbone)."""
+    m = model_config
+    return SparseUNet(
+        m.in_channels,
+        tuple(m.widths),
+        m.blocks_per_level,
+        impl=impl,
+        level_capacity_ratio=m.level_capacity_ratio,
+        expected_level_ratio=m.expected_level_ratio,
+        pairs_per_voxel=m.pairs_per_voxel,
+        rngs=rngs,
+    )
+
+
 def unet_from_config(model_config, *, impl: str = "auto") -> SparseUNet:
     """An abstract (shapes only, nothing allocated) :class:`SparseUNet` built like
     ``DKNet`` builds its backbone from ``config.model``; for listing layer shapes."""
-    m = model_config
-    return nnx.eval_shape(
-        lambda: SparseUNet(
-            m.in_channels,
-            tuple(m.widths),
-            m.blocks_per_level,
-            impl=impl,
-            level_capacity_ratio=m.level_capacity_ratio,
-            expected_level_ratio=m.expected_level_ratio,
-            pairs_per_voxel=m.pairs_per_voxel,
-            rngs=nnx.Rngs(0),
-        )
-    )
+    return nnx.eval_shape(lambda: unet_from_model_config(model_config, impl=impl, rngs=nnx.Rngs(0)))

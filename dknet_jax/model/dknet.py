@@ -27,7 +27,7 @@ from flax import nnx
 from dknet_jax import aggregation as agg
 from dknet_jax.candidates import mine_candidates
 from dknet_jax.model import mask_decoder
-from dknet_jax.model.backbone import SparseUNet
+from dknet_jax.model.backbone import unet_from_model_config
 from dknet_jax.model.heads import PointHeadOutputs, PointHeads, scene_softmax
 from dknet_jax.sparse.conv import resolve_impl
 from dknet_jax.sparse.voxelize import voxel_to_point, voxelize
@@ -138,16 +138,7 @@ class DKNet(nnx.Module):
         self.cand_rule = m.get("cand_rule", "ours")
         self.merge_rule = m.get("merge_rule", "components")
         self.neighbour_cap = int(m.get("neighbour_cap", 0))
-        self.backbone = SparseUNet(
-            m.in_channels,
-            tuple(m.widths),
-            m.blocks_per_level,
-            impl=impl,
-            level_capacity_ratio=m.level_capacity_ratio,
-            expected_level_ratio=m.expected_level_ratio,
-            pairs_per_voxel=m.pairs_per_voxel,
-            rngs=rngs,
-        )
+        self.backbone = unet_from_model_config(m, impl=impl, rngs=rngs)
         self.heads = PointHeads(
             feat_dim=m.widths[0],
             num_classes=m.num_classes,
