@@ -89,12 +89,14 @@ def _loop_on_backend() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _step_layout(gather_idx, scatter_idx, tile_k, num_in, num_out):
-    """Group ``G`` tiles per loop step; pad the tile count to a multiple of ``G`` with
-    empty tiles (sentinel rows) so that every step's slice is in bounds."""
+def _step_layout(gather_idx, scatter_idx, tile_k, num_in, num_out, width):
+    """Group ``G`` tiles per loop step (about ``STEP_ROWS`` pair rows, and no more than
+    ``STEP_ROWS / width`` tiles, so that the step's gathered ``[G, Cin, Cout]`` weights stay
+    below its ``[G T, C]`` rows); pad the tile count to a multiple of ``G`` with empty
+    tiles (sentinel rows) so that every step's slice is in bounds."""
     nt = tile_k.shape[0]
     t = gather_idx.shape[0] // nt
-    g = max(1, min(nt, STEP_ROWS // t))
+    g = max(1, min(nt, STEP_ROWS // t, STEP_ROWS // width))
     extra = -nt % g
     if extra:
         gather_idx = jnp.concatenate([gather_idx, jnp.full((extra * t,), num_in, jnp.int32)])
@@ -113,7 +115,9 @@ def _pairs_apply(x, w, gather_idx, scatter_idx, tile_k, used, acc):
         xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cin)
         y = jnp.einsum("tic,tcd->tid", xg, w[tile_k], preferred_element_type=jnp.float32)
         return acc.at[scatter_idx].add(y.reshape(-1, w.shape[-1]), mode="drop")
-    gi, si, tk, g, t = _step_layout(gather_idx, scatter_idx, tile_k, x.shape[0], num_out)
+    gi, si, tk, g, t = _step_layout(
+        gather_idx, scatter_idx, tile_k, x.shape[0], num_out, max(w.shape[1:])
+    )
 
     def step(s, acc):
         gs = lax.dynamic_slice(gi, (s * g * t,), (g * t,))
@@ -146,7 +150,9 @@ def _pairs_grads(x, w, gather_idx, scatter_idx, tile_k, used, g, dx, dw):
         dxg = jnp.einsum("tid,tcd->tic", gg, w[tile_k], preferred_element_type=jnp.float32)
         dx = dx.at[gather_idx].add(dxg.reshape(-1, cin), mode="drop")
         return dx, dw.at[tile_k].add(dw_t)
-    gi, si, tk, grp, t = _step_layout(gather_idx, scatter_idx, tile_k, x.shape[0], g.shape[0])
+    gi, si, tk, grp, t = _step_layout(
+        gather_idx, scatter_idx, tile_k, x.shape[0], g.shape[0], max(w.shape[1:])
+    )
 
     def step(s, carry):
         dx, dw = carry

@@ -237,9 +237,11 @@ def unique_rows(coords: Array, valid: Array, *, capacity: int):
 
 def default_tile_rows(num_pairs: int) -> int:
     """Tile height for ~``num_pairs`` pairs: large enough for an efficient batched matmul,
-    small enough that per-offset padding (< offsets * T rows) stays a few percent."""
-    t = 2 ** max(3, int(math.floor(math.log2(max(num_pairs, 1) / 1024.0 + 1e-9))) + 1)
-    return int(min(1024, max(8, t)))
+    small enough that per-offset padding (< offsets * T rows) stays a few percent. At
+    least 32 rows: every tile carries its own ``[Cin, Cout]`` weight, which must not cost
+    more than the tile's rows at the UNet's widths (up to 224)."""
+    t = 2 ** max(5, int(math.floor(math.log2(max(num_pairs, 1) / 1024.0 + 1e-9))) + 1)
+    return int(min(1024, t))
 
 
 def build_tiles(
