@@ -4,13 +4,21 @@ Place in the data flow: ``hashing`` (``SubmMap``, ``DownMap``) -> **conv** ->
 ``model/backbone`` (layers) and ``functional`` (public plain-array ops).
 
 Two XLA formulations:
-- *tiled* (:func:`tile_conv`): the existing pairs of a map, compacted into tiles of one
-  offset each (``hashing.Tiles``): gather ``[NT, T, Cin]`` rows, one batched matmul with
-  ``W[tile_k]``, ``segment_sum`` into the output rows. Only existing pairs are touched.
+- *tiled* (:func:`tile_conv`, ``_subm_pairs``): the existing pairs of a map, compacted into
+  tiles of one offset each (``hashing.Tiles``; submanifold tiles leave the centre out, it
+  is one plain ``x @ W[13]`` over the valid rows). On the CPU the used tiles (a prefix,
+  ``Tiles.used``) are walked in a loop of steps of ~``STEP_ROWS`` pair rows: gather the
+  step's input rows, multiply by each tile's ``W[k]``, add into the output rows. A
+  step's buffers stay in cache, so the pairs never make whole ``[R, C]`` round trips
+  through memory (on XLA:CPU that round trip, not the FLOPs, was the cost), and
+  capacity beyond the real pairs costs no time. On other backends all tiles run in one
+  batched pass. Only existing pairs are touched.
 - *dense per offset* (:func:`table_conv`): ``out = sum_k feats[nbr[:, k]] @ W[k]`` over the
   27 columns of a submanifold table, one offset at a time (``lax.scan``), O(V C) memory.
-  Used when the tile capacity overflowed (``lax.cond`` on ``Tiles.ok``) and by the
-  functional API.
+  Used when a tile capacity below "every pair" overflowed (``lax.cond`` on ``Tiles.ok``;
+  complete tiles, ``Tiles.complete``, compile no fallback).
+
+The model (``backbone``) and the public ops (``functional``) run this same code.
 
 Backward passes reuse the maps and never build ``[V, 27, C]``; only the inputs are saved
 as residuals (gathers are recomputed). On the table path the feature gradient of a
@@ -18,8 +26,9 @@ submanifold conv is the same convolution with mirrored offsets and transposed we
 (``W'[k] = W[26-k]^T``; the pair set is symmetric), gathers only. On the tiled path the
 pairs are walked in the transposed direction (gather and scatter indices swapped, which
 for a submanifold map *is* the mirrored convolution): the gathered output-gradient rows
-serve both dW (per-tile outer products, summed per offset) and dx, one ``[R, C]`` gather
-fewer than re-gathering for a separate mirrored conv.
+serve both dW (``dW[k] += x[j]^T g[i]`` per tile) and dx (``g[i] @ W[k]^T`` added into
+row j), one gather fewer than re-gathering for a separate mirrored conv; on the CPU in
+the same cache-sized steps as the forward.
 
 ``impl``: ``"xla"``, ``"pallas"`` (``pallas_kernels.sparse_conv.gather_matmul`` on the
 neighbour table; submanifold convs only, strided / inverse stay on XLA) or ``"auto"``
