@@ -202,7 +202,7 @@ class SparseUNet(nnx.Module):
       pairs_per_voxel: tile capacity of the submanifold maps in off-centre neighbour
         pairs per expected voxel, a float or one value per level. The CPU convolution
         walks only the tiles in use, so the capacity costs index memory (8 bytes per
-        pair slot), not convolution time. >= 26 (the default) holds every pair a level
+        pair slot), not convolution time. >= 26 holds every pair a level
         can have: no fallback exists or is compiled. Below 26 the tiles hold
         ``pairs_per_voxel * V * expected_level_ratio**l`` pairs at level l (room-like
         sets have ~12 per voxel at 2 cm); a level with more pairs falls back to the
@@ -221,7 +221,7 @@ class SparseUNet(nnx.Module):
         impl: str = "auto",
         level_capacity_ratio: float | Sequence[float] = 0.5,
         min_level_capacity: int = 64,
-        pairs_per_voxel: float | Sequence[float] = 26.0,
+        pairs_per_voxel: float | Sequence[float] = 14.0,
         expected_level_ratio: float = 0.3,
         rngs: nnx.Rngs,
     ):
