@@ -26,6 +26,18 @@ CIN, COUT = 5, 3
 TOL = dict(rtol=2e-4, atol=2e-4)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_loop_everywhere(monkeypatch):
+    """These small sets would take the batched pass (below ``conv.LOOP_MIN_ELEMS``); here
+    they take the CPU loop that large sets take, so every numpy comparison below checks
+    it (``test_batched_pass_equals_cpu_loop`` checks the batched pass against it). The
+    threshold is read when a function is traced: caches are cleared around each test."""
+    monkeypatch.setattr(conv, "LOOP_MIN_ELEMS", 0)
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
 def _data(seed, kind):
     rng = np.random.default_rng(seed)
     c = random_coords(rng, kind)
@@ -239,8 +251,8 @@ def test_pallas_path_equals_xla():
 
 
 def test_batched_pass_equals_cpu_loop(monkeypatch):
-    # Non-CPU backends run all tiles in one batched pass instead of the CPU's loop of
-    # cache-sized steps: same outputs and gradients (subm, down, up).
+    # Non-CPU backends and small convs run all tiles in one batched pass instead of the
+    # CPU's loop of cache-sized steps: same outputs and gradients (subm, down, up).
     rng, c, f, w3, w2 = _data(19, "clustered")
     cp, fp, valid, perm = _padded(rng, c, f)
     inv = np.argsort(perm)[: len(c)]

@@ -93,9 +93,22 @@ def _pallas_gather_matmul():
 STEP_ROWS = 4096
 
 
+# Below this many pair-row elements (tile capacity rows x the wider channel count, 4 MiB
+# of f32) a conv runs as one batched pass even on the CPU: its arrays are small enough that
+# whole passes cost little, and every loop adds compile time. On the demo UNet (configs/
+# synthetic.py) this threshold and "always loop" ran equally fast, the threshold compiled
+# in 29 s against 48 s (docs/benchmarks.md, "Sparse engine").
+LOOP_MIN_ELEMS = 1 << 20
+
+
 def _loop_on_backend() -> bool:
     """CPU: walk the used tiles in a loop; other backends: one batched pass."""
     return jax.default_backend() == "cpu"
+
+
+def _use_loop(rows: int, width: int) -> bool:
+    """The loop for large convs on the CPU (static decision from the capacity)."""
+    return _loop_on_backend() and rows * width >= LOOP_MIN_ELEMS
 
 
 def _step_layout(gather_idx, scatter_idx, tile_k, num_in, num_out, width):
@@ -119,7 +132,7 @@ def _pairs_apply(x, w, gather_idx, scatter_idx, tile_k, used, acc):
     the first ``used`` tiles (f32 accumulator ``acc: [num_out, Cout]``)."""
     num_out = acc.shape[0]
     cin = x.shape[1]
-    if not _loop_on_backend():
+    if not _use_loop(gather_idx.shape[0], max(w.shape[1:])):
         nt = tile_k.shape[0]
         xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cin)
         y = jnp.einsum("tic,tcd->tid", xg, w[tile_k], preferred_element_type=jnp.float32)
@@ -151,7 +164,7 @@ def _pairs_grads(x, w, gather_idx, scatter_idx, tile_k, used, g, dx, dw):
     ``dW[k] = x[j]^T g[i]``) and dx (times ``W[k]^T``, added into the input rows)."""
     g = g.astype(x.dtype)
     cin, cout = w.shape[1], w.shape[2]
-    if not _loop_on_backend():
+    if not _use_loop(gather_idx.shape[0], max(w.shape[1:])):
         nt = tile_k.shape[0]
         gg = jnp.take(g, scatter_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cout)
         xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cin)
