@@ -4,15 +4,20 @@ Place in the data flow: a standalone measurement of ``dknet_jax.sparse`` (kernel
 convolutions) and ``dknet_jax.model.backbone`` (the full UNet), used for
 ``docs/benchmarks.md`` ("Sparse engine").
 
-    python scripts/bench_sparse.py               # full room (~150k voxels at 2 cm)
+    python scripts/bench_sparse.py               # full room (~159k voxels at 2 cm)
     python scripts/bench_sparse.py --quick       # small room, < 1 minute on a CPU
     python scripts/bench_sparse.py --impl pallas # force the Pallas path (GPU)
 
 The room (deterministic): floor, three walls, a table, a cabinet, a sofa-like block and
 shelves, sampled at 1 cm, turned 0.3 rad about z (not grid-aligned), voxelised at 2 cm
-(~144k voxels, ~13 neighbours per voxel of 27). The equal-FLOP baseline is a
-dense ``[R, Cin] @ [Cin, Cout]`` matmul with R = the number of existing neighbour pairs
-(FLOPs = 2 R Cin Cout); fwd+bwd of the baseline is value_and_grad w.r.t. both operands.
+(~159k voxels at the default --scale 1.05, ~13 neighbours per voxel of 27). The
+equal-FLOP baseline is a dense ``[R, Cin] @ [Cin, Cout]`` matmul with R = the number of
+existing neighbour pairs (FLOPs = 2 R Cin Cout); fwd+bwd of the baseline is
+value_and_grad w.r.t. both operands. Printed side by side in one run at 32 and 64
+channels: the model path (``conv.subm_conv`` on a prebuilt map), the public
+``subm_conv3d`` (its kernel map built inside every call), the matmul, and spconv's CPU
+``SubMConv3d`` when ``spconv`` and ``torch`` import (optional, never a dependency); then
+the full UNet forward / forward+backward and compile times.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from flax import nnx
 
 from dknet_jax.benchmarking import device_peak_gib, host_peak_gib
 from dknet_jax.model.backbone import SparseUNet, count_params
-from dknet_jax.sparse import conv, hashing
+from dknet_jax.sparse import conv, hashing, subm_conv3d
 from dknet_jax.sparse.voxelize import voxelize
 
 
@@ -82,13 +87,16 @@ def make_room(
 
 
 def _time(fn, *args, repeats: int):
-    jax.block_until_ready(fn(*args))  # compile + warm up
+    """(median warm seconds, seconds of the first call = compile + one run)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    return float(np.median(ts)), first
 
 
 def _peak_mem() -> str:
@@ -98,40 +106,52 @@ def _peak_mem() -> str:
     return f"{host_peak_gib():.2f} GiB host RSS"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--impl", default="auto", choices=conv.IMPLS)
-    ap.add_argument("--quick", action="store_true", help="small room (smoke run / demo)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no_backbone", action="store_true")
-    ap.add_argument(
-        "--pairs_per_voxel",
-        type=float,
-        default=14.0,
-        help="tile capacity of the conv benchmark's map (the UNet default is 14)",
-    )
-    args = ap.parse_args()
-    impl = conv.resolve_impl(args.impl)
-    vox = make_room(scale=0.35 if args.quick else 1.0)
-    v = len(vox)
-    coords = np.concatenate([np.zeros((v, 1), np.int32), vox], 1)
-    valid = np.ones(v, bool)
-    print(
-        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"{platform.processor() or platform.machine()}; impl={impl}"
-    )
+def _spconv_times(coords, x, g, w, repeats):
+    """spconv's CPU SubMConv3d [fwd, fwd+bwd] seconds when spconv and torch import (an
+    optional comparison, never a dependency), else None. Its kernel map is built on the
+    first call and kept by the tensor, like the model's per-level maps."""
+    try:
+        import spconv.pytorch as spc
+        import spconv.pytorch.ops as spc_ops
+        import torch
+    except ImportError:
+        return None
+    spc_ops.get_current_stream = lambda: 0  # spconv 2.3.8's CPU backward asks for a stream
+    c = x.shape[1]
+    layer = spc.SubMConv3d(c, c, 3, bias=False, indice_key="bench")
+    w5 = torch.from_numpy(np.asarray(w).reshape(3, 3, 3, c, c))
+    with torch.no_grad():  # ours [kx, ky, kz, Cin, Cout] -> spconv [Cout, kx, ky, kz, Cin]
+        layer.weight.copy_(w5.permute(4, 0, 1, 2, 3))
+    feats = torch.from_numpy(np.asarray(x)).requires_grad_(True)
+    gt = torch.from_numpy(np.asarray(g))
+    shape = (coords[:, 1:].max(0) + 1).tolist()
+    st = spc.SparseConvTensor(feats, torch.from_numpy(coords), shape, batch_size=1)
 
-    build = jax.jit(lambda c, m: hashing.subm_map(c, m, pairs_per_voxel=args.pairs_per_voxel))
-    smap = build(coords, valid)
-    t_map = _time(build, coords, valid, repeats=args.repeats)
-    pairs = int(np.sum(np.asarray(smap.nbr) < v))
-    print(
-        f"room: {v} voxels at 2 cm, {pairs} neighbour pairs ({pairs / v:.2f} per voxel), "
-        f"tiles {smap.tiles.tile_k.shape[0]} x {smap.tiles.tile_rows} rows, "
-        f"fit={bool(smap.tiles.ok)}; kernel map build {t_map * 1e3:.0f} ms"
-    )
+    def run(bwd):
+        out = layer(st).features
+        if bwd:
+            feats.grad = None
+            layer.weight.grad = None
+            out.backward(gt)
 
+    times = []
+    for bwd in (False, True):
+        run(bwd)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run(bwd)
+            ts.append(time.perf_counter() - t)
+        times.append(float(np.median(ts)))
+    return times
+
+
+def _bench_convs(args, impl, coords, smap, pairs):
+    """Model-path subm conv, public subm_conv3d, equal-FLOP matmul (and spconv) side by
+    side at 32 and 64 channels."""
+    v = coords.shape[0]
     rng = np.random.default_rng(0)
+    r = args.repeats
     rows = []
     for c in (32, 64):
         x = jnp.asarray(rng.normal(size=(v, c)), jnp.float32)
@@ -143,39 +163,51 @@ def main():
                 lambda x, w, s, g: jnp.vdot(conv.subm_conv(x, w, s, impl=impl), g), argnums=(0, 1)
             )
         )
+        # The public op from outside: coordinates are an argument, so its kernel map is
+        # built inside every call, as for a user calling it on plain arrays.
+        pub = jax.jit(
+            jax.value_and_grad(
+                lambda x, w, c, g: jnp.vdot(subm_conv3d(c, x, w, impl=impl), g), argnums=(0, 1)
+            )
+        )
         xd = jnp.asarray(rng.normal(size=(pairs, c)), jnp.float32)
         wd = jnp.asarray(rng.normal(size=(c, c)), jnp.float32)
         gd = jnp.asarray(rng.normal(size=(pairs, c)), jnp.float32)
         dfwd = jax.jit(lambda a, b: a @ b)
         dboth = jax.jit(jax.value_and_grad(lambda a, b, g: jnp.vdot(a @ b, g), argnums=(0, 1)))
-        t = [
-            _time(fwd, x, w, smap, repeats=args.repeats),
-            _time(both, x, w, smap, g, repeats=args.repeats),
-            _time(dfwd, xd, wd, repeats=args.repeats),
-            _time(dboth, xd, wd, gd, repeats=args.repeats),
-        ]
-        rows.append((c, *t))
+        df, _ = _time(dfwd, xd, wd, repeats=r)
+        db, _ = _time(dboth, xd, wd, gd, repeats=r)
         del xd, gd
-    gflop = lambda c: 2 * pairs * c * c / 1e9
+        sf, cf = _time(fwd, x, w, smap, repeats=r)
+        sb, cb = _time(both, x, w, smap, g, repeats=r)
+        pb, cp = _time(pub, x, w.reshape(3, 3, 3, c, c), jnp.asarray(coords), g, repeats=r)
+        sp = _spconv_times(coords, x, g, w, r)
+        rows.append((c, df, db, sf, sb, pb, sp, cf, cb, cp))
     print(
-        "\n| C -> C | GFLOP fwd | subm fwd ms | matmul fwd ms | ratio | subm fwd+bwd ms "
-        "| matmul fwd+bwd ms | ratio |"
+        "\n| C -> C | GFLOP fwd | matmul fwd / fwd+bwd ms | model subm fwd ms (ratio) "
+        "| model subm fwd+bwd ms (ratio) | public subm_conv3d fwd+bwd ms, map incl. (ratio) "
+        "| spconv fwd / fwd+bwd ms (fwd+bwd ratio) | first call s: model fwd / fwd+bwd / public |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for c, sf, sb, df, db in rows:
+    for c, df, db, sf, sb, pb, sp, cf, cb, cp in rows:
+        spc = "not installed"
+        if sp is not None:
+            spc = f"{sp[0] * 1e3:.0f} / {sp[1] * 1e3:.0f} ({sp[1] / db:.2f}x)"
         print(
-            f"| {c} -> {c} | {gflop(c):.2f} | {sf * 1e3:.3g} | {df * 1e3:.3g} | {sf / df:.2f} "
-            f"| {sb * 1e3:.3g} | {db * 1e3:.3g} | {sb / db:.2f} |"
+            f"| {c} -> {c} | {2 * pairs * c * c / 1e9:.2f} | {df * 1e3:.0f} / {db * 1e3:.0f} "
+            f"| {sf * 1e3:.0f} ({sf / df:.2f}x) | {sb * 1e3:.0f} (**{sb / db:.2f}x**) "
+            f"| {pb * 1e3:.0f} ({pb / db:.2f}x) | {spc} | {cf:.1f} / {cb:.1f} / {cp:.1f} |"
         )
     print(f"\npeak memory after the conv benchmark: {_peak_mem()}")
 
-    if args.no_backbone:
-        return
+
+def _bench_backbone(args, impl, vox, valid):
+    v = len(vox)
+    rng = np.random.default_rng(0)
     net = SparseUNet(impl=impl, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     feats = jnp.asarray(rng.normal(size=(v, 6)), jnp.float32)
     bid = jnp.zeros(v, jnp.int32)
-
     args_in = (jnp.asarray(vox), bid, jnp.asarray(valid), feats)  # arguments, not constants
 
     def forward(params, vox, bid, valid, feats, train):
@@ -186,10 +218,11 @@ def main():
     fwd = jax.jit(lambda p, *a: forward(p, *a, train=False))
     step = jax.jit(jax.value_and_grad(lambda p, *a: forward(p, *a, train=True)))
     t0 = time.perf_counter()
-    val = float(jax.block_until_ready(step(params, *args_in))[0])
+    step_c = step.lower(params, *args_in).compile()
     t_compile = time.perf_counter() - t0
-    tf = _time(fwd, params, *args_in, repeats=args.repeats)
-    tb = _time(step, params, *args_in, repeats=args.repeats)
+    val = float(jax.block_until_ready(step_c(params, *args_in))[0])
+    tf, first_f = _time(fwd, params, *args_in, repeats=args.repeats)
+    tb, _ = _time(step_c, params, *args_in, repeats=args.repeats)
     maps = jax.jit(lambda *a: net.kernel_maps(voxelize(*a, capacity=v)))(*args_in)
     counts = [int(np.sum(np.asarray(lv.valid))) for lv in maps]
     fits = all(bool(lv.subm.tiles.ok) for lv in maps)
@@ -200,9 +233,54 @@ def main():
     )
     print(
         f"backbone per scene ({v} voxels): forward {tf * 1e3:.0f} ms, forward+backward "
-        f"{tb * 1e3:.0f} ms (first call incl. compile {t_compile:.1f} s)"
+        f"{tb * 1e3:.0f} ms; compile: forward+backward {t_compile:.1f} s, forward "
+        f"{first_f - tf:.1f} s"
     )
     print(f"peak memory: {_peak_mem()}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--impl", default="auto", choices=conv.IMPLS)
+    ap.add_argument("--quick", action="store_true", help="small room (smoke run / demo)")
+    ap.add_argument("--scale", type=float, default=1.05, help="room size (1.05: ~159k voxels)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no_backbone", action="store_true")
+    ap.add_argument("--no_convs", action="store_true")
+    ap.add_argument(
+        "--pairs_per_voxel",
+        type=float,
+        default=14.0,
+        help="tile capacity of the model-path map (the UNet default is 14)",
+    )
+    args = ap.parse_args()
+    impl = conv.resolve_impl(args.impl)
+    vox = make_room(scale=0.35 if args.quick else args.scale)
+    v = len(vox)
+    coords = np.concatenate([np.zeros((v, 1), np.int32), vox], 1)
+    valid = np.ones(v, bool)
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"{platform.processor() or platform.machine()}; impl={impl}"
+    )
+    if not args.no_convs:
+        build = jax.jit(lambda c, m: hashing.subm_map(c, m, pairs_per_voxel=args.pairs_per_voxel))
+        smap = build(coords, valid)
+        t_map, _ = _time(build, coords, valid, repeats=args.repeats)
+        build26 = jax.jit(lambda c, m: hashing.subm_map(c, m, pairs_per_voxel=26.0))
+        t_map26, _ = _time(build26, coords, valid, repeats=args.repeats)
+        pairs = int(np.sum(np.asarray(smap.nbr) < v))
+        tl = smap.tiles
+        print(
+            f"room: {v} voxels at 2 cm, {pairs} neighbour pairs ({pairs / v:.2f} per voxel "
+            f"incl. the centre); model map: off-centre tiles {int(tl.used)} used of "
+            f"{tl.tile_k.shape[0]} x {tl.tile_rows} rows, fit={bool(tl.ok)}, built in "
+            f"{t_map * 1e3:.0f} ms; the public op's map (complete tiles, 26 pairs/voxel) "
+            f"{t_map26 * 1e3:.0f} ms; conv loop step {conv.STEP_ROWS} pair rows"
+        )
+        _bench_convs(args, impl, coords, smap, pairs)
+    if not args.no_backbone:
+        _bench_backbone(args, impl, vox, valid)
 
 
 if __name__ == "__main__":

@@ -50,16 +50,22 @@ def test_subm_table_matches_bruteforce(kind):
     assert (nbr[~valid] == v).all()
     assert not bool(smap.overflow)
 
-    # Tiles hold every existing pair once, one offset per tile.
+    # Tiles hold every existing off-centre pair once, one offset per tile; the centre
+    # (applied as a plain matmul by the conv) is in no tile; used tiles form a prefix.
     t = smap.tiles
-    assert bool(t.ok)
+    assert bool(t.ok) and t.complete
     row, col, tk = np.asarray(t.row), np.asarray(t.col), np.asarray(t.tile_k)
     real = row < v
     k_of_row = np.repeat(tk, t.tile_rows)[real]
     pairs = sorted(zip(row[real].tolist(), k_of_row.tolist(), col[real].tolist(), strict=True))
     ii, kk = np.nonzero(nbr < v)
+    off = kk != hashing.CENTER
+    ii, kk = ii[off], kk[off]
     assert pairs == sorted(zip(ii.tolist(), kk.tolist(), nbr[ii, kk].tolist(), strict=True))
     assert (col[~real] == v).all()
+    used = int(t.used)
+    assert real.reshape(-1, t.tile_rows)[:used].any(axis=1).all()
+    assert not real.reshape(-1, t.tile_rows)[used:].any()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -26,6 +26,18 @@ CIN, COUT = 5, 3
 TOL = dict(rtol=2e-4, atol=2e-4)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_loop_everywhere(monkeypatch):
+    """These small sets would take the batched pass (below ``conv.LOOP_MIN_ELEMS``); here
+    they take the CPU loop that large sets take, so every numpy comparison below checks
+    it (``test_batched_pass_equals_cpu_loop`` checks the batched pass against it). The
+    threshold is read when a function is traced: caches are cleared around each test."""
+    monkeypatch.setattr(conv, "LOOP_MIN_ELEMS", 0)
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
 def _data(seed, kind):
     rng = np.random.default_rng(seed)
     c = random_coords(rng, kind)
@@ -236,3 +248,33 @@ def test_pallas_path_equals_xla():
     np.testing.assert_allclose(got[0], want[0], **TOL)
     for a, b in zip(got[1], want[1], strict=True):
         np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_batched_pass_equals_cpu_loop(monkeypatch):
+    # Non-CPU backends and small convs run all tiles in one batched pass instead of the
+    # CPU's loop of cache-sized steps: same outputs and gradients (subm, down, up).
+    rng, c, f, w3, w2 = _data(19, "clustered")
+    cp, fp, valid, perm = _padded(rng, c, f)
+    inv = np.argsort(perm)[: len(c)]
+    g = rng.normal(size=(CAP, COUT)).astype(np.float32)
+    w_up = rng.normal(size=(2, 2, 2, COUT, CIN)).astype(np.float32)
+
+    def run():
+        smap = hashing.subm_map(cp, valid, pairs_per_voxel=8, tile_rows=8)
+        dmap = hashing.down_map(cp, valid, capacity=3 * CAP // 4, tile_rows=8)
+
+        def fn(x, w, wd, wu):
+            up = conv.inverse_conv(conv.strided_conv(x, wd, dmap), wu, dmap)
+            return conv.subm_conv(x, w, smap, impl="xla"), up
+
+        out, vjp = jax.vjp(fn, *map(jnp.asarray, (fp, w3, w2, w_up)))
+        return out, vjp((jnp.asarray(g), jnp.asarray(fp)))
+
+    (out, up), grads = run()
+    np.testing.assert_allclose(np.asarray(out)[inv], subm_ref(c, f, w3), **TOL)
+    monkeypatch.setattr(conv, "_loop_on_backend", lambda: False)
+    (out_b, up_b), grads_b = run()
+    np.testing.assert_allclose(out_b, out, **TOL)
+    np.testing.assert_allclose(up_b, up, **TOL)
+    for a, b in zip(grads_b, grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(np.abs(b).max()))

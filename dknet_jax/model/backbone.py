@@ -199,13 +199,17 @@ class SparseUNet(nnx.Module):
         voxels per halving, see the measured ratios in ``docs/benchmarks.md``, "Sparse
         engine").
       min_level_capacity: lower bound of every level's capacity.
-      pairs_per_voxel: tile capacity of the submanifold maps in neighbour pairs per
-        expected voxel (at most 27), a float or one value per level (coarse levels of a
-        room are denser than its finest level; measured counts in ``docs/benchmarks.md``).
-      expected_level_ratio: expected voxels of level l+1 per voxel of level l; tiles hold
-        ``pairs_per_voxel * V * ratio**l`` pairs at level l. A level with more pairs
-        falls back to the dense per-offset path (correct, slower for that level), so both
-        numbers trade speed, never correctness.
+      pairs_per_voxel: tile capacity of the submanifold maps in off-centre neighbour
+        pairs per expected voxel, a float or one value per level. The CPU convolution
+        walks only the tiles in use, so the capacity costs index memory (8 bytes per
+        pair slot), not convolution time. >= 26 holds every pair a level
+        can have: no fallback exists or is compiled. Below 26 the tiles hold
+        ``pairs_per_voxel * V * expected_level_ratio**l`` pairs at level l (room-like
+        sets have ~12 per voxel at 2 cm); a level with more pairs falls back to the
+        dense per-offset path (correct, slower), so the number trades memory and
+        compile time, never correctness.
+      expected_level_ratio: expected voxels of level l+1 per voxel of level l (~0.23 for
+        rooms at 2 cm); sizes the tiles when ``pairs_per_voxel`` < 26.
     """
 
     def __init__(
@@ -283,7 +287,10 @@ class SparseUNet(nnx.Module):
                 caps[lvl],
                 max(self.min_level_capacity, voxels.capacity * self.expected_level_ratio**lvl),
             )
-            ppv = self.pairs_per_voxel[lvl] * expected / caps[lvl]
+            ppv = self.pairs_per_voxel[lvl]
+            # >= 26: tiles for every pair the level's capacity can hold (never a fallback,
+            # none compiled); otherwise sized for the expected voxels.
+            ppv = 26.0 if ppv >= 26.0 else ppv * expected / caps[lvl]
             smap = hashing.subm_map(coords, valid, pairs_per_voxel=ppv)
             down = None
             if lvl + 1 < len(caps):

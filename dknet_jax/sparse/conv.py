@@ -4,13 +4,21 @@ Place in the data flow: ``hashing`` (``SubmMap``, ``DownMap``) -> **conv** ->
 ``model/backbone`` (layers) and ``functional`` (public plain-array ops).
 
 Two XLA formulations:
-- *tiled* (:func:`tile_conv`): the existing pairs of a map, compacted into tiles of one
-  offset each (``hashing.Tiles``): gather ``[NT, T, Cin]`` rows, one batched matmul with
-  ``W[tile_k]``, ``segment_sum`` into the output rows. Only existing pairs are touched.
+- *tiled* (:func:`tile_conv`, ``_subm_pairs``): the existing pairs of a map, compacted into
+  tiles of one offset each (``hashing.Tiles``; submanifold tiles leave the centre out, it
+  is one plain ``x @ W[13]`` over the valid rows). On the CPU the used tiles (a prefix,
+  ``Tiles.used``) are walked in a loop of steps of ~``STEP_ROWS`` pair rows: gather the
+  step's input rows, multiply by each tile's ``W[k]``, add into the output rows. A
+  step's buffers stay in cache, so the pairs never make whole ``[R, C]`` round trips
+  through memory (on XLA:CPU that round trip, not the FLOPs, was the cost), and
+  capacity beyond the real pairs costs no time. On other backends all tiles run in one
+  batched pass. Only existing pairs are touched.
 - *dense per offset* (:func:`table_conv`): ``out = sum_k feats[nbr[:, k]] @ W[k]`` over the
   27 columns of a submanifold table, one offset at a time (``lax.scan``), O(V C) memory.
-  Used when the tile capacity overflowed (``lax.cond`` on ``Tiles.ok``) and by the
-  functional API.
+  Used when a tile capacity below "every pair" overflowed (``lax.cond`` on ``Tiles.ok``;
+  complete tiles, ``Tiles.complete``, compile no fallback).
+
+The model (``backbone``) and the public ops (``functional``) run this same code.
 
 Backward passes reuse the maps and never build ``[V, 27, C]``; only the inputs are saved
 as residuals (gathers are recomputed). On the table path the feature gradient of a
@@ -18,8 +26,9 @@ submanifold conv is the same convolution with mirrored offsets and transposed we
 (``W'[k] = W[26-k]^T``; the pair set is symmetric), gathers only. On the tiled path the
 pairs are walked in the transposed direction (gather and scatter indices swapped, which
 for a submanifold map *is* the mirrored convolution): the gathered output-gradient rows
-serve both dW (per-tile outer products, summed per offset) and dx, one ``[R, C]`` gather
-fewer than re-gathering for a separate mirrored conv.
+serve both dW (``dW[k] += x[j]^T g[i]`` per tile) and dx (``g[i] @ W[k]^T`` added into
+row j), one gather fewer than re-gathering for a separate mirrored conv; on the CPU in
+the same cache-sized steps as the forward.
 
 ``impl``: ``"xla"``, ``"pallas"`` (``pallas_kernels.sparse_conv.gather_matmul`` on the
 neighbour table; submanifold convs only, strided / inverse stay on XLA) or ``"auto"``
@@ -35,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dknet_jax.sparse.hashing import DownMap, SubmMap
+from dknet_jax.sparse.hashing import CENTER, DownMap, SubmMap
 
 Array = jax.Array
 
@@ -78,58 +87,145 @@ def _pallas_gather_matmul():
 
 # ------------------------------------------------------------------------ tiled path
 
+# Pair rows handled per step of the CPU loop: the gathered rows, their products and the
+# weights of one step stay in cache (4096 x 64 f32 = 1 MiB) instead of making whole
+# [R, C] round trips through memory.
+STEP_ROWS = 4096
 
-def _tile_apply(x, w, gather_idx, scatter_idx, tile_k, num_out):
+
+# Below this many pair-row elements (tile capacity rows x the wider channel count, 4 MiB
+# of f32) a conv runs as one batched pass even on the CPU: its arrays are small enough that
+# whole passes cost little, and every loop adds compile time. On the demo UNet (configs/
+# synthetic.py) this threshold and "always loop" ran equally fast, the threshold compiled
+# in 29 s against 48 s (docs/benchmarks.md, "Sparse engine").
+LOOP_MIN_ELEMS = 1 << 20
+
+
+def _loop_on_backend() -> bool:
+    """CPU: walk the used tiles in a loop; other backends: one batched pass."""
+    return jax.default_backend() == "cpu"
+
+
+def _use_loop(rows: int, width: int) -> bool:
+    """The loop for large convs on the CPU (static decision from the capacity)."""
+    return _loop_on_backend() and rows * width >= LOOP_MIN_ELEMS
+
+
+def _step_layout(gather_idx, scatter_idx, tile_k, num_in, num_out, width):
+    """Group ``G`` tiles per loop step (about ``STEP_ROWS`` pair rows, and no more than
+    ``STEP_ROWS / width`` tiles, so that the step's gathered ``[G, Cin, Cout]`` weights stay
+    below its ``[G T, C]`` rows); pad the tile count to a multiple of ``G`` with empty
+    tiles (sentinel rows) so that every step's slice is in bounds."""
     nt = tile_k.shape[0]
-    xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0)
-    xg = xg.reshape(nt, -1, x.shape[1])
-    y = jnp.einsum("tic,tcd->tid", xg, w[tile_k], preferred_element_type=jnp.float32)
-    y = y.reshape(-1, w.shape[-1]).astype(x.dtype)
-    return jax.ops.segment_sum(y, scatter_idx, num_segments=num_out)
+    t = gather_idx.shape[0] // nt
+    g = max(1, min(nt, STEP_ROWS // t, STEP_ROWS // width))
+    extra = -nt % g
+    if extra:
+        gather_idx = jnp.concatenate([gather_idx, jnp.full((extra * t,), num_in, jnp.int32)])
+        scatter_idx = jnp.concatenate([scatter_idx, jnp.full((extra * t,), num_out, jnp.int32)])
+        tile_k = jnp.concatenate([tile_k, jnp.zeros((extra,), jnp.int32)])
+    return gather_idx, scatter_idx, tile_k, g, t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def tile_conv(x, w, gather_idx, scatter_idx, tile_k, num_out):
+def _pairs_apply(x, w, gather_idx, scatter_idx, tile_k, used, acc):
+    """``acc[scatter_idx[p]] += x[gather_idx[p]] @ w[tile_k[p // T]]`` over the pair rows of
+    the first ``used`` tiles (f32 accumulator ``acc: [num_out, Cout]``)."""
+    num_out = acc.shape[0]
+    cin = x.shape[1]
+    if not _use_loop(gather_idx.shape[0], max(w.shape[1:])):
+        nt = tile_k.shape[0]
+        xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cin)
+        y = jnp.einsum("tic,tcd->tid", xg, w[tile_k], preferred_element_type=jnp.float32)
+        return acc.at[scatter_idx].add(y.reshape(-1, w.shape[-1]), mode="drop")
+    gi, si, tk, g, t = _step_layout(
+        gather_idx, scatter_idx, tile_k, x.shape[0], num_out, max(w.shape[1:])
+    )
+
+    def step(s, acc):
+        gs = lax.dynamic_slice(gi, (s * g * t,), (g * t,))
+        ss = lax.dynamic_slice(si, (s * g * t,), (g * t,))
+        ks = lax.dynamic_slice(tk, (s * g,), (g,))
+        xg = jnp.take(x, gs, axis=0, mode="fill", fill_value=0)
+        if g == 1:
+            y = jnp.dot(xg, w[ks[0]], preferred_element_type=jnp.float32)
+        else:
+            y = jnp.einsum(
+                "tic,tcd->tid", xg.reshape(g, t, cin), w[ks], preferred_element_type=jnp.float32
+            ).reshape(g * t, -1)
+        return acc.at[ss].add(y, mode="drop")
+
+    return lax.fori_loop(0, (used + g - 1) // g, step, acc)
+
+
+def _pairs_grads(x, w, gather_idx, scatter_idx, tile_k, used, g, dx, dw):
+    """Adds the pair terms of the gradients into ``dx: f32[Vin, Cin]`` and ``dw: f32[K, Cin,
+    Cout]``: the transposed map (gather and scatter swapped). The output-gradient rows
+    gathered once per pair serve both dW (outer products with the gathered inputs,
+    ``dW[k] = x[j]^T g[i]``) and dx (times ``W[k]^T``, added into the input rows)."""
+    g = g.astype(x.dtype)
+    cin, cout = w.shape[1], w.shape[2]
+    if not _use_loop(gather_idx.shape[0], max(w.shape[1:])):
+        nt = tile_k.shape[0]
+        gg = jnp.take(g, scatter_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cout)
+        xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cin)
+        dw_t = jnp.einsum("tic,tid->tcd", xg, gg, preferred_element_type=jnp.float32)
+        dxg = jnp.einsum("tid,tcd->tic", gg, w[tile_k], preferred_element_type=jnp.float32)
+        dx = dx.at[gather_idx].add(dxg.reshape(-1, cin), mode="drop")
+        return dx, dw.at[tile_k].add(dw_t)
+    gi, si, tk, grp, t = _step_layout(
+        gather_idx, scatter_idx, tile_k, x.shape[0], g.shape[0], max(w.shape[1:])
+    )
+
+    def step(s, carry):
+        dx, dw = carry
+        gs = lax.dynamic_slice(gi, (s * grp * t,), (grp * t,))
+        ss = lax.dynamic_slice(si, (s * grp * t,), (grp * t,))
+        ks = lax.dynamic_slice(tk, (s * grp,), (grp,))
+        gg = jnp.take(g, ss, axis=0, mode="fill", fill_value=0)
+        xg = jnp.take(x, gs, axis=0, mode="fill", fill_value=0)
+        if grp == 1:
+            k = ks[0]
+            dw = dw.at[k].add(jnp.dot(xg.T, gg, preferred_element_type=jnp.float32))
+            dxg = jnp.dot(gg, w[k].T, preferred_element_type=jnp.float32)
+        else:
+            gg3, xg3 = gg.reshape(grp, t, cout), xg.reshape(grp, t, cin)
+            dw_t = jnp.einsum("tic,tid->tcd", xg3, gg3, preferred_element_type=jnp.float32)
+            dw = dw.at[ks].add(dw_t)
+            dxg = jnp.einsum("tid,tcd->tic", gg3, w[ks], preferred_element_type=jnp.float32)
+            dxg = dxg.reshape(grp * t, cin)
+        return dx.at[gs].add(dxg, mode="drop"), dw
+
+    return lax.fori_loop(0, (used + grp - 1) // grp, step, (dx, dw))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def tile_conv(x, w, gather_idx, scatter_idx, tile_k, used, num_out):
     """Tiled pair convolution.
 
-    ``out[scatter_idx[p]] += x[gather_idx[p]] @ w[tile_k[p // T]]`` over all pair rows p.
+    ``out[scatter_idx[p]] += x[gather_idx[p]] @ w[tile_k[p // T]]`` over the pair rows p of
+    the first ``used`` tiles.
 
     Args:
       x: f[Vin, Cin]; w: f[K, Cin, Cout]; gather_idx, scatter_idx: i32[NT * T] (out-of-range
-        = padding); tile_k: i32[NT]; num_out: Vout (static).
+        = padding); tile_k: i32[NT]; used: i32[] tiles in use; num_out: Vout (static).
     Returns:
       f[Vout, Cout].
     """
-    return _tile_apply(x, w, gather_idx, scatter_idx, tile_k, num_out)
+    return _tile_conv_fwd(x, w, gather_idx, scatter_idx, tile_k, used, num_out)[0]
 
 
-def _tile_conv_fwd(x, w, gather_idx, scatter_idx, tile_k, num_out):
-    out = _tile_apply(x, w, gather_idx, scatter_idx, tile_k, num_out)
-    return out, (x, w, gather_idx, scatter_idx, tile_k)
+def _tile_conv_fwd(x, w, gather_idx, scatter_idx, tile_k, used, num_out):
+    acc = jnp.zeros((num_out, w.shape[-1]), jnp.float32)
+    out = _pairs_apply(x, w, gather_idx, scatter_idx, tile_k, used, acc).astype(x.dtype)
+    return out, (x, w, gather_idx, scatter_idx, tile_k, used)
 
 
 def _tile_conv_bwd(num_out, res, g):
-    x, w, gather_idx, scatter_idx, tile_k = res
-    dx, dw = _tile_grads(x, w, gather_idx, scatter_idx, tile_k, g)
-    return dx, dw, None, None, None
-
-
-def _tile_grads(x, w, gather_idx, scatter_idx, tile_k, g):
-    # The transposed map: gather the output gradient once per pair row and use it twice,
-    # for dW (outer products with the gathered inputs) and for dx (times W^T, summed into
-    # the input rows). For a submanifold map this is the mirrored convolution
-    # (W[26-k]^T on the same pairs) with one gather fewer than re-gathering g[col].
-    g = g.astype(x.dtype)
-    nt = tile_k.shape[0]
-    gg = jnp.take(g, scatter_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, g.shape[1])
-    xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, x.shape[1])
-    dw_t = jnp.einsum("tic,tid->tcd", xg, gg, preferred_element_type=jnp.float32)
-    dw = jax.ops.segment_sum(dw_t, tile_k, num_segments=w.shape[0]).astype(w.dtype)
-    dxg = jnp.einsum("tid,tcd->tic", gg, w[tile_k], preferred_element_type=jnp.float32)
-    dx = jax.ops.segment_sum(
-        dxg.reshape(-1, x.shape[1]).astype(x.dtype), gather_idx, num_segments=x.shape[0]
-    )
-    return dx, dw
+    x, w, gather_idx, scatter_idx, tile_k, used = res
+    dx = jnp.zeros(x.shape, jnp.float32)
+    dw = jnp.zeros(w.shape, jnp.float32)
+    dx, dw = _pairs_grads(x, w, gather_idx, scatter_idx, tile_k, used, g, dx, dw)
+    return dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, None
 
 
 tile_conv.defvjp(_tile_conv_fwd, _tile_conv_bwd)
@@ -230,41 +326,88 @@ def subm_conv(x: Array, weight: Array, smap: SubmMap, *, impl: str = "auto") -> 
     tiles = smap.tiles
     if tiles is None:
         return table_conv(x, w, smap.nbr)
-    return _subm_tiled_or_table(x, w, tiles.col, tiles.row, tiles.tile_k, tiles.ok, smap.nbr)
+    return _subm_tiled(x, w, tiles, smap.nbr)
+
+
+def _subm_tiled(x, w, tiles, nbr):
+    if tiles.complete:  # every pair fits: no fallback branch to compile
+        return _subm_pairs(x, w, tiles.col, tiles.row, tiles.tile_k, tiles.used, nbr)
+    return _subm_pairs_or_table(x, w, tiles.col, tiles.row, tiles.tile_k, tiles.used, tiles.ok, nbr)
+
+
+def _centre_apply(x, w, nbr):
+    # The centre offset is the identity on valid rows (nbr[i, 13] == i), 0 on padding.
+    valid = (nbr[:, CENTER] < x.shape[0])[:, None]
+    return jnp.dot(jnp.where(valid, x, 0), w[CENTER], preferred_element_type=jnp.float32)
+
+
+def _subm_pairs_apply(x, w, col, row, tile_k, used, nbr):
+    acc = _centre_apply(x, w, nbr)
+    return _pairs_apply(x, w, col, row, tile_k, used, acc).astype(x.dtype)
+
+
+def _subm_pairs_grads(x, w, col, row, tile_k, used, nbr, g):
+    g = g.astype(x.dtype)
+    valid = (nbr[:, CENTER] < x.shape[0])[:, None]
+    gv = jnp.where(valid, g, 0)
+    dx = jnp.dot(gv, w[CENTER].T, preferred_element_type=jnp.float32)
+    dw = (
+        jnp.zeros(w.shape, jnp.float32)
+        .at[CENTER]
+        .set(jnp.dot(jnp.where(valid, x, 0).T, gv, preferred_element_type=jnp.float32))
+    )
+    dx, dw = _pairs_grads(x, w, col, row, tile_k, used, g, dx, dw)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 @jax.custom_vjp
-def _subm_tiled_or_table(x, w, col, row, tile_k, ok, nbr):
-    """Tiled conv when the tiles hold every pair (``ok``), else the per-offset table conv.
+def _subm_pairs(x, w, col, row, tile_k, used, nbr):
+    """Submanifold conv on complete tiles: centre matmul + off-centre pair tiles."""
+    return _subm_pairs_apply(x, w, col, row, tile_k, used, nbr)
+
+
+def _subm_pairs_fwd(x, w, col, row, tile_k, used, nbr):
+    return _subm_pairs_apply(x, w, col, row, tile_k, used, nbr), (x, w, col, row, tile_k, used, nbr)
+
+
+def _subm_pairs_bwd(res, g):
+    return (*_subm_pairs_grads(*res, g), None, None, None, None, None)
+
+
+_subm_pairs.defvjp(_subm_pairs_fwd, _subm_pairs_bwd)
+
+
+@jax.custom_vjp
+def _subm_pairs_or_table(x, w, col, row, tile_k, used, ok, nbr):
+    """Pair tiles when they hold every pair (``ok``), else the per-offset table conv.
     One custom VJP around two ``lax.cond`` (forward, backward): much cheaper to compile
     than differentiating a cond of two custom-VJP functions."""
-    return _subm_tt_fwd(x, w, col, row, tile_k, ok, nbr)[0]
+    return _subm_pt_fwd(x, w, col, row, tile_k, used, ok, nbr)[0]
 
 
-def _subm_tt_fwd(x, w, col, row, tile_k, ok, nbr):
-    v = x.shape[0]
+def _subm_pt_fwd(x, w, col, row, tile_k, used, ok, nbr):
     out = lax.cond(
         ok,
-        lambda x, w: _tile_apply(x, w, col, row, tile_k, v),
+        lambda x, w: _subm_pairs_apply(x, w, col, row, tile_k, used, nbr),
         lambda x, w: _table_apply(x, w, nbr),
         x,
         w,
     )
-    return out, (x, w, col, row, tile_k, ok, nbr)
+    return out, (x, w, col, row, tile_k, used, ok, nbr)
 
 
-def _subm_tt_bwd(res, g):
-    x, w, col, row, tile_k, ok, nbr = res
+def _subm_pt_bwd(res, g):
+    x, w, col, row, tile_k, used, ok, nbr = res
     dx, dw = lax.cond(
         ok,
-        lambda g: _tile_grads(x, w, col, row, tile_k, g),
+        lambda g: _subm_pairs_grads(x, w, col, row, tile_k, used, nbr, g),
         lambda g: _table_grads(x, w, nbr, g),
         g,
     )
-    return dx, dw, None, None, None, None, None
+    return dx, dw, None, None, None, None, None, None
 
 
-_subm_tiled_or_table.defvjp(_subm_tt_fwd, _subm_tt_bwd)
+_subm_pairs_or_table.defvjp(_subm_pt_fwd, _subm_pt_bwd)
 
 
 def strided_conv(x: Array, weight: Array, dmap: DownMap) -> Array:
@@ -279,7 +422,7 @@ def strided_conv(x: Array, weight: Array, dmap: DownMap) -> Array:
     w = _flat_weight(weight, 8, "strided_conv")
     _check_feats(x, w, dmap.parent.shape[0], "strided_conv")
     t = dmap.tiles
-    return tile_conv(x, w, t.row, t.col, t.tile_k, dmap.coords.shape[0])
+    return tile_conv(x, w, t.row, t.col, t.tile_k, t.used, dmap.coords.shape[0])
 
 
 def inverse_conv(xc: Array, weight: Array, dmap: DownMap) -> Array:
@@ -294,4 +437,4 @@ def inverse_conv(xc: Array, weight: Array, dmap: DownMap) -> Array:
     w = _flat_weight(weight, 8, "inverse_conv")
     _check_feats(xc, w, dmap.coords.shape[0], "inverse_conv")
     t = dmap.tiles
-    return tile_conv(xc, w, t.col, t.row, t.tile_k, dmap.parent.shape[0])
+    return tile_conv(xc, w, t.col, t.row, t.tile_k, t.used, dmap.parent.shape[0])

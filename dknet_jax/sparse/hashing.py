@@ -28,7 +28,8 @@ offset ``26 - k`` is the mirror of ``k``. Down/up maps use the child offset
 
 Tiles. For the XLA convolution the existing pairs of a map are compacted into ``NT``
 tiles of ``T`` rows, sorted by offset, each offset's run padded to a multiple of ``T``,
-so that every tile has one offset (see :class:`Tiles`).
+so that every tile has one offset (see :class:`Tiles`); the used tiles form a prefix.
+Submanifold tiles leave the centre offset out (a plain matmul in ``conv``).
 """
 
 from __future__ import annotations
@@ -80,12 +81,19 @@ class Tiles:
       tile_k: i32[NT] offset of each tile.
       ok: bool[] every existing pair found a place (False: capacity exceeded; the
         convolution then falls back to the dense per-offset path).
+      used: i32[] tiles that hold pairs (a prefix: tiles ``>= used`` are all padding), at
+        most ``NT``. The CPU convolution walks only these, so a generous capacity costs
+        index memory, not convolution time.
+      complete: static; the capacity covers every pair the table could ever hold, so
+        ``ok`` is always True and no fallback is needed.
     """
 
     row: Array
     col: Array
     tile_k: Array
     ok: Array
+    used: Array
+    complete: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def tile_rows(self) -> int:
@@ -99,7 +107,8 @@ class SubmMap:
     Attributes:
       nbr: i32[V, 27] row of the neighbour at offset k, ``V`` (sentinel) when missing or
         when the row itself is padding.
-      tiles: Tiles over ``nbr`` (row = output voxel, col = input voxel), or None.
+      tiles: Tiles over the off-centre entries of ``nbr`` (row = output voxel, col =
+        input voxel; the centre offset 13 is left out), or None.
       overflow: bool[] the key frame overflowed (results are invalid).
     """
 
@@ -228,14 +237,19 @@ def unique_rows(coords: Array, valid: Array, *, capacity: int):
 
 def default_tile_rows(num_pairs: int) -> int:
     """Tile height for ~``num_pairs`` pairs: large enough for an efficient batched matmul,
-    small enough that per-offset padding (< offsets * T rows) stays a few percent."""
-    t = 2 ** max(3, int(math.floor(math.log2(max(num_pairs, 1) / 1024.0 + 1e-9))) + 1)
-    return int(min(1024, max(8, t)))
+    small enough that per-offset padding (< offsets * T rows) stays a few percent. At
+    least 32 rows: every tile carries its own ``[Cin, Cout]`` weight, which must not cost
+    more than the tile's rows at the UNet's widths (up to 224)."""
+    t = 2 ** max(5, int(math.floor(math.log2(max(num_pairs, 1) / 1024.0 + 1e-9))) + 1)
+    return int(min(1024, t))
 
 
-def build_tiles(table: Array, num_cols: int, *, num_tiles: int, tile_rows: int) -> Tiles:
+def build_tiles(
+    table: Array, num_cols: int, *, num_tiles: int, tile_rows: int, complete: bool = False
+) -> Tiles:
     """Compact the existing entries of ``table: i32[V, K]`` (entry < ``num_cols``) into
-    ``num_tiles`` tiles of ``tile_rows`` rows, sorted by column k then row."""
+    ``num_tiles`` tiles of ``tile_rows`` rows, sorted by column k then row. ``complete``
+    (static) asserts that ``num_tiles`` covers every possible entry."""
     num_rows, num_k = table.shape
     t = tile_rows
     cap = num_tiles * t
@@ -254,7 +268,8 @@ def build_tiles(table: Array, num_cols: int, *, num_tiles: int, tile_rows: int) 
     tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
     tile_k = jnp.sum(tile_end[None, :] <= tile_ids[:, None], axis=1, dtype=jnp.int32)
     tile_k = jnp.minimum(tile_k, num_k - 1)
-    return Tiles(row=row, col=col, tile_k=tile_k, ok=ok)
+    used = jnp.minimum(tile_end[-1], num_tiles).astype(jnp.int32)
+    return Tiles(row=row, col=col, tile_k=tile_k, ok=ok, used=used, complete=complete)
 
 
 def num_tiles_for(num_pairs: int, num_offsets: int, tile_rows: int) -> int:
@@ -278,9 +293,9 @@ def subm_map(
     Args:
       coords: i32[V, 4] unique rows (b, x, y, z) among valid rows, any order.
       valid: bool[V] real rows.
-      pairs_per_voxel: tile capacity in existing pairs per row (of at most 27; measured
-        counts in docs/benchmarks.md); None builds no tiles (dense per-offset / Pallas
-        path only).
+      pairs_per_voxel: tile capacity in off-centre pairs per row (a room at 2 cm has
+        ~12 of 26); >= 26 holds every possible pair (``tiles.complete``: no fallback
+        ever). None builds no tiles (dense per-offset / Pallas path only).
       tile_rows: tile height T (default from the capacity).
     Returns:
       SubmMap with nbr i32[V, 27] (sentinel V).
@@ -307,9 +322,18 @@ def subm_map(
     nbr = jnp.concatenate([low, centre, high], axis=1)
     tiles = None
     if pairs_per_voxel is not None:
-        pairs = int(math.ceil(pairs_per_voxel * v))
+        # The centre offset (the identity on valid rows) is no pair of the tiles: the
+        # convolution applies it as one plain matmul.
+        off_centre = nbr.at[:, CENTER].set(v)
+        pairs = int(math.ceil(min(pairs_per_voxel, 26.0) * v))
         t = tile_rows or default_tile_rows(pairs)
-        tiles = build_tiles(nbr, v, num_tiles=num_tiles_for(pairs, 27, t), tile_rows=t)
+        tiles = build_tiles(
+            off_centre,
+            v,
+            num_tiles=num_tiles_for(pairs, 26, t),
+            tile_rows=t,
+            complete=pairs_per_voxel >= 26.0,
+        )
     return SubmMap(nbr=nbr, tiles=tiles, overflow=frame.overflow)
 
 
@@ -334,7 +358,8 @@ def down_map(
     ccoords, cvalid, parent, count, overflow = unique_rows(coarse, valid, capacity=vc)
     table = _child_table(child, parent, vc)
     t = tile_rows or default_tile_rows(v)
-    tiles = build_tiles(table, vc, num_tiles=num_tiles_for(v, 8, t), tile_rows=t)
+    # One pair per fine voxel: the capacity always suffices.
+    tiles = build_tiles(table, vc, num_tiles=num_tiles_for(v, 8, t), tile_rows=t, complete=True)
     return DownMap(
         coords=ccoords,
         valid=cvalid,
@@ -378,7 +403,11 @@ def match_down_map(
     child = ((coords[:, 1] & 1) * 4 + (coords[:, 2] & 1) * 2 + (coords[:, 3] & 1)).astype(jnp.int32)
     t = tile_rows or default_tile_rows(v)
     tiles = build_tiles(
-        _child_table(child, parent, vc), vc, num_tiles=num_tiles_for(v, 8, t), tile_rows=t
+        _child_table(child, parent, vc),
+        vc,
+        num_tiles=num_tiles_for(v, 8, t),
+        tile_rows=t,
+        complete=True,
     )
     return DownMap(
         coords=coarse_coords,
