@@ -146,6 +146,7 @@ class DKNet(nnx.Module):
             level_capacity_ratio=m.level_capacity_ratio,
             expected_level_ratio=m.expected_level_ratio,
             pairs_per_voxel=m.pairs_per_voxel,
+            remat=m.get("remat", "none"),
             rngs=rngs,
         )
         self.heads = PointHeads(
