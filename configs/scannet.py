@@ -19,6 +19,15 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.data.dataset = "scannet"
     c.data.root = "data/scannet"
+    # point buckets 2**k x {1, 1.5} (data.batching.make_ladder(16_384, 1_048_576, (1, 1.5),
+    # multiple=1024)) instead of powers of two: 4 ScanNet-sized rooms (525k points) pack
+    # into 786,432 rows (67% full) instead of 1,048,576 (50%), and XLA's memory estimate of
+    # the train step scales with the rows; 7 batch shapes instead of 5 over 200 rooms
+    # (docs/benchmarks.md, "Training step memory")
+    c.data.point_buckets = (
+        16_384, 24_576, 32_768, 49_152, 65_536, 98_304, 131_072,
+        196_608, 262_144, 393_216, 524_288, 786_432, 1_048_576,
+    )  # fmt: skip
     if arg == "released":
         released_settings(c)
     elif arg == "tiny":

@@ -29,6 +29,8 @@ CHOICES = {
     "model.merge_rule": ("components", "released"),
     "test.postprocess": ("ours", "released"),
     "kernels.impl": ("auto", "xla", "pallas"),
+    "model.remat": ("none", "block", "level"),
+    "train.precision": ("f32", "bf16"),
 }
 
 
@@ -94,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     # training: decode the masks chunk by chunk inside the mask loss (objective.mask_loss)
     # instead of holding the f32[M, N] logits; same loss, far less memory (False = dense)
     m.chunked_mask_loss = True
+    # rematerialisation in the UNet's backward pass (memory only, same numbers): none |
+    # block (each residual block recomputes its BatchNorm/ReLU, the conv outputs are kept)
+    # | level (each UNet level's forward runs again in the backward pass, nothing kept)
+    m.remat = "none"
     m.offset_direction_loss = False
     # --- released-model switches (docs/released_model.md section 5, "switch" column);
     # the defaults are this project's model, configs/scannet.py:released sets the
@@ -147,6 +153,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.ckpt_every_steps = 500
     t.keep_checkpoints = 3
     t.max_gt_instances = 0  # 0 = keep all GT instances (the code truncates to 80)
+    # activations of the sparse UNet in the train step: f32 | bf16 (bf16 activations and
+    # matmul inputs, f32 accumulation, f32 parameters / BatchNorm statistics / heads / loss;
+    # evaluation always runs f32)
+    t.precision = "f32"
 
     # --- test-time thresholds (kept apart from training ones) --------------------------
     c.test = te = ml_collections.ConfigDict()

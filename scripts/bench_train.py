@@ -9,6 +9,7 @@ objective -> AdamW]) on synthetic rooms, for ``docs/benchmarks.md`` ("Training s
     python scripts/bench_train.py --gpu_budget  # 4 rooms, 3 timed steps: ~2 minutes on a GPU
     python scripts/bench_train.py --quick --compare_mask_loss  # + XLA memory of both losses
     python scripts/bench_train.py --config=configs/scannet.py --config.model.candidates=nms
+    python scripts/bench_train.py --scenes 4 --levers   # XLA memory per memory lever, compile only
 
 Config: ``--config=<file>[:<arg>]`` (default ``configs/scannet.py``; with ``--quick``
 ``configs/synthetic.py``; a relative path is also looked up from the repository root) and
@@ -34,6 +35,12 @@ Measured (model from ``--config``, randomly initialised, weights updated by ever
   with the same jit function, whose cache size must stay 1 (the gates are traced);
 - epoch: one pass of the iterator (augmentation, packing, transfer, steps) over all
   scenes, the distinct (points, instances) batch shapes and the compiles it caused;
+- ``--levers``: compile only (nothing runs), one line per memory lever on the same rooms:
+  the config as given but without the levers (``model.remat="none"``,
+  ``train.precision="f32"``, powers-of-2 point buckets), then each lever alone
+  (``+remat`` = ``--lever_remat``, default "block"; ``+bf16``; ``+ladder`` = the x{1, 1.5}
+  point buckets, which changes the batch's row bucket) and all of them; XLA's memory
+  estimate, the row bucket and its fill, and the compile time of each;
 - peak memory: host ``ru_maxrss``; device ``memory_stats()["peak_bytes_in_use"]`` when
   the backend reports it (GPU).
 """
@@ -114,6 +121,16 @@ _GPU_BUDGET = flags.DEFINE_bool(
     "gpu_budget", False, "4 ScanNet-sized rooms, 3 timed steps (~2 min on one GPU)"
 )
 _JSON = flags.DEFINE_string("json", None, "also write the numbers to this JSON file")
+_LEVERS = flags.DEFINE_bool(
+    "levers",
+    False,
+    "compile only: XLA memory estimate per memory lever (none, +remat, +bf16, +ladder, all)",
+)
+_LEVER_REMAT = flags.DEFINE_enum(
+    "lever_remat", "block", ["block", "level"], "model.remat of the +remat and all rows"
+)
+
+POW2_BUCKETS = (16_384, 32_768, 65_536, 131_072, 262_144, 524_288, 1_048_576)
 
 
 def mask_loss_name(chunked: bool) -> str:
@@ -151,6 +168,8 @@ def benchmark() -> dict:
     if _MASK_LOSS.value:
         own["model.chunked_mask_loss"] = _MASK_LOSS.value == "chunked"
     config, overrides = bench_config(flags.FLAGS["config"], own)
+    if _LEVERS.value:
+        return lever_table(config, overrides, opts)
 
     import jax
     import jax.numpy as jnp
@@ -319,6 +338,113 @@ def benchmark() -> dict:
     results["host_peak_gib"] = host_peak_gib()
     results["device_peak_gib"] = device_peak_gib()
     return _report(results)
+
+
+def lever_rows(config, remat: str) -> list[tuple[str, object]]:
+    """(name, config) per memory lever: the config without the levers, each lever alone,
+    all of them."""
+    from dknet_jax.data.batching import make_ladder
+
+    base = copy.deepcopy(config)
+    base.model.remat, base.train.precision = "none", "f32"
+    base.data.point_buckets = POW2_BUCKETS
+    ladder = make_ladder(16_384, 1_048_576, factors=(1.0, 1.5), multiple=1024)
+
+    def with_(**changes):
+        c = copy.deepcopy(base)
+        if "remat" in changes:
+            c.model.remat = changes["remat"]
+        if "precision" in changes:
+            c.train.precision = changes["precision"]
+        if "buckets" in changes:
+            c.data.point_buckets = changes["buckets"]
+        return c
+
+    return [
+        ("none", base),
+        (f"+remat={remat}", with_(remat=remat)),
+        ("+bf16", with_(precision="bf16")),
+        ("+ladder x1.5", with_(buckets=ladder)),
+        ("all", with_(remat=remat, precision="bf16", buckets=ladder)),
+    ]
+
+
+def _lever_text(x: dict) -> str:
+    est = x["xla_memory_gib"]
+    return (
+        f"{'-' if est is None else f'{est:.2f}'} GiB, batch {x['batch_shape']} "
+        f"fill {x['fill']:.0%}, compile {x['compile_s']:.0f} s"
+    )
+
+
+def lever_table(config, overrides, opts) -> dict:
+    """Compile the train step once per memory lever on the first batch of the same rooms
+    and print XLA's memory estimate of each (nothing runs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dknet_jax.data.pipeline import train_iterator
+    from dknet_jax.model import build_model
+    from dknet_jax.training.optim import make_optimizer
+    from dknet_jax.training.train import make_train_step, shard_batch
+
+    print(device_line(), flush=True)
+    paths = bench_scenes(
+        opts["scenes"],
+        opts["size"],
+        data_dir=_DATA_DIR.value,
+        cache_dir=_CACHE_DIR.value,
+        workers=_WORKERS.value,
+    )
+    if len(paths) < config.data.batch_size:
+        raise UserError(
+            f"{len(paths)} scenes < batch size {config.data.batch_size}; raise --scenes"
+        )
+    rows = []
+    for name, c in lever_rows(config, _LEVER_REMAT.value):
+        graphdef, params, rest = build_model(c)
+        tx, _ = make_optimizer(c.train, total_steps=c.train.epochs * 1000, steps_per_epoch=1000)
+        opt_state = tx.init(params)
+        it = train_iterator(paths, c, num_epochs=1, num_workers=0, prefetch=1)
+        batch_np = next(it)
+        it.close()
+        rows_n = int(batch_np.valid.shape[0])
+        fill = float(np.sum(batch_np.valid)) / rows_n
+        shape = (rows_n, int(batch_np.instance_class.shape[0]))
+        step = make_train_step(graphdef, tx, c)
+        args = (params, rest, opt_state, shard_batch(batch_np, None), jax.random.PRNGKey(0))
+        tc = time.perf_counter()
+        compiled = step.lower(*args, jnp.int32(c.train.stage_mask_epoch)).compile()
+        dt = time.perf_counter() - tc
+        est = compiled_gib(compiled)
+        row = dict(lever=name, batch_shape=shape, fill=fill, compile_s=dt, xla_memory_gib=est)
+        rows.append(row)
+        print(
+            f"{name:>16}: batch {shape} (fill {fill:.0%}), compile {dt:.0f} s, XLA estimate "
+            f"{'-' if est is None else f'{est:.2f} GiB'}",
+            flush=True,
+        )
+        del compiled, params, rest, opt_state
+    r = {
+        "device": device_line(),
+        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "overrides": overrides,
+        "lever_remat": _LEVER_REMAT.value,
+        "levers": rows,
+    }
+    print()
+    print(
+        table(
+            [("device", r["device"]), ("config", f"{r['config']} {' '.join(overrides)}")]
+            + [(x["lever"], _lever_text(x)) for x in rows],
+            "DKNet training step: XLA memory per lever (compile only)",
+        ),
+        flush=True,
+    )
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(r, f, indent=2, default=str)
+    return r
 
 
 def _report(r: dict) -> dict:

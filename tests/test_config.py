@@ -71,3 +71,32 @@ def test_merge_thresholds_checked():
         c[key].merge_threshold = 1.5
         with pytest.raises(ValueError, match=f"{key}.merge_threshold"):
             validate(c)
+
+
+def test_scannet_config_uses_the_x1_5_bucket_ladder():
+    from dknet_jax.data.batching import batch_capacities, make_ladder
+
+    c = _load("scannet", None)
+    assert c.data.point_buckets == make_ladder(16_384, 1_048_576, (1.0, 1.5), multiple=1024)
+    assert max(c.data.point_buckets) >= c.data.batch_size * c.data.max_points
+    # the 4 synthetic ScanNet-sized rooms of bench_train.py (points of rooms 0-3): 525,284
+    # points fill 67% of the 786,432-row bucket; the powers-of-2 ladder takes 1,048,576 (50%)
+    rooms = [109_101, 156_122, 110_150, 149_911]
+    n, _ = batch_capacities(
+        rooms, [10] * 4, buckets=c.data.point_buckets, instance_buckets=c.data.instance_buckets
+    )
+    assert n == 786_432 and 0.66 < sum(rooms) / n < 0.68
+    pow2 = base_config().data.point_buckets
+    n2, _ = batch_capacities(rooms, [10] * 4, buckets=pow2, instance_buckets=(16, 64))
+    assert n2 == 1_048_576
+
+
+def test_memory_levers_are_checked_schema_keys():
+    c = base_config()
+    assert c.model.remat == "none" and c.train.precision == "f32"
+    for key, bad in (("model.remat", "blocks"), ("train.precision", "fp16")):
+        c = base_config()
+        section, name = key.split(".")
+        c[section][name] = bad
+        with pytest.raises(ValueError, match=key):
+            validate(c)

@@ -20,22 +20,43 @@ truncated); :meth:`SparseUNet.kernel_maps` exposes the flags.
 BatchNorm (:class:`MaskedBatchNorm`) takes its statistics over valid rows only, keeps
 running statistics, and writes 0 into padded rows. Train/eval follows the ``train``
 argument, or ``module.train()`` / ``module.eval()`` when it is None.
+
+Memory levers (``docs/benchmarks.md``, "Training step memory"):
+- ``precision`` ("f32" | "bf16"; the training step sets it from ``config.train.precision``):
+  with "bf16" the activations between layers and the conv / projection inputs are
+  bfloat16, every matmul accumulates in f32 (``preferred_element_type``), BatchNorm
+  computes its statistics and normalisation in f32 and keeps f32 running statistics;
+  parameters stay f32 (each layer casts its weight to the activation dtype, so the
+  gradient reaching the parameter is f32). The UNet output is f32 either way.
+- ``remat`` ("none" | "block" | "level", ``config.model.remat``): ``jax.checkpoint``
+  (``nnx.remat``) around every residual block, keeping only the conv outputs
+  (:data:`CONV_OUT`, so only BatchNorm / ReLU are recomputed in the backward pass), or
+  around every UNet level (encoder side: blocks + down conv; decoder side: up conv +
+  blocks), keeping nothing inside it (the level's forward is recomputed once in the
+  backward pass). Same numbers as "none", less memory, more compute.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dknet_jax.config import level_values
 from dknet_jax.sparse import conv, hashing
 from dknet_jax.sparse.voxelize import Voxels, voxel_to_point
 
 Array = jax.Array
+
+# checkpoint name of every sparse-conv output in the UNet: what ``remat="block"`` keeps
+CONV_OUT = "unet_conv_out"
+PRECISIONS = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+REMATS = ("none", "block", "level")
 
 
 # --------------------------------------------------------------------------- layers
@@ -66,7 +87,10 @@ class MaskedBatchNorm(nnx.Module):
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
 
     def __call__(self, x: Array, valid: Array, train: bool | None = None) -> Array:
+        """Normalised ``x`` in ``x``'s dtype; statistics and arithmetic in f32."""
         train = (not self.use_running_average) if train is None else train
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
         m = valid[:, None]
         if train:
             n = jnp.sum(valid).astype(jnp.float32)
@@ -80,7 +104,7 @@ class MaskedBatchNorm(nnx.Module):
         else:
             mean, var = self.mean[...], self.var[...]
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
-        return jnp.where(m, y, 0)
+        return jnp.where(m, y, 0).astype(dtype)
 
 
 def _he_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> Array:
@@ -88,14 +112,16 @@ def _he_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> Array:
 
 
 class SubmConv3d(nnx.Module):
-    """Submanifold 3x3x3 convolution (no bias): weight f32[27, Cin, Cout]."""
+    """Submanifold 3x3x3 convolution (no bias): weight f32[27, Cin, Cout], applied in the
+    dtype of ``x`` (the output has ``x``'s dtype)."""
 
     def __init__(self, cin: int, cout: int, *, impl: str = "auto", rngs: nnx.Rngs):
         self.impl = impl
         self.weight = nnx.Param(_he_normal(rngs, (27, cin, cout), 27 * cin))
 
     def __call__(self, x: Array, smap: hashing.SubmMap) -> Array:
-        return conv.subm_conv(x, self.weight[...], smap, impl=self.impl)
+        w = self.weight[...].astype(x.dtype)
+        return checkpoint_name(conv.subm_conv(x, w, smap, impl=self.impl), CONV_OUT)
 
 
 class DownConv3d(nnx.Module):
@@ -105,7 +131,8 @@ class DownConv3d(nnx.Module):
         self.weight = nnx.Param(_he_normal(rngs, (8, cin, cout), 8 * cin))
 
     def __call__(self, x: Array, dmap: hashing.DownMap) -> Array:
-        return conv.strided_conv(x, self.weight[...], dmap)
+        w = self.weight[...].astype(x.dtype)
+        return checkpoint_name(conv.strided_conv(x, w, dmap), CONV_OUT)
 
 
 class UpConv3d(nnx.Module):
@@ -115,7 +142,8 @@ class UpConv3d(nnx.Module):
         self.weight = nnx.Param(_he_normal(rngs, (8, cin, cout), cin))
 
     def __call__(self, xc: Array, dmap: hashing.DownMap) -> Array:
-        return conv.inverse_conv(xc, self.weight[...], dmap)
+        w = self.weight[...].astype(xc.dtype)
+        return checkpoint_name(conv.inverse_conv(xc, w, dmap), CONV_OUT)
 
 
 @flax.struct.dataclass
@@ -153,7 +181,11 @@ class ResidualBlock(nnx.Module):
         h = self.conv1(h, level.subm)
         h = jax.nn.relu(self.bn2(h, level.valid, train))
         h = self.conv2(h, level.subm)
-        skip = x if self.proj is None else x @ self.proj[...]
+        if self.proj is None:
+            skip = x
+        else:
+            p = self.proj[...].astype(x.dtype)
+            skip = jnp.matmul(x, p, preferred_element_type=jnp.float32).astype(x.dtype)
         return h + skip
 
 
@@ -210,6 +242,10 @@ class SparseUNet(nnx.Module):
         compile time, never correctness.
       expected_level_ratio: expected voxels of level l+1 per voxel of level l (~0.23 for
         rooms at 2 cm); sizes the tiles when ``pairs_per_voxel`` < 26.
+      remat: "none" | "block" | "level": rematerialisation in the backward pass (module
+        docstring); memory only, the numbers are those of "none".
+      precision: "f32" | "bf16": activation dtype (module docstring); an attribute the
+        training step may set on a built module (``config.train.precision``).
     """
 
     def __init__(
@@ -223,9 +259,12 @@ class SparseUNet(nnx.Module):
         min_level_capacity: int = 64,
         pairs_per_voxel: float | Sequence[float] = 14.0,
         expected_level_ratio: float = 0.3,
+        remat: str = "none",
+        precision: str = "f32",
         rngs: nnx.Rngs,
     ):
         widths = tuple(int(w) for w in widths)
+        check_levers(remat, precision)
         if not widths or blocks_per_level < 1:
             raise ValueError(
                 f"SparseUNet needs >= 1 level and >= 1 block per level, got "
@@ -244,6 +283,8 @@ class SparseUNet(nnx.Module):
             pairs_per_voxel, len(widths), "pairs_per_voxel", upper=27.0, unit="level"
         )
         self.expected_level_ratio = expected_level_ratio
+        self.remat = remat
+        self.precision = precision
         self.use_running_average = False
         nb = blocks_per_level
         self.input_conv = SubmConv3d(in_channels, widths[0], impl=impl, rngs=rngs)
@@ -304,32 +345,139 @@ class SparseUNet(nnx.Module):
         """Per-voxel features f32[V, widths[0]] (0 on padded rows, NaN on overflow)."""
         if train is None:
             train = not self.use_running_average
+        check_levers(self.remat, self.precision)
         levels = self.kernel_maps(voxels)
-        x = self.input_conv(voxels.feats, levels[0].subm)
+        x = voxels.feats.astype(PRECISIONS[self.precision])
+        x = self.input_conv(x, levels[0].subm)
         skips = []
         for lvl, level in enumerate(levels):
-            for block in self.encoders[lvl]:
-                x = block(x, level, train)
-            if lvl + 1 < len(levels):
-                skips.append(x)
-                x = jax.nn.relu(self.down_bns[lvl](x, level.valid, train))
-                x = self.downs[lvl](x, level.down)
+            mods = (self.encoders[lvl],)
+            if level.down is not None:
+                mods += (self.down_bns[lvl], self.downs[lvl])
+            x, skip = self._level(_encode_level, mods, (x, level), train)
+            if level.down is not None:
+                skips.append(skip)
         for lvl in range(len(levels) - 2, -1, -1):
-            level = levels[lvl]
-            x = jax.nn.relu(self.up_bns[lvl](x, levels[lvl + 1].valid, train))
-            x = self.ups[lvl](x, level.down)
-            x = jnp.concatenate([skips[lvl], x], axis=-1)
-            for block in self.decoders[lvl]:
-                x = block(x, level, train)
-        x = jax.nn.relu(self.output_bn(x, levels[0].valid, train))
+            mods = (self.up_bns[lvl], self.ups[lvl], self.decoders[lvl])
+            args = (x, skips[lvl], levels[lvl], levels[lvl + 1].valid)
+            x = self._level(_decode_level, mods, args, train)
+        x = jax.nn.relu(self.output_bn(x, levels[0].valid, train)).astype(jnp.float32)
         overflow = voxels.overflow
         for level in levels:
             overflow = overflow | level.overflow
         return jnp.where(overflow, jnp.nan, x)
 
+    def _level(self, fn, mods: tuple, args: tuple, train: bool):
+        """``fn(mods, *args, train=train, block=...)``, checkpointed as a whole with
+        ``remat="level"``; with ``remat="block"`` each residual block is."""
+        if self.remat == "level":
+            return remat_call(mods, functools.partial(fn, train=train), _SAVE_NOTHING, *args)
+        return fn(mods, *args, train=train, block=_block_runner(self.remat))
+
     def point_features(self, voxels: Voxels, train: bool | None = None) -> Array:
         """Per-point features f32[N, widths[0]] (0 for invalid points)."""
         return voxel_to_point(self(voxels, train), voxels.point_to_voxel)
+
+
+def check_levers(remat: str, precision: str) -> None:
+    """Validate the memory levers of :class:`SparseUNet` (names what to use instead)."""
+    if remat not in REMATS:
+        raise ValueError(f"SparseUNet remat must be one of {REMATS}, got {remat!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"SparseUNet precision must be one of {tuple(PRECISIONS)}, got {precision!r}"
+        )
+
+
+_SAVE_CONV = jax.checkpoint_policies.save_only_these_names(CONV_OUT)
+_SAVE_NOTHING = jax.checkpoint_policies.nothing_saveable
+
+
+def checkpoint_after_cotangent(fn, policy):
+    """``jax.checkpoint(fn, policy=policy)`` whose backward recomputation cannot start
+    before the cotangent of ``fn``'s output exists.
+
+    With a plain ``jax.checkpoint`` nothing orders the recomputation after the rest of the
+    forward pass, and XLA's CPU scheduler places it right after the original forward
+    ops: the residuals are live from the forward pass on again and the compiled step's
+    memory does not go down at all (measured: the same XLA estimate to the byte, none /
+    block / level). Here the backward pass first passes the saved residuals and the
+    cotangent through one ``lax.optimization_barrier``, so the recomputation depends on
+    the cotangent. Same values as ``fn`` and as its plain gradient; ``fn`` maps arrays
+    (pytrees) to arrays and has no side effects.
+    """
+    ck = jax.checkpoint(fn, policy=policy)
+
+    @jax.custom_vjp
+    def run(*args):
+        return fn(*args)
+
+    def fwd(*args):
+        return jax.vjp(ck, *args)  # (output, VJP: a pytree of the saved residuals)
+
+    def bwd(vjp_fn, ct):
+        vjp_fn, ct = jax.lax.optimization_barrier((vjp_fn, ct))
+        return vjp_fn(ct)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def remat_call(modules, fn, policy, *args):
+    """``fn(modules, *args)`` rematerialised (:func:`checkpoint_after_cotangent`): the
+    modules' state goes in as arrays, their updated non-parameter state (BatchNorm
+    running statistics) comes out and is written back, as an eager call would."""
+    graphdef, params, rest = nnx.split(modules, nnx.Param, ...)
+
+    def pure(params, rest, *args):
+        mods = nnx.merge(graphdef, params, rest)
+        out = fn(mods, *args)
+        return out, nnx.split(mods, nnx.Param, ...)[2]
+
+    out, new_rest = checkpoint_after_cotangent(pure, policy)(params, rest, *args)
+    nnx.update(modules, new_rest)
+    return out
+
+
+def _block_runner(remat: str):
+    """How a level calls its residual blocks: eagerly, or each one checkpointed keeping
+    only the conv outputs (``remat="block"``)."""
+    if remat != "block":
+        return lambda block, x, level, train: block(x, level, train)
+
+    def run(block, x, level, train):
+        fn = lambda b, x, level: b(x, level, train)
+        return remat_call(block, fn, _SAVE_CONV, x, level)
+
+    return run
+
+
+def _encode_level(mods, x: Array, level: Level, *, train: bool, block=None):
+    """Encoder side of a level, ``mods = (blocks,)`` or ``(blocks, down_bn, down)``: the
+    blocks, then (above the coarsest level) BN -> ReLU -> down conv. Returns (input of the
+    next level, skip); on the coarsest level both are the blocks' output."""
+    block = block or _block_runner("none")
+    for b in mods[0]:
+        x = block(b, x, level, train)
+    if len(mods) == 1:
+        return x, x
+    _, bn, down = mods
+    return down(jax.nn.relu(bn(x, level.valid, train)), level.down), x
+
+
+def _decode_level(
+    mods, x: Array, skip: Array, level: Level, coarse_valid: Array, *, train: bool, block=None
+) -> Array:
+    """Decoder side of a level, ``mods = (up_bn, up, blocks)``: BN -> ReLU -> inverse
+    conv of the coarser level's features ``x``, concatenation after ``skip``, the
+    blocks."""
+    block = block or _block_runner("none")
+    bn, up, blocks = mods
+    x = up(jax.nn.relu(bn(x, coarse_valid, train)), level.down)
+    x = jnp.concatenate([skip, x], axis=-1)
+    for b in blocks:
+        x = block(b, x, level, train)
+    return x
 
 
 def count_params(module: nnx.Module) -> int:
@@ -376,6 +524,7 @@ def unet_from_model_config(model_config, *, impl: str = "auto", rngs: nnx.Rngs) 
         level_capacity_ratio=m.level_capacity_ratio,
         expected_level_ratio=m.expected_level_ratio,
         pairs_per_voxel=m.pairs_per_voxel,
+        remat=m.get("remat", "none"),
         rngs=rngs,
     )
 

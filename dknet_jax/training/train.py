@@ -6,6 +6,10 @@ Data flow: TrainIterator (bucketed, augmented PointBatch) -> one jit-compiled tr
 progress bar, periodic validation (mAP) and orbax checkpoints (last k + best), resumed
 exactly after a kill (step, parameters, optimiser state, RNG key, data-iterator state).
 
+Memory levers (docs/benchmarks.md, "Training step memory"): ``config.train.precision``
+("bf16": the sparse UNet's activations in bfloat16, set on the merged model inside the
+step, so evaluation stays f32) and ``config.model.remat`` (rematerialisation in the UNet).
+
 Data parallelism: with several local devices the point axis of each batch is sharded over
 a 1-D ``data`` mesh and parameters are replicated; XLA's SPMD partitioner inserts the
 collectives, so the result equals the single-device computation (BatchNorm statistics
@@ -56,6 +60,8 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
         def loss_fn(p, r):
             model = nnx.merge(graphdef, p, r, copy=True)
             model.train()
+            # bf16 activations in the UNet (static attribute; f32 params and statistics)
+            model.backbone.precision = t.precision
             # chunked: no [M, N] mask logits; compute_losses decodes chunk by chunk
             out = model(batch, key=key, decode_masks=not m.chunked_mask_loss)
             gates = stage_gates(
