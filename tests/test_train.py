@@ -13,6 +13,7 @@ import pytest
 from dknet_jax import checkpoint as ckpt_lib
 from dknet_jax.data.scannet import prepare_scannet
 from dknet_jax.synthetic import make_dataset
+from tests.step_reuse import sharing_step_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -50,7 +51,12 @@ def _params(workdir):
 
 
 def test_two_steps_then_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
+    from dknet_jax.training import train as train_mod
     from dknet_jax.training.train import train_and_evaluate
+
+    # the three runs have one config: one jitted step (compiled once, not three times)
+    factory, compiled = sharing_step_factory(train_mod.make_train_step)
+    monkeypatch.setattr(train_mod, "make_train_step", factory)
 
     # uninterrupted 2-step run (also the smoke test: log, checkpoints, evaluation)
     straight = str(tmp_path / "straight")
@@ -86,6 +92,7 @@ def test_two_steps_then_resume_equals_uninterrupted(prepared, tmp_path, monkeypa
     assert ckpt_lib.Checkpoints(killed).latest_step() == 1
     train_and_evaluate(_config(prepared), killed)
 
+    assert len(compiled) == 1
     a, meta_a = _params(straight)
     b, meta_b = _params(killed)
     assert meta_a["step"] == meta_b["step"] == 2

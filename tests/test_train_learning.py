@@ -27,6 +27,7 @@ import pytest
 from dknet_jax import checkpoint as ckpt_lib
 from dknet_jax.data.scannet import prepare_scannet
 from dknet_jax.synthetic import make_dataset
+from tests.step_reuse import sharing_step_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -146,24 +147,21 @@ def test_kill_and_resume_with_augmentation(prepared, tmp_path, monkeypatch):
     calls: dict[str, list] = {}
     iterator_states: dict[str, list] = {}
     run = {"name": None}
-    real_step_factory = train_mod.make_train_step
     real_iterator = pipeline.TrainIterator  # built by pipeline.train_iterator
     real_optimizer = train_mod.make_optimizer
     optimizer_args: list = []
-    compiled: dict = {}
 
     def spy_optimizer(train_config, total_steps, steps_per_epoch):
         optimizer_args.append((train_config.to_json(), total_steps, steps_per_epoch))
         return real_optimizer(train_config, total_steps, steps_per_epoch)
 
+    # one jitted step for the three runs when the config and the optimiser arguments agree
+    shared_factory, compiled = sharing_step_factory(
+        train_mod.make_train_step, lambda: optimizer_args[-1]
+    )
+
     def spy_step_factory(graphdef, tx, config, mesh=None):
-        # the train step holds a host callback (the Hungarian matching), which the
-        # persistent compilation cache does not store: reuse one jitted step across the
-        # three runs when the config and the optimiser arguments are the same
-        cache_key = (config.to_json_best_effort(), optimizer_args[-1], mesh is None)
-        if cache_key not in compiled:
-            compiled[cache_key] = real_step_factory(graphdef, tx, config, mesh)
-        step = compiled[cache_key]
+        step = shared_factory(graphdef, tx, config, mesh)
 
         def wrapped(params, rest, opt_state, batch, key, epoch):
             calls[run["name"]].append((np.asarray(key).tolist(), _digest(batch), int(epoch)))
