@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax import lax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -88,15 +90,20 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
             return total, (metrics, new_rest)
 
         (_, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        # one norm over the raveled gradient (a reduction per leaf would be ~400 kernels)
+        metrics["grad_norm"] = jnp.linalg.norm(ravel_pytree(grads)[0])
         # a non-finite step (e.g. a capacity overflow) leaves the state untouched; the host
-        # loop reports it with a clear error instead of training on NaN
+        # loop reports it with a clear error instead of training on NaN. One cond around the
+        # update, not a select per leaf: ~430 fewer kernels for XLA to compile.
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        def commit(_):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_rest, new_opt
+
+        new_state = lax.cond(ok, commit, lambda _: (params, rest, opt_state), None)
         metrics["skipped"] = (~ok).astype(jnp.float32)
-        return (keep(new_params, params), keep(new_rest, rest), keep(new_opt, opt_state), metrics)
+        return (*new_state, metrics)
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1, 2))
