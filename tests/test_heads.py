@@ -168,3 +168,29 @@ def test_eval_mode_uses_running_averages():
     a = step(mlp, x)[:3]
     b = step(mlp, x[:3])
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_running_stat_updates_like_flax_batchstat_under_jit():
+    # The heads' BatchNorm keeps its running statistics in RunningStat (whole-array
+    # updates through set_value); against flax's own BatchStat: bitwise the same outputs
+    # and updated statistics, masked and unmasked, traced under jit.
+    from dknet_jax.model.heads import RunningStat
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(40, 6)), jnp.float32)
+    mask = jnp.asarray(rng.random((40, 1)) < 0.7)
+    for m in (None, mask):
+        ours = nnx.BatchNorm(6, momentum=0.9, epsilon=1e-4, rngs=nnx.Rngs(0))
+        ours.mean = RunningStat(ours.mean.get_value() + 0.5)
+        ours.var = RunningStat(ours.var.get_value() * 2.0)
+        plain = nnx.BatchNorm(6, momentum=0.9, epsilon=1e-4, rngs=nnx.Rngs(0))
+        plain.mean.set_value(plain.mean.get_value() + 0.5)
+        plain.var.set_value(plain.var.get_value() * 2.0)
+
+        step = nnx.jit(lambda bn, x, m: bn(x, mask=m))
+        y_ours, y_plain = step(ours, x, m), step(plain, x, m)
+        np.testing.assert_array_equal(y_ours, y_plain)
+        np.testing.assert_array_equal(ours.mean.get_value(), plain.mean.get_value())
+        np.testing.assert_array_equal(ours.var.get_value(), plain.var.get_value())
+        assert not np.array_equal(ours.mean.get_value(), np.full(6, 0.5, np.float32))
+        assert isinstance(ours.mean, nnx.BatchStat)  # filters by BatchStat still find it

@@ -76,6 +76,29 @@ def scene_softmax(logits: Array, segment: Array, mask: Array, num_segments: int)
     return jnp.where(ok, e / jnp.maximum(row_denom, 1e-30), 0.0)
 
 
+class RunningStat(nnx.BatchStat):
+    """A BatchNorm running statistic whose whole-array update (``v[...] = new``, as
+    ``nnx.BatchNorm`` writes it) is a plain replacement (``set_value``).
+
+    Same values as ``nnx.BatchStat``. Why: flax's ``v[...] = new`` compares the new
+    value's ``sharding`` with the old one's; under ``jit`` the new value is a tracer, whose
+    ``sharding`` raises an error whose message is built by walking the whole traced
+    program, so each update cost ~0.1 s of tracing in the paper train step (~1.5 s of its
+    ~6 s trace; docs/benchmarks.md, "Compile time")."""
+
+    def __setitem__(self, index, value):
+        if index is Ellipsis:
+            self.set_value(value)
+        else:
+            super().__setitem__(index, value)
+
+
+def _whole_updates(bn: nnx.BatchNorm) -> nnx.BatchNorm:
+    bn.mean = RunningStat(bn.mean.get_value())
+    bn.var = RunningStat(bn.var.get_value())
+    return bn
+
+
 class MLP(nnx.Module):
     """``in_dim -> hidden[0] -> ... -> out_dim``: (Linear + norm + ReLU) per hidden layer,
     then a plain Linear.
@@ -106,7 +129,10 @@ class MLP(nnx.Module):
             ]
         )
         if norm == "batch":
-            norms = [nnx.BatchNorm(b, momentum=0.9, epsilon=eps, rngs=rngs) for b in hidden]
+            norms = [
+                _whole_updates(nnx.BatchNorm(b, momentum=0.9, epsilon=eps, rngs=rngs))
+                for b in hidden
+            ]
         elif norm == "layer":
             norms = [nnx.LayerNorm(b, epsilon=eps, rngs=rngs) for b in hidden]
         else:
