@@ -82,6 +82,14 @@ def _differences(want: dict, have: dict) -> list[str]:
 
 def _mismatch(where: str, diffs: list[str]) -> CheckpointMismatchError:
     more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+    if all(d.startswith("opt/") for d in diffs):
+        return CheckpointMismatchError(
+            f"checkpoint {where}: its optimiser state does not match this version's "
+            f"optimiser ({diffs[0]}{more}). Since 2026-12-03 the AdamW moments are stored "
+            f"as flat vectors (training/optim.py, optax.flatten); a checkpoint written "
+            f"before cannot resume training, but its parameters still evaluate and "
+            f"predict (scripts/evaluate.py, scripts/predict.py)"
+        )
     return CheckpointMismatchError(
         f"checkpoint {where} does not match the network built from the config: "
         f"{diffs[0]}{more}; use the config it was trained with "

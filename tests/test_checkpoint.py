@@ -88,6 +88,18 @@ def test_structure_mismatch_is_a_config_error(tmp_path):
         Checkpoints(str(tmp_path)).restore(other)
 
 
+def test_per_leaf_optimiser_state_names_the_layout_change(tmp_path):
+    # a checkpoint with per-leaf AdamW moments (before optax.flatten) against a target
+    # with flat ones: the error says it is the optimiser layout, not the config
+    w = np.zeros((3, 2), np.float32)
+    old = {"params": {"w": w}, "opt": {"mu": {"w": w}, "nu": {"w": w}}}
+    Checkpoints(str(tmp_path)).save(1, old, {"step": 1})
+    flat = np.zeros(6, np.float32)
+    new = {"params": {"w": w}, "opt": {"mu": flat, "nu": flat}}
+    with pytest.raises(ValueError, match=r"optimiser state does not match.*flat vectors"):
+        Checkpoints(str(tmp_path)).restore(new)
+
+
 def test_resume_falls_back_past_a_corrupt_latest_and_best_is_replaced(tmp_path, capsys):
     _corrupt(_saved(tmp_path) / "checkpoints" / "3")
     ck = Checkpoints(str(tmp_path))

@@ -19,7 +19,10 @@ truncated); :meth:`SparseUNet.kernel_maps` exposes the flags.
 
 BatchNorm (:class:`MaskedBatchNorm`) takes its statistics over valid rows only, keeps
 running statistics, and writes 0 into padded rows. Train/eval follows the ``train``
-argument, or ``module.train()`` / ``module.eval()`` when it is None.
+argument, or ``module.train()`` / ``module.eval()`` when it is None. Every BatchNorm of
+the UNet is followed by a ReLU, fused into it (``relu=True``); in training mode both run
+through :func:`masked_batch_norm`, whose backward pass is written out and keeps only the
+input rows and per-channel statistics.
 
 Memory levers (``docs/benchmarks.md``, "Training step memory"):
 - ``precision`` ("f32" | "bf16"; the training step sets it from ``config.train.precision``):
@@ -135,8 +138,8 @@ def masked_batch_norm(x, valid, scale, bias, epsilon: float, relu: bool):
     rows, times the ReLU mask): it recomputes the normalised rows from ``x`` and the
     per-channel statistics instead of keeping autodiff's f32 intermediates, so the step
     keeps no ``[V, C]`` residual of its own (``x`` is the previous conv's output, kept
-    anyway) and XLA compiles ~6 kernels per layer instead of ~21 (docs/benchmarks.md,
-    "Compile time"). Tested against autodiff of the plain formula.
+    anyway) and XLA compiles ~15 kernels per layer instead of ~21 (docs/benchmarks.md,
+    "Train-step compile time"). Tested against autodiff of the plain formula.
     """
     return _mbn_fwd(x, valid, scale, bias, epsilon, relu)[0]
 

@@ -84,7 +84,7 @@ class RunningStat(nnx.BatchStat):
     value's ``sharding`` with the old one's; under ``jit`` the new value is a tracer, whose
     ``sharding`` raises an error whose message is built by walking the whole traced
     program, so each update cost ~0.1 s of tracing in the paper train step (~1.5 s of its
-    ~6 s trace; docs/benchmarks.md, "Compile time")."""
+    ~6 s trace; docs/benchmarks.md, "Train-step compile time")."""
 
     def __setitem__(self, index, value):
         if index is Ellipsis:

@@ -37,11 +37,11 @@ def make_optimizer(train_config, total_steps: int, steps_per_epoch: int):
     ``optax.flatten``: gradients and parameters are raveled into one vector and the
     moments are kept as one vector each, so the update is a handful of fused passes
     instead of a chain per parameter leaf (the paper model has ~270 leaves): the same
-    numbers, ~1,000 fewer kernels for XLA to compile in the train step
-    (docs/benchmarks.md, "Compile time"). The checkpointed optimiser state is those flat
-    vectors; a checkpoint written with per-leaf moments does not resume (it raises
-    ``CheckpointMismatchError``) but still evaluates and predicts, which read the
-    parameters only.
+    numbers; the paper train step traces 18,673 -> 13,515 equations and compiles ~5 s
+    faster (docs/benchmarks.md, "Train-step compile time"). The checkpointed
+    optimiser state is those flat vectors: a checkpoint written with per-leaf moments
+    does not resume (``CheckpointMismatchError``) but still evaluates and predicts,
+    which read the parameters only.
 
     Returns (optax.GradientTransformation, schedule)."""
     schedule = learning_rate_schedule(
