@@ -130,3 +130,49 @@ def test_key_budget_overflow_raises_and_flags():
     # huge coordinates (int32 range) do not wrap around silently either
     big = np.array([[0, -(2**30), 0, 0], [0, 2**30, 0, 0]], np.int32)
     assert bool(hashing.key_frame(big, v).overflow)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_derived_bounds_give_the_same_maps(kind):
+    """The UNet reduces the box once and halves it per level (``Bounds.halve``): same
+    maps as the per-level reductions."""
+    rng = np.random.default_rng(7)
+    c = random_coords(rng, kind)
+    c = c - np.array([0, 3, 5, 7], np.int32)  # negative coordinates: halving is a floor
+    cp, valid, _ = _pad(rng, c)
+    box = jax.jit(hashing.bounds)(cp, valid)
+    np.testing.assert_array_equal(np.asarray(box.lo), c.min(0))
+    np.testing.assert_array_equal(np.asarray(box.hi), c.max(0))
+    fine = jax.jit(lambda c, v: hashing.down_map(c, v, capacity=CAP, tile_rows=8))(cp, valid)
+    derived = jax.jit(lambda c, v, b: hashing.down_map(c, v, capacity=CAP, tile_rows=8, box=b))(
+        cp, valid, box
+    )
+    for a, b in zip(jax.tree.leaves(fine), jax.tree.leaves(derived), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The coarse rows come sorted with padding last; their box is the halved box.
+    cc, cv = np.asarray(fine.coords), np.asarray(fine.valid)
+    half = box.halve()
+    np.testing.assert_array_equal(np.asarray(half.lo), cc[cv].min(0))
+    np.testing.assert_array_equal(np.asarray(half.hi), cc[cv].max(0))
+
+    @jax.jit
+    def both(c, v, b):
+        plain = hashing.subm_map(c, v, pairs_per_voxel=27, tile_rows=8)
+        fast = hashing.subm_map(c, v, pairs_per_voxel=27, tile_rows=8, box=b)
+        return plain, fast
+
+    plain, fast = both(fine.coords, fine.valid, half)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fast), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bounds_of_an_empty_set_and_unique_rows_padding():
+    c = np.array([[0, 1, 2, 3], [2, -4, 0, 9]], np.int32)
+    box = hashing.bounds(c, np.zeros(2, bool))
+    assert np.asarray(box.lo).tolist() == [0, 0, 0, 0] == np.asarray(box.hi).tolist()
+    u, uv, inv, count, over = hashing.unique_rows(c, np.array([True, True]), capacity=4)
+    assert int(count) == 2 and not bool(over)
+    # Padded rows carry the batch index after the largest real one.
+    np.testing.assert_array_equal(np.asarray(u)[~np.asarray(uv)], [[3, 0, 0, 0]] * 2)
+    u, uv, inv, count, over = hashing.unique_rows(c, np.zeros(2, bool), capacity=4)
+    assert int(count) == 0 and (np.asarray(u) == 0).all()

@@ -387,6 +387,10 @@ class SparseUNet(nnx.Module):
             voxels.capacity, len(self.widths), self.level_capacity_ratio, self.min_level_capacity
         )
         coords, valid = voxels.coords, voxels.valid
+        # The box of the voxels is reduced once; each coarser level's box is its
+        # halving (exact). (Skipping the key sort on the already sorted rows compiled
+        # slower: docs/benchmarks.md, "Train-step compile time".)
+        box = hashing.bounds(coords, valid)
         levels = []
         for lvl in range(len(caps)):
             # Tiles are sized for the expected count; the row capacity keeps a safe margin.
@@ -398,13 +402,13 @@ class SparseUNet(nnx.Module):
             # >= 26: tiles for every pair the level's capacity can hold (never a fallback,
             # none compiled); otherwise sized for the expected voxels.
             ppv = 26.0 if ppv >= 26.0 else ppv * expected / caps[lvl]
-            smap = hashing.subm_map(coords, valid, pairs_per_voxel=ppv)
+            smap = hashing.subm_map(coords, valid, pairs_per_voxel=ppv, box=box)
             down = None
             if lvl + 1 < len(caps):
-                down = hashing.down_map(coords, valid, capacity=caps[lvl + 1])
+                down = hashing.down_map(coords, valid, capacity=caps[lvl + 1], box=box)
             levels.append(Level(valid=valid, subm=smap, down=down))
             if down is not None:
-                coords, valid = down.coords, down.valid
+                coords, valid, box = down.coords, down.valid, box.halve()
         return levels
 
     def __call__(self, voxels: Voxels, train: bool | None = None) -> Array:

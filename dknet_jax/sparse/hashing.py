@@ -144,15 +144,50 @@ class DownMap:
 # ----------------------------------------------------------------------------- keys
 
 
-def key_frame(coords: Array, valid: Array, *, margin: int = 1) -> KeyFrame:
-    """Bounding box frame of ``coords: i32[V, 4]`` over rows where ``valid: bool[V]``."""
+@flax.struct.dataclass
+class Bounds:
+    """Per-column bounding box of the valid rows of a coordinate set.
+
+    Attributes:
+      lo, hi: i32[4] per column (b, x, y, z) the smallest / largest value over the valid
+        rows (0 when there is none).
+    The box of a set's stride-2 parents (``(b, x >> 1, y >> 1, z >> 1)``) is the box of
+    the set shifted the same way (:meth:`halve`), so a UNet computes the reductions once
+    for its finest level and derives every coarser level's box without reducing again.
+    """
+
+    lo: Array
+    hi: Array
+
+    def halve(self) -> Bounds:
+        """Box of the stride-2 parents of the set."""
+        shift = jnp.array([0, 1, 1, 1], jnp.int32)
+        return Bounds(lo=self.lo >> shift, hi=self.hi >> shift)
+
+
+def bounds(coords: Array, valid: Array) -> Bounds:
+    """:class:`Bounds` of ``coords: i32[V, 4]`` over rows where ``valid: bool[V]`` (one
+    min-reduction over ``[coords, -coords]``: XLA:CPU splits every large reduction into
+    several kernels, so one reduction instead of three saves compile time)."""
     coords = jnp.asarray(coords, jnp.int32)
     big = jnp.iinfo(jnp.int32).max
-    lo = jnp.min(jnp.where(valid[:, None], coords, big), axis=0)
-    hi = jnp.max(jnp.where(valid[:, None], coords, -big), axis=0)
-    any_valid = jnp.any(valid)
-    lo = jnp.where(any_valid, lo, 0)
-    hi = jnp.where(any_valid, hi, 0)
+    both = jnp.concatenate([coords, -coords], axis=1)  # coordinates are > -2**31
+    m = jnp.min(jnp.where(jnp.asarray(valid, bool)[:, None], both, big), axis=0)
+    lo, hi = m[:4], -m[4:]
+    empty = m[0] == big
+    return Bounds(lo=jnp.where(empty, 0, lo), hi=jnp.where(empty, 0, hi))
+
+
+def key_frame(
+    coords: Array, valid: Array, *, margin: int = 1, box: Bounds | None = None
+) -> KeyFrame:
+    """Bounding box frame of ``coords: i32[V, 4]`` over rows where ``valid: bool[V]``.
+
+    ``box``: the rows' :class:`Bounds` when already known (e.g. derived from a finer
+    level with :meth:`Bounds.halve`); it must equal ``bounds(coords, valid)``."""
+    if box is None:
+        box = bounds(coords, valid)
+    lo, hi = box.lo, box.hi
     pad = jnp.array([0, margin, margin, margin], jnp.int32)
     origin = lo - pad
     # Extents in f32 for the budget check (no int overflow for absurd inputs).
@@ -198,8 +233,10 @@ def check_key_budget(coords) -> None:
         )
 
 
-def unique_rows(coords: Array, valid: Array, *, capacity: int):
+def unique_rows(coords: Array, valid: Array, *, capacity: int, box: Bounds | None = None):
     """Unique rows of ``coords: i32[N, 4]`` among ``valid: bool[N]`` in a static capacity.
+
+    ``box``: the valid rows' :class:`Bounds` when known (saves the reductions).
 
     Returns:
       ucoords: i32[U, 4] unique rows sorted lexicographically (U = capacity); padded rows
@@ -213,20 +250,21 @@ def unique_rows(coords: Array, valid: Array, *, capacity: int):
     coords = jnp.asarray(coords, jnp.int32)
     n = coords.shape[0]
     u = int(capacity)
-    frame = key_frame(coords, valid, margin=0)
+    box = bounds(coords, valid) if box is None else box
+    frame = key_frame(coords, valid, margin=0, box=box)
     keys = pack_keys(frame, coords, valid)
     order = jnp.argsort(keys).astype(jnp.int32)
     sk = keys[order]
     real = sk != SENTINEL_KEY
     new = real & jnp.concatenate([jnp.ones((1,), bool), sk[1:] != sk[:-1]])
     rank = jnp.cumsum(new, dtype=jnp.int32) - 1
-    count = jnp.sum(new, dtype=jnp.int32)
+    count = rank[-1] + 1  # = sum(new), without another reduction
     inv_sorted = jnp.where(real & (rank < u), rank, u)
     inverse = jnp.zeros((n,), jnp.int32).at[order].set(inv_sorted)
     first = jnp.where(new & (rank < u), rank, u)
     ucoords = jnp.zeros((u, 4), jnp.int32).at[first].set(coords[order], mode="drop")
     uvalid = jnp.arange(u) < count
-    pad_b = jnp.max(jnp.where(valid, coords[:, 0], -1)) + 1
+    pad_b = jnp.where(count > 0, box.hi[0] + 1, 0)
     pad_row = jnp.zeros((4,), jnp.int32).at[0].set(pad_b)
     ucoords = jnp.where(uvalid[:, None], ucoords, pad_row)
     return ucoords, uvalid, inverse, count, frame.overflow | (count > u)
@@ -254,11 +292,16 @@ def build_tiles(
     t = tile_rows
     cap = num_tiles * t
     mask = table < num_cols  # [V, K]
-    n_k = jnp.sum(mask, axis=0, dtype=jnp.int32)  # [K]
-    padded = (n_k + t - 1) // t  # tiles per offset
-    tile_end = jnp.cumsum(padded)  # [K]
-    tile_start = tile_end - padded
+    # One cumulative sum gives both the rank of each entry within its column and the
+    # column counts (its last row): on XLA:CPU every large reduction or scan compiles
+    # into several kernels, so the counts are not reduced again.
     rank = jnp.cumsum(mask, axis=0, dtype=jnp.int32) - 1  # [V, K] rank within column
+    n_k = rank[-1] + 1  # [K]
+    padded = (n_k + t - 1) // t  # tiles per offset
+    # Inclusive prefix sum over the K offsets as a masked sum (K <= 27).
+    upto = jnp.arange(num_k)[:, None] >= jnp.arange(num_k)[None, :]
+    tile_end = jnp.sum(jnp.where(upto, padded[None, :], 0), axis=1, dtype=jnp.int32)  # [K]
+    tile_start = tile_end - padded
     pos = tile_start[None, :] * t + rank
     ok = tile_end[-1] <= num_tiles
     pos = jnp.where(mask & (pos < cap), pos, cap)
@@ -287,6 +330,7 @@ def subm_map(
     *,
     pairs_per_voxel: float | None = 16.0,
     tile_rows: int | None = None,
+    box: Bounds | None = None,
 ) -> SubmMap:
     """Submanifold 3x3x3 neighbour table of ``coords: i32[V, 4]`` (rows ``valid: bool[V]``).
 
@@ -297,13 +341,14 @@ def subm_map(
         ~12 of 26); >= 26 holds every possible pair (``tiles.complete``: no fallback
         ever). None builds no tiles (dense per-offset / Pallas path only).
       tile_rows: tile height T (default from the capacity).
+      box: the valid rows' :class:`Bounds` when known (saves the reductions).
     Returns:
       SubmMap with nbr i32[V, 27] (sentinel V).
     """
     coords = jnp.asarray(coords, jnp.int32)
     valid = jnp.asarray(valid, bool)
     v = coords.shape[0]
-    frame = key_frame(coords, valid)
+    frame = key_frame(coords, valid, box=box)
     keys = pack_keys(frame, coords, valid)
     order = jnp.argsort(keys).astype(jnp.int32)
     sorted_keys = keys[order]
@@ -343,11 +388,13 @@ def down_map(
     *,
     capacity: int | None = None,
     tile_rows: int | None = None,
+    box: Bounds | None = None,
 ) -> DownMap:
     """Kernel-2 stride-2 map of ``coords: i32[V, 4]`` to its coarse set.
 
     Coarse rows are ``(b, x//2, y//2, z//2)`` (floor division), unique, sorted
     lexicographically, in a static ``capacity`` (default V; coarse count <= fine count).
+    ``box``: the fine valid rows' :class:`Bounds` when known (saves the reductions).
     """
     coords = jnp.asarray(coords, jnp.int32)
     valid = jnp.asarray(valid, bool)
@@ -355,7 +402,8 @@ def down_map(
     vc = v if capacity is None else int(capacity)
     coarse = jnp.concatenate([coords[:, :1], coords[:, 1:] >> 1], axis=1)  # floor div
     child = ((coords[:, 1] & 1) * 4 + (coords[:, 2] & 1) * 2 + (coords[:, 3] & 1)).astype(jnp.int32)
-    ccoords, cvalid, parent, count, overflow = unique_rows(coarse, valid, capacity=vc)
+    cbox = None if box is None else box.halve()
+    ccoords, cvalid, parent, count, overflow = unique_rows(coarse, valid, capacity=vc, box=cbox)
     table = _child_table(child, parent, vc)
     t = tile_rows or default_tile_rows(v)
     # One pair per fine voxel: the capacity always suffices.

@@ -73,9 +73,10 @@ def voxelize(vox: Array, batch_id: Array, valid: Array, feats: Array, *, capacit
     valid = jnp.asarray(valid, bool)
     coords = jnp.concatenate([jnp.asarray(batch_id, jnp.int32)[:, None], vox], axis=1)
     vcoords, vvalid, p2v, count, overflow = unique_rows(coords, valid, capacity=capacity)
-    sums = jax.ops.segment_sum(feats, p2v, num_segments=capacity)
-    cnt = jax.ops.segment_sum(jnp.ones((n,), feats.dtype), p2v, num_segments=capacity)
-    vfeats = sums / jnp.maximum(cnt, 1)[:, None]
+    # Feature sums and point counts in one scatter (a column of ones).
+    ones = jnp.ones((n, 1), feats.dtype)
+    sums = jax.ops.segment_sum(jnp.concatenate([feats, ones], axis=1), p2v, num_segments=capacity)
+    vfeats = sums[:, :-1] / jnp.maximum(sums[:, -1:], 1)
     return Voxels(
         coords=vcoords,
         feats=vfeats,
