@@ -10,13 +10,14 @@ neighbour queries stay inside the box)::
     key = ((b' * EX + x') * EY + y') * EZ + z'     x' = x - min_x + 1,  EX = max_x - min_x + 3
 
 with ``b' = b - min_b``. The box (:class:`Bounds`) can be passed in: a UNet reduces it
-once for the finest level and halves it per level (:meth:`Bounds.halve`). The key space is ``EB * EX * EY * EZ`` cells and must stay below
-``KEY_LIMIT`` (~4.29e9): e.g. 8 ScanNet scenes of 15 m x 15 m x 5 m at 2 cm
-(8 * 753 * 753 * 253 = 1.15e9) or 4 S3DIS halls of 60 m x 20 m x 6 m at 5 cm
-(4 * 1203 * 403 * 123 = 2.4e8) fit. Key order equals lexicographic (b, x, y, z) order.
-When the box does not fit, the ``overflow`` flag of the returned frame / map is set;
-callers raise on concrete inputs (:func:`check_key_budget`) and poison outputs with NaN
-under ``jit`` so that the failure is never silent. Padded rows get key ``SENTINEL_KEY``.
+once for the finest level and halves it per level (:meth:`Bounds.halve`). The key space
+is ``EB * EX * EY * EZ`` cells and must stay below ``KEY_LIMIT`` (~4.29e9): e.g. 8
+ScanNet scenes of 15 m x 15 m x 5 m at 2 cm (8 * 753 * 753 * 253 = 1.15e9) or 4 S3DIS
+halls of 60 m x 20 m x 6 m at 5 cm (4 * 1203 * 403 * 123 = 2.4e8) fit. Key order equals
+lexicographic (b, x, y, z) order. When the box does not fit, the ``overflow`` flag of
+the returned frame / map is set; callers raise on concrete inputs
+(:func:`check_key_budget`) and poison outputs with NaN under ``jit`` so that the failure
+is never silent. Padded rows get key ``SENTINEL_KEY``.
 
 Lookup: ``argsort`` the keys once, ``searchsorted`` the queries. The submanifold table
 searches only 13 of the 27 offsets; the mirrored 13 follow by inversion
