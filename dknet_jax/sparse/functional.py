@@ -119,7 +119,7 @@ def strided_conv3d(coords, feats, weight, *, capacity: int | None = None):
     if _is_concrete(coords):
         cn = np.asarray(coords).astype(np.int64)
         hashing.check_key_budget(cn)
-        coarse = np.concatenate([cn[:, :1], cn[:, 1:] >> 1], axis=1)
+        coarse = hashing.parent_coords(cn)
         exact = len(np.unique(coarse, axis=0))
         if capacity is None:
             capacity = exact
@@ -167,7 +167,7 @@ def inverse_conv3d(coords, coarse_coords, coarse_feats, weight) -> Array:
     if _is_concrete(coords, coarse_coords):
         cn = np.asarray(coords).astype(np.int64)
         ccn = np.asarray(coarse_coords).astype(np.int64)
-        up = np.concatenate([cn[:, :1], cn[:, 1:] >> 1], axis=1)
+        up = hashing.parent_coords(cn)
         hashing.check_key_budget(np.concatenate([ccn, up]))
     if c.shape[0] == 0 or cc.shape[0] == 0:
         return jnp.zeros((c.shape[0], jnp.shape(weight)[-1]), cf.dtype)

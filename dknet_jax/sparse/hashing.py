@@ -163,8 +163,20 @@ class Bounds:
 
     def halve(self) -> Bounds:
         """Box of the stride-2 parents of the set."""
-        shift = jnp.array([0, 1, 1, 1], jnp.int32)
-        return Bounds(lo=self.lo >> shift, hi=self.hi >> shift)
+        return Bounds(lo=parent_coords(self.lo), hi=parent_coords(self.hi))
+
+
+def parent_coords(coords):
+    """Stride-2 parent ``(b, x >> 1, y >> 1, z >> 1)`` (floor division) of ``int[..., 4]``
+    rows: a numpy array for numpy input (host-side checks), a jax array otherwise."""
+    xp = np if isinstance(coords, np.ndarray) else jnp
+    return xp.concatenate([coords[..., :1], coords[..., 1:] >> 1], axis=-1)
+
+
+def child_offset(coords: Array) -> Array:
+    """i32[V] offset ``4(x&1) + 2(y&1) + (z&1)`` of each row of ``coords: i32[V, 4]`` inside
+    its stride-2 parent (``weight[x&1, y&1, z&1]`` of a ``[2, 2, 2, ...]`` weight)."""
+    return ((coords[:, 1] & 1) * 4 + (coords[:, 2] & 1) * 2 + (coords[:, 3] & 1)).astype(jnp.int32)
 
 
 def bounds(coords: Array, valid: Array) -> Bounds:
@@ -402,8 +414,8 @@ def down_map(
     valid = jnp.asarray(valid, bool)
     v = coords.shape[0]
     vc = v if capacity is None else int(capacity)
-    coarse = jnp.concatenate([coords[:, :1], coords[:, 1:] >> 1], axis=1)  # floor div
-    child = ((coords[:, 1] & 1) * 4 + (coords[:, 2] & 1) * 2 + (coords[:, 3] & 1)).astype(jnp.int32)
+    coarse = parent_coords(coords)
+    child = child_offset(coords)
     cbox = None if box is None else box.halve()
     ccoords, cvalid, parent, count, overflow = unique_rows(coarse, valid, capacity=vc, box=cbox)
     table = _child_table(child, parent, vc)
@@ -444,13 +456,13 @@ def match_down_map(
     valid = jnp.asarray(valid, bool)
     coarse_valid = jnp.asarray(coarse_valid, bool)
     v, vc = coords.shape[0], coarse_coords.shape[0]
-    up = jnp.concatenate([coords[:, :1], coords[:, 1:] >> 1], axis=1)
+    up = parent_coords(coords)
     both = jnp.concatenate([coarse_coords, up], axis=0)
     frame = key_frame(both, jnp.concatenate([coarse_valid, valid]), margin=0)
     ckeys = pack_keys(frame, coarse_coords, coarse_valid)
     order = jnp.argsort(ckeys).astype(jnp.int32)
     parent = _lookup(ckeys[order], order, pack_keys(frame, up, valid), vc)
-    child = ((coords[:, 1] & 1) * 4 + (coords[:, 2] & 1) * 2 + (coords[:, 3] & 1)).astype(jnp.int32)
+    child = child_offset(coords)
     t = tile_rows or default_tile_rows(v)
     tiles = build_tiles(
         _child_table(child, parent, vc),
