@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -102,65 +103,111 @@ def same_instance(cand_instance, ok) -> Array:
     return same.astype(jnp.float32)
 
 
+def _chunk_masks(cand, pts, counts, *, r2, r2_bg, cap):
+    """Fg / bg membership bool[K, chunk] of one chunk of points for every candidate, and
+    the running list lengths after it. ``cand = (xyz f32[K, 3], sem i32[K], scene i32[K],
+    ok bool[K])``, ``pts = (xyz f32[chunk, 3], sem, valid, scene)``, ``counts`` = the
+    lengths f32[K] before the chunk (the ``cap`` rule keeps a point while fewer than
+    ``cap`` earlier points are in the list)."""
+    c_xyz, c_sem, c_scene, c_ok = cand
+    p_xyz, p_sem, p_valid, p_scene = pts
+    fg_n, bg_n = counts
+    d2 = sum((c_xyz[:, a][:, None] - p_xyz[:, a][None, :]) ** 2 for a in range(3))
+    base = p_valid[None, :] & (p_scene[None, :] == c_scene[:, None]) & c_ok[:, None]
+    same = p_sem[None, :] == c_sem[:, None]
+    fg = base & same & (d2 <= r2)
+    bg = base & ~same & (d2 <= r2_bg)
+    if cap > 0:
+
+        def cut(masks):
+            fg, bg = masks
+            fg = fg & (fg_n[:, None] + jnp.cumsum(fg.astype(jnp.int32), axis=1) <= cap)
+            bg = bg & (bg_n[:, None] + jnp.cumsum(bg.astype(jnp.int32), axis=1) <= cap)
+            return fg, bg
+
+        # the running sums only where a list reaches the cap in this chunk
+        full = jnp.any(fg_n + fg.sum(1) > cap) | jnp.any(bg_n + bg.sum(1) > cap)
+        fg, bg = jax.lax.cond(full, cut, lambda masks: masks, (fg, bg))
+    return fg, bg, (fg_n + fg.sum(1), bg_n + bg.sum(1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _context_sums(geom, feats, cand, pts):
+    """Fg / bg feature sums f32[K, D] and list lengths f32[K] over the chunked points
+    (``feats: f[n_chunks, chunk, D]``, ``pts`` the chunked point arrays of
+    :func:`_chunk_masks`; ``geom = (r2, r2_bg, cap)``, static).
+
+    Differentiable in ``feats`` only. The backward pass recomputes each chunk's masks
+    instead of keeping them: autodiff of the scan kept both f32[K, chunk] masks of every
+    chunk as residuals, 8 bytes per candidate and point (3.8 GB for the paper's batch of
+    4 rooms: 600 candidates x 786k rows), written in the forward pass and read back.
+    """
+    return _context_sums_fwd(geom, feats, cand, pts)[0]
+
+
+def _context_sums_fwd(geom, feats, cand, pts):
+    r2, r2_bg, cap = geom
+    k, d = cand[0].shape[0], feats.shape[-1]
+    hi = jax.lax.Precision.HIGHEST
+
+    def step(carry, x):
+        fg_sum, bg_sum, counts = carry
+        p_f, p = x
+        fg, bg, counts = _chunk_masks(cand, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
+        fg_sum = fg_sum + jnp.matmul(fg.astype(feats.dtype), p_f, precision=hi)
+        bg_sum = bg_sum + jnp.matmul(bg.astype(feats.dtype), p_f, precision=hi)
+        return (fg_sum, bg_sum, counts), None
+
+    zk = jnp.zeros((k,), feats.dtype)
+    zkd = jnp.zeros((k, d), feats.dtype)
+    (fg_sum, bg_sum, (fg_n, bg_n)), _ = jax.lax.scan(step, (zkd, zkd, (zk, zk)), (feats, pts))
+    return (fg_sum, bg_sum, fg_n, bg_n), (cand, pts)
+
+
+def _context_sums_bwd(geom, res, cts):
+    r2, r2_bg, cap = geom
+    cand, pts = res
+    g_fg, g_bg = cts[0], cts[1]  # the counts are piecewise constant in feats
+    hi = jax.lax.Precision.HIGHEST
+    k = cand[0].shape[0]
+
+    def step(counts, p):
+        fg, bg, counts = _chunk_masks(cand, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
+        d_f = jnp.matmul(fg.astype(g_fg.dtype).T, g_fg, precision=hi) + jnp.matmul(
+            bg.astype(g_bg.dtype).T, g_bg, precision=hi
+        )
+        return counts, d_f
+
+    zk = jnp.zeros((k,), g_fg.dtype)
+    _, d_feats = jax.lax.scan(step, (zk, zk), pts)
+    return d_feats, None, None
+
+
+_context_sums.defvjp(_context_sums_fwd, _context_sums_bwd)
+
+
 @functools.partial(jax.jit, static_argnames=("radius", "chunk", "empty", "cap"))
 def _context_jit(
     xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius, chunk, empty, cap
 ):
     n, d = feats.shape
-    k = cand_idx.shape[0]
     safe = jnp.clip(cand_idx, 0, n - 1)
-    c_xyz = xyz[safe]
-    c_sem = sem_pred[safe]
     c_scene = scene_id[safe]
+    cand = (xyz[safe], sem_pred[safe], c_scene, cand_ok)
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     padf = lambda a, v: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=v)
-    xs = (
+    pts = (
         padf(xyz, 0.0).reshape(n_chunks, chunk, 3),
-        padf(feats, 0.0).reshape(n_chunks, chunk, d),
         padf(sem_pred, 0).reshape(n_chunks, chunk),
         padf(valid, False).reshape(n_chunks, chunk),
         padf(scene_id, 0).reshape(n_chunks, chunk),
     )
-    r2 = jnp.float32(radius) ** 2
-    r2_bg = jnp.float32(2.0 * radius) ** 2
-
-    def step(carry, x):
-        fg_sum, bg_sum, fg_n, bg_n = carry
-        p_xyz, p_f, p_sem, p_valid, p_scene = x
-        d2 = sum((c_xyz[:, a][:, None] - p_xyz[:, a][None, :]) ** 2 for a in range(3))
-        base = p_valid[None, :] & (p_scene[None, :] == c_scene[:, None]) & cand_ok[:, None]
-        same = p_sem[None, :] == c_sem[:, None]
-        fg = base & same & (d2 <= r2)
-        bg = base & ~same & (d2 <= r2_bg)
-        if cap > 0:  # keep a point while fewer than `cap` earlier points are in the list
-
-            def cut(masks):
-                fg, bg = masks
-                fg = fg & (fg_n[:, None] + jnp.cumsum(fg.astype(jnp.int32), axis=1) <= cap)
-                bg = bg & (bg_n[:, None] + jnp.cumsum(bg.astype(jnp.int32), axis=1) <= cap)
-                return fg, bg
-
-            # the running sums only where a list reaches the cap in this chunk
-            full = jnp.any(fg_n + fg.sum(1) > cap) | jnp.any(bg_n + bg.sum(1) > cap)
-            fg, bg = jax.lax.cond(full, cut, lambda masks: masks, (fg, bg))
-        fg = fg.astype(feats.dtype)
-        bg = bg.astype(feats.dtype)
-        hi = jax.lax.Precision.HIGHEST
-        return (
-            fg_sum + jnp.matmul(fg, p_f, precision=hi),
-            bg_sum + jnp.matmul(bg, p_f, precision=hi),
-            fg_n + fg.sum(1),
-            bg_n + bg.sum(1),
-        ), None
-
-    zeros = (
-        jnp.zeros((k, d), feats.dtype),
-        jnp.zeros((k, d), feats.dtype),
-        jnp.zeros((k,), feats.dtype),
-        jnp.zeros((k,), feats.dtype),
-    )
-    (fg_sum, bg_sum, fg_n, bg_n), _ = jax.lax.scan(step, zeros, xs)
+    # f32 squares, as the distances are f32 (hashable static numbers)
+    geom = (np.float32(radius) ** 2, np.float32(2.0 * radius) ** 2, cap)
+    p_feats = padf(feats, 0.0).reshape(n_chunks, chunk, d)
+    fg_sum, bg_sum, fg_n, bg_n = _context_sums(geom, p_feats, cand, pts)
+    fg_n, bg_n = jax.lax.stop_gradient((fg_n, bg_n))
     fg = fg_sum / jnp.maximum(fg_n, 1.0)[:, None]
     bg = bg_sum / jnp.maximum(bg_n, 1.0)[:, None]
     if empty == "foreground_mean":  # released utils.neighboors_pooling: an empty set

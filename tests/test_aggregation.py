@@ -217,3 +217,57 @@ def test_compact_groups_against_a_loop():
         aggregation.compact_groups(
             np.asarray(group_ok), (np.asarray(feat),), scenes=scenes, slots=k + 1
         )
+
+
+def test_context_features_capped_gradient_vs_brute_force_and_no_mask_residuals():
+    # neighbour_cap keeps each list's first `cap` points in point order; the chunk size
+    # (16) makes lists reach the cap inside a chunk and across chunk boundaries.
+    rng = np.random.default_rng(11)
+    n, d, k, r, cap = 200, 3, 10, 0.35, 6
+    xyz = rng.uniform(0, 1.0, (n, 3)).astype(np.float32)
+    feats = rng.normal(size=(n, d)).astype(np.float32)
+    sem = rng.integers(0, 2, n).astype(np.int32)
+    scene = (np.arange(n) >= 120).astype(np.int32)
+    valid = rng.uniform(size=n) < 0.9
+    cand = rng.choice(n, k, replace=False).astype(np.int32)
+    cand_ok = np.ones(k, bool)
+    cand_ok[3] = False
+    u = rng.normal(size=(k, d)).astype(np.float32)
+    v = rng.normal(size=(k, d)).astype(np.float32)
+
+    def run(f):
+        return aggregation.context_features(
+            xyz, f, sem, valid, scene, cand, cand_ok, radius=r, chunk=16, neighbour_cap=cap
+        )
+
+    def weighted(f):
+        fg_, bg_, _ = run(f)
+        return (fg_ * u).sum() + (bg_ * v).sum()
+
+    fg, bg, cnt = map(np.asarray, run(feats))
+    g = np.asarray(jax.grad(weighted)(feats))
+    want_g = np.zeros((n, d))
+    capped = 0
+    for c in range(k):
+        p = cand[c]
+        if not cand_ok[c]:
+            assert not fg[c].any() and not bg[c].any() and cnt[c] == 0
+            continue
+        d2 = ((xyz - xyz[p]) ** 2).sum(1)
+        base = valid & (scene == scene[p])
+        f_rows = np.flatnonzero(base & (sem == sem[p]) & (d2 <= r * r))
+        b_rows = np.flatnonzero(base & (sem != sem[p]) & (d2 <= 4 * r * r))
+        capped += (len(f_rows) > cap) + (len(b_rows) > cap)
+        f_rows, b_rows = f_rows[:cap], b_rows[:cap]
+        np.testing.assert_allclose(fg[c], feats[f_rows].mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bg[c], feats[b_rows].mean(0), rtol=1e-5, atol=1e-6)
+        assert cnt[c] == len(f_rows)
+        want_g[f_rows] += u[c] / len(f_rows)
+        want_g[b_rows] += v[c] / len(b_rows)
+    assert capped >= 5, "the setting should cut several lists"
+    np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-6)
+
+    # The backward pass recomputes the chunk masks: nothing of size K x N is saved.
+    vjp_fn = jax.eval_shape(lambda f: jax.vjp(weighted, f)[1], feats)
+    saved = sum(x.size for x in jax.tree.leaves(vjp_fn) if hasattr(x, "size"))
+    assert saved < k * n, saved

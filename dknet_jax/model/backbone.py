@@ -416,7 +416,8 @@ class SparseUNet(nnx.Module):
         if train is None:
             train = not self.use_running_average
         check_levers(self.remat, self.precision)
-        levels = self.kernel_maps(voxels)
+        with jax.named_scope("kernel_maps"):
+            levels = self.kernel_maps(voxels)
         x = voxels.feats.astype(PRECISIONS[self.precision])
         x = self.input_conv(x, levels[0].subm)
         skips = []
@@ -424,13 +425,15 @@ class SparseUNet(nnx.Module):
             mods = (self.encoders[lvl],)
             if level.down is not None:
                 mods += (self.down_bns[lvl], self.downs[lvl])
-            x, skip = self._level(_encode_level, mods, (x, level), train)
+            with jax.named_scope(f"encode{lvl}"):
+                x, skip = self._level(_encode_level, mods, (x, level), train)
             if level.down is not None:
                 skips.append(skip)
         for lvl in range(len(levels) - 2, -1, -1):
             mods = (self.up_bns[lvl], self.ups[lvl], self.decoders[lvl])
             args = (x, skips[lvl], levels[lvl], levels[lvl + 1].valid)
-            x = self._level(_decode_level, mods, args, train)
+            with jax.named_scope(f"decode{lvl}"):
+                x = self._level(_decode_level, mods, args, train)
         x = self.output_bn(x, levels[0].valid, train, relu=True).astype(jnp.float32)
         overflow = voxels.overflow
         for level in levels:

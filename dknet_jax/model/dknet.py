@@ -170,11 +170,17 @@ class DKNet(nnx.Module):
         the merge-score threshold of the grouping, ``config.model.merge_threshold`` when
         None (training); inference passes ``config.test.merge_threshold``.
         """
-        fp, overflow = self.point_features(batch)
-        heads, heat = self.point_heads(batch, fp)
-        cand_idx, cand_ok, exhausted = self.mine(batch, heads, heat, key)
-        g = self.group(batch, heads, heat, cand_idx, cand_ok, merge_threshold)
-        kernels, mask_logits = self.masks(batch, heads, g, decode_masks)
+        # named scopes: each stage's ops carry its name in profiles and HLO op_names
+        with jax.named_scope("backbone"):
+            fp, overflow = self.point_features(batch)
+        with jax.named_scope("heads"):
+            heads, heat = self.point_heads(batch, fp)
+        with jax.named_scope("candidates"):
+            cand_idx, cand_ok, exhausted = self.mine(batch, heads, heat, key)
+        with jax.named_scope("aggregation"):
+            g = self.group(batch, heads, heat, cand_idx, cand_ok, merge_threshold)
+        with jax.named_scope("masks"):
+            kernels, mask_logits = self.masks(batch, heads, g, decode_masks)
         return DKNetOutputs(
             heads=heads,
             heat=heat,

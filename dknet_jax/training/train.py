@@ -69,20 +69,21 @@ def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
             gates = stage_gates(
                 epoch, heatmap_epoch=t.stage_heatmap_epoch, mask_epoch=t.stage_mask_epoch
             )
-            total, metrics = compute_losses(
-                out,
-                batch,
-                weights=weights,
-                gates=gates,
-                num_classes=m.num_classes,
-                offset_direction=m.offset_direction_loss,
-                mask_iou_threshold=mask_gate_threshold(
-                    epoch, config.loss.mask_iou_threshold, config.loss.mask_iou_gate_epoch
-                ),
-                mask_iou_fallback=config.loss.mask_iou_fallback,
-                aggregation_loss=m.aggregation != "none",
-                mask_chunk=m.mask_chunk,
-            )
+            with jax.named_scope("losses"):
+                total, metrics = compute_losses(
+                    out,
+                    batch,
+                    weights=weights,
+                    gates=gates,
+                    num_classes=m.num_classes,
+                    offset_direction=m.offset_direction_loss,
+                    mask_iou_threshold=mask_gate_threshold(
+                        epoch, config.loss.mask_iou_threshold, config.loss.mask_iou_gate_epoch
+                    ),
+                    mask_iou_fallback=config.loss.mask_iou_fallback,
+                    aggregation_loss=m.aggregation != "none",
+                    mask_chunk=m.mask_chunk,
+                )
             metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)
             metrics["pool_exhausted"] = jnp.sum(out.pool_exhausted).astype(jnp.float32)
             metrics["instance_overflow"] = jnp.sum(out.instance_overflow).astype(jnp.float32)
