@@ -131,11 +131,44 @@ def _chunk_masks(cand, pts, counts, *, r2, r2_bg, cap):
     return fg, bg, (fg_n + fg.sum(1), bg_n + bg.sum(1))
 
 
+def _chunk_spans(cand, pts, blocks: int):
+    """First chunk i32[blocks] and chunk count i32[blocks] each candidate block visits.
+
+    Block s (slots ``[s K/B, (s+1) K/B)``) needs the rows of the scenes of its valid
+    candidates: for a scene id in ``[0, blocks)`` the span from that scene's first to its
+    last valid row (one segment min / max over the rows), for any other id every row.
+    Blocks without a valid candidate visit nothing. Exact for any input; small when each
+    block's candidates lie in one scene whose rows are contiguous (``pack_batch``)."""
+    _, _, c_scene, c_ok = cand
+    _, _, p_valid, p_scene = pts
+    n_chunks, chunk = p_valid.shape
+    rows = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
+    sid = p_scene.reshape(-1)
+    sid = jnp.where(p_valid.reshape(-1) & (sid >= 0) & (sid < blocks), sid, blocks)
+    first = jax.ops.segment_min(rows, sid, num_segments=blocks + 1)[:blocks]
+    last = jax.ops.segment_max(rows, sid, num_segments=blocks + 1)[:blocks]
+    known = (c_scene >= 0) & (c_scene < blocks)
+    cs = jnp.clip(c_scene, 0, blocks - 1)
+    lo = jnp.where(c_ok, jnp.where(known, first[cs], 0), n_chunks * chunk)
+    hi = jnp.where(c_ok, jnp.where(known, last[cs], n_chunks * chunk - 1), -1)
+    lo = lo.reshape(blocks, -1).min(1) // chunk
+    hi = hi.reshape(blocks, -1).max(1)
+    return lo, jnp.maximum(hi // chunk - lo + 1, 0) * (hi >= 0)
+
+
+def _by_block(tree, blocks: int):
+    return jax.tree.map(lambda a: a.reshape(blocks, -1, *a.shape[1:]), tree)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _context_sums(geom, feats, cand, pts):
     """Fg / bg feature sums f32[K, D] and list lengths f32[K] over the chunked points
     (``feats: f[n_chunks, chunk, D]``, ``pts`` the chunked point arrays of
-    :func:`_chunk_masks`; ``geom = (r2, r2_bg, cap)``, static).
+    :func:`_chunk_masks`; ``geom = (r2, r2_bg, cap, blocks)``, static).
+
+    The candidates are taken in ``blocks`` consecutive blocks, each over the chunks of
+    :func:`_chunk_spans` only (for a packed batch of B scenes: its own scene's rows
+    instead of all rows and the padding).
 
     Differentiable in ``feats`` only. The backward pass recomputes each chunk's masks
     instead of keeping them: autodiff of the scan kept both f32[K, chunk] masks of every
@@ -146,49 +179,69 @@ def _context_sums(geom, feats, cand, pts):
 
 
 def _context_sums_fwd(geom, feats, cand, pts):
-    r2, r2_bg, cap = geom
-    k, d = cand[0].shape[0], feats.shape[-1]
+    r2, r2_bg, cap, blocks = geom
+    d = feats.shape[-1]
     hi = jax.lax.Precision.HIGHEST
+    start, count = _chunk_spans(cand, pts, blocks)
 
-    def step(carry, x):
-        fg_sum, bg_sum, counts = carry
-        p_f, p = x
-        fg, bg, counts = _chunk_masks(cand, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
-        fg_sum = fg_sum + jnp.matmul(fg.astype(feats.dtype), p_f, precision=hi)
-        bg_sum = bg_sum + jnp.matmul(bg.astype(feats.dtype), p_f, precision=hi)
-        return (fg_sum, bg_sum, counts), None
+    def block(_, xs):
+        cand_b, c0, cnt = xs
+        kb = cand_b[0].shape[0]
 
-    zk = jnp.zeros((k,), feats.dtype)
-    zkd = jnp.zeros((k, d), feats.dtype)
-    (fg_sum, bg_sum, (fg_n, bg_n)), _ = jax.lax.scan(step, (zkd, zkd, (zk, zk)), (feats, pts))
-    return (fg_sum, bg_sum, fg_n, bg_n), (cand, pts)
+        def step(i, carry):
+            fg_sum, bg_sum, counts = carry
+            p_f, p = jax.tree.map(lambda a: a[c0 + i], (feats, pts))
+            fg, bg, counts = _chunk_masks(cand_b, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
+            fg_sum = fg_sum + jnp.matmul(fg.astype(feats.dtype), p_f, precision=hi)
+            bg_sum = bg_sum + jnp.matmul(bg.astype(feats.dtype), p_f, precision=hi)
+            return fg_sum, bg_sum, counts
+
+        zk = jnp.zeros((kb,), feats.dtype)
+        zkd = jnp.zeros((kb, d), feats.dtype)
+        fg_sum, bg_sum, (fg_n, bg_n) = jax.lax.fori_loop(0, cnt, step, (zkd, zkd, (zk, zk)))
+        return None, (fg_sum, bg_sum, fg_n, bg_n)
+
+    _, sums = jax.lax.scan(block, None, (_by_block(cand, blocks), start, count))
+    sums = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), sums)
+    return sums, (cand, pts, start, count)
 
 
 def _context_sums_bwd(geom, res, cts):
-    r2, r2_bg, cap = geom
-    cand, pts = res
+    r2, r2_bg, cap, blocks = geom
+    cand, pts, start, count = res
     g_fg, g_bg = cts[0], cts[1]  # the counts are piecewise constant in feats
     hi = jax.lax.Precision.HIGHEST
-    k = cand[0].shape[0]
+    n_chunks, chunk = pts[2].shape
 
-    def step(counts, p):
-        fg, bg, counts = _chunk_masks(cand, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
-        d_f = jnp.matmul(fg.astype(g_fg.dtype).T, g_fg, precision=hi) + jnp.matmul(
-            bg.astype(g_bg.dtype).T, g_bg, precision=hi
-        )
-        return counts, d_f
+    def block(d_feats, xs):
+        cand_b, g_fg_b, g_bg_b, c0, cnt = xs
+        kb = cand_b[0].shape[0]
 
-    zk = jnp.zeros((k,), g_fg.dtype)
-    _, d_feats = jax.lax.scan(step, (zk, zk), pts)
+        def step(i, carry):
+            d_feats, counts = carry
+            p = jax.tree.map(lambda a: a[c0 + i], pts)
+            fg, bg, counts = _chunk_masks(cand_b, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
+            d_f = jnp.matmul(fg.astype(g_fg.dtype).T, g_fg_b, precision=hi) + jnp.matmul(
+                bg.astype(g_bg.dtype).T, g_bg_b, precision=hi
+            )
+            return d_feats.at[c0 + i].add(d_f), counts
+
+        zk = jnp.zeros((kb,), g_fg.dtype)
+        d_feats, _ = jax.lax.fori_loop(0, cnt, step, (d_feats, (zk, zk)))
+        return d_feats, None
+
+    d0 = jnp.zeros((n_chunks, chunk, g_fg.shape[-1]), g_fg.dtype)
+    xs = (_by_block(cand, blocks), *_by_block((g_fg, g_bg), blocks), start, count)
+    d_feats, _ = jax.lax.scan(block, d0, xs)
     return d_feats, None, None
 
 
 _context_sums.defvjp(_context_sums_fwd, _context_sums_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("radius", "chunk", "empty", "cap"))
+@functools.partial(jax.jit, static_argnames=("radius", "chunk", "empty", "cap", "blocks"))
 def _context_jit(
-    xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius, chunk, empty, cap
+    xyz, feats, sem_pred, valid, scene_id, cand_idx, cand_ok, *, radius, chunk, empty, cap, blocks
 ):
     n, d = feats.shape
     safe = jnp.clip(cand_idx, 0, n - 1)
@@ -204,7 +257,7 @@ def _context_jit(
         padf(scene_id, 0).reshape(n_chunks, chunk),
     )
     # f32 squares, as the distances are f32 (hashable static numbers)
-    geom = (np.float32(radius) ** 2, np.float32(2.0 * radius) ** 2, cap)
+    geom = (np.float32(radius) ** 2, np.float32(2.0 * radius) ** 2, cap, blocks)
     p_feats = padf(feats, 0.0).reshape(n_chunks, chunk, d)
     fg_sum, bg_sum, fg_n, bg_n = _context_sums(geom, p_feats, cand, pts)
     fg_n, bg_n = jax.lax.stop_gradient((fg_n, bg_n))
@@ -238,6 +291,7 @@ def context_features(
     chunk=8192,
     empty="zeros",
     neighbour_cap=0,
+    scene_blocks=1,
 ) -> tuple[Array, Array, Array]:
     """Foreground / background context of each candidate (paper Sec. 3.4).
 
@@ -254,6 +308,14 @@ def context_features(
     point order (the released ``topk_nms`` lists of 2000 slots; config
     ``model.neighbour_cap``): the means, and the fg count (then at most the cap).
 
+    Cost: each candidate visits only the point chunks between the first and last valid
+    row of its scene (``scene_blocks`` consecutive, equal blocks of candidate slots share
+    one span: the union over their valid candidates' scenes). Scene ids in
+    ``[0, scene_blocks)`` give tight spans; any other id, all rows. The results are the
+    same for any input; a packed batch of B scenes (contiguous rows, scene s's candidates
+    in block s, as ``DKNet`` lays them out) costs ~1/B of all candidate-point pairs, and
+    the padding rows after the last scene cost nothing.
+
     Args:
       xyz: f32[N, 3]; feats: f32[N, D'] reduced point features; sem_pred: i32[N].
       valid: bool[N] points that may contribute; scene_id: i32[N] scene of each point.
@@ -261,6 +323,7 @@ def context_features(
       cand_ok: bool[K] valid slots.
       radius: R; chunk: points per step (static); empty: "zeros" | "foreground_mean";
       neighbour_cap: 0 (no cap) or the list length.
+      scene_blocks: B >= 1 dividing K (above; static).
     Returns:
       fg f32[K, D'], bg f32[K, D'], fg_count f32[K] (the neighbour count used as the
       weight in `group_features`); zeros in invalid slots. Differentiable in ``feats``.
@@ -295,6 +358,12 @@ def context_features(
         raise ValueError(
             f"context_features: neighbour_cap must be >= 0 (0 = no cap), got {neighbour_cap}"
         )
+    blocks = int(scene_blocks)
+    if blocks < 1 or cand_idx.shape[0] % blocks:
+        raise ValueError(
+            f"context_features: scene_blocks must be >= 1 and divide the {cand_idx.shape[0]} "
+            f"candidate slots, got {scene_blocks}"
+        )
     return _context_jit(
         xyz,
         feats,
@@ -307,6 +376,7 @@ def context_features(
         chunk=chunk,
         empty=empty,
         cap=int(neighbour_cap),
+        blocks=blocks,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.sparse.csgraph import connected_components
@@ -219,6 +220,60 @@ def test_compact_groups_against_a_loop():
         )
 
 
+def _brute_context(xyz, feats, sem, valid, scene, cand, cand_ok, r, cap, u, v):
+    """fg, bg, fg count and the gradient of sum <u, fg> + <v, bg> w.r.t. feats, by loops
+    (each list: its first `cap` points in point order when cap > 0)."""
+    k, (n, d) = len(cand), feats.shape
+    fg, bg, cnt, grad = np.zeros((k, d)), np.zeros((k, d)), np.zeros(k), np.zeros((n, d))
+    cut = 0
+    for c in range(k):
+        if not cand_ok[c]:
+            continue
+        p = cand[c]
+        d2 = ((xyz - xyz[p]) ** 2).sum(1)
+        base = valid & (scene == scene[p])
+        f_rows = np.flatnonzero(base & (sem == sem[p]) & (d2 <= r * r))
+        b_rows = np.flatnonzero(base & (sem != sem[p]) & (d2 <= 4 * r * r))
+        if cap:
+            cut += (len(f_rows) > cap) + (len(b_rows) > cap)
+            f_rows, b_rows = f_rows[:cap], b_rows[:cap]
+        cnt[c] = len(f_rows)
+        if len(f_rows):
+            fg[c] = feats[f_rows].mean(0)
+            grad[f_rows] += u[c] / len(f_rows)
+        if len(b_rows):
+            bg[c] = feats[b_rows].mean(0)
+            grad[b_rows] += v[c] / len(b_rows)
+    return fg, bg, cnt, grad, cut
+
+
+def _check_context(xyz, feats, sem, valid, scene, cand, cand_ok, r, cap=0, **kw):
+    rng = np.random.default_rng(0)
+    k, d = len(cand), feats.shape[1]
+    u = rng.normal(size=(k, d)).astype(np.float32)
+    v = rng.normal(size=(k, d)).astype(np.float32)
+
+    def run(f):
+        return aggregation.context_features(
+            xyz, f, sem, valid, scene, cand, cand_ok, radius=r, neighbour_cap=cap, **kw
+        )
+
+    def weighted(f):
+        fg_, bg_, _ = run(f)
+        return (fg_ * u).sum() + (bg_ * v).sum()
+
+    fg, bg, cnt = map(np.asarray, run(feats))
+    want_fg, want_bg, want_cnt, want_g, cut = _brute_context(
+        xyz, feats, sem, valid, scene, cand, cand_ok, r, cap, u, v
+    )
+    np.testing.assert_allclose(fg, want_fg, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bg, want_bg, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cnt, want_cnt)
+    assert np.abs(want_g).sum() > 1.0
+    np.testing.assert_allclose(np.asarray(jax.grad(weighted)(feats)), want_g, rtol=1e-4, atol=1e-6)
+    return weighted, cut
+
+
 def test_context_features_capped_gradient_vs_brute_force_and_no_mask_residuals():
     # neighbour_cap keeps each list's first `cap` points in point order; the chunk size
     # (16) makes lists reach the cap inside a chunk and across chunk boundaries.
@@ -232,42 +287,64 @@ def test_context_features_capped_gradient_vs_brute_force_and_no_mask_residuals()
     cand = rng.choice(n, k, replace=False).astype(np.int32)
     cand_ok = np.ones(k, bool)
     cand_ok[3] = False
-    u = rng.normal(size=(k, d)).astype(np.float32)
-    v = rng.normal(size=(k, d)).astype(np.float32)
-
-    def run(f):
-        return aggregation.context_features(
-            xyz, f, sem, valid, scene, cand, cand_ok, radius=r, chunk=16, neighbour_cap=cap
-        )
-
-    def weighted(f):
-        fg_, bg_, _ = run(f)
-        return (fg_ * u).sum() + (bg_ * v).sum()
-
-    fg, bg, cnt = map(np.asarray, run(feats))
-    g = np.asarray(jax.grad(weighted)(feats))
-    want_g = np.zeros((n, d))
-    capped = 0
-    for c in range(k):
-        p = cand[c]
-        if not cand_ok[c]:
-            assert not fg[c].any() and not bg[c].any() and cnt[c] == 0
-            continue
-        d2 = ((xyz - xyz[p]) ** 2).sum(1)
-        base = valid & (scene == scene[p])
-        f_rows = np.flatnonzero(base & (sem == sem[p]) & (d2 <= r * r))
-        b_rows = np.flatnonzero(base & (sem != sem[p]) & (d2 <= 4 * r * r))
-        capped += (len(f_rows) > cap) + (len(b_rows) > cap)
-        f_rows, b_rows = f_rows[:cap], b_rows[:cap]
-        np.testing.assert_allclose(fg[c], feats[f_rows].mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(bg[c], feats[b_rows].mean(0), rtol=1e-5, atol=1e-6)
-        assert cnt[c] == len(f_rows)
-        want_g[f_rows] += u[c] / len(f_rows)
-        want_g[b_rows] += v[c] / len(b_rows)
-    assert capped >= 5, "the setting should cut several lists"
-    np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-6)
-
+    weighted, cut = _check_context(
+        xyz, feats, sem, valid, scene, cand, cand_ok, r, cap=cap, chunk=16
+    )
+    assert cut >= 5, "the setting should cut several lists"
     # The backward pass recomputes the chunk masks: nothing of size K x N is saved.
     vjp_fn = jax.eval_shape(lambda f: jax.vjp(weighted, f)[1], feats)
     saved = sum(x.size for x in jax.tree.leaves(vjp_fn) if hasattr(x, "size"))
     assert saved < k * n, saved
+
+
+@pytest.mark.parametrize("cap", [0, 5])
+def test_context_features_scene_blocks_any_layout(cap):
+    # Three packed scenes (rows 0-69, 70-139, 140-199) plus 40 padding rows (invalid,
+    # scene id 3), 4 candidate slots per scene, chunks of 16 rows: block s visits only
+    # the chunks of scene s. The layout also breaks the blocks' promise in every way
+    # the results must survive: a slot of block 0 whose candidate lies in scene 2, a
+    # few points with out-of-range scene ids and candidates of them in blocks 0 and 1, a
+    # block with no valid candidate, and rows of scene 0 interleaved late (rows 150-154).
+    # Out-of-range ids before and after every scene: rows 0-19 have id -1 (slot 0's
+    # candidate), rows 224-231 (in the padding) id 7 (slot 5's).
+    rng = np.random.default_rng(5)
+    n, d, r = 240, 3, 0.3
+    xyz = rng.uniform(0, 1.0, (n, 3)).astype(np.float32)
+    feats = rng.normal(size=(n, d)).astype(np.float32)
+    sem = rng.integers(0, 2, n).astype(np.int32)
+    scene = np.repeat([0, 1, 2, 3], [70, 70, 60, 40]).astype(np.int32)
+    scene[150:155] = 0
+    scene[224:232] = 7
+    scene[:20] = -1
+    valid = (rng.uniform(size=n) < 0.9) & (scene != 3)
+    valid[[5, 20, 150, 228, 160]] = True
+    cand = np.array([5, 20, 150, 160,  # block 0: scene -1, scene 0, late scene 0, scene 2
+                     75, 228, 90, 120,  # block 1: scene 1, out-of-range id 7, ...
+                     141, 170, 199, 145,  # block 2: scene 2
+                     210, 220, 230, 235])  # fmt: skip
+    cand_ok = valid[cand].copy()
+    cand_ok[[6, 12, 13, 14, 15]] = False  # block 3: no valid candidate
+    assert cand_ok[[2, 3, 5]].all()
+    for blocks in (1, 4):
+        _check_context(
+            xyz, feats, sem, valid, scene, cand, cand_ok, r, cap=cap, chunk=16,
+            scene_blocks=blocks,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="scene_blocks"):
+        aggregation.context_features(xyz, feats, sem, valid, scene, cand, cand_ok, scene_blocks=3)
+
+
+def test_context_features_scene_blocks_visit_only_their_scene():
+    # The spans themselves: packed scenes, each block visits its own scene's chunks.
+    n_chunks, chunk = 10, 8
+    scene = np.repeat([0, 1, 2], [20, 36, 24]).astype(np.int32).reshape(n_chunks, chunk)
+    valid = np.ones((n_chunks, chunk), bool)
+    valid[-1, 4:] = False  # trailing padding of scene 2 (rows 76-79)
+    pts = (None, None, jnp.asarray(valid), jnp.asarray(scene))
+    c_scene = jnp.asarray([0, 0, 1, 1, 2, 2, 2, 2], jnp.int32)
+    c_ok = jnp.asarray([1, 1, 1, 0, 1, 0, 0, 0], bool)
+    start, count = aggregation._chunk_spans((None, None, c_scene, c_ok), pts, 4)
+    # scene 0: rows 0-19 -> chunks 0-2; scene 1: rows 20-55 -> chunks 2-6; scene 2: rows
+    # 56-75 -> chunks 7-9; block 3: no valid candidate
+    np.testing.assert_array_equal(np.asarray(count), [3, 5, 3, 0])
+    np.testing.assert_array_equal(np.asarray(start)[:3], [0, 2, 7])

@@ -287,6 +287,7 @@ class DKNet(nnx.Module):
             radius=self.cand_radius,
             empty=self.empty_context,
             neighbour_cap=self.neighbour_cap,
+            scene_blocks=b,  # slots [s K, (s+1) K) hold scene s's candidates
         )
         agg_feats = jnp.concatenate([fg, bg, cand_pos], axis=-1)
         m = cand_idx.shape[0]
