@@ -99,71 +99,13 @@ def test_same_instance():
 
 def test_context_features_vs_brute_force():
     rng = np.random.default_rng(4)
-    n, d, k, r = 333, 5, 12, 0.3
-    xyz = rng.uniform(0, 1.2, (n, 3)).astype(np.float32)
-    feats = rng.normal(size=(n, d)).astype(np.float32)
-    sem = rng.integers(0, 3, n).astype(np.int32)
-    scene = (np.arange(n) >= 200).astype(np.int32)
-    valid = rng.uniform(size=n) < 0.85
-    cand = rng.choice(n, k, replace=False).astype(np.int32)
+    k, r = 12, 0.3
+    xyz, feats, sem, scene, valid, cand = _random_points(rng, 333, 5, k, 1.2, 3, 200, 0.85)
     cand_ok = rng.uniform(size=k) < 0.8
-    fg, bg, cnt = aggregation.context_features(
-        xyz, feats, sem, valid, scene, cand, cand_ok, radius=r, chunk=64
-    )
-    fg, bg, cnt = map(np.asarray, (fg, bg, cnt))
-    members = {}  # slot -> (fg rows, bg rows), for the gradient check below
-    for c in range(k):
-        p = cand[c]
-        want_fg, want_bg, n_fg = np.zeros(d), np.zeros(d), 0
-        if cand_ok[c]:
-            f_rows = [
-                q
-                for q in range(n)
-                if valid[q]
-                and scene[q] == scene[p]
-                and sem[q] == sem[p]
-                and np.sum((xyz[q] - xyz[p]) ** 2) <= r * r
-            ]
-            b_rows = [
-                q
-                for q in range(n)
-                if valid[q]
-                and scene[q] == scene[p]
-                and sem[q] != sem[p]
-                and np.sum((xyz[q] - xyz[p]) ** 2) <= 4 * r * r
-            ]
-            n_fg = len(f_rows)
-            members[c] = (f_rows, b_rows)
-            if f_rows:
-                want_fg = feats[f_rows].mean(0)
-            if b_rows:
-                want_bg = feats[b_rows].mean(0)
-        np.testing.assert_allclose(fg[c], want_fg, atol=1e-5)
-        np.testing.assert_allclose(bg[c], want_bg, atol=1e-5)
-        assert cnt[c] == n_fg
-    # Differentiable in feats, through fg and bg of every slot: for the scalar
-    # sum_c <u_c, fg[c]> + <v_c, bg[c]> the gradient at point q is
-    # sum over slots c with q among c's fg rows of u_c / #fg rows, and likewise for bg.
-    filled = [c for c, (f_rows, b_rows) in members.items() if f_rows and b_rows]
-    assert len(filled) >= 5, "the setting should fill fg and bg of several slots"
-    u = rng.normal(size=(k, d)).astype(np.float32)
-    v = rng.normal(size=(k, d)).astype(np.float32)
-
-    def weighted(f):
-        fg_, bg_, _ = aggregation.context_features(
-            xyz, f, sem, valid, scene, cand, cand_ok, radius=r, chunk=64
-        )
-        return (fg_ * u).sum() + (bg_ * v).sum()
-
-    g = np.asarray(jax.grad(weighted)(feats))
-    want = np.zeros((n, d))
-    for c, (f_rows, b_rows) in members.items():
-        for q in f_rows:
-            want[q] += u[c] / len(f_rows)
-        for q in b_rows:
-            want[q] += v[c] / len(b_rows)
-    assert np.abs(want).sum() > 1.0
-    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
+    # values, counts and the gradient (differentiable in feats through fg and bg)
+    _, want = _check_context(xyz, feats, sem, valid, scene, cand, cand_ok, r, chunk=64)
+    filled = np.sum((want["fg_count"] > 0) & (want["bg_count"] > 0))
+    assert filled >= 5, "the setting should fill fg and bg of several slots"
 
 
 def test_group_features_vs_loops():
@@ -220,12 +162,26 @@ def test_compact_groups_against_a_loop():
         )
 
 
+def _random_points(rng, n, d, k, extent, classes, split, keep):
+    """Points uniform in a cube of side ``extent``, ``classes`` random classes, scene 0
+    for rows < ``split`` and 1 after, ``keep`` of them valid, ``k`` distinct candidates."""
+    xyz = rng.uniform(0, extent, (n, 3)).astype(np.float32)
+    feats = rng.normal(size=(n, d)).astype(np.float32)
+    sem = rng.integers(0, classes, n).astype(np.int32)
+    scene = (np.arange(n) >= split).astype(np.int32)
+    valid = rng.uniform(size=n) < keep
+    cand = rng.choice(n, k, replace=False).astype(np.int32)
+    return xyz, feats, sem, scene, valid, cand
+
+
 def _brute_context(xyz, feats, sem, valid, scene, cand, cand_ok, r, cap, u, v):
-    """fg, bg, fg count and the gradient of sum <u, fg> + <v, bg> w.r.t. feats, by loops
-    (each list: its first `cap` points in point order when cap > 0)."""
+    """fg, bg, their counts and the gradient of sum_c <u_c, fg[c]> + <v_c, bg[c]> w.r.t.
+    feats (at point q: u_c / #fg rows of c over the slots c with q among their fg rows,
+    likewise for bg), by a loop over the slots (each list: its first `cap` points in point
+    order when cap > 0); ``cut`` counts the lists the cap shortened."""
     k, (n, d) = len(cand), feats.shape
-    fg, bg, cnt, grad = np.zeros((k, d)), np.zeros((k, d)), np.zeros(k), np.zeros((n, d))
-    cut = 0
+    fg, bg, grad = np.zeros((k, d)), np.zeros((k, d)), np.zeros((n, d))
+    cnt, bg_cnt, cut = np.zeros(k), np.zeros(k), 0
     for c in range(k):
         if not cand_ok[c]:
             continue
@@ -237,14 +193,14 @@ def _brute_context(xyz, feats, sem, valid, scene, cand, cand_ok, r, cap, u, v):
         if cap:
             cut += (len(f_rows) > cap) + (len(b_rows) > cap)
             f_rows, b_rows = f_rows[:cap], b_rows[:cap]
-        cnt[c] = len(f_rows)
+        cnt[c], bg_cnt[c] = len(f_rows), len(b_rows)
         if len(f_rows):
             fg[c] = feats[f_rows].mean(0)
             grad[f_rows] += u[c] / len(f_rows)
         if len(b_rows):
             bg[c] = feats[b_rows].mean(0)
             grad[b_rows] += v[c] / len(b_rows)
-    return fg, bg, cnt, grad, cut
+    return dict(fg=fg, bg=bg, fg_count=cnt, bg_count=bg_cnt, grad=grad, cut=cut)
 
 
 def _check_context(xyz, feats, sem, valid, scene, cand, cand_ok, r, cap=0, **kw):
@@ -263,34 +219,28 @@ def _check_context(xyz, feats, sem, valid, scene, cand, cand_ok, r, cap=0, **kw)
         return (fg_ * u).sum() + (bg_ * v).sum()
 
     fg, bg, cnt = map(np.asarray, run(feats))
-    want_fg, want_bg, want_cnt, want_g, cut = _brute_context(
-        xyz, feats, sem, valid, scene, cand, cand_ok, r, cap, u, v
-    )
-    np.testing.assert_allclose(fg, want_fg, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(bg, want_bg, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(cnt, want_cnt)
-    assert np.abs(want_g).sum() > 1.0
-    np.testing.assert_allclose(np.asarray(jax.grad(weighted)(feats)), want_g, rtol=1e-4, atol=1e-6)
-    return weighted, cut
+    want = _brute_context(xyz, feats, sem, valid, scene, cand, cand_ok, r, cap, u, v)
+    np.testing.assert_allclose(fg, want["fg"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bg, want["bg"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cnt, want["fg_count"])
+    assert np.abs(want["grad"]).sum() > 1.0
+    g = np.asarray(jax.grad(weighted)(feats))
+    np.testing.assert_allclose(g, want["grad"], rtol=1e-4, atol=1e-6)
+    return weighted, want
 
 
 def test_context_features_capped_gradient_vs_brute_force_and_no_mask_residuals():
     # neighbour_cap keeps each list's first `cap` points in point order; the chunk size
     # (16) makes lists reach the cap inside a chunk and across chunk boundaries.
     rng = np.random.default_rng(11)
-    n, d, k, r, cap = 200, 3, 10, 0.35, 6
-    xyz = rng.uniform(0, 1.0, (n, 3)).astype(np.float32)
-    feats = rng.normal(size=(n, d)).astype(np.float32)
-    sem = rng.integers(0, 2, n).astype(np.int32)
-    scene = (np.arange(n) >= 120).astype(np.int32)
-    valid = rng.uniform(size=n) < 0.9
-    cand = rng.choice(n, k, replace=False).astype(np.int32)
+    n, k, r, cap = 200, 10, 0.35, 6
+    xyz, feats, sem, scene, valid, cand = _random_points(rng, n, 3, k, 1.0, 2, 120, 0.9)
     cand_ok = np.ones(k, bool)
     cand_ok[3] = False
-    weighted, cut = _check_context(
+    weighted, want = _check_context(
         xyz, feats, sem, valid, scene, cand, cand_ok, r, cap=cap, chunk=16
     )
-    assert cut >= 5, "the setting should cut several lists"
+    assert want["cut"] >= 5, "the setting should cut several lists"
     # The backward pass recomputes the chunk masks: nothing of size K x N is saved.
     vjp_fn = jax.eval_shape(lambda f: jax.vjp(weighted, f)[1], feats)
     saved = sum(x.size for x in jax.tree.leaves(vjp_fn) if hasattr(x, "size"))
