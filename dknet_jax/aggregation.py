@@ -303,7 +303,8 @@ def context_features(
     released ``neighboors_pooling``), the mean of ``feats`` over the valid points of the
     candidate's scene (the released code takes it over the batch: the same at batch size
     1). The released code uses the predicted-foreground points only;
-    pass that as ``valid``. Memory is bounded by chunking the points: O(K * chunk).
+    pass that as ``valid``. Memory is bounded by chunking the points: O(K * chunk), in
+    reverse mode too (the backward pass recomputes each chunk's membership masks).
     ``neighbour_cap`` > 0 keeps only the first ``neighbour_cap`` points of each set in
     point order (the released ``topk_nms`` lists of 2000 slots; config
     ``model.neighbour_cap``): the means, and the fg count (then at most the cap).
