@@ -31,8 +31,12 @@ def slow_scene(started_dir, warn):
 """
 
 DRIVER = """
+import faulthandler
 import os
+import signal
 import sys
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's stack dump on a hang
 
 sys.path[:0] = [{repo!r}, {here!r}]
 from dknet_jax.data.preparation import Job, run_jobs
@@ -110,7 +114,16 @@ def test_stopping_the_parent_stops_its_workers(tmp_path, how):
             os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the whole group
         else:
             os.kill(proc.pid, signal.SIGKILL)
-        rc = proc.wait(timeout=10)
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack
+            os.kill(proc.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            log.flush()
+            pytest.fail(
+                f"the stopped preparation did not exit within 10 s ({how}); its threads:\n"
+                + (tmp_path / "driver.log").read_text()
+            )
         deadline = time.monotonic() + 5
         while any(_alive(k) for k in kids) and time.monotonic() < deadline:
             time.sleep(0.05)
