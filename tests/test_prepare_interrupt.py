@@ -43,6 +43,10 @@ from dknet_jax.data.preparation import Job, run_jobs
 from slow_job import slow_scene
 
 if __name__ == "__main__":  # the spawned workers import this file too
+    # Ctrl-C as from a terminal: a process inherits an ignored SIGINT from a launcher that
+    # ignores it (e.g. the test run started as a background job of a non-interactive
+    # shell, which then never sees Ctrl-C at all); Python's own handler, as at a prompt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out, started = {out!r}, {started!r}
     jobs = [Job(f"s{{i:03d}}", os.path.join(out, f"s{{i:03d}}.npz"), slow_scene, (started,))
             for i in range(60)]
