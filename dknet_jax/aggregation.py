@@ -245,8 +245,7 @@ def _context_jit(
 ):
     n, d = feats.shape
     safe = jnp.clip(cand_idx, 0, n - 1)
-    c_scene = scene_id[safe]
-    cand = (xyz[safe], sem_pred[safe], c_scene, cand_ok)
+    cand = (xyz[safe], sem_pred[safe], scene_id[safe], cand_ok)
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     padf = lambda a, v: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=v)
@@ -264,13 +263,15 @@ def _context_jit(
     fg = fg_sum / jnp.maximum(fg_n, 1.0)[:, None]
     bg = bg_sum / jnp.maximum(bg_n, 1.0)[:, None]
     if empty == "foreground_mean":  # released utils.neighboors_pooling: an empty set
-        # takes the mean feature of all valid points (the predicted foreground) of the scene
-        in_scene = (scene_id[None, :] == c_scene[:, None]) & valid[None, :]
-        w = in_scene.astype(feats.dtype)
-        mean = (
-            jnp.matmul(w, feats, precision=jax.lax.Precision.HIGHEST)
-            / jnp.maximum(w.sum(1), 1.0)[:, None]
-        )
+        # takes the mean feature of all valid points (the predicted foreground) of the
+        # scene: one segment sum per scene id present (no K x N weights, none kept for the
+        # backward pass either)
+        _, scene_of = jnp.unique(scene_id, return_inverse=True, size=n, fill_value=0)
+        scene_of = scene_of.reshape(n)
+        sums = jax.ops.segment_sum(jnp.where(valid[:, None], feats, 0), scene_of, n)
+        count = jax.ops.segment_sum(valid.astype(feats.dtype), scene_of, n)
+        c = scene_of[safe]
+        mean = sums[c] / jnp.maximum(count[c], 1.0)[:, None]
         fg = jnp.where((fg_n > 0)[:, None], fg, mean)
         bg = jnp.where((bg_n > 0)[:, None], bg, mean)
         fg = jnp.where(cand_ok[:, None], fg, 0.0)
