@@ -131,16 +131,17 @@ def _chunk_masks(cand, pts, counts, *, r2, r2_bg, cap):
     return fg, bg, (fg_n + fg.sum(1), bg_n + bg.sum(1))
 
 
-def _chunk_spans(cand, pts, blocks: int):
-    """First chunk i32[blocks] and chunk count i32[blocks] each candidate block visits.
+def scene_chunk_spans(c_scene, c_ok, p_valid, p_scene, blocks: int):
+    """First chunk i32[blocks] and chunk count i32[blocks] each block of slots visits.
 
-    Block s (slots ``[s K/B, (s+1) K/B)``) needs the rows of the scenes of its valid
-    candidates: for a scene id in ``[0, blocks)`` the span from that scene's first to its
-    last valid row (one segment min / max over the rows), for any other id every row.
-    Blocks without a valid candidate visit nothing. Exact for any input; small when each
-    block's candidates lie in one scene whose rows are contiguous (``pack_batch``)."""
-    _, _, c_scene, c_ok = cand
-    _, _, p_valid, p_scene = pts
+    ``c_scene i32[K]``, ``c_ok bool[K]``: scene and validity of each slot (candidate or
+    instance); block s holds slots ``[s K/B, (s+1) K/B)``. ``p_valid``, ``p_scene``:
+    the rows' validity and scene id, chunked ``[n_chunks, chunk]``. Block s needs the
+    rows of the scenes of its valid slots: for a scene id in ``[0, blocks)`` the span from
+    that scene's first to its last valid row (one segment min / max over the rows), for
+    any other id every row. Blocks without a valid slot visit nothing. Exact for any
+    input; small when each block's slots lie in one scene whose rows are contiguous
+    (``pack_batch``). Used by :func:`context_features` and the mask decoder."""
     n_chunks, chunk = p_valid.shape
     rows = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
     sid = p_scene.reshape(-1)
@@ -167,7 +168,7 @@ def _context_sums(geom, feats, cand, pts):
     :func:`_chunk_masks`; ``geom = (r2, r2_bg, cap, blocks)``, static).
 
     The candidates are taken in ``blocks`` consecutive blocks, each over the chunks of
-    :func:`_chunk_spans` only (for a packed batch of B scenes: its own scene's rows
+    :func:`scene_chunk_spans` only (for a packed batch of B scenes: its own scene's rows
     instead of all rows and the padding).
 
     Differentiable in ``feats`` only. The backward pass recomputes each chunk's masks
@@ -182,7 +183,7 @@ def _context_sums_fwd(geom, feats, cand, pts):
     r2, r2_bg, cap, blocks = geom
     d = feats.shape[-1]
     hi = jax.lax.Precision.HIGHEST
-    start, count = _chunk_spans(cand, pts, blocks)
+    start, count = scene_chunk_spans(cand[2], cand[3], pts[2], pts[3], blocks)
 
     def block(_, xs):
         cand_b, c0, cnt = xs

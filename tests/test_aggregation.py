@@ -297,10 +297,11 @@ def test_context_features_scene_blocks_visit_only_their_scene():
     scene = np.repeat([0, 1, 2], [20, 36, 24]).astype(np.int32).reshape(n_chunks, chunk)
     valid = np.ones((n_chunks, chunk), bool)
     valid[-1, 4:] = False  # trailing padding of scene 2 (rows 76-79)
-    pts = (None, None, jnp.asarray(valid), jnp.asarray(scene))
     c_scene = jnp.asarray([0, 0, 1, 1, 2, 2, 2, 2], jnp.int32)
     c_ok = jnp.asarray([1, 1, 1, 0, 1, 0, 0, 0], bool)
-    start, count = aggregation._chunk_spans((None, None, c_scene, c_ok), pts, 4)
+    start, count = aggregation.scene_chunk_spans(
+        c_scene, c_ok, jnp.asarray(valid), jnp.asarray(scene), 4
+    )
     # scene 0: rows 0-19 -> chunks 0-2; scene 1: rows 20-55 -> chunks 2-6; scene 2: rows
     # 56-75 -> chunks 7-9; block 3: no valid candidate
     np.testing.assert_array_equal(np.asarray(count), [3, 5, 3, 0])

@@ -39,14 +39,15 @@ def _inputs(seed=0):
 def _numpy_reference(kernels, cent, inst_batch, inst_ok, feats, xyz, batch_id, valid):
     """Straight loop over (instance, point) with the documented kernel layout."""
     ci = CM + 3
-    out = np.full((K, N), MASK_FILL, np.float64)
-    for k in range(K):
+    k_, n_ = kernels.shape[0], feats.shape[0]
+    out = np.full((k_, n_), MASK_FILL, np.float64)
+    for k in range(k_):
         w = kernels[k].astype(np.float64)
         w1 = w[: ci * H].reshape(ci, H)
         b1 = w[ci * H : ci * H + H]
         w2 = w[ci * H + H : ci * H + 2 * H]
         b2 = w[ci * H + 2 * H]
-        for i in range(N):
+        for i in range(n_):
             if not (inst_ok[k] and valid[i] and batch_id[i] == inst_batch[k]):
                 continue
             x = np.concatenate([feats[i], cent[k] - xyz[i]])
@@ -180,3 +181,119 @@ def test_decoded_class_counts_vs_dense_majority():
         np.asarray(matching.class_from_counts(counts)),
         np.asarray(matching.majority_class(jnp.asarray(hard), sem, 4)),
     )
+
+
+# ----------------------------------------------------------- slots in scene blocks
+
+KB, NB = 6, 41
+
+
+def _blocked_inputs(layout, seed=11):
+    """Three scenes and padding. "packed": rows of scene 0, 1, 2 in turn, then padding;
+    slots [2s, 2s+2) of scene s (DKNet's layout; slot 3 invalid). "any": rows of the
+    scenes interleaved, slots of any scene in any order, ids outside [0, B)."""
+    rng = np.random.default_rng(seed)
+    kernels = (rng.normal(size=(KB, L)) * 0.3).astype(np.float32)
+    kernels[:, L - 1] = 0.4  # b2 > 0: non-empty hard masks
+    cent = rng.normal(size=(KB, 3)).astype(np.float32)
+    feats = rng.normal(size=(NB, CM)).astype(np.float32)
+    xyz = rng.normal(size=(NB, 3)).astype(np.float32)
+    batch_id = np.array([0] * 14 + [1] * 14 + [2] * 10 + [3] * 3, np.int32)
+    valid = batch_id < 3
+    inst_ok = np.array([1, 1, 1, 0, 1, 1], bool)
+    if layout == "packed":
+        inst_batch = np.array([0, 0, 1, 1, 2, 2], np.int32)
+    else:
+        perm = rng.permutation(NB)
+        batch_id, valid = batch_id[perm], valid[perm]
+        inst_batch = np.array([2, 0, 1, 7, -1, 0], np.int32)
+    return kernels, cent, inst_batch, inst_ok, feats, xyz, batch_id, valid
+
+
+@pytest.mark.parametrize("layout", ["packed", "any"])
+def test_scene_blocks_decode_equals_numpy_loop(layout):
+    args = _blocked_inputs(layout)
+    ref = _numpy_reference(*args)
+    jargs = [jnp.asarray(a) for a in args]
+    for blocks in (1, 2, 3, 6):
+        fn = functools.partial(decode_masks, chunk_size=4, scene_blocks=blocks)
+        got = np.asarray(jax.jit(fn)(*jargs))
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=f"blocks {blocks}")
+
+
+@pytest.mark.parametrize("layout", ["packed", "any"])
+def test_scene_blocks_chunked_loss_counts_and_grads_unchanged(layout):
+    args = [jnp.asarray(a) for a in _blocked_inputs(layout, seed=12)]
+    rng = np.random.default_rng(13)
+    instance = jnp.asarray(np.where(rng.random(NB) < 0.2, -100, rng.integers(0, 3, NB)), jnp.int32)
+    gt_for_pred = jnp.asarray([1, 0, 2, -1, 0, 1], jnp.int32)
+    sem = jnp.asarray(rng.integers(0, 4, NB), jnp.int32)
+
+    def run(blocks):
+        def loss(kernels, cent, feats):
+            return decoded_mask_loss(
+                kernels,
+                cent,
+                *args[2:4],
+                feats,
+                *args[5:8],
+                instance,
+                gt_for_pred,
+                chunk_size=4,
+                iou_threshold=0.1,
+                scene_blocks=blocks,
+            )
+
+        def dense(kernels, feats):
+            z = decode_masks(
+                kernels, args[1], *args[2:4], feats, *args[5:8], chunk_size=4, scene_blocks=blocks
+            )
+            return jnp.sum(jnp.tanh(z / 10.0) * jnp.arange(NB))
+
+        val = jax.jit(loss)(args[0], args[1], args[4])
+        grads = jax.jit(jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2)))(
+            args[0], args[1], args[4]
+        )
+        dgrads = jax.jit(jax.grad(dense, argnums=(0, 1)))(args[0], args[4])
+        counts = jax.jit(
+            functools.partial(
+                decoded_class_counts, num_classes=4, chunk_size=4, scene_blocks=blocks
+            )
+        )(*args[:8], sem)
+        return val, grads, dgrads, counts
+
+    want = run(1)
+    assert int(want[0][1]) >= 1 and np.abs(np.asarray(want[1][0])).sum() > 0
+    for blocks in (2, 3, 6):
+        got = run(blocks)
+        np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(want[3]))
+        for a, b in zip(jax.tree.leaves(got[:3]), jax.tree.leaves(want[:3]), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_scene_blocks_never_touch_other_scenes():
+    # Scene 2's rows are NaN. Decoded one block per scene, the slots of scenes 0 and 1
+    # never read them: their kernels' gradients stay finite. Decoded as one block, every
+    # slot runs over every chunk, and the NaN reaches them through the masked-out terms.
+    args = [jnp.asarray(a) for a in _blocked_inputs("packed", seed=14)]
+    feats = args[4].at[28:38].set(jnp.nan)
+
+    def grad_kernels(blocks):
+        def loss(kernels):
+            z = decode_masks(
+                kernels, args[1], *args[2:4], feats, *args[5:8], chunk_size=4, scene_blocks=blocks
+            )
+            return jnp.sum(jnp.where(z > MASK_FILL, jax.nn.sigmoid(z), 0.0)[:4])
+
+        return np.asarray(jax.jit(jax.grad(loss))(args[0]))
+
+    assert np.isfinite(grad_kernels(3)[:4]).all()
+    assert not np.isfinite(grad_kernels(1)[:4]).all()
+
+
+def test_scene_blocks_must_divide_the_slots():
+    args = [jnp.asarray(a) for a in _blocked_inputs("packed")]
+    with pytest.raises(ValueError, match="scene_blocks=4"):
+        decode_masks(*args, scene_blocks=4)
+    with pytest.raises(ValueError, match="scene_blocks=0"):
+        decoded_class_counts(*args, jnp.zeros(NB, jnp.int32), 4, scene_blocks=0)

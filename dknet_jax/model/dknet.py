@@ -356,6 +356,7 @@ class DKNet(nnx.Module):
                 batch.valid,
                 hidden=self.heads.dynamic_hidden,
                 chunk_size=min(self.mask_chunk, n),
+                scene_blocks=batch.scene_valid.shape[0],  # slots [s M, (s+1) M): scene s
             )
         return kernels, mask_logits
 

@@ -17,7 +17,10 @@ Kernel layout (``L = (Cm+3)*H + H + H + 1``; Cm = 16, H = 16 gives 337), row-maj
 
 For instance k and point i: ``m[k, i] = W2[k] . relu(W1[k]^T [F_m,i, C_k - x_i] + b1[k]) + b2[k]``.
 Every instance scans every point of its own scene; points of other scenes, padding rows
-and invalid instance slots get ``fill_value`` (a large negative logit, sigmoid = 0).
+and invalid instance slots get ``fill_value`` (a large negative logit, sigmoid = 0). With
+``scene_blocks=B`` (the model's B scenes, slots ``[s K/B, (s+1) K/B)`` of scene s) each
+block of slots is decoded only on the chunks of its scenes' rows
+(``aggregation.scene_chunk_spans``): ~1/B of the work for a packed batch.
 
 Memory: the points are processed in chunks of P (``lax.map`` / ``lax.scan``), and each
 chunk's body is rematerialised (``jax.checkpoint``) so reverse mode keeps only per-chunk
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from dknet_jax.aggregation import scene_chunk_spans
 
 Array = jax.Array
 
@@ -125,6 +130,20 @@ def chunk_logits(params, x, bid, ok, inst_batch, inst_ok):
     return logit, inside
 
 
+def check_scene_blocks(k: int, scene_blocks: int, what: str) -> int:
+    if not isinstance(scene_blocks, int) or scene_blocks < 1 or k % scene_blocks:
+        raise ValueError(
+            f"{what}: scene_blocks={scene_blocks!r} must be a positive integer that divides "
+            f"the {k} instance slots"
+        )
+    return scene_blocks
+
+
+def _by_block(tree, blocks: int):
+    """Split the leading (slot) axis of every array into ``[blocks, K / blocks, ...]``."""
+    return jax.tree.map(lambda a: a.reshape(blocks, -1, *a.shape[1:]), tree)
+
+
 def decode_masks(
     kernels: Array,
     centroids: Array,
@@ -138,6 +157,7 @@ def decode_masks(
     hidden: int = 16,
     chunk_size: int = 16384,
     fill_value: float = MASK_FILL,
+    scene_blocks: int = 1,
 ) -> Array:
     """Mask logits of every instance over every point of its scene.
 
@@ -148,36 +168,75 @@ def decode_masks(
       mask_feats: f32[N, Cm] mask features F_m; xyz: f32[N, 3].
       batch_id: i32[N] scene of each point; valid: bool[N] real rows.
       hidden: H, output channels of the first dynamic layer (16).
-      chunk_size: P, points per chunk (static); the peak hidden tensor is f32[K, P, H].
+      chunk_size: P, points per chunk (static); the peak hidden tensor is f32[K/B, P, H].
       fill_value: logit outside an instance's scene.
+      scene_blocks: B (static, divides K): the slots are taken in B consecutive blocks
+        and each block is decoded only on the chunks that hold its slots' scenes
+        (``aggregation.scene_chunk_spans``). For a packed batch whose slots
+        ``[s K/B, (s+1) K/B)`` belong to scene s (``DKNet``'s layout) that is 1/B of the
+        work; exact for any layout (a slot of another scene widens its block's span).
     Returns:
       f32[K, N] mask logits.
     """
     check_inputs(kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, "decode_masks")
     n = mask_feats.shape[0]
+    k = kernels.shape[0]
+    blocks = check_scene_blocks(k, scene_blocks, "decode_masks")
     params, x, (bid, ok), _ = chunked_inputs(
         kernels, centroids, mask_feats, xyz, [batch_id, valid], hidden, chunk_size
     )
+    n_chunks, p = ok.shape
+    start, count = scene_chunk_spans(inst_batch, inst_ok, ok, bid, blocks)
 
-    @jax.checkpoint
-    def one_chunk(args):
-        logit, inside = chunk_logits(params, *args, inst_batch, inst_ok)
-        return jnp.where(inside, logit, fill_value)
+    def block(xs):
+        pb, ib, iok, c0, cnt = xs
 
-    out = jax.lax.map(one_chunk, (x, bid, ok))  # [n_chunks, K, P]
-    out = jnp.moveaxis(out, 0, 1).reshape(kernels.shape[0], -1)
+        @jax.checkpoint
+        def one_chunk(args):
+            c, xc, bc, oc = args
+
+            def run(_):
+                logit, inside = chunk_logits(pb, xc, bc, oc, ib, iok)
+                return jnp.where(inside, logit, fill_value)
+
+            fill = jnp.full((ib.shape[0], p), fill_value, kernels.dtype)
+            return jax.lax.cond((c >= c0) & (c < c0 + cnt), run, lambda _: fill, None)
+
+        return jax.lax.map(one_chunk, (jnp.arange(n_chunks), x, bid, ok))  # [n_chunks, K/B, P]
+
+    xs = (_by_block(params, blocks), *_by_block((inst_batch, inst_ok), blocks), start, count)
+    out = jax.lax.map(block, xs)  # [B, n_chunks, K/B, P]
+    out = jnp.moveaxis(out, 1, 2).reshape(k, -1)
     return out[:, :n]
 
 
-def scan_sums(params, x, per_point, inst_batch, inst_ok, width, body):
-    """Sum ``body(logit, inside, *chunk_arrays) -> f32[K, width]`` over all chunks."""
+def scan_sums(params, x, per_point, inst_batch, inst_ok, width, body, *, per_inst=(), blocks=1):
+    """Sum ``body(logit, inside, per_inst_block, *chunk_arrays) -> f32[K/B, width]`` over
+    the chunks, slots in ``blocks`` blocks as in :func:`decode_masks` (each block over its
+    scenes' chunks only). ``per_point`` starts with the chunked scene ids and validity;
+    ``per_inst``: arrays with a leading slot axis, passed to ``body`` block by block."""
+    k = inst_batch.shape[0]
+    bid, ok = per_point[0], per_point[1]
+    n_chunks = ok.shape[0]
+    start, count = scene_chunk_spans(inst_batch, inst_ok, ok, bid, blocks)
 
-    @jax.checkpoint
-    def step(acc, args):
-        xc, bid, ok, *rest = args
-        logit, inside = chunk_logits(params, xc, bid, ok, inst_batch, inst_ok)
-        return acc + body(logit, inside, *rest), None
+    def block(_, xs):
+        pb, ib, iok, pi, c0, cnt = xs
 
-    init = jnp.zeros((inst_batch.shape[0], width), jnp.float32)
-    acc, _ = jax.lax.scan(step, init, (x, *per_point))
-    return acc
+        @jax.checkpoint
+        def step(acc, args):
+            c, xc, bc, oc, *rest = args
+
+            def run(acc):
+                logit, inside = chunk_logits(pb, xc, bc, oc, ib, iok)
+                return acc + body(logit, inside, pi, *rest)
+
+            return jax.lax.cond((c >= c0) & (c < c0 + cnt), run, lambda acc: acc, acc), None
+
+        init = jnp.zeros((ib.shape[0], width), jnp.float32)
+        acc, _ = jax.lax.scan(step, init, (jnp.arange(n_chunks), x, *per_point))
+        return None, acc
+
+    xs = (*_by_block((params, inst_batch, inst_ok, per_inst), blocks), start, count)
+    _, sums = jax.lax.scan(block, None, xs)
+    return sums.reshape(k, width)

@@ -97,8 +97,15 @@ def compute_losses(
             batch.valid,
         )
         hidden = mask_decoder.kernel_hidden(out.kernels.shape[-1], h.mask_feats.shape[-1])
+        # the model's slots [s M, (s+1) M) are scene s's: each block decodes its scene only
+        blocks = batch.scene_valid.shape[0]
         counts = mask_loss.decoded_class_counts(
-            *decoder, sem_pred, num_classes, hidden=hidden, chunk_size=mask_chunk
+            *decoder,
+            sem_pred,
+            num_classes,
+            hidden=hidden,
+            chunk_size=mask_chunk,
+            scene_blocks=blocks,
         )
         pred_class = class_from_counts(counts)
     else:
@@ -125,6 +132,7 @@ def compute_losses(
             chunk_size=mask_chunk,
             iou_threshold=mask_iou_threshold,
             iou_fallback=mask_iou_fallback,
+            scene_blocks=blocks,
         )
     else:
         mask, num_counted, _ = L.mask_loss(

@@ -34,12 +34,14 @@ def decoded_mask_loss(
     chunk_size: int = 16384,
     iou_threshold: float = 0.25,
     iou_fallback: bool = True,
+    scene_blocks: int = 1,
 ):
     """``terms.mask_loss(decode_masks(...), instance, gt_for_pred, scene_point_mask(...))``
     computed chunk by chunk: never holds f32[K, N], in reverse mode either.
 
     Extra args: instance i32[N] GT slot per point (-100 none); gt_for_pred i32[K] from
-    ``matching`` (-1 unmatched). Returns (loss f32[], num_counted i32[], iou f32[K]).
+    ``matching`` (-1 unmatched); scene_blocks: as in ``decode_masks``. Returns (loss f32[],
+    num_counted i32[], iou f32[K]).
     """
     md.check_inputs(
         kernels, centroids, mask_feats, xyz, batch_id, valid, chunk_size, "decoded_mask_loss"
@@ -48,12 +50,23 @@ def decoded_mask_loss(
         kernels, centroids, mask_feats, xyz, [batch_id, valid, instance], hidden, chunk_size
     )
     matched = gt_for_pred >= 0
+    blocks = md.check_scene_blocks(kernels.shape[0], scene_blocks, "decoded_mask_loss")
 
-    def body(logit, inside, inst):
-        target = inst[None, :] == gt_for_pred[:, None]
-        return losses.mask_pair_sums(logit, target, inside & matched[:, None])
+    def body(logit, inside, gt_pred, inst):
+        target = inst[None, :] == gt_pred[:, None]
+        return losses.mask_pair_sums(logit, target, inside & (gt_pred >= 0)[:, None])
 
-    sums = md.scan_sums(params, x, per_point, inst_batch, inst_ok, losses.MASK_SUMS, body)
+    sums = md.scan_sums(
+        params,
+        x,
+        per_point,
+        inst_batch,
+        inst_ok,
+        losses.MASK_SUMS,
+        body,
+        per_inst=gt_for_pred,
+        blocks=blocks,
+    )
     return losses.mask_loss_from_sums(
         sums, matched, iou_threshold=iou_threshold, iou_fallback=iou_fallback
     )
@@ -73,6 +86,7 @@ def decoded_class_counts(
     *,
     hidden: int = 16,
     chunk_size: int = 16384,
+    scene_blocks: int = 1,
 ) -> Array:
     """f32[K, S]: per instance, how many of its points (logit > 0, own scene) have each
     predicted class; chunked like :func:`decoded_mask_loss`, no gradient. Feed it to
@@ -90,8 +104,10 @@ def decoded_class_counts(
         chunk_size,
     )
 
-    def body(logit, inside, sem):
+    blocks = md.check_scene_blocks(kernels.shape[0], scene_blocks, "decoded_class_counts")
+
+    def body(logit, inside, _, sem):
         hard = ((logit > 0) & inside).astype(jnp.float32)
         return hard @ jax.nn.one_hot(sem, num_classes, dtype=jnp.float32)
 
-    return md.scan_sums(params, x, per_point, inst_batch, inst_ok, num_classes, body)
+    return md.scan_sums(params, x, per_point, inst_batch, inst_ok, num_classes, body, blocks=blocks)
