@@ -161,7 +161,7 @@ class World:
 def w(tmp_path_factory):
     from dknet_jax.checkpoint import Checkpoints
     from dknet_jax.data.scannet import prepare_scannet
-    from dknet_jax.data.synthetic import generate_scene, make_dataset
+    from dknet_jax.synthetic import generate_scene, make_dataset
 
     base = tmp_path_factory.mktemp("probe_world")
     make_dataset(
@@ -1338,8 +1338,17 @@ def prepare_s3dis_rerun_other_settings(w, tmp_path):
 # --- interrupting a preparation --------------------------------------------------------
 
 
+# Runs a script the way a terminal would: with Python's own Ctrl-C handler. A child
+# inherits an ignored SIGINT from a test run that ignores it (e.g. started as a background
+# job of a non-interactive shell) and would never see the Ctrl-C sent below.
+_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def _interrupt(w, tmp_path, how):
-    from dknet_jax.data.synthetic import make_dataset
+    from dknet_jax.synthetic import make_dataset
 
     raw = tmp_path / "raw"
     make_dataset(str(raw), scenes=10, seed=5, format="s3dis", size="tiny", progress=False)
@@ -1349,6 +1358,8 @@ def _interrupt(w, tmp_path, how):
     log = open(tmp_path / "log", "w")
     cmd = [
         sys.executable,
+        "-c",
+        _WITH_CTRL_C,
         os.path.join("scripts", "prepare_s3dis.py"),
         f"--s3dis_root={raw}",
         f"--out={out}",
