@@ -189,6 +189,12 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
         where = f"{mgr.directory}/{step}"
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        # Shapes first, from the saved metadata: a restore into other shapes fails inside
+        # orbax's asynchronous reads, whose abandoned coroutines print tracebacks to stderr
+        # at exit, after our clear error.
+        diffs = self._metadata_diffs(where, abstract)
+        if diffs:
+            raise _mismatch(where, diffs)
         try:
             out = mgr.restore(
                 step,
@@ -205,14 +211,20 @@ class Checkpoints:
         return out["state"], out["meta"]
 
     @staticmethod
-    def _classify(where: str, abstract: Any, err: Exception) -> ValueError:
-        """Why restoring ``where`` failed: the tree metadata differs from the target (a
-        config mismatch) or the step's files cannot be read (corruption)."""
+    def _metadata_diffs(where: str, abstract: Any) -> list[str]:
+        """Differences between the saved tree's metadata and the target; [] when they
+        agree or when the metadata cannot be read (the restore then reports it)."""
         try:
             meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where) / "state")
-            diffs = _differences(_flat_shapes(abstract), _flat_shapes(meta.tree))
+            return _differences(_flat_shapes(abstract), _flat_shapes(meta.tree))
         except Exception:  # noqa: BLE001 - the metadata itself is unreadable
-            diffs = []
+            return []
+
+    @classmethod
+    def _classify(cls, where: str, abstract: Any, err: Exception) -> ValueError:
+        """Why restoring ``where`` failed: the tree metadata differs from the target (a
+        config mismatch) or the step's files cannot be read (corruption)."""
+        diffs = cls._metadata_diffs(where, abstract)
         if diffs:
             return _mismatch(where, diffs)
         reason = " ".join(str(err).split())[:300]
