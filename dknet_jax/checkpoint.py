@@ -39,6 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 
 from dknet_jax.config import base_config
@@ -78,6 +79,41 @@ def _differences(want: dict, have: dict) -> list[str]:
         if k in have and want[k] != have[k]
     ]
     return out
+
+
+def _corrupt(where: str, what: str, err: Exception) -> CorruptCheckpointError:
+    reason = " ".join(str(err).split())[:300]
+    return CorruptCheckpointError(
+        f"checkpoint {where} is corrupt or incomplete ({what}: {type(err).__name__}: "
+        f"{reason}); delete or move that step folder aside and use an older step, or retrain"
+    )
+
+
+def _unreadable(where: str) -> Exception | None:
+    """Read every key of the step's ``state`` database synchronously; the first error, or
+    None when all can be read (or the item is not an OCDBT database, left to orbax).
+
+    Why before orbax: orbax reads a step's arrays as asyncio tasks on a loop it closes on
+    the first failure; the reads still in flight then complete into the closed loop and
+    print ``Event loop is closed`` tracebacks at exit, after our clear error. Here every
+    read is waited for, so a corrupt step fails with nothing left running. Costs one extra
+    read of the step's files (from the page cache for the restore that follows)."""
+    state = os.path.join(where, "state")
+    if not os.path.exists(os.path.join(state, "manifest.ocdbt")):
+        return None
+    try:
+        kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+        reads = [kv.read(k) for k in kv.list().result()]
+    except Exception as e:  # noqa: BLE001 - the manifest or the tree cannot be read
+        return e
+    first = None
+    for r in reads:  # wait for every read, whatever fails
+        try:
+            if r.result().state != "value":
+                first = first or FileNotFoundError(f"a listed key of {state} is missing")
+        except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError and others
+            first = first or e
+    return first
 
 
 def _mismatch(where: str, diffs: list[str]) -> CheckpointMismatchError:
@@ -189,6 +225,9 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
         where = f"{mgr.directory}/{step}"
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        err = _unreadable(where)
+        if err is not None:
+            raise _corrupt(where, "a file is truncated or missing", err) from None
         # Shapes first, from the saved metadata: a restore into other shapes fails inside
         # orbax's asynchronous reads, whose abandoned coroutines print tracebacks to stderr
         # at exit, after our clear error.
@@ -227,12 +266,7 @@ class Checkpoints:
         diffs = cls._metadata_diffs(where, abstract)
         if diffs:
             return _mismatch(where, diffs)
-        reason = " ".join(str(err).split())[:300]
-        return CorruptCheckpointError(
-            f"checkpoint {where} is corrupt or incomplete (a file is truncated or missing: "
-            f"{type(err).__name__}: {reason}); delete or move that step folder aside and "
-            f"use an older step, or retrain"
-        )
+        return _corrupt(where, "a file is truncated or missing", err)
 
     def restore_latest_readable(self, target: Any, log: Callable[[str], None] | None = None):
         """Resume: restore the newest readable step of ``checkpoints/``. Corrupt steps are
@@ -390,16 +424,14 @@ def restore_model(workdir: str, step: int, best: bool, params: Any, rest: Any):
     own metadata) and dropped, so inference needs no optimiser. Returns
     ``(params, rest, meta)``; raises CheckpointMismatchError / CorruptCheckpointError."""
     where = os.path.join(workdir, "best" if best else "checkpoints", str(step))
+    err = _unreadable(where)
+    if err is not None:
+        raise _corrupt(where, "a file is truncated or missing", err) from None
     try:
         saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where) / "state").tree
         others = {k: jax.tree.map(_abstract_leaf, saved[k]) for k in ("opt", "key")}
     except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is corrupt
-        reason = " ".join(str(e).split())[:300]
-        raise CorruptCheckpointError(
-            f"checkpoint {where} is corrupt or incomplete (its metadata cannot be read: "
-            f"{type(e).__name__}: {reason}); delete or move that step folder aside and "
-            f"use an older step, or retrain"
-        ) from None
+        raise _corrupt(where, "its metadata cannot be read", e) from None
     ckpt = Checkpoints(workdir)
     try:
         state, meta = ckpt.restore(

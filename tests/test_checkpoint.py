@@ -74,6 +74,74 @@ def test_corrupt_step_is_named_as_corrupt_not_a_config_mismatch(tmp_path):
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no orbax stack
 
 
+def _truncate_tail(step_dir):
+    """Cut the second half of the largest data file only (a copy that stopped midway):
+    the tree still lists, one array cannot be read."""
+    files = [f for f in (step_dir / "state").rglob("d/*") if f.is_file()]
+    big = max(files, key=lambda f: f.stat().st_size)
+    data = big.read_bytes()
+    big.write_bytes(data[: len(data) // 2])
+
+
+def test_unreadable_finds_a_truncated_array_and_passes_a_whole_step(tmp_path):
+    from dknet_jax.checkpoint import _unreadable
+
+    ck = Checkpoints(str(tmp_path))
+    w = np.random.default_rng(0).random(40_000, dtype=np.float32)  # incompressible
+    big = {"params": {"w": w}, "step": np.asarray(1)}
+    ck.save(1, big, {"step": 1})
+    ck.save(2, big, {"step": 2})
+    ck.close()
+    assert _unreadable(str(tmp_path / "checkpoints" / "1")) is None
+    _truncate_tail(tmp_path / "checkpoints" / "2")
+    assert _unreadable(str(tmp_path / "checkpoints" / "2")) is not None
+    ck = Checkpoints(str(tmp_path))
+    with pytest.raises(ValueError, match=r"checkpoints/2 is corrupt or incomplete"):
+        ck.restore({"params": {"w": np.zeros(40_000, np.float32)}, "step": np.asarray(0)})
+    ck.close()
+
+
+_RESTORE_CORRUPT = """
+import pathlib, sys
+import numpy as np
+from tests.test_checkpoint import _corrupt
+from dknet_jax.checkpoint import Checkpoints
+tmp = pathlib.Path(sys.argv[1])
+tree = lambda v: {f"w{i}": np.full((64, 8), v, np.float32) for i in range(64)}
+ck = Checkpoints(str(tmp))
+ck.save(1, tree(1), {"step": 1})
+ck.close()
+_corrupt(tmp / "checkpoints" / "1")
+ck = Checkpoints(str(tmp))
+try:
+    ck.restore(tree(0))
+except ValueError as e:
+    print("raised:", e)
+ck.close()
+"""
+
+
+def test_corrupt_step_leaves_no_reads_in_flight(tmp_path):
+    """orbax abandons its other reads on the first failure; they used to print
+    'Task exception was never retrieved' / 'Event loop is closed' tracebacks after the
+    clear error (the slow probe tests of the CLIs caught it)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        [sys.executable, "-c", _RESTORE_CORRUPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoints/1 is corrupt or incomplete" in r.stdout
+    assert "Traceback" not in r.stderr and "never retrieved" not in r.stderr, r.stderr[-2000:]
+
+
 def test_structure_mismatch_is_a_config_error(tmp_path):
     _saved(tmp_path, steps=(1,))
     other = {
