@@ -11,6 +11,15 @@ changed the order of the convolutions' sums, so the fixture was written again wi
 array of the forward pass is compared with ``np.array_equal``, in eval mode (running
 statistics) and train mode (batch statistics), so a default whose arithmetic changed at
 all fails here.
+
+Bitwise equality holds only on the kind of CPU a record was made on: the matmul kernels
+XLA:CPU calls pick their vector width and blocking from the CPU they run on, so another
+CPU rounds differently (on an AVX-512 AMD EPYC, 2026-12-03, 20 of the 44 arrays differed
+from the first record, all by float rounding: <= 3e-8). A second record of the same code
+made on that CPU, ``tests/data/default_dknet_outputs_avx512.npz``, is accepted as well;
+on a CPU that matches neither record the test checks rounding-level agreement with
+the first (integer and boolean outputs identical, floats within 1e-5 of each array's
+scale) and then reports itself skipped, as the bitwise check cannot be made there.
 """
 
 import os
@@ -19,6 +28,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from dknet_jax.config import base_config
@@ -28,6 +38,8 @@ from dknet_jax.types import PointBatch
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "data", "default_dknet_outputs.npz")
 ENGINE1 = os.path.join(HERE, "data", "default_dknet_outputs_engine1.npz")
+# the same code's outputs recorded on other CPUs (module docstring)
+OTHER_CPUS = [os.path.join(HERE, "data", "default_dknet_outputs_avx512.npz")]
 
 
 def baseline_config():
@@ -97,21 +109,44 @@ def run_outputs(config) -> dict:
     return out
 
 
+def _bitwise_equal(got: dict, path: str) -> bool:
+    want = np.load(path)
+    return sorted(got) == sorted(want.files) and all(
+        got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want.files
+    )
+
+
 def test_default_config_outputs_are_unchanged():
     want = np.load(FIXTURE)
     got = run_outputs(baseline_config())
     assert sorted(got) == sorted(want.files)
     for name in want.files:
         assert got[name].dtype == want[name].dtype, name
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    if any(_bitwise_equal(got, p) for p in [FIXTURE, *OTHER_CPUS]):
+        return
+    assert_rounding_only(want, got)  # a real change fails here on any CPU
+    pytest.skip(
+        "no bitwise record of the default outputs for this CPU (its matmul kernels round "
+        "differently); agreement to float rounding with the first record was checked"
+    )
+
+
+def test_other_cpu_records_are_rounding_only():
+    for path in OTHER_CPUS:
+        assert_rounding_only(np.load(FIXTURE), np.load(path))
 
 
 def test_engine_change_is_rounding_only():
     # The record made before the sparse engine's CPU loop: every integer / bool output
     # (candidates, groups, slots) is identical and every float within float32 rounding
     # accumulated through the UNet (measured: <= 5.3e-6 of each array's largest value).
-    old, new = np.load(ENGINE1), np.load(FIXTURE)
-    assert sorted(old.files) == sorted(new.files)
+    assert_rounding_only(np.load(ENGINE1), np.load(FIXTURE))
+
+
+def assert_rounding_only(old, new) -> None:
+    """Integer / bool arrays equal; floats within 1e-5 of each array's largest value."""
+    new_files = new.files if hasattr(new, "files") else list(new)
+    assert sorted(old.files) == sorted(new_files)
     for name in old.files:
         a, b = old[name], new[name]
         if a.dtype.kind != "f":
