@@ -297,3 +297,29 @@ def test_scene_blocks_must_divide_the_slots():
         decode_masks(*args, scene_blocks=4)
     with pytest.raises(ValueError, match="scene_blocks=0"):
         decoded_class_counts(*args, jnp.zeros(NB, jnp.int32), 4, scene_blocks=0)
+
+
+def test_dynamic_mlp_gradients_equal_autodiff_of_the_formula():
+    """The hand-written backward of the two dynamic layers (``[P, K*H]`` layout) against
+    JAX's autodiff of the plain formula, with some hidden units exactly at 0 (relu's
+    kink: both give 0 there) and the forward pass bit for bit."""
+    from dknet_jax.model.mask_decoder import _dynamic_mlp_apply, dynamic_mlp
+
+    rng = np.random.default_rng(7)
+    p, ci, k, h = 257, 19, 5, 16
+    x = rng.normal(size=(p, ci)).astype(np.float32)
+    w1 = rng.normal(size=(k, ci, h)).astype(np.float32)
+    bias1 = rng.normal(size=(k, h)).astype(np.float32)
+    w1[:, :, 3] = 0.0
+    bias1[:, 3] = 0.0  # unit 3: pre-activation exactly 0 on every point
+    w2 = rng.normal(size=(k, h)).astype(np.float32)
+    b2 = rng.normal(size=(k,)).astype(np.float32)
+    cot = rng.normal(size=(k, p)).astype(np.float32)
+    args = (x, w1, bias1, w2, b2)
+    np.testing.assert_array_equal(jax.jit(dynamic_mlp)(*args), jax.jit(_dynamic_mlp_apply)(*args))
+    mine = jax.grad(lambda *a: jnp.sum(dynamic_mlp(*a) * cot), argnums=range(5))(*args)
+    ref = jax.grad(lambda *a: jnp.sum(_dynamic_mlp_apply(*a) * cot), argnums=range(5))(*args)
+    for name, a, b in zip(("x", "w1", "bias1", "w2", "b2"), mine, ref, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+    assert np.all(np.asarray(mine[1])[:, :, 3] == 0) and np.all(np.asarray(mine[2])[:, 3] == 0)

@@ -121,11 +121,62 @@ def chunked_inputs(kernels, centroids, mask_feats, xyz, per_point, hidden, chunk
     return (w1, bias1, w2, b2), cut(point_in), [cut(a) for a in per_point], n_chunks * p
 
 
+def _dynamic_mlp_apply(x, w1, bias1, w2, b2):
+    h = jax.nn.relu(jnp.einsum("pc,kch->kph", x, w1) + bias1[:, None, :])
+    return jnp.einsum("kph,kh->kp", h, w2) + b2[:, None]
+
+
+@jax.custom_vjp
+def dynamic_mlp(x, w1, bias1, w2, b2):
+    """The two dynamic layers on one chunk: ``x f[P, Ci]``, ``w1 f[K, Ci, H]``, ``bias1
+    f[K, H]``, ``w2 f[K, H]``, ``b2 f[K]`` -> logits ``f[K, P]``.
+
+    The backward pass works in the layout the first layer's matmul produces, ``[P, K*H]``
+    (``x @ W1`` with the instances' weights side by side): autodiff of the ``[K, P, H]``
+    form transposed the hidden activations and their gradients between the two layouts,
+    which on the CPU cost more than the matmuls. The forward pass is the plain formula
+    (the same values as before)."""
+    return _dynamic_mlp_apply(x, w1, bias1, w2, b2)
+
+
+def _dynamic_mlp_fwd(x, w1, bias1, w2, b2):
+    return _dynamic_mlp_apply(x, w1, bias1, w2, b2), (x, w1, bias1, w2, b2)
+
+
+def _dynamic_mlp_bwd(res, g):
+    x, w1, bias1, w2, b2 = res
+    k, ci, hd = w1.shape
+    f32 = jnp.float32
+    # [x, 1] @ [W1; bias1]: the first layer's pre-activations and, transposed, the
+    # gradients of W1 and bias1 in one matmul each (column reductions over the P rows
+    # are slow on the CPU, matmuls are not)
+    x1 = jnp.concatenate([x.astype(f32), jnp.ones((x.shape[0], 1), f32)], axis=1)
+    w1r = jnp.concatenate(
+        [jnp.transpose(w1, (1, 0, 2)).reshape(ci, k * hd), bias1.reshape(1, k * hd)], axis=0
+    ).astype(f32)  # [Ci + 1, K*H], small
+    a = jnp.dot(x1, w1r, preferred_element_type=f32).reshape(-1, k, hd)  # [P, K, H]
+    gt = g.T.astype(f32)  # [P, K]
+    da = jnp.where(a > 0, gt[:, :, None] * w2.astype(f32)[None], 0.0).reshape(-1, k * hd)
+    ones = jnp.ones((1, x.shape[0]), f32)
+    dw2 = jnp.dot(ones, (jnp.maximum(a, 0.0) * gt[:, :, None]).reshape(-1, k * hd))
+    dx = jnp.dot(da, w1r[:ci].T, preferred_element_type=f32)
+    dw1b = jnp.dot(x1.T, da, preferred_element_type=f32)  # [Ci + 1, K*H]
+    dw1 = jnp.transpose(dw1b[:ci].reshape(ci, k, hd), (1, 0, 2))
+    return (
+        dx.astype(x.dtype),
+        dw1.astype(w1.dtype),
+        dw1b[ci].reshape(k, hd).astype(bias1.dtype),
+        dw2.reshape(k, hd).astype(w2.dtype),
+        jnp.dot(g.astype(f32), jnp.ones((g.shape[1],), f32)).astype(b2.dtype),
+    )
+
+
+dynamic_mlp.defvjp(_dynamic_mlp_fwd, _dynamic_mlp_bwd)
+
+
 def chunk_logits(params, x, bid, ok, inst_batch, inst_ok):
     """Logits f32[K, P] and the in-scene mask bool[K, P] of one chunk of P points."""
-    w1, bias1, w2, b2 = params
-    h = jax.nn.relu(jnp.einsum("pc,kch->kph", x, w1) + bias1[:, None, :])
-    logit = jnp.einsum("kph,kh->kp", h, w2) + b2[:, None]
+    logit = dynamic_mlp(x, *params)
     inside = inst_ok[:, None] & ok[None, :] & (inst_batch[:, None] == bid[None, :])
     return logit, inside
 
