@@ -184,6 +184,7 @@ def _context_sums_fwd(geom, feats, cand, pts):
     d = feats.shape[-1]
     hi = jax.lax.Precision.HIGHEST
     start, count = scene_chunk_spans(cand[2], cand[3], pts[2], pts[3], blocks)
+    ones = jnp.ones((feats.shape[1],), feats.dtype)
 
     def block(_, xs):
         cand_b, c0, cnt = xs
@@ -192,10 +193,16 @@ def _context_sums_fwd(geom, feats, cand, pts):
         def step(i, carry):
             fg_sum, bg_sum, counts = carry
             p_f, p = jax.tree.map(lambda a: a[c0 + i], (feats, pts))
-            fg, bg, counts = _chunk_masks(cand_b, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
-            fg_sum = fg_sum + jnp.matmul(fg.astype(feats.dtype), p_f, precision=hi)
-            bg_sum = bg_sum + jnp.matmul(bg.astype(feats.dtype), p_f, precision=hi)
-            return fg_sum, bg_sum, counts
+            fg, bg, capped = _chunk_masks(cand_b, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
+            # fg and bg rows in one matmul (one pass over the chunk's features); without
+            # a cap the member counts are a matrix-vector product of the same f32 mask
+            # (exact: integers), not two more passes that rebuild the masks
+            both = jnp.concatenate([fg, bg]).astype(feats.dtype)
+            s = jnp.matmul(both, p_f, precision=hi)
+            if cap == 0:
+                n = jnp.matmul(both, ones, precision=hi)
+                capped = (counts[0] + n[:kb], counts[1] + n[kb:])
+            return fg_sum + s[:kb], bg_sum + s[kb:], capped
 
         zk = jnp.zeros((kb,), feats.dtype)
         zkd = jnp.zeros((kb, d), feats.dtype)
@@ -217,14 +224,14 @@ def _context_sums_bwd(geom, res, cts):
     def block(d_feats, xs):
         cand_b, g_fg_b, g_bg_b, c0, cnt = xs
         kb = cand_b[0].shape[0]
+        g_both = jnp.concatenate([g_fg_b, g_bg_b])
 
         def step(i, carry):
             d_feats, counts = carry
             p = jax.tree.map(lambda a: a[c0 + i], pts)
             fg, bg, counts = _chunk_masks(cand_b, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
-            d_f = jnp.matmul(fg.astype(g_fg.dtype).T, g_fg_b, precision=hi) + jnp.matmul(
-                bg.astype(g_bg.dtype).T, g_bg_b, precision=hi
-            )
+            both = jnp.concatenate([fg, bg]).astype(g_fg.dtype)
+            d_f = jnp.matmul(both.T, g_both, precision=hi)
             return d_feats.at[c0 + i].add(d_f), counts
 
         zk = jnp.zeros((kb,), g_fg.dtype)
