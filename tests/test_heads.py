@@ -194,3 +194,47 @@ def test_running_stat_updates_like_flax_batchstat_under_jit():
         np.testing.assert_array_equal(ours.var.get_value(), plain.var.get_value())
         assert not np.array_equal(ours.mean.get_value(), np.full(6, 0.5, np.float32))
         assert isinstance(ours.mean, nnx.BatchStat)  # filters by BatchStat still find it
+
+
+def test_scene_merge_logits_blocks_equal_the_full_merge(heads):
+    """Per-scene merge MLP (``DKNet``'s path) against numpy on the within-scene pairs and
+    against the all-pairs MLP: equal on ``pair_mask`` (the BatchNorm statistics cover the
+    same pairs), 0 between scenes; the running statistics move alike."""
+    b, k = 3, 6
+    rng = np.random.default_rng(5)
+    fa = rng.normal(size=(b * k, 35)).astype(np.float32)
+    ok = rng.random(b * k) < 0.8
+    ok[[0, 6, 7]] = True
+    scene = np.repeat(np.arange(b), k)
+    pair = (
+        ok[:, None] & ok[None, :] & (scene[:, None] == scene[None, :]) & ~np.eye(b * k, dtype=bool)
+    )
+    blocks = nnx.jit(lambda m, a, p: m.scene_merge_logits(a, p, b))
+    full = nnx.jit(lambda m, a, p: m.merge_logits(a, p))
+    h1, h2 = nnx.clone(heads), nnx.clone(heads)
+    got = np.asarray(blocks(h1, jnp.asarray(fa), jnp.asarray(pair)))
+    want = np.asarray(full(h2, jnp.asarray(fa), jnp.asarray(pair)))
+    assert got.shape == (b * k, b * k)
+    np.testing.assert_allclose(got[pair], want[pair], rtol=1e-5, atol=1e-5)
+    same = scene[:, None] == scene[None, :]
+    assert np.all(got[~same] == 0)
+    # numpy: the MLP over each scene's pairs, BatchNorm statistics over the valid pairs
+    diff = np.concatenate(
+        [
+            np.abs(fa[s * k : (s + 1) * k, None] - fa[None, s * k : (s + 1) * k]).reshape(k * k, 35)
+            for s in range(b)
+        ]
+    )
+    mask = np.concatenate(
+        [pair[s * k : (s + 1) * k, s * k : (s + 1) * k].reshape(-1) for s in range(b)]
+    )
+    ref = _np_mlp(heads.merge, diff, mask)[:, 0]
+    got_blocks = np.concatenate(
+        [got[s * k : (s + 1) * k, s * k : (s + 1) * k].reshape(-1) for s in range(b)]
+    )
+    np.testing.assert_allclose(got_blocks[mask], ref[mask], rtol=2e-3, atol=2e-3)
+    for n1, n2 in zip(h1.merge.norms, h2.merge.norms, strict=True):
+        np.testing.assert_allclose(n1.mean[...], n2.mean[...], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(n1.var[...], n2.var[...], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="scenes must divide"):
+        heads.scene_merge_logits(jnp.asarray(fa), jnp.asarray(pair), 4)

@@ -46,7 +46,8 @@ class DKNetOutputs:
       cand_idx: i32[M] candidate point index (N in empty slots), M = B * max_candidates.
       cand_ok: bool[M] filled candidate slots.
       cand_batch: i32[M] scene of each slot.
-      merge_logits: f32[M, M] pairwise merge logits (meaningful on ``pair_mask``).
+      merge_logits: f32[M, M] pairwise merge logits (meaningful on ``pair_mask``; 0 between
+        scenes, whose pairs the merge MLP never sees).
       pair_mask: bool[M, M] valid pairs of distinct candidates of one scene.
       lead: i32[M] group lead slot of each candidate (-1 invalid).
       inst_ok: bool[I] instance slots that hold an instance (a group), I = B *
@@ -297,7 +298,7 @@ class DKNet(nnx.Module):
             & (cand_batch[:, None] == cand_batch[None, :])
             & ~jnp.eye(m, dtype=bool)
         )
-        merge_logits = self.heads.merge_logits(agg_feats, pair_mask)
+        merge_logits = self.heads.scene_merge_logits(agg_feats, pair_mask, b)
         if self.aggregation == "full":
             scores = jnp.where(pair_mask, jax.nn.sigmoid(merge_logits), 0.0)
             thr = self.merge_threshold if merge_threshold is None else merge_threshold

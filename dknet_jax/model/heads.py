@@ -270,16 +270,38 @@ class PointHeads(nnx.Module):
         """Pairwise merge logits over ``|F_a,i - F_a,j|``.
 
         Args:
-          agg_feats: f32[K, 2D'+3] candidate features [fg, bg, shifted position].
-          pair_mask: bool[K, K] valid pairs (both candidates valid, same scene); only they
-            enter BatchNorm statistics.
+          agg_feats: f32[..., K, 2D'+3] candidate features [fg, bg, shifted position];
+            leading dims (e.g. one block of candidates per scene) are independent sets.
+          pair_mask: bool[..., K, K] valid pairs (both candidates valid, same scene); only
+            they enter BatchNorm statistics (over all leading dims together).
         Returns:
-          f32[K, K] logits (sigmoid -> merge score A); symmetric by construction.
+          f32[..., K, K] logits (sigmoid -> merge score A); symmetric by construction.
         """
-        diff = jnp.abs(agg_feats[:, None, :] - agg_feats[None, :, :])
+        diff = jnp.abs(agg_feats[..., :, None, :] - agg_feats[..., None, :, :])
         if self.merge_clamp > 0:  # released: torch.clamp(|A_i - A_j|, min=1e-6)
             diff = jnp.maximum(diff, self.merge_clamp)
         return self.merge(diff, pair_mask)[..., 0]
+
+    def scene_merge_logits(self, agg_feats: Array, pair_mask: Array, scenes: int) -> Array:
+        """:meth:`merge_logits` of a packed batch whose candidate slots come in ``scenes``
+        consecutive blocks of K = M / scenes, one per scene (``DKNet``'s layout), so that
+        ``pair_mask`` (pairs within one scene) is block-diagonal.
+
+        The merge MLP runs on each block's K^2 pairs only, ``scenes`` K^2 rows instead of
+        (scenes K)^2; its BatchNorm statistics cover the same ``pair_mask`` pairs. Returns
+        f32[M, M]: the blocks' logits on the diagonal, 0 between scenes."""
+        m = agg_feats.shape[0]
+        if scenes < 1 or m % scenes or pair_mask.shape != (m, m):
+            raise ValueError(
+                f"scene_merge_logits: {m} candidate slots, pair mask {pair_mask.shape}, "
+                f"scenes={scenes}: the scenes must divide the slots and the mask be [M, M]"
+            )
+        k = m // scenes
+        blocks = pair_mask.reshape(scenes, k, scenes, k)
+        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=0, axis2=2), -1, 0)  # [B, K, K]
+        logits = self.merge_logits(agg_feats.reshape(scenes, k, -1), blocks)
+        eye = jnp.eye(scenes, dtype=bool)[:, None, :, None]
+        return jnp.where(eye, logits[:, :, None, :], 0.0).reshape(m, m)
 
     def kernels(self, inst_feats: Array, mask: Array | None = None) -> Array:
         """Instance kernels: ``inst_feats f32[K, D']`` -> ``f32[K, L]`` (L = 337).
