@@ -21,13 +21,18 @@ processes (never a fork of a process that may hold JAX).
 
 from __future__ import annotations
 
+import glob
+import gzip
+import json
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
@@ -265,3 +270,65 @@ def table(rows: Sequence[tuple[str, str]], title: str) -> str:
     w = max(len(r[0]) for r in rows)
     lines = [title, "-" * len(title)] + [f"{k:<{w}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# kernel time by named scope (jax.profiler trace of a compiled function)
+
+_CONTROL_FLOW = ("conditional(", "while(", "call(")
+
+
+def _kernel_scopes(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its ``op_name`` (the traced scopes), for the instructions
+    that are kernels: control flow (while, conditional, call) is left out, as its trace
+    events contain its body's kernels."""
+    out = {}
+    pattern = r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*?)metadata=\{[^}]*op_name="([^"]+)"'
+    for m in re.finditer(pattern, hlo_text, re.M):
+        if not any(c in m.group(2) for c in _CONTROL_FLOW):
+            out[m.group(1)] = m.group(3)
+    return out
+
+
+def _unwrap(part: str) -> str:
+    """``transpose(jvp(backbone))`` -> ``backbone``; other names as they are."""
+    while part.startswith(("jvp(", "transpose(")) and part.endswith(")"):
+        part = part[part.index("(") + 1 : -1]
+    return part
+
+
+def scope_times(trace_dir: str, hlo_text: str, calls: int, depth: int = 1) -> list[tuple]:
+    """Kernel time per call of a compiled function, summed by named scope.
+
+    ``trace_dir``: a ``jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)``
+    folder holding ``calls`` calls of the function whose ``compiled.as_text()`` is
+    ``hlo_text``. Each kernel's trace events are matched to its HLO instruction, whose
+    ``op_name`` gives the scopes (``jax.named_scope``: ``backbone``, ``heads``, ...);
+    ``depth`` scopes are kept, and the pass: ``"bwd"`` under ``transpose(...)``, else
+    ``"fwd"``. Returns ``[(scope, pass, ms per call, trace events per call)]``, largest
+    first (a kernel inside a loop gives an event per iteration, and XLA:CPU records some
+    kernels as two events, a short launch and the run). Kernels on the two cores
+    overlap, so the sum can exceed the wall time of a call."""
+    files = sorted(
+        glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    )
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    scopes = _kernel_scopes(hlo_text)
+    total, count = Counter(), Counter()
+    for e in events:
+        op = (e.get("args") or {}).get("hlo_op")
+        if e.get("ph") != "X" or op not in scopes:
+            continue
+        name = scopes[op]
+        parts = [_unwrap(p) for p in name.split("/")[1:]]
+        parts = [p for p in parts if p]
+        key = ("/".join(parts[:depth]) or "-", "bwd" if "transpose(" in name else "fwd")
+        total[key] += e["dur"] / 1e3
+        count[key] += 1
+    return [
+        (s, p, total[(s, p)] / calls, count[(s, p)] / calls)
+        for (s, p) in sorted(total, key=total.get, reverse=True)
+    ]

@@ -67,6 +67,7 @@ from dknet_jax.benchmarking import (
     device_peak_gib,
     flag_given,
     host_peak_gib,
+    scope_times,
     table,
     with_default_config,
 )
@@ -121,6 +122,15 @@ _GPU_BUDGET = flags.DEFINE_bool(
     "gpu_budget", False, "4 ScanNet-sized rooms, 3 timed steps (~2 min on one GPU)"
 )
 _JSON = flags.DEFINE_string("json", None, "also write the numbers to this JSON file")
+_PROFILE = flags.DEFINE_string(
+    "profile_dir",
+    None,
+    "after the timed steps, trace --steps more steps with jax.profiler into this folder and "
+    "print the kernel time per step by named scope (backbone, heads, ...; fwd / bwd)",
+)
+_PROFILE_DEPTH = flags.DEFINE_integer(
+    "profile_depth", 1, "scope levels in the --profile_dir table (2: encode1, decode0, ...)"
+)
 _LEVERS = flags.DEFINE_bool(
     "levers",
     False,
@@ -309,6 +319,9 @@ def benchmark() -> dict:
         flush=True,
     )
 
+    if _PROFILE.value:
+        results["scope_ms"] = profile_steps(compiled, lambda: run(t.stage_mask_epoch), opts)
+
     # --- one epoch through the pipeline ------------------------------------------------
     if not _NO_EPOCH.value:
         it = iterator(1)
@@ -338,6 +351,26 @@ def benchmark() -> dict:
     results["host_peak_gib"] = host_peak_gib()
     results["device_peak_gib"] = device_peak_gib()
     return _report(results)
+
+
+def profile_steps(compiled, run_step, opts) -> list:
+    """Trace ``opts["steps"]`` calls of ``run_step`` (the compiled step); print and return
+    the kernel time per step by named scope (``benchmarking.scope_times``)."""
+    import jax
+
+    jax.profiler.start_trace(_PROFILE.value, create_perfetto_trace=True)
+    for _ in range(opts["steps"]):
+        run_step()
+    jax.profiler.stop_trace()
+    rows = scope_times(_PROFILE.value, compiled.as_text(), opts["steps"], _PROFILE_DEPTH.value)
+    print(
+        table(
+            [(f"{s} ({p})", f"{ms:8.1f} ms  {n:6.0f} trace events") for s, p, ms, n in rows],
+            "Kernel time per step by scope (the two cores overlap: the sum exceeds the step)",
+        ),
+        flush=True,
+    )
+    return [[s, p, ms, n] for s, p, ms, n in rows]
 
 
 def lever_rows(config, remat: str) -> list[tuple[str, object]]:

@@ -195,3 +195,37 @@ def test_flag_given():
     assert not bm.flag_given(["p", "--quick", "--noquick"], "quick")
     assert not bm.flag_given(["p", "--quickly"], "quick")
     assert not bm.flag_given(["p"], "quick")
+
+
+def test_scope_times_sums_kernels_by_named_scope(tmp_path):
+    """A traced function with two named scopes, forward and backward: both scopes and both
+    passes appear, the large matmul's scope dominates, event counts are per call."""
+    import jax
+    import jax.numpy as jnp
+
+    from dknet_jax.benchmarking import scope_times
+
+    def f(w, x):
+        with jax.named_scope("big"):
+            y = jnp.tanh(x @ w)
+        with jax.named_scope("small"):
+            z = jnp.sort(y[:, 0]).sum()  # a sort: a kernel of its own
+        return z
+
+    step = jax.jit(jax.grad(f))
+    w = jnp.ones((384, 384)) * 1e-3
+    x = jnp.ones((2048, 384))
+    compiled = step.lower(w, x).compile()
+    jax.block_until_ready(compiled(w, x))
+    jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
+    for _ in range(2):
+        jax.block_until_ready(compiled(w, x))
+    jax.profiler.stop_trace()
+    rows = scope_times(str(tmp_path), compiled.as_text(), calls=2)
+    got = {(s, p): (ms, n) for s, p, ms, n in rows}
+    assert ("big", "fwd") in got and ("big", "bwd") in got, rows
+    assert ("small", "fwd") in got, rows
+    assert rows[0][0] == "big" and rows[0][2] > 0
+    assert all(n == int(n) and n >= 1 for _, _, _, n in rows), rows  # whole events per call
+    with pytest.raises(FileNotFoundError, match="perfetto_trace"):
+        scope_times(str(tmp_path / "none"), compiled.as_text(), calls=1)
