@@ -186,6 +186,38 @@ def test_engine_subm_padded_equals_functional(ppv):
     np.testing.assert_allclose(dw, want_dw, **TOL)
 
 
+def test_one_tile_per_loop_step(monkeypatch):
+    """Tiles as tall as a loop step (the default for maps of >= 2M pair slots, T =
+    ``conv.STEP_ROWS``) take the loop's plain 2-D matmul branch: forward and both
+    gradients of the engine's subm, strided and inverse convs against the dense jnp
+    references on numpy-built tables (not the public ops, which would take the same
+    branch)."""
+    monkeypatch.setattr(conv, "STEP_ROWS", 8)  # = these tests' tile_rows: one tile per step
+    rng, c, f, w3, w2 = _data(14, "clustered")
+    cp, fp, valid, perm = _padded(rng, c, f)
+    inv = np.argsort(perm)[: len(c)]
+    g = rng.normal(size=(CAP, COUT)).astype(np.float32)
+    (out, dx, dw), ok = _engine_subm(cp, valid, fp, w3, g, 27)
+    assert bool(ok)
+    cc = np.unique(np.concatenate([c[:, :1], c[:, 1:] // 2], 1), axis=0)
+    subm_d, strided_d, inverse_d = _dense_refs(c, cc)
+    f_, w3_ = jnp.asarray(f), jnp.asarray(w3)
+    np.testing.assert_allclose(np.asarray(out)[inv], subm_d(f_, w3_), **TOL)
+    want_dx, want_dw = _grads(subm_d, f_, w3_, jnp.asarray(g[inv]))
+    np.testing.assert_allclose(np.asarray(dx)[inv], want_dx, **TOL)
+    np.testing.assert_allclose(dw, want_dw, **TOL)
+
+    w_up = rng.normal(size=(2, 2, 2, CIN, CIN)).astype(np.float32)
+    w_down = np.concatenate([w2, w2[..., :2]], axis=-1)  # Cout 5 so that coarse feeds up
+    coords, count, coarse, fine = _engine_down_up(cp, valid, fp, w_down, w_up)
+    m = int(count)
+    np.testing.assert_array_equal(np.asarray(coords)[:m], cc)
+    rf = strided_d(f_, jnp.asarray(w_down).reshape(2, 2, 2, CIN, CIN)[..., :COUT])
+    np.testing.assert_allclose(np.asarray(coarse)[:m, :COUT], rf, **TOL)
+    want_fine = inverse_d(jnp.asarray(coarse)[:m, :CIN], jnp.asarray(w_up)[..., :COUT])
+    np.testing.assert_allclose(np.asarray(fine)[inv][:, :COUT], want_fine, **TOL)
+
+
 @jax.jit
 def _engine_down_up(cp, valid, fp, w_down, w_up):
     dmap = hashing.down_map(cp, valid, capacity=3 * CAP // 4, tile_rows=8)

@@ -288,12 +288,15 @@ def unique_rows(coords: Array, valid: Array, *, capacity: int, box: Bounds | Non
 
 
 def default_tile_rows(num_pairs: int) -> int:
-    """Tile height for ~``num_pairs`` pairs: large enough for an efficient batched matmul,
-    small enough that per-offset padding (< offsets * T rows) stays a few percent. At
-    least 32 rows: every tile carries its own ``[Cin, Cout]`` weight, which must not cost
-    more than the tile's rows at the UNet's widths (up to 224)."""
+    """Tile height for ~``num_pairs`` pairs: large enough for an efficient matmul, small
+    enough that per-offset padding (< offsets * T rows) stays a few percent (T is about
+    1/1024 to 1/512 of the pairs). At least 32 rows: every tile carries its own ``[Cin,
+    Cout]`` weight, which must not cost more than the tile's rows at the UNet's widths (up
+    to 224). At most 4096 (``conv.STEP_ROWS``: one tile per step of the CPU loop, a plain
+    2-D matmul). The cap was 1024: on a 158k-voxel room (2M pairs) tiles of 2048 rows
+    made the CPU conv's forward+backward 1.6x faster (docs/benchmarks.md)."""
     t = 2 ** max(5, int(math.floor(math.log2(max(num_pairs, 1) / 1024.0 + 1e-9))) + 1)
-    return int(min(1024, t))
+    return int(min(4096, t))
 
 
 def build_tiles(
