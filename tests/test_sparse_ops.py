@@ -310,3 +310,22 @@ def test_batched_pass_equals_cpu_loop(monkeypatch):
     np.testing.assert_allclose(up_b, up, **TOL)
     for a, b in zip(grads_b, grads, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(np.abs(b).max()))
+
+
+def test_row_buckets_pad_at_most_a_quarter():
+    from dknet_jax.sparse.functional import _bucket
+
+    assert [_bucket(n) for n in (1, 16, 17, 21, 33, 158_550, 262_144, 262_145)] == [
+        16,
+        16,
+        20,
+        24,
+        40,
+        163_840,
+        262_144,
+        327_680,
+    ]
+    sizes = np.unique(np.geomspace(16, 1 << 20, 4000).astype(int))
+    b = np.array([_bucket(int(n)) for n in sizes])
+    assert np.all(b >= sizes) and np.all(b <= np.ceil(1.25 * sizes))
+    assert len(np.unique(b)) <= 4 * 16 + 1  # four shapes per octave: compilations bounded
