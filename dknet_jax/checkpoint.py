@@ -212,9 +212,17 @@ class Checkpoints:
         self._latest.wait_until_finished()
         self._best.wait_until_finished()
 
-    def restore(self, target: Any, step: int | None = None, best: bool = False):
+    def restore(
+        self,
+        target: Any,
+        step: int | None = None,
+        best: bool = False,
+        *,
+        files_checked: bool = False,
+    ):
         """Restore ``(state, meta)``; ``target`` is a pytree with the state's structure
         (arrays or ``jax.ShapeDtypeStruct``). Default: the latest step.
+        ``files_checked``: the caller has already read the step's files (``_unreadable``).
 
         Raises CheckpointMismatchError when the arrays differ from ``target`` (another
         config) and CorruptCheckpointError when the step cannot be read."""
@@ -225,7 +233,7 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
         where = f"{mgr.directory}/{step}"
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        err = _unreadable(where)
+        err = None if files_checked else _unreadable(where)
         if err is not None:
             raise _corrupt(where, "a file is truncated or missing", err) from None
         # Shapes first, from the saved metadata: a restore into other shapes fails inside
@@ -435,7 +443,10 @@ def restore_model(workdir: str, step: int, best: bool, params: Any, rest: Any):
     ckpt = Checkpoints(workdir)
     try:
         state, meta = ckpt.restore(
-            train_state(params, rest, others["opt"], others["key"]), step=step, best=best
+            train_state(params, rest, others["opt"], others["key"]),
+            step=step,
+            best=best,
+            files_checked=True,  # read above, before the metadata
         )
     finally:
         ckpt.close()
