@@ -89,6 +89,27 @@ def test_down_map_matches_bruteforce(kind):
     assert (par[~valid] == len(cp)).all()
 
 
+def test_subm_table_at_the_edges_of_the_key_box():
+    """Rows on every face of the bounding box, in two batches: the neighbour search steps
+    by +-1 along z from the found place, which must never reach the next z column or the
+    next batch (the frame's margin). Hand-built set, checked against the brute force."""
+    full = np.array(
+        [(b, x, y, z) for b in (0, 1) for x in (0, 1) for y in (0, 1) for z in (0, 1, 2)],
+        np.int32,
+    )
+    # z runs that end where the next (x, y) column starts, a lone row per batch corner
+    extra = np.array([[0, 0, 2, 0], [0, 0, 2, 2], [0, 1, 2, 1], [1, 1, 1, 3], [1, -1, 0, 0]])
+    c = np.concatenate([full, extra]).astype(np.int32)
+    rng = np.random.default_rng(3)
+    cp, valid, perm = _pad(rng, c)
+    nbr = np.asarray(_subm(cp, valid).nbr)
+    inv = np.argsort(perm)
+    ref = neighbour_table_ref(c)
+    want = np.where(ref >= 0, inv[np.maximum(ref, 0)], len(cp))
+    np.testing.assert_array_equal(nbr[inv[: len(c)]], want)
+    assert (nbr[~valid] == len(cp)).all()
+
+
 def test_keys_follow_lexicographic_order():
     rng = np.random.default_rng(5)
     c = random_coords(rng, "scattered")

@@ -20,8 +20,10 @@ the returned frame / map is set; callers raise on concrete inputs
 is never silent. Padded rows get key ``SENTINEL_KEY``.
 
 Lookup: ``argsort`` the keys once, ``searchsorted`` the queries. The submanifold table
-searches only 13 of the 27 offsets; the mirrored 13 follow by inversion
-(``nbr[j, 26-k] = i`` iff ``nbr[i, k] = j``) and the centre is the identity.
+searches in key order, once per ``(dx, dy)`` column of the 3x3x3 cube: the three ``dz``
+neighbours sit just before, at and just after the found place (keys of a column are
+consecutive integers along z), so 9 searches give all 27 offsets
+(:func:`_neighbour_table`).
 
 Offsets. ``k = 9a + 3b + c`` for ``(a, b, c) in {0,1,2}^3`` means the displacement
 ``(a-1, b-1, c-1)`` and matches ``weight[a, b, c]`` of a ``[3,3,3,Cin,Cout]`` weight;
@@ -341,6 +343,50 @@ def num_tiles_for(num_pairs: int, num_offsets: int, tile_rows: int) -> int:
 # ------------------------------------------------------------------------- kernel maps
 
 
+def _neighbour_table(frame: KeyFrame, coords: Array, valid: Array) -> Array:
+    """i32[V, 27] submanifold neighbour table (sentinel V) of the valid rows.
+
+    Searched in key order: the keys are sorted once, and with the frame's margin the
+    neighbour at ``(dx, dy, dz)`` of a valid row has key ``key + dx EY EZ + dy EZ + dz``.
+    One binary search per ``(dx, dy)`` column (9, all in one ``searchsorted``) finds where
+    ``key + dx EY EZ + dy EZ`` would sit; the ``dz = -1, 0, +1`` neighbours are then the
+    entries just before, at, and just after that place, since keys are unique integers.
+    The queries of a column, made in key order, are themselves sorted, so consecutive
+    searches walk the same path (cache-friendly). The table is then permuted back to the
+    rows' own order. Against 13 searches in row order and a mirroring scatter: 2.8x
+    faster on a 159k-voxel room, and fewer kernels to compile (docs/benchmarks.md).
+    """
+    v = coords.shape[0]
+    keys = pack_keys(frame, coords, valid)
+    order = jnp.argsort(keys).astype(jnp.int32)
+    sk = keys[order]
+    real = sk != SENTINEL_KEY  # valid rows, a prefix of the sorted order
+    e = frame.extent.astype(jnp.uint32)
+    g = np.array([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)], np.int32)  # [9, 2]
+    # Key step of each (dx, dy) column, in uint32 (wraps; exact for valid rows).
+    step = (
+        jnp.asarray(g[:, 0]).astype(jnp.uint32) * (e[2] * e[3])
+        + jnp.asarray(g[:, 1]).astype(jnp.uint32) * e[3]
+    )
+    q = sk[None, :] + step[:, None]  # [9, V]; each row sorted (valid prefix)
+    # One search for all columns (one loop to compile), column after column.
+    p = jnp.searchsorted(sk, q.ravel(), method="scan").astype(jnp.int32).reshape(9, v)
+    last = v - 1
+    at = (sk[jnp.minimum(p, last)] == q).astype(jnp.int32)
+    # dz = -1, 0, +1: just before, at, just after the place of the dz = 0 key.
+    cand = jnp.stack([p - 1, p, p + at], axis=1)  # [9, 3, V]
+    cand = jnp.clip(cand, 0, last)
+    target = (
+        q[:, None, :]
+        + jnp.asarray(np.array([-1, 0, 1], np.int32)).astype(jnp.uint32)[None, :, None]
+    )
+    hit = real[None, None, :] & (sk[cand] == target)
+    pos = jnp.where(hit, cand, v).reshape(27, v)  # offset k = 3 (column) + dz + 1
+    nbr_sorted = jnp.where(pos < v, order[jnp.minimum(pos, last)], v)  # [27, V]
+    rank = jnp.zeros((v,), jnp.int32).at[order].set(jnp.arange(v, dtype=jnp.int32))
+    return nbr_sorted[:, rank].T
+
+
 def subm_map(
     coords: Array,
     valid: Array,
@@ -366,22 +412,7 @@ def subm_map(
     valid = jnp.asarray(valid, bool)
     v = coords.shape[0]
     frame = key_frame(coords, valid, box=box)
-    keys = pack_keys(frame, coords, valid)
-    order = jnp.argsort(keys).astype(jnp.int32)
-    sorted_keys = keys[order]
-    half = OFFSETS_3[:CENTER]  # offsets 0..12; 26-k mirrors k
-    shifts = np.concatenate([np.zeros((CENTER, 1), np.int32), half], axis=1)  # [13, 4]
-    q = coords[:, None, :] + jnp.asarray(shifts)[None]  # [V, 13, 4]
-    qkeys = pack_keys(frame, q.reshape(-1, 4), jnp.repeat(valid, CENTER))
-    low = _lookup(sorted_keys, order, qkeys, v).reshape(v, CENTER)  # [V, 13]
-    ids = jnp.arange(v, dtype=jnp.int32)
-    centre = jnp.where(valid, ids, v)[:, None]
-    # Mirror: row j's neighbour at offset 26-k is i when row i's neighbour at k is j.
-    high = jnp.full((v, CENTER), v, jnp.int32)
-    cols = jnp.broadcast_to(jnp.arange(CENTER - 1, -1, -1, dtype=jnp.int32), (v, CENTER))
-    # low[:, k] maps to high column (12 - k) (offset 26 - k = 14 + (12 - k)).
-    high = high.at[low, cols].set(jnp.broadcast_to(ids[:, None], (v, CENTER)), mode="drop")
-    nbr = jnp.concatenate([low, centre, high], axis=1)
+    nbr = _neighbour_table(frame, coords, valid)
     tiles = None
     if pairs_per_voxel is not None:
         # The centre offset (the identity on valid rows) is no pair of the tiles: the
