@@ -68,8 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
     # voxel capacity of UNet level l+1 / level l: one number for every level, or one per
     # level transition (1.0 never overflows; an overflowing batch is skipped with a warning)
     m.level_capacity_ratio = (0.5,)
-    # expected voxel ratio per level: sizes the conv tiles (speed only)
-    m.expected_level_ratio = 0.3
+    # voxel ratio per level that the conv tiles are sized for (speed and memory only). 0.5
+    # = the level capacities: room surfaces at 2 cm keep ~0.24 of the voxels per halving,
+    # but sparser scans keep up to ~0.6 at the first halving, and with tiles sized for
+    # 0.3 their levels 1-3 took the dense fallback (a 109k-point room: 6.6 s -> 4.3 s
+    # CPU inference with 0.5; docs/benchmarks.md)
+    m.expected_level_ratio = 0.5
     # conv tile capacity in neighbour pairs per expected voxel, one value or one per level
     # (speed only: a level with more pairs takes the slower per-offset path, same result)
     m.pairs_per_voxel = (14.0,)

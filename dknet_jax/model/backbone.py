@@ -302,12 +302,16 @@ class SparseUNet(nnx.Module):
         walks only the tiles in use, so the capacity costs index memory (8 bytes per
         pair slot), not convolution time. >= 26 holds every pair a level
         can have: no fallback exists or is compiled. Below 26 the tiles hold
-        ``pairs_per_voxel * V * expected_level_ratio**l`` pairs at level l (room-like
-        sets have ~12 per voxel at 2 cm); a level with more pairs falls back to the
+        ``pairs_per_voxel * min(V_l, V * expected_level_ratio**l)`` pairs at level l
+        (``V_l`` its row capacity; room-like sets have ~12 per voxel at 2 cm); a level
+        with more pairs falls back to the
         dense per-offset path (correct, slower), so the number trades memory and
         compile time, never correctness.
-      expected_level_ratio: expected voxels of level l+1 per voxel of level l (~0.23 for
-        rooms at 2 cm); sizes the tiles when ``pairs_per_voxel`` < 26.
+      expected_level_ratio: voxels of level l+1 per voxel of level l that the tiles are
+        sized for when ``pairs_per_voxel`` < 26 (0.5: the default level capacities).
+        Room surfaces at 2 cm keep ~0.24 per halving, sparse scans up to ~0.6 at the
+        first; a smaller ratio saves index memory but sends such scans' levels to the
+        fallback.
       remat: "none" | "block" | "level": rematerialisation in the backward pass (module
         docstring); memory only, the numbers are those of "none".
       precision: "f32" | "bf16": activation dtype (module docstring); an attribute the
@@ -324,7 +328,7 @@ class SparseUNet(nnx.Module):
         level_capacity_ratio: float | Sequence[float] = 0.5,
         min_level_capacity: int = 64,
         pairs_per_voxel: float | Sequence[float] = 14.0,
-        expected_level_ratio: float = 0.3,
+        expected_level_ratio: float = 0.5,
         remat: str = "none",
         precision: str = "f32",
         rngs: nnx.Rngs,
