@@ -273,3 +273,17 @@ def test_mine_candidates_dispatch_and_errors():
         candidates.ln_nms(xyz, score, valid, algorithm="fast")
     with pytest.raises(ValueError, match="max_candidates"):
         candidates.ln_nms(xyz, score, valid, max_candidates=0)
+
+
+@pytest.mark.parametrize("case", ["ties", "nan", "all_inf", "random"])
+def test_first_argmax_equals_numpy_argmax(case):
+    rng = np.random.default_rng(1)
+    v = rng.integers(0, 5, 500).astype(np.float32)
+    if case == "nan":
+        v[[7, 300]] = np.nan
+    elif case == "all_inf":
+        v[:] = -np.inf
+    elif case == "random":
+        v = rng.normal(size=500).astype(np.float32)
+    got = int(jax.jit(candidates.first_argmax)(jnp.asarray(v)))
+    assert got == int(np.argmax(v))

@@ -4,6 +4,7 @@ section 9."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -224,3 +225,28 @@ def test_postprocess_vmap_over_scenes_and_errors():
         pp.postprocess(m, o, p[:-1], v)
     with pytest.raises(ValueError, match="ignore_classes"):
         pp.postprocess(m, o, p, v, ignore_classes=(7,))
+
+
+def test_argmax_over_slots_equals_numpy_column_argmax():
+    """The slot loop gives numpy's column max / argmax / any, with ties (the first slot
+    wins), ineligible entries, columns with no eligible slot, -inf and NaN (numpy's
+    argmax and max both pick the first NaN)."""
+    rng = np.random.default_rng(0)
+    k, n = 7, 300
+    vals = rng.integers(0, 4, size=(k, n)).astype(np.float32)  # many ties
+    vals[rng.random((k, n)) < 0.05] = -np.inf
+    vals[2, :20] = np.nan
+    vals[5, 10:30] = np.nan
+    elig = rng.random((k, n)) < 0.6
+    elig[:, 40:50] = False  # no eligible slot
+
+    def run(vals, elig):
+        return pp._argmax_over_slots(
+            k, n, lambda i: (elig[i], jnp.where(elig[i], vals[i], -jnp.inf))
+        )
+
+    top, best, seen = jax.jit(run)(jnp.asarray(vals), jnp.asarray(elig))
+    masked = np.where(elig, vals, -np.inf)
+    np.testing.assert_array_equal(np.asarray(best), np.argmax(masked, axis=0))
+    np.testing.assert_array_equal(np.asarray(top), np.max(masked, axis=0))
+    np.testing.assert_array_equal(np.asarray(seen), elig.any(0))

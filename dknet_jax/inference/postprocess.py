@@ -88,9 +88,14 @@ def _otsu_from_bins(b, valid, bins, degenerate=None):
     """b: i32[K, N] bin indices; valid: bool[N]. Returns the split t* i32[K]
     (``degenerate``, default ``bins // 2``, when no split has positive variance)."""
     k = b.shape[0]
-    keys = (jnp.arange(k, dtype=jnp.int32)[:, None] * bins + b).reshape(-1)
-    ones = jnp.broadcast_to(valid.astype(jnp.int32)[None, :], b.shape).reshape(-1)
-    hist = jax.ops.segment_sum(ones, keys, num_segments=k * bins).reshape(k, bins)
+    # One row at a time: a scatter over all K N entries needs [K, N] keys and weights
+    # written out first (~190 ms at K 150, N 197k on a 2-core CPU), the loop ~30 ms.
+    w = valid.astype(jnp.int32)
+
+    def row(i, hist):
+        return hist.at[i].set(jax.ops.segment_sum(w, b[i], num_segments=bins))
+
+    hist = jax.lax.fori_loop(0, k, row, jnp.zeros((k, bins), jnp.int32))
     idx = jnp.arange(bins, dtype=jnp.int32)
     n0 = jnp.cumsum(hist, axis=1)[:, :-1]  # split t = 1..bins-1: bins < t
     s0 = jnp.cumsum(hist * idx, axis=1)[:, :-1]
@@ -136,6 +141,27 @@ def otsu_threshold(values, valid=None, *, bins=100) -> Array:
     return t[0] if squeeze else t
 
 
+def _argmax_over_slots(k: int, n: int, row):
+    """Column max, argmax and any of a [K, N] array given row by row: ``row(i)`` ->
+    (eligible bool[N], values f32[N]) of slot i. Returns (``values.max(0)``,
+    ``argmax(values, axis=0)`` (the first maximum; a NaN counts as the maximum, as in
+    ``jnp.argmax``), ``eligible.any(0)``).
+
+    A loop over the K slots of elementwise steps over the N points: XLA:CPU reduces a
+    wide [K, N] array over axis 0 at ~4 ns per element (~110 ms at K 150, N 197k), the
+    loop in ~6 ms, and the [K, N] operands are never written out (docs/benchmarks.md)."""
+
+    def step(i, carry):
+        top, best, seen = carry
+        e, v = row(i)
+        better = (v > top) | (jnp.isnan(v) & ~jnp.isnan(top))
+        return jnp.where(better, v, top), jnp.where(better, i, best), seen | e
+
+    e0, v0 = row(0)
+    init = (v0, jnp.zeros((n,), jnp.int32), jnp.broadcast_to(e0, (n,)))
+    return jax.lax.fori_loop(1, k, step, init)
+
+
 @functools.partial(jax.jit, static_argnames=("bins", "num_superpoints"))
 def _postprocess_jit(
     masks,
@@ -158,18 +184,26 @@ def _postprocess_jit(
     above = (b >= t[:, None]) & valid[None, :] & slot_ok[:, None]
     intra = above.sum(1)
 
-    def argmax_over(eligible, values):
-        best = jnp.argmax(jnp.where(eligible, values, -jnp.inf), axis=0).astype(jnp.int32)
-        return jnp.where(eligible.any(0), best, -1)
+    def argmax_over(eligible_row, value_row):
+        def row(i):
+            e = eligible_row(i)
+            return e, jnp.where(e, value_row(i), -jnp.inf)
 
-    raw = argmax_over(above, masks)
-    inter = (raw[None, :] == slots[:, None]).sum(1)
+        _, best, seen = _argmax_over_slots(k, n, row)
+        return jnp.where(seen, best, -1)
+
+    def per_slot(label):
+        """Points per slot of a label i32[N] (-1: none) = (label == slots[:, None]).sum(1)."""
+        return jax.ops.segment_sum(
+            jnp.ones((n,), jnp.int32), jnp.where(label >= 0, label, k), num_segments=k + 1
+        )[:k]
+
+    raw = argmax_over(lambda i: above[i], lambda i: masks[i])
+    inter = per_slot(raw)
     coverage = inter.astype(jnp.float32) / jnp.maximum(intra, 1).astype(jnp.float32)
-    label = argmax_over(above & (coverage > 0)[:, None], coverage[:, None] * masks)
+    label = argmax_over(lambda i: above[i] & (coverage[i] > 0), lambda i: coverage[i] * masks[i])
     # points per slot before the superpoint vote (label is -1 off valid points)
-    count_pre = jax.ops.segment_sum(
-        jnp.ones((n,), jnp.int32), jnp.where(label >= 0, label, k), num_segments=k + 1
-    )[:k]
+    count_pre = per_slot(label)
 
     if num_superpoints > 0:
         p = num_superpoints
@@ -333,9 +367,9 @@ def _released_jit(
     def segment(thre, thres, alive):
         """seg_result: argmax over the alive slots (first on ties); -100 (here -1) where
         the best value is below the smallest non-zero alive threshold."""
-        vals = jnp.where(alive[:, None], thre, -jnp.inf)
-        score = jnp.max(vals, axis=0)
-        seg = jnp.argmax(vals, axis=0).astype(jnp.int32)
+        score, seg, _ = _argmax_over_slots(
+            k, n, lambda i: (alive[i], jnp.where(alive[i], thre[i], -jnp.inf))
+        )
         nz = alive & (thres != 0)
         low = jnp.where(nz.any(), jnp.min(jnp.where(nz, thres, jnp.inf)), 0.0)
         return jnp.where(valid & alive.any() & (score >= low), seg, -1)
