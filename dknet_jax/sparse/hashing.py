@@ -362,12 +362,14 @@ def _neighbour_table(frame: KeyFrame, coords: Array, valid: Array) -> Array:
     sk = keys[order]
     real = sk != SENTINEL_KEY  # valid rows, a prefix of the sorted order
     e = frame.extent.astype(jnp.uint32)
+
+    # -1, 0, +1 as two's-complement uint32: products and sums wrap modulo 2**32, so the
+    # results are exact key differences wherever the true key is in range (valid rows).
+    def u32(values):
+        return jax.lax.bitcast_convert_type(jnp.asarray(np.array(values, np.int32)), jnp.uint32)
+
     g = np.array([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)], np.int32)  # [9, 2]
-    # Key step of each (dx, dy) column, in uint32 (wraps; exact for valid rows).
-    step = (
-        jnp.asarray(g[:, 0]).astype(jnp.uint32) * (e[2] * e[3])
-        + jnp.asarray(g[:, 1]).astype(jnp.uint32) * e[3]
-    )
+    step = u32(g[:, 0]) * (e[2] * e[3]) + u32(g[:, 1]) * e[3]  # key step of each column
     q = sk[None, :] + step[:, None]  # [9, V]; each row sorted (valid prefix)
     # One search for all columns (one loop to compile), column after column.
     p = jnp.searchsorted(sk, q.ravel(), method="scan").astype(jnp.int32).reshape(9, v)
@@ -376,10 +378,7 @@ def _neighbour_table(frame: KeyFrame, coords: Array, valid: Array) -> Array:
     # dz = -1, 0, +1: just before, at, just after the place of the dz = 0 key.
     cand = jnp.stack([p - 1, p, p + at], axis=1)  # [9, 3, V]
     cand = jnp.clip(cand, 0, last)
-    target = (
-        q[:, None, :]
-        + jnp.asarray(np.array([-1, 0, 1], np.int32)).astype(jnp.uint32)[None, :, None]
-    )
+    target = q[:, None, :] + u32([-1, 0, 1])[None, :, None]
     hit = real[None, None, :] & (sk[cand] == target)
     pos = jnp.where(hit, cand, v).reshape(27, v)  # offset k = 3 (column) + dz + 1
     nbr_sorted = jnp.where(pos < v, order[jnp.minimum(pos, last)], v)  # [27, V]
