@@ -108,7 +108,8 @@ def _chunk_masks(cand, pts, counts, *, r2, r2_bg, cap):
     the running list lengths after it. ``cand = (xyz f32[K, 3], sem i32[K], scene i32[K],
     ok bool[K])``, ``pts = (xyz f32[chunk, 3], sem, valid, scene)``, ``counts`` = the
     lengths f32[K] before the chunk (the ``cap`` rule keeps a point while fewer than
-    ``cap`` earlier points are in the list)."""
+    ``cap`` earlier points are in the list). Without a cap the lengths decide nothing and
+    are returned unchanged (the forward pass counts the members with its matmul)."""
     c_xyz, c_sem, c_scene, c_ok = cand
     p_xyz, p_sem, p_valid, p_scene = pts
     fg_n, bg_n = counts
@@ -117,17 +118,18 @@ def _chunk_masks(cand, pts, counts, *, r2, r2_bg, cap):
     same = p_sem[None, :] == c_sem[:, None]
     fg = base & same & (d2 <= r2)
     bg = base & ~same & (d2 <= r2_bg)
-    if cap > 0:
+    if cap == 0:
+        return fg, bg, counts
 
-        def cut(masks):
-            fg, bg = masks
-            fg = fg & (fg_n[:, None] + jnp.cumsum(fg.astype(jnp.int32), axis=1) <= cap)
-            bg = bg & (bg_n[:, None] + jnp.cumsum(bg.astype(jnp.int32), axis=1) <= cap)
-            return fg, bg
+    def cut(masks):
+        fg, bg = masks
+        fg = fg & (fg_n[:, None] + jnp.cumsum(fg.astype(jnp.int32), axis=1) <= cap)
+        bg = bg & (bg_n[:, None] + jnp.cumsum(bg.astype(jnp.int32), axis=1) <= cap)
+        return fg, bg
 
-        # the running sums only where a list reaches the cap in this chunk
-        full = jnp.any(fg_n + fg.sum(1) > cap) | jnp.any(bg_n + bg.sum(1) > cap)
-        fg, bg = jax.lax.cond(full, cut, lambda masks: masks, (fg, bg))
+    # the running sums only where a list reaches the cap in this chunk
+    full = jnp.any(fg_n + fg.sum(1) > cap) | jnp.any(bg_n + bg.sum(1) > cap)
+    fg, bg = jax.lax.cond(full, cut, lambda masks: masks, (fg, bg))
     return fg, bg, (fg_n + fg.sum(1), bg_n + bg.sum(1))
 
 
@@ -193,7 +195,7 @@ def _context_sums_fwd(geom, feats, cand, pts):
         def step(i, carry):
             fg_sum, bg_sum, counts = carry
             p_f, p = jax.tree.map(lambda a: a[c0 + i], (feats, pts))
-            fg, bg, capped = _chunk_masks(cand_b, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
+            fg, bg, counts = _chunk_masks(cand_b, p, counts, r2=r2, r2_bg=r2_bg, cap=cap)
             # fg and bg rows in one matmul (one pass over the chunk's features); without
             # a cap the member counts are a matrix-vector product of the same f32 mask
             # (exact: integers), not two more passes that rebuild the masks
@@ -201,8 +203,8 @@ def _context_sums_fwd(geom, feats, cand, pts):
             s = jnp.matmul(both, p_f, precision=hi)
             if cap == 0:
                 n = jnp.matmul(both, ones, precision=hi)
-                capped = (counts[0] + n[:kb], counts[1] + n[kb:])
-            return fg_sum + s[:kb], bg_sum + s[kb:], capped
+                counts = (counts[0] + n[:kb], counts[1] + n[kb:])
+            return fg_sum + s[:kb], bg_sum + s[kb:], counts
 
         zk = jnp.zeros((kb,), feats.dtype)
         zkd = jnp.zeros((kb, d), feats.dtype)

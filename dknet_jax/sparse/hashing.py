@@ -38,7 +38,6 @@ Submanifold tiles leave the centre offset out (a plain matmul in ``conv``).
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import flax.struct
@@ -53,7 +52,6 @@ SENTINEL_KEY = np.uint32(0xFFFFFFFF)
 # ~3e-7, so the limit keeps a margin of ~1e-3 below 2**32 - 1.
 KEY_LIMIT = 4.29e9
 
-OFFSETS_3 = np.array(list(itertools.product(range(3), repeat=3)), np.int32) - 1  # [27, 3]
 CENTER = 13
 
 
