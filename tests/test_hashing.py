@@ -197,3 +197,22 @@ def test_bounds_of_an_empty_set_and_unique_rows_padding():
     np.testing.assert_array_equal(np.asarray(u)[~np.asarray(uv)], [[3, 0, 0, 0]] * 2)
     u, uv, inv, count, over = hashing.unique_rows(c, np.zeros(2, bool), capacity=4)
     assert int(count) == 0 and (np.asarray(u) == 0).all()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1,), (63,), (64,), (65, 3), (500, 27), (64 * 64, 2), (64 * 64 + 1, 8), (300, 2, 3)],
+)
+def test_prefix_count_equals_numpy_cumsum(shape):
+    """Blocked triangular-matmul running count against numpy's cumsum: lengths below,
+    at and past one block and one block of blocks (two levels of recursion), trailing
+    axes flattened and restored, and a block-total input that is not 0/1."""
+    rng = np.random.default_rng(sum(shape))
+    mask = rng.random(shape) < 0.4
+    got = np.asarray(jax.jit(hashing.prefix_count)(mask))
+    assert got.dtype == np.int32 and got.shape == shape
+    np.testing.assert_array_equal(got, np.cumsum(mask, axis=0))
+    counts = rng.integers(0, 65, size=shape).astype(np.int32)  # like the block totals
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(hashing.prefix_count)(counts)), np.cumsum(counts, axis=0)
+    )

@@ -247,6 +247,39 @@ def check_key_budget(coords) -> None:
         )
 
 
+# Block height of :func:`prefix_count`'s triangular matmuls.
+PREFIX_BLOCK = 64
+
+
+def prefix_count(mask: Array) -> Array:
+    """Inclusive running count of ``mask: bool[N, ...]`` (or small non-negative integers)
+    along axis 0 (i32, same shape): ``jnp.cumsum(mask, axis=0)``, computed as matmuls.
+
+    Rows are taken in blocks of :data:`PREFIX_BLOCK`; a lower-triangular ones matrix
+    times each block gives the counts within it, and the blocks' totals are counted the
+    same way (recursively) and added. Exact: every product and partial sum is an integer
+    below 2**24 in f32 (N < 16.7M). On XLA:CPU a cumulative sum over 131,072 rows
+    compiles into ~11 reduce-window kernels (0.3-0.5 s of compile each time, ~20 of them
+    per UNet); this is a few dots and adds: about half the compile and 2.5x faster at
+    [131072, 27] (docs/benchmarks.md, "Train-step compile time").
+    """
+    n = mask.shape[0]
+    x = mask.reshape(n, -1).astype(jnp.float32)
+    b = PREFIX_BLOCK
+    nb = -(-n // b)
+    if nb * b != n:
+        x = jnp.pad(x, ((0, nb * b - n), (0, 0)))
+    i = jax.lax.broadcasted_iota(jnp.int32, (b, b), 0)
+    lower = (i >= i.T).astype(jnp.float32)
+    within = jnp.einsum(
+        "ij,njk->nik", lower, x.reshape(nb, b, -1), precision=jax.lax.Precision.HIGHEST
+    )
+    if nb > 1:
+        totals = within[:, -1, :]
+        within = within + (prefix_count(totals) - totals.astype(jnp.int32))[:, None, :]
+    return within.reshape(nb * b, -1)[:n].astype(jnp.int32).reshape(mask.shape)
+
+
 def unique_rows(coords: Array, valid: Array, *, capacity: int, box: Bounds | None = None):
     """Unique rows of ``coords: i32[N, 4]`` among ``valid: bool[N]`` in a static capacity.
 
@@ -271,7 +304,7 @@ def unique_rows(coords: Array, valid: Array, *, capacity: int, box: Bounds | Non
     sk = keys[order]
     real = sk != SENTINEL_KEY
     new = real & jnp.concatenate([jnp.ones((1,), bool), sk[1:] != sk[:-1]])
-    rank = jnp.cumsum(new, dtype=jnp.int32) - 1
+    rank = prefix_count(new) - 1
     count = rank[-1] + 1  # = sum(new), without another reduction
     inv_sorted = jnp.where(real & (rank < u), rank, u)
     inverse = jnp.zeros((n,), jnp.int32).at[order].set(inv_sorted)
@@ -312,7 +345,7 @@ def build_tiles(
     # One cumulative sum gives both the rank of each entry within its column and the
     # column counts (its last row): on XLA:CPU every large reduction or scan compiles
     # into several kernels, so the counts are not reduced again.
-    rank = jnp.cumsum(mask, axis=0, dtype=jnp.int32) - 1  # [V, K] rank within column
+    rank = prefix_count(mask) - 1  # [V, K] rank within column
     n_k = rank[-1] + 1  # [K]
     padded = (n_k + t - 1) // t  # tiles per offset
     # Inclusive prefix sum over the K offsets as a masked sum (K <= 27).
