@@ -101,6 +101,60 @@ STEP_ROWS = 4096
 LOOP_MIN_ELEMS = 1 << 20
 
 
+_ROWS = lax.GatherDimensionNumbers(
+    offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,)
+)
+_ADD_ROWS = lax.ScatterDimensionNumbers(
+    update_window_dims=(1,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+)
+
+
+def _gather_rows(x: Array, idx: Array, *, zero_missing: bool) -> Array:
+    """``x[idx]`` for row indices ``idx: i32[P]`` in ``[0, len(x)]`` (``len(x)`` = padding).
+
+    ``zero_missing=False`` leaves the rows of padding indices unspecified (XLA clamps the
+    index): only for rows whose results are dropped afterwards (their scatter index is
+    padding too). On XLA:CPU ``jnp.take(mode="fill")`` compiles two extra kernels per
+    gather (the index normalisation and the fill select); the clamped gather compiles
+    none, and kernels are what the train step's compile time is made of
+    (docs/benchmarks.md, "Train-step compile time")."""
+    mode = lax.GatherScatterMode.FILL_OR_DROP if zero_missing else lax.GatherScatterMode.CLIP
+    return lax.gather(
+        x,
+        idx[:, None],
+        _ROWS,
+        slice_sizes=(1, x.shape[1]),
+        mode=mode,
+        fill_value=0 if zero_missing else None,
+    )
+
+
+def _add_rows(acc: Array, idx: Array, rows: Array) -> Array:
+    """``acc[idx] += rows``, padding indices (``>= len(acc)``) dropped."""
+    return lax.scatter_add(
+        acc,
+        idx[:, None],
+        rows.astype(acc.dtype),
+        _ADD_ROWS,
+        mode=lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+
+def _add_block(dw: Array, k: Array, block: Array) -> Array:
+    """``dw[k] += block`` for a traced scalar ``k`` (an in-place update, no scatter)."""
+    start = (k, 0, 0)
+    cur = lax.dynamic_slice(dw, start, (1, *dw.shape[1:]))
+    return lax.dynamic_update_slice(dw, cur + block[None].astype(dw.dtype), start)
+
+
+def _add_blocks(dw: Array, ks: Array, blocks: Array) -> Array:
+    """``dw[ks[t]] += blocks[t]`` for every t (repeats add up), as a one-hot matmul over
+    the K offsets instead of a scatter: XLA:CPU compiles every scatter into a kernel of
+    its own, while identical fusions and matmuls are compiled once per shape."""
+    onehot = (ks[:, None] == jnp.arange(dw.shape[0], dtype=ks.dtype)[None, :]).astype(blocks.dtype)
+    return dw + jnp.einsum("tk,tcd->kcd", onehot, blocks, preferred_element_type=jnp.float32)
+
+
 def _loop_on_backend() -> bool:
     """CPU: walk the used tiles in a loop; other backends: one batched pass."""
     return jax.default_backend() == "cpu"
@@ -134,9 +188,10 @@ def _pairs_apply(x, w, gather_idx, scatter_idx, tile_k, used, acc):
     cin = x.shape[1]
     if not _use_loop(gather_idx.shape[0], max(w.shape[1:])):
         nt = tile_k.shape[0]
-        xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cin)
+        # padding pair rows have padding scatter indices too: their gathered rows are dropped
+        xg = _gather_rows(x, gather_idx, zero_missing=False).reshape(nt, -1, cin)
         y = jnp.einsum("tic,tcd->tid", xg, w[tile_k], preferred_element_type=jnp.float32)
-        return acc.at[scatter_idx].add(y.reshape(-1, w.shape[-1]), mode="drop")
+        return _add_rows(acc, scatter_idx, y.reshape(-1, w.shape[-1]))
     gi, si, tk, g, t = _step_layout(
         gather_idx, scatter_idx, tile_k, x.shape[0], num_out, max(w.shape[1:])
     )
@@ -145,14 +200,14 @@ def _pairs_apply(x, w, gather_idx, scatter_idx, tile_k, used, acc):
         gs = lax.dynamic_slice(gi, (s * g * t,), (g * t,))
         ss = lax.dynamic_slice(si, (s * g * t,), (g * t,))
         ks = lax.dynamic_slice(tk, (s * g,), (g,))
-        xg = jnp.take(x, gs, axis=0, mode="fill", fill_value=0)
+        xg = _gather_rows(x, gs, zero_missing=False)
         if g == 1:
             y = jnp.dot(xg, w[ks[0]], preferred_element_type=jnp.float32)
         else:
             y = jnp.einsum(
                 "tic,tcd->tid", xg.reshape(g, t, cin), w[ks], preferred_element_type=jnp.float32
             ).reshape(g * t, -1)
-        return acc.at[ss].add(y, mode="drop")
+        return _add_rows(acc, ss, y)
 
     return lax.fori_loop(0, (used + g - 1) // g, step, acc)
 
@@ -166,12 +221,14 @@ def _pairs_grads(x, w, gather_idx, scatter_idx, tile_k, used, g, dx, dw):
     cin, cout = w.shape[1], w.shape[2]
     if not _use_loop(gather_idx.shape[0], max(w.shape[1:])):
         nt = tile_k.shape[0]
-        gg = jnp.take(g, scatter_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cout)
-        xg = jnp.take(x, gather_idx, axis=0, mode="fill", fill_value=0).reshape(nt, -1, cin)
+        # zero output-gradient rows on padding pairs keep them out of dW; their dx rows
+        # go to padding indices (dropped), so the input rows may be clamped garbage
+        gg = _gather_rows(g, scatter_idx, zero_missing=True).reshape(nt, -1, cout)
+        xg = _gather_rows(x, gather_idx, zero_missing=False).reshape(nt, -1, cin)
         dw_t = jnp.einsum("tic,tid->tcd", xg, gg, preferred_element_type=jnp.float32)
         dxg = jnp.einsum("tid,tcd->tic", gg, w[tile_k], preferred_element_type=jnp.float32)
-        dx = dx.at[gather_idx].add(dxg.reshape(-1, cin), mode="drop")
-        return dx, dw.at[tile_k].add(dw_t)
+        dx = _add_rows(dx, gather_idx, dxg.reshape(-1, cin))
+        return dx, _add_blocks(dw, tile_k, dw_t)
     gi, si, tk, grp, t = _step_layout(
         gather_idx, scatter_idx, tile_k, x.shape[0], g.shape[0], max(w.shape[1:])
     )
@@ -181,19 +238,19 @@ def _pairs_grads(x, w, gather_idx, scatter_idx, tile_k, used, g, dx, dw):
         gs = lax.dynamic_slice(gi, (s * grp * t,), (grp * t,))
         ss = lax.dynamic_slice(si, (s * grp * t,), (grp * t,))
         ks = lax.dynamic_slice(tk, (s * grp,), (grp,))
-        gg = jnp.take(g, ss, axis=0, mode="fill", fill_value=0)
-        xg = jnp.take(x, gs, axis=0, mode="fill", fill_value=0)
+        gg = _gather_rows(g, ss, zero_missing=True)  # as in the batched branch above
+        xg = _gather_rows(x, gs, zero_missing=False)
         if grp == 1:
             k = ks[0]
-            dw = dw.at[k].add(jnp.dot(xg.T, gg, preferred_element_type=jnp.float32))
+            dw = _add_block(dw, k, jnp.dot(xg.T, gg, preferred_element_type=jnp.float32))
             dxg = jnp.dot(gg, w[k].T, preferred_element_type=jnp.float32)
         else:
             gg3, xg3 = gg.reshape(grp, t, cout), xg.reshape(grp, t, cin)
             dw_t = jnp.einsum("tic,tid->tcd", xg3, gg3, preferred_element_type=jnp.float32)
-            dw = dw.at[ks].add(dw_t)
+            dw = _add_blocks(dw, ks, dw_t)
             dxg = jnp.einsum("tid,tcd->tic", gg3, w[ks], preferred_element_type=jnp.float32)
             dxg = dxg.reshape(grp * t, cin)
-        return dx.at[gs].add(dxg, mode="drop"), dw
+        return _add_rows(dx, gs, dxg), dw
 
     return lax.fori_loop(0, (used + grp - 1) // grp, step, (dx, dw))
 
@@ -237,7 +294,7 @@ tile_conv.defvjp(_tile_conv_fwd, _tile_conv_bwd)
 def _table_apply(x, w, nbr):
     def step(acc, kw):
         idx, wk = kw
-        xk = jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+        xk = _gather_rows(x, idx, zero_missing=True)
         return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32), None
 
     acc0 = jnp.zeros((nbr.shape[0], w.shape[-1]), jnp.float32)
@@ -272,7 +329,7 @@ def _table_grads(x, w, nbr, g):
     dx = _table_apply(g, jnp.swapaxes(w[::-1], 1, 2), nbr)
 
     def step(_, idx):
-        xk = jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+        xk = _gather_rows(x, idx, zero_missing=True)
         return None, jnp.dot(xk.T, g, preferred_element_type=jnp.float32)
 
     _, dw = lax.scan(step, None, nbr.T)
