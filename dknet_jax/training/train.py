@@ -53,63 +53,103 @@ from dknet_jax.training import distributed as dist
 from dknet_jax.training.optim import make_optimizer
 
 
-def make_train_step(graphdef, tx, config, mesh: Mesh | None = None):
-    """jit(params, rest, opt_state, batch, key, epoch) -> (params, rest, opt_state, metrics)."""
-    weights = loss_weights(config.loss)
-    t, m = config.train, config.model
+class TrainStep:
+    """One training step, ``step(params, rest, opt_state, batch, key, epoch) -> (params,
+    rest, opt_state, metrics)``, run as two compiled functions:
 
-    def step(params, rest, opt_state, batch, key, epoch):
-        def loss_fn(p, r):
-            model = nnx.merge(graphdef, p, r, copy=True)
-            model.train()
-            # bf16 activations in the UNet (static attribute; f32 params and statistics)
-            model.backbone.precision = t.precision
-            # chunked: no [M, N] mask logits; compute_losses decodes chunk by chunk
-            out = model(batch, key=key, decode_masks=not m.chunked_mask_loss)
-            gates = stage_gates(
-                epoch, heatmap_epoch=t.stage_heatmap_epoch, mask_epoch=t.stage_mask_epoch
-            )
-            with jax.named_scope("losses"):
-                total, metrics = compute_losses(
-                    out,
-                    batch,
-                    weights=weights,
-                    gates=gates,
-                    num_classes=m.num_classes,
-                    offset_direction=m.offset_direction_loss,
-                    mask_iou_threshold=mask_gate_threshold(
-                        epoch, config.loss.mask_iou_threshold, config.loss.mask_iou_gate_epoch
-                    ),
-                    mask_iou_fallback=config.loss.mask_iou_fallback,
-                    aggregation_loss=m.aggregation != "none",
-                    mask_chunk=m.mask_chunk,
+    - :attr:`grads` ``(params, rest, batch, key, epoch) -> (grads, new_rest, metrics)``:
+      DKNet forward, objective and gradients; compiled once per batch shape (bucket);
+    - :attr:`update` ``(params, rest, opt_state, grads, new_rest, loss) -> (params, rest,
+      opt_state, metrics)``: gradient norm, the non-finite guard and AdamW; its shapes
+      are the parameters', so it compiles once per run.
+
+    Inside one function the optimiser cost every batch shape ~280 of the step's ~1,860
+    compiled kernels (one per parameter leaf: XLA compiles identical kernels once, and
+    the leaves' slices of the flat AdamW vector are all different), about 5 s of each
+    shape's compile on the CPU (docs/benchmarks.md, "Train-step compile time"). The
+    numbers are the same as one function's: the update reads the gradients the first
+    function wrote.
+    """
+
+    def __init__(self, graphdef, tx, config, mesh: Mesh | None = None):
+        weights = loss_weights(config.loss)
+        t, m = config.train, config.model
+
+        def grads_fn(params, rest, batch, key, epoch):
+            def loss_fn(p, r):
+                model = nnx.merge(graphdef, p, r, copy=True)
+                model.train()
+                # bf16 activations in the UNet (static attribute; f32 params and statistics)
+                model.backbone.precision = t.precision
+                # chunked: no [M, N] mask logits; compute_losses decodes chunk by chunk
+                out = model(batch, key=key, decode_masks=not m.chunked_mask_loss)
+                gates = stage_gates(
+                    epoch, heatmap_epoch=t.stage_heatmap_epoch, mask_epoch=t.stage_mask_epoch
                 )
-            metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)
-            metrics["pool_exhausted"] = jnp.sum(out.pool_exhausted).astype(jnp.float32)
-            metrics["instance_overflow"] = jnp.sum(out.instance_overflow).astype(jnp.float32)
-            new_rest = nnx.split(model, nnx.Param, ...)[2]
-            return total, (metrics, new_rest)
+                with jax.named_scope("losses"):
+                    total, metrics = compute_losses(
+                        out,
+                        batch,
+                        weights=weights,
+                        gates=gates,
+                        num_classes=m.num_classes,
+                        offset_direction=m.offset_direction_loss,
+                        mask_iou_threshold=mask_gate_threshold(
+                            epoch, config.loss.mask_iou_threshold, config.loss.mask_iou_gate_epoch
+                        ),
+                        mask_iou_fallback=config.loss.mask_iou_fallback,
+                        aggregation_loss=m.aggregation != "none",
+                        mask_chunk=m.mask_chunk,
+                    )
+                metrics["voxel_overflow"] = out.voxel_overflow.astype(jnp.float32)
+                metrics["pool_exhausted"] = jnp.sum(out.pool_exhausted).astype(jnp.float32)
+                metrics["instance_overflow"] = jnp.sum(out.instance_overflow).astype(jnp.float32)
+                new_rest = nnx.split(model, nnx.Param, ...)[2]
+                return total, (metrics, new_rest)
 
-        (_, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
-        # one norm over the raveled gradient (a reduction per leaf would be ~400 kernels)
-        metrics["grad_norm"] = jnp.linalg.norm(ravel_pytree(grads)[0])
-        # a non-finite step (e.g. a capacity overflow) leaves the state untouched; the host
-        # loop reports it with a clear error instead of training on NaN. One cond around the
-        # update, not a select per leaf: ~430 fewer kernels for XLA to compile.
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            (_, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, rest
+            )
+            return grads, new_rest, metrics
 
-        def commit(_):
-            updates, new_opt = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_rest, new_opt
+        def update_fn(params, rest, opt_state, grads, new_rest, loss):
+            # one norm over the raveled gradient (a reduction per leaf would be ~400 kernels)
+            grad_norm = jnp.linalg.norm(ravel_pytree(grads)[0])
+            # a non-finite step (e.g. a capacity overflow) leaves the state untouched; the
+            # host loop reports it with a clear error instead of training on NaN. One cond
+            # around the update, not a select per leaf: ~430 fewer kernels to compile.
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        new_state = lax.cond(ok, commit, lambda _: (params, rest, opt_state), None)
-        metrics["skipped"] = (~ok).astype(jnp.float32)
-        return (*new_state, metrics)
+            def commit(_):
+                updates, new_opt = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), new_rest, new_opt
 
-    if mesh is None:
-        return jax.jit(step, donate_argnums=(0, 1, 2))
-    rep = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=(rep, rep, rep, rep))
+            state = lax.cond(ok, commit, lambda _: (params, rest, opt_state), None)
+            metrics = {"grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
+            return (*state, metrics)
+
+        if mesh is None:
+            self.grads = jax.jit(grads_fn)
+            self.update = jax.jit(update_fn, donate_argnums=(0, 1, 2))
+        else:
+            rep = NamedSharding(mesh, PartitionSpec())
+            self.grads = jax.jit(grads_fn, out_shardings=(rep, rep, rep))
+            self.update = jax.jit(
+                update_fn, donate_argnums=(0, 1, 2), out_shardings=(rep, rep, rep, rep)
+            )
+
+    def __call__(self, params, rest, opt_state, batch, key, epoch):
+        grads, new_rest, metrics = self.grads(params, rest, batch, key, epoch)
+        params, rest, opt_state, more = self.update(
+            params, rest, opt_state, grads, new_rest, metrics["loss"]
+        )
+        return params, rest, opt_state, {**metrics, **more}
+
+
+def make_train_step(graphdef, tx, config, mesh: Mesh | None = None) -> TrainStep:
+    """The :class:`TrainStep` of a model (``graphdef``), optimiser ``tx`` and config; with
+    ``mesh``, batches sharded over its ``data`` axis and the state replicated."""
+    return TrainStep(graphdef, tx, config, mesh)
 
 
 def shard_batch(batch, mesh: Mesh | None):
