@@ -97,7 +97,7 @@ class MaskedBatchNorm(nnx.Module):
         :func:`masked_batch_norm` (hand-written backward pass)."""
         train = (not self.use_running_average) if train is None else train
         if train:
-            y, mean, unbiased, n = masked_batch_norm(
+            y, mean, unbiased, n = _masked_bn(
                 x, valid, self.scale[...], self.bias[...], self.epsilon, relu
             )
             mom = jnp.where(n > 0, self.momentum, 1.0)  # no update from an empty batch
@@ -171,6 +171,17 @@ def _mbn_bwd(epsilon, relu, res, cts):
 
 
 masked_batch_norm.defvjp(_mbn_fwd, _mbn_bwd)
+_masked_bn = jax.jit(masked_batch_norm, static_argnums=(4, 5))
+
+
+# Every conv and BatchNorm call of the UNet runs through a nested jit: layers of one
+# shape (the convs of a level, the BatchNorms of a width) are traced, differentiated and
+# lowered once and called from the step, instead of once per layer. XLA inlines the calls
+# (the compiled step is the same); the step's trace + lower time is what shrinks
+# (docs/benchmarks.md, "Train-step compile time").
+_subm_conv = jax.jit(conv.subm_conv, static_argnames=("impl",))
+_strided_conv = jax.jit(conv.strided_conv)
+_inverse_conv = jax.jit(conv.inverse_conv)
 
 
 def _he_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> Array:
@@ -187,7 +198,7 @@ class SubmConv3d(nnx.Module):
 
     def __call__(self, x: Array, smap: hashing.SubmMap) -> Array:
         w = self.weight[...].astype(x.dtype)
-        return checkpoint_name(conv.subm_conv(x, w, smap, impl=self.impl), CONV_OUT)
+        return checkpoint_name(_subm_conv(x, w, smap, impl=self.impl), CONV_OUT)
 
 
 class DownConv3d(nnx.Module):
@@ -198,7 +209,7 @@ class DownConv3d(nnx.Module):
 
     def __call__(self, x: Array, dmap: hashing.DownMap) -> Array:
         w = self.weight[...].astype(x.dtype)
-        return checkpoint_name(conv.strided_conv(x, w, dmap), CONV_OUT)
+        return checkpoint_name(_strided_conv(x, w, dmap), CONV_OUT)
 
 
 class UpConv3d(nnx.Module):
@@ -209,7 +220,7 @@ class UpConv3d(nnx.Module):
 
     def __call__(self, xc: Array, dmap: hashing.DownMap) -> Array:
         w = self.weight[...].astype(xc.dtype)
-        return checkpoint_name(conv.inverse_conv(xc, w, dmap), CONV_OUT)
+        return checkpoint_name(_inverse_conv(xc, w, dmap), CONV_OUT)
 
 
 @flax.struct.dataclass
