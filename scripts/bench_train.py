@@ -58,6 +58,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dknet_jax.benchmarking import (
+    GiB,
     available_gib,
     bench_config,
     bench_scenes,
@@ -366,7 +367,7 @@ def compile_step(step, params, rest, opt_state, batch, key, epoch, update: bool 
     t_compile = time.perf_counter() - tc
     est = compiled_gib(compiled)
     if est is not None:
-        est += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state)) / 2**30
+        est += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state)) / GiB
     t_update = None
     if update:  # the gradients have the parameters' shapes
         tc = time.perf_counter()

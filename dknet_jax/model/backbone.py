@@ -175,10 +175,10 @@ _masked_bn = jax.jit(masked_batch_norm, static_argnums=(4, 5))
 
 
 # Every conv and BatchNorm call of the UNet runs through a nested jit: layers of one
-# shape (the convs of a level, the BatchNorms of a width) are traced, differentiated and
-# lowered once and called from the step, instead of once per layer. XLA inlines the calls
-# (the compiled step is the same); the step's trace + lower time is what shrinks
-# (docs/benchmarks.md, "Train-step compile time").
+# shape (the convs of a level, the BatchNorms of a width) are lowered once and called
+# from the step, instead of once per layer. XLA inlines the calls (the compiled step is
+# the same); the step's lower time is what shrinks (JAX still traces and linearizes every
+# call; docs/benchmarks.md, "Train-step compile time").
 _subm_conv = jax.jit(conv.subm_conv, static_argnames=("impl",))
 _strided_conv = jax.jit(conv.strided_conv)
 _inverse_conv = jax.jit(conv.inverse_conv)

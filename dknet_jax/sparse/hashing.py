@@ -342,9 +342,9 @@ def build_tiles(
     t = tile_rows
     cap = num_tiles * t
     mask = table < num_cols  # [V, K]
-    # One cumulative sum gives both the rank of each entry within its column and the
-    # column counts (its last row): on XLA:CPU every large reduction or scan compiles
-    # into several kernels, so the counts are not reduced again.
+    # One running count gives both the rank of each entry within its column and the
+    # column counts (its last row): on XLA:CPU every large reduction compiles into
+    # several kernels, so the counts are not reduced again.
     rank = prefix_count(mask) - 1  # [V, K] rank within column
     n_k = rank[-1] + 1  # [K]
     padded = (n_k + t - 1) // t  # tiles per offset
