@@ -216,3 +216,61 @@ def test_prefix_count_equals_numpy_cumsum(shape):
     np.testing.assert_array_equal(
         np.asarray(jax.jit(hashing.prefix_count)(counts)), np.cumsum(counts, axis=0)
     )
+
+
+def _chain_maps(c, v, caps, ppv):
+    """The UNet's maps level by level: subm_map, then down_map to the next level."""
+    box = hashing.bounds(c, v)
+    subms, downs = [], []
+    for lvl in range(len(caps)):
+        subms.append(hashing.subm_map(c, v, pairs_per_voxel=ppv[lvl], box=box))
+        if lvl + 1 < len(caps):
+            d = hashing.down_map(c, v, capacity=caps[lvl + 1], box=box)
+            downs.append(d)
+            c, v, box = d.coords, d.valid, box.halve()
+    return subms, downs
+
+
+LEVEL_CAPS = [CAP, 112, 112, 104, 104]  # 100 input rows: no level overflows
+LEVEL_PPV = [14.0, 26.0, None, 2.0, 26.0]  # sized tiles, complete, none, overflowing tiles
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_level_maps_equal_the_chain_of_single_level_maps(kind):
+    """hashing.level_maps builds every level at once (one sort, one concatenated search,
+    one tile build per map kind); it must give exactly the maps of the level-by-level
+    chain (which the tests above check against brute force), field by field."""
+    rng = np.random.default_rng(7)
+    c = random_coords(rng, kind, n=100, batches=2)
+    cp, valid, _ = _pad(rng, c)
+    chain = jax.jit(lambda c, v: _chain_maps(c, v, LEVEL_CAPS, LEVEL_PPV))(cp, valid)
+    fused = jax.jit(lambda c, v: hashing.level_maps(c, v, LEVEL_CAPS, pairs_per_voxel=LEVEL_PPV))(
+        cp, valid
+    )
+    assert jax.tree_util.tree_structure(chain) == jax.tree_util.tree_structure(fused)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(chain), jax.tree_util.tree_leaves(fused), strict=True
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path)
+        )
+    subms, downs = fused
+    assert not any(bool(d.overflow) for d in downs)
+    assert not any(bool(s.overflow) for s in subms)
+    # Every coarse level holds exactly the unique parents of the input rows.
+    for j, d in enumerate(downs, start=1):
+        want = np.unique(np.concatenate([c[:, :1], c[:, 1:] >> j], axis=1), axis=0)
+        got = np.asarray(d.coords)[np.asarray(d.valid)]
+        np.testing.assert_array_equal(got, want)
+
+
+def test_level_maps_flag_a_level_over_capacity():
+    """A coarse level with more unique rows than its capacity sets its map's overflow."""
+    rng = np.random.default_rng(3)
+    c = random_coords(rng, "scattered", n=100, batches=2)  # isolated: halving keeps ~all rows
+    cp, valid, _ = _pad(rng, c)
+    _, downs = jax.jit(
+        lambda c, v: hashing.level_maps(c, v, [CAP, 64, 32], pairs_per_voxel=[8.0, 8.0, 8.0])
+    )(cp, valid)
+    assert bool(downs[0].overflow) and int(downs[0].count) > 64
+    assert bool(downs[1].overflow)

@@ -401,12 +401,7 @@ class SparseUNet(nnx.Module):
         caps = level_capacities(
             voxels.capacity, len(self.widths), self.level_capacity_ratio, self.min_level_capacity
         )
-        coords, valid = voxels.coords, voxels.valid
-        # The box of the voxels is reduced once; each coarser level's box is its
-        # halving (exact). (Skipping the key sort on the already sorted rows compiled
-        # slower: docs/benchmarks.md, "Train-step compile time".)
-        box = hashing.bounds(coords, valid)
-        levels = []
+        ppvs = []
         for lvl in range(len(caps)):
             # Tiles are sized for the expected count; the row capacity keeps a safe margin.
             expected = min(
@@ -416,14 +411,16 @@ class SparseUNet(nnx.Module):
             ppv = self.pairs_per_voxel[lvl]
             # >= 26: tiles for every pair the level's capacity can hold (never a fallback,
             # none compiled); otherwise sized for the expected voxels.
-            ppv = 26.0 if ppv >= 26.0 else ppv * expected / caps[lvl]
-            smap = hashing.subm_map(coords, valid, pairs_per_voxel=ppv, box=box)
-            down = None
-            if lvl + 1 < len(caps):
-                down = hashing.down_map(coords, valid, capacity=caps[lvl + 1], box=box)
-            levels.append(Level(valid=valid, subm=smap, down=down))
-            if down is not None:
-                coords, valid, box = down.coords, down.valid, box.halve()
+            ppvs.append(26.0 if ppv >= 26.0 else ppv * expected / caps[lvl])
+        # All levels in one pass (one sort for the coarse sets, one search for their
+        # neighbour tables, one tile build per map kind): docs/benchmarks.md,
+        # "Train-step compile time".
+        subms, downs = hashing.level_maps(voxels.coords, voxels.valid, caps, pairs_per_voxel=ppvs)
+        valids = [voxels.valid] + [d.valid for d in downs]
+        downs = downs + [None]
+        levels = [
+            Level(valid=v, subm=sm, down=d) for v, sm, d in zip(valids, subms, downs, strict=True)
+        ]
         return levels
 
     def __call__(self, voxels: Voxels, train: bool | None = None) -> Array:
