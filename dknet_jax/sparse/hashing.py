@@ -30,6 +30,14 @@ Offsets. ``k = 9a + 3b + c`` for ``(a, b, c) in {0,1,2}^3`` means the displaceme
 offset ``26 - k`` is the mirror of ``k``. Down/up maps use the child offset
 ``c = 4(x&1) + 2(y&1) + (z&1)`` which matches ``weight[x&1, y&1, z&1]`` of ``[2,2,2,..]``.
 
+Levels. A UNet needs the maps of every level: :func:`level_maps` builds them all in one
+pass (the coarse sets from one sort of every level's keys, each level in its own key
+range; the coarse levels' neighbour tables from one search over their concatenation; the
+tiles of all levels from one running count and one scatter) and gives the same maps as
+the chain :func:`subm_map` / :func:`down_map` level by level. XLA:CPU compiles one kernel
+per distinct operation and shape, so seven levels of different sizes built one by one
+compiled seven copies of every step.
+
 Tiles. For the XLA convolution the existing pairs of a map are compacted into ``NT``
 tiles of ``T`` rows, sorted by offset, each offset's run padded to a multiple of ``T``,
 so that every tile has one offset (see :class:`Tiles`); the used tiles form a prefix.
