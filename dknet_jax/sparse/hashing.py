@@ -483,8 +483,12 @@ def _neighbour_table(
     keys = pack_keys(frame, coords, valid)
     if base is not None:
         keys = jnp.where(keys == SENTINEL_KEY, SENTINEL_KEY, keys + base)
-    order = jnp.argsort(keys).astype(jnp.int32)
-    sk = keys[order]
+    # The keys sorted, and each row's place among them by a search (valid rows have
+    # distinct keys; padded rows all land on the first sentinel, which is never a hit):
+    # on XLA:CPU a plain sort plus a search is ~4x faster than an argsort.
+    sk = jnp.sort(keys)
+    rank = jnp.searchsorted(sk, keys, method="scan").astype(jnp.int32)  # row -> place
+    order = jnp.zeros((v,), jnp.int32).at[rank].set(jnp.arange(v, dtype=jnp.int32))
     real = sk != SENTINEL_KEY  # valid rows, a prefix of the sorted order
     e = frame.extent.astype(jnp.uint32)
     # [4, V] the sorted rows' own frames, or [4, 1] one frame for all.
@@ -510,7 +514,6 @@ def _neighbour_table(
     hit = real[None, None, :] & (sk[cand] == target)
     pos = jnp.where(hit, cand, v).reshape(27, v)  # offset k = 3 (column) + dz + 1
     nbr_sorted = jnp.where(pos < v, order[jnp.minimum(pos, last)], v)  # [27, V]
-    rank = jnp.zeros((v,), jnp.int32).at[order].set(jnp.arange(v, dtype=jnp.int32))
     return nbr_sorted[:, rank].T
 
 
