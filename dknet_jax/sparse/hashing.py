@@ -656,8 +656,8 @@ def coarse_levels(coords: Array, valid: Array, capacities: list[int], *, box: Bo
     z >> j)`` of the valid rows, sorted lexicographically, in ``capacities[j-1]`` rows,
     padded as :func:`unique_rows` pads; as a set it equals ``j`` successive halvings.
     All levels' keys sit in one sorted array, each level in its own key range (its frame's
-    cells after the previous levels'), so one sort, one running count and three scatters
-    serve every level. ``box``: the valid rows' :class:`Bounds`.
+    cells after the previous levels'), so one sort, one search, one running count and two
+    scatters serve every level. ``box``: the valid rows' :class:`Bounds`.
 
     Returns:
       levels: per level ``(coords i32[U_j, 4], valid bool[U_j], count i32[], overflow
