@@ -378,6 +378,14 @@ def _segment_of(index: Array, starts) -> Array:
     return jnp.sum(index[..., None] >= bounds_, axis=-1, dtype=jnp.int32)
 
 
+def _per_row(values, rows) -> Array:
+    """i32[sum(rows)] ``values[l]`` on each of the ``rows[l]`` rows of segment ``l``
+    (computed from the row index: no constant with one entry per row in the program)."""
+    starts = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    seg = _segment_of(jnp.arange(int(np.sum(rows)), dtype=jnp.int32), starts)
+    return jnp.asarray(np.asarray(values, np.int32))[seg]
+
+
 def build_level_tiles(
     table: Array,
     mask: Array,
@@ -548,16 +556,17 @@ def subm_map(
         # The centre offset (the identity on valid rows) is no pair of the tiles: the
         # convolution applies it as one plain matmul.
         off_centre = nbr.at[:, CENTER].set(v)
-        pairs = int(math.ceil(min(pairs_per_voxel, 26.0) * v))
-        t = tile_rows or default_tile_rows(pairs)
-        tiles = build_tiles(
-            off_centre,
-            v,
-            num_tiles=num_tiles_for(pairs, 26, t),
-            tile_rows=t,
-            complete=pairs_per_voxel >= 26.0,
-        )
+        num_tiles, t, complete = _subm_tile_spec(pairs_per_voxel, v, tile_rows)
+        tiles = build_tiles(off_centre, v, num_tiles=num_tiles, tile_rows=t, complete=complete)
     return SubmMap(nbr=nbr, tiles=tiles, overflow=frame.overflow)
+
+
+def _subm_tile_spec(pairs_per_voxel: float, rows: int, tile_rows: int | None = None):
+    """(num_tiles, tile_rows, complete) of a submanifold map's tiles: room for
+    ``pairs_per_voxel`` off-centre pairs per row (>= 26: every possible pair)."""
+    pairs = int(math.ceil(min(pairs_per_voxel, 26.0) * rows))
+    t = tile_rows or default_tile_rows(pairs)
+    return num_tiles_for(pairs, 26, t), t, pairs_per_voxel >= 26.0
 
 
 def down_map(
@@ -649,6 +658,20 @@ def match_down_map(
 # ------------------------------------------------------------------- level pyramid
 
 
+def _level_frames(box: Bounds, shift: Array, *, margin: int):
+    """Frames of the stride-``2**shift`` parent sets of a set with ``box`` (one per entry
+    of ``shift: i32[n]``), each level's first key ``base: u32[n]`` (its frame's cells after
+    the previous levels'), and whether the levels' keys together overflow the key space."""
+    boxes = Bounds(lo=parent_coords(box.lo[None], shift), hi=parent_coords(box.hi[None], shift))
+    frame = key_frame(None, None, margin=margin, box=boxes)
+    cells = frame.extent.astype(jnp.uint32)
+    cells = cells[:, 0] * cells[:, 1] * cells[:, 2] * cells[:, 3]
+    n = shift.shape[0]
+    below = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]
+    base = jnp.sum(jnp.where(below, cells[None, :], jnp.uint32(0)), axis=1, dtype=jnp.uint32)
+    return frame, base, jnp.sum(_frame_cells(boxes, margin)) > KEY_LIMIT
+
+
 def coarse_levels(coords: Array, valid: Array, capacities: list[int], *, box: Bounds):
     """The stride-2, 4, ..., 2**n parent sets of ``coords: i32[V, 4]`` in one pass.
 
@@ -672,13 +695,7 @@ def coarse_levels(coords: Array, valid: Array, capacities: list[int], *, box: Bo
     v, n = coords.shape[0], len(capacities)
     caps = np.asarray(capacities, np.int32)
     shift = jnp.arange(1, n + 1, dtype=jnp.int32)
-    boxes = Bounds(lo=parent_coords(box.lo[None], shift), hi=parent_coords(box.hi[None], shift))
-    frame = key_frame(coords, valid, margin=0, box=boxes)  # one frame per level
-    cells = frame.extent.astype(jnp.uint32)
-    cells = cells[:, 0] * cells[:, 1] * cells[:, 2] * cells[:, 3]
-    below = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]
-    base = jnp.sum(jnp.where(below, cells[None, :], jnp.uint32(0)), axis=1, dtype=jnp.uint32)
-    key_overflow = jnp.sum(_frame_cells(boxes, 0)) > KEY_LIMIT
+    frame, base, key_overflow = _level_frames(box, shift, margin=0)
     up = parent_coords(coords[None], shift[:, None])  # [n, V, 4]
     keys = pack_keys(
         KeyFrame(origin=frame.origin[:, None], extent=frame.extent[:, None], overflow=None),
@@ -778,20 +795,13 @@ def level_maps(
     tables = [_neighbour_table(frame0, coords, valid)]
     overflow = [frame0.overflow]
     if nl > 1:
-        shift = jnp.arange(1, nl, dtype=jnp.int32)
-        boxes = Bounds(lo=parent_coords(box.lo[None], shift), hi=parent_coords(box.hi[None], shift))
-        frames = key_frame(coords, valid, box=boxes)  # margin 1, one per coarse level
-        cells = frames.extent.astype(jnp.uint32)
-        cells = cells[:, 0] * cells[:, 1] * cells[:, 2] * cells[:, 3]
-        below = jnp.arange(nl - 1)[:, None] > jnp.arange(nl - 1)[None, :]
-        base = jnp.sum(jnp.where(below, cells[None, :], jnp.uint32(0)), axis=1, dtype=jnp.uint32)
-        coarse_over = jnp.sum(_frame_cells(boxes, 1)) > KEY_LIMIT
-        rows = np.repeat(np.arange(nl - 1), caps[1:])
+        frames, base, coarse_over = _level_frames(box, jnp.arange(1, nl, dtype=jnp.int32), margin=1)
+        lev = _per_row(np.arange(nl - 1), caps[1:])  # coarse level of each row
         row_frame = KeyFrame(
-            origin=frames.origin[rows], extent=frames.extent[rows], overflow=coarse_over
+            origin=frames.origin[lev], extent=frames.extent[lev], overflow=coarse_over
         )
         cat = _neighbour_table(
-            row_frame, jnp.concatenate(lcoords[1:]), jnp.concatenate(lvalid[1:]), base[rows]
+            row_frame, jnp.concatenate(lcoords[1:]), jnp.concatenate(lvalid[1:]), base[lev]
         )
         s = cat.shape[0]
         start = np.concatenate([[0], np.cumsum(caps[1:])])
@@ -804,22 +814,15 @@ def level_maps(
     subm_tiles = [None] * nl
     tiled = [lvl for lvl in range(nl) if pairs_per_voxel[lvl] is not None]
     if tiled:
-        spec = []
-        for lvl in tiled:
-            ppv = pairs_per_voxel[lvl]
-            pairs = int(math.ceil(min(ppv, 26.0) * caps[lvl]))
-            t = default_tile_rows(pairs)
-            spec.append((num_tiles_for(pairs, 26, t), t, ppv >= 26.0))
+        spec = [_subm_tile_spec(pairs_per_voxel[lvl], caps[lvl]) for lvl in tiled]
+        rows = [caps[lvl] for lvl in tiled]
         table = jnp.concatenate([tables[lvl] for lvl in tiled])
-        rows_cap = jnp.asarray(
-            np.repeat([caps[lvl] for lvl in tiled], [caps[lvl] for lvl in tiled])
-        )
-        mask = (table < rows_cap[:, None]) & (jnp.arange(27) != CENTER)[None, :]
+        mask = (table < _per_row(rows, rows)[:, None]) & (jnp.arange(27) != CENTER)[None, :]
         built = build_level_tiles(
             table,
             mask,
-            [caps[lvl] for lvl in tiled],
-            [caps[lvl] for lvl in tiled],
+            rows,
+            rows,
             num_tiles=[a for a, _, _ in spec],
             tile_rows=[b for _, b, _ in spec],
             complete=[c for _, _, c in spec],
@@ -835,7 +838,7 @@ def level_maps(
         child = child_offset(fine)
         parent = jnp.concatenate(parents)
         fvalid = jnp.concatenate(lvalid[:-1])
-        next_cap = jnp.asarray(np.repeat(caps[1:], caps[:-1]))
+        next_cap = _per_row(caps[1:], caps[:-1])
         hit = (jnp.arange(8, dtype=jnp.int32)[None, :] == child[:, None]) & (
             fvalid & (parent < next_cap)
         )[:, None]
