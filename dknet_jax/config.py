@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.widths = (32, 64, 96, 128, 160, 192, 224)
     m.blocks_per_level = 2
     # voxel capacity of UNet level l+1 / level l: one number for every level, or one per
-    # level transition (1.0 never overflows; an overflowing batch is skipped with a warning)
+    # level transition (1.0 never overflows; an overflowing batch is rerun with overflow_safe())
     m.level_capacity_ratio = (0.5,)
     # voxel ratio per level that the conv tiles are sized for (speed and memory only). 0.5
     # = the level capacities: room surfaces at 2 cm keep ~0.24 of the voxels per halving,
@@ -75,8 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
     # CPU inference with 0.5; docs/benchmarks.md)
     m.expected_level_ratio = 0.5
     # conv tile capacity in neighbour pairs per expected voxel, one value or one per level
-    # (speed only: a level with more pairs takes the slower per-offset path, same result)
+    # (speed only: a level with more pairs takes the per-offset path, see tile_fallback)
     m.pairs_per_voxel = (14.0,)
+    # compile the per-offset path into every conv for tiles that overflow (exact, ~95 more
+    # kernels to compile per train step). False: a tile overflow flags the batch like a
+    # voxel overflow, and training / predict / evaluate rerun it with overflow_safe()
+    # settings (rare: room tiles were <= 65% full in the benchmarks; docs/benchmarks.md)
+    m.tile_fallback = False
     m.num_classes = 20
     m.first_instance_class = 2  # semantic index >= this is an instance ("foreground") class
     m.head_width = 32
@@ -239,6 +244,26 @@ def level_values(value) -> tuple[float, ...]:
     if isinstance(value, (tuple, list)):
         return tuple(float(x) for x in value)
     return (float(value),)
+
+
+def overflow_safe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose UNet cannot overflow a capacity: every level as many voxel
+    rows as the input (``model.level_capacity_ratio = 1.0``) and the per-offset fallback
+    compiled for tiles that overflow (``model.tile_fallback = True``). Same parameters;
+    more memory and compile time. The training loop, ``predict`` and ``evaluate`` rerun a
+    batch whose outputs report ``voxel_overflow`` with it (only the voxel key space can
+    still overflow: a scan too large for its voxel size)."""
+    safe = ml_collections.ConfigDict(config.to_dict())
+    safe.model.level_capacity_ratio = (1.0,)
+    safe.model.tile_fallback = True
+    return safe
+
+
+def is_overflow_safe(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` already has the :func:`overflow_safe` settings."""
+    m = config.model
+    ratios = level_values(m.level_capacity_ratio)
+    return all(r == 1.0 for r in ratios) and bool(m.get("tile_fallback", True))
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

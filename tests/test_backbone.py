@@ -2,6 +2,7 @@
 backward against a reference built from the public functional ops on unpadded arrays."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -284,6 +285,53 @@ def test_pairs_per_voxel_per_level_changes_speed_not_result():
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4 * float(np.abs(r).max()))
     with pytest.raises(ValueError, match="pairs_per_voxel"):
         SparseUNet(6, WIDTHS, 1, pairs_per_voxel=(8.0, 8.0, 8.0), rngs=nnx.Rngs(0))
+
+
+def test_no_tile_fallback_same_result_or_flagged_overflow():
+    # tile_fallback=False compiles no per-offset path: with tiles that hold every pair
+    # (level 0 at 14 per voxel, level 1 complete) the output and gradients equal the
+    # default net's (up to float rounding: XLA fuses the two programs differently); with
+    # level 0's tiles for 1 pair per voxel the net reports
+    # the overflow (NaN output, as for a voxel overflow) instead of a wrong convolution.
+    args = _scene(1)
+
+    def run(ppv, fallback):
+        net = SparseUNet(
+            6,
+            WIDTHS,
+            1,
+            impl="xla",
+            level_capacity_ratio=0.75,
+            pairs_per_voxel=ppv,
+            tile_fallback=fallback,
+            rngs=nnx.Rngs(0),
+        )
+        graph, params, rest = nnx.split(net, nnx.Param, ...)
+
+        @jax.jit
+        def go(params, vox, b, valid, f):
+            def loss(params):
+                v = voxelize(vox, b, valid, f, capacity=512)
+                out = nnx.merge(graph, params, rest, copy=True)(v, train=True)
+                return jnp.sum(jnp.where(v.valid[:, None], out, 0) ** 2), out
+
+            return jax.value_and_grad(loss, has_aux=True)(params)
+
+        hlo = go.lower(params, *args).as_text()
+        return go(params, *args), hlo
+
+    roomy = (14.0, 27.0)
+    ((val_t, out_t), g_t), hlo_t = run(roomy, True)
+    ((val_f, out_f), g_f), hlo_f = run(roomy, False)
+    assert np.isfinite(float(val_f))
+    np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_t), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_t), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+    # the fallback (a cond between tiles and the per-offset scan) is not in the program
+    branch = re.compile(r"stablehlo\.(case|if)\b")
+    assert branch.search(hlo_t) and not branch.search(hlo_f)
+    ((val_o, out_o), _), _ = run((1.0, 27.0), False)
+    assert np.isnan(np.asarray(out_o)).all() and np.isnan(float(val_o))
 
 
 # ---------------------------------------------------------------- memory levers

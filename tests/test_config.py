@@ -100,3 +100,17 @@ def test_memory_levers_are_checked_schema_keys():
         c[section][name] = bad
         with pytest.raises(ValueError, match=key):
             validate(c)
+
+
+def test_overflow_safe_settings():
+    from dknet_jax.config import is_overflow_safe, overflow_safe
+
+    c = _load("scannet")
+    assert c.model.tile_fallback is False and not is_overflow_safe(c)
+    safe = overflow_safe(c)
+    assert tuple(safe.model.level_capacity_ratio) == (1.0,) and safe.model.tile_fallback
+    assert is_overflow_safe(safe) and validate(safe) is safe
+    # a copy: the original keeps its settings; everything else is the same
+    assert c.model.level_capacity_ratio == (0.5,) and not c.model.tile_fallback
+    safe.model.level_capacity_ratio, safe.model.tile_fallback = c.model.level_capacity_ratio, False
+    assert safe.to_dict() == c.to_dict()

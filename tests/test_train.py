@@ -196,6 +196,40 @@ def test_empty_val_split_warns_and_skips_evaluation(prepared, tmp_path, monkeypa
     assert not [f for f in os.listdir(os.path.join(workdir, "best")) if f.isdigit()]
 
 
+def test_overflowing_batch_is_rerun_with_overflow_safe_settings(prepared, tmp_path, monkeypatch):
+    """A step whose UNet reports an overflow (a level's voxels or its conv tiles) is run
+    again on the same batch by a step built from ``overflow_safe(config)``: compiled once,
+    with the state the first step left untouched; nothing is skipped."""
+    from dknet_jax.training import train as train_mod
+
+    calls = []  # (factory's tile_fallback, level_capacity_ratio, step index)
+
+    def fake_step_factory(graphdef, tx, config, mesh=None):
+        m = config.model
+        safe = bool(m.tile_fallback) and tuple(m.level_capacity_ratio) == (1.0,)
+
+        def step(params, rest, opt_state, batch, key, epoch):
+            calls.append((safe, int(batch.valid.shape[0])))
+            # the first step's batch overflows; the safe step never does
+            over = float(not safe and len(calls) == 1)
+            metrics = {"loss": np.float32(1.0), "skipped": over, "voxel_overflow": over}
+            return params, rest, opt_state, metrics
+
+        return step
+
+    monkeypatch.setattr(train_mod, "make_train_step", fake_step_factory)
+    c = _config(prepared)
+    c.model.tile_fallback = False
+    c.train.epochs, c.train.steps_per_epoch, c.train.eval_every_epochs = 1, 3, 100
+    with pytest.warns(UserWarning, match=r"step 1: .*conv tiles overflowed.*reran it with"):
+        train_mod.train_and_evaluate(c, str(tmp_path / "w"))
+    # step 1 ran twice on one batch (normal, then safe), steps 2 and 3 normally
+    assert [safe for safe, _ in calls] == [False, True, False, False]
+    assert calls[0][1] == calls[1][1]
+    records = [json.loads(x) for x in open(tmp_path / "w" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
 def test_truncate_log_drops_rows_past_the_restored_step(tmp_path):
     from dknet_jax.training.train import truncate_log
 

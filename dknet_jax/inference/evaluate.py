@@ -11,17 +11,20 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 from tqdm import tqdm
 
 from dknet_jax import eval as E
+from dknet_jax.config import is_overflow_safe, overflow_safe
 from dknet_jax.data.dataset import list_scenes
 from dknet_jax.data.labels import S3DIS_CLASSES, SCANNET_CLASSES
 from dknet_jax.data.pipeline import EvalIterator
 from dknet_jax.inference.diagnostics import MIN_GT_POINTS, StageDiagnostics, format_summary
 from dknet_jax.inference.predictor import load_model, make_predict_fn, split_scenes
 from dknet_jax.io_atomic import clean_json, write_json
+from dknet_jax.model import abstract_model
 from dknet_jax.types import IGNORE_LABEL
 
 
@@ -67,6 +70,7 @@ def evaluate_split(
         voxel_origin=d.voxel_origin,
     )
     predict = make_predict_fn(graphdef, config)
+    safe_predict = None  # compiled on the first overflowing batch, if any
     scannet = d.dataset == "scannet"
     ap_eval = E.ScanNetInstanceEvaluator() if scannet else None
     sem_eval = E.SemanticEvaluator(
@@ -80,10 +84,22 @@ def evaluate_split(
     ):
         shapes.add(tuple(batch.valid.shape) + tuple(batch.instance_class.shape))
         pred = predict(params, rest, batch)
+        scenes = ", ".join(n for n in names if n is not None)  # None: padding slots
+        if bool(pred.voxel_overflow) and not is_overflow_safe(config):
+            # a UNet level or its conv tiles overflowed: rerun with room for everything
+            warnings.warn(
+                f"{scenes}: a UNet level or its conv tiles overflowed; reran with "
+                f"model.level_capacity_ratio=1.0 and model.tile_fallback=True",
+                stacklevel=2,
+            )
+            if safe_predict is None:
+                safe = overflow_safe(config)
+                safe_predict = make_predict_fn(abstract_model(safe)[0], safe)
+            pred = safe_predict(params, rest, batch)
         if bool(pred.voxel_overflow):
             raise RuntimeError(
-                "voxel capacity overflow during evaluation (a scene exceeds "
-                "its bucket); add a larger data.point_buckets entry"
+                f"{scenes}: the voxel key space overflowed during evaluation (the "
+                f"scene spans too many voxels); crop it or use a larger data.voxel_size"
             )
         exhausted += int(np.sum(np.asarray(pred.pool_exhausted)))
         diag.add(pred.diag)

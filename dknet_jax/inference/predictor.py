@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dknet_jax import checkpoint as ckpt_lib
-from dknet_jax.config import level_values, validate
+from dknet_jax.config import is_overflow_safe, level_values, overflow_safe, validate
 from dknet_jax.inference.diagnostics import MIN_GT_POINTS, stage_counts
 from dknet_jax.inference.postprocess import postprocess, postprocess_released
 from dknet_jax.model import abstract_model
@@ -327,19 +327,21 @@ def run_model(
         voxel_size=d.voxel_size,
         voxel_origin=d.voxel_origin,
     )
-    ratio = level_values(config.model.level_capacity_ratio)
+    safe = is_overflow_safe(config)
     timings["compile_s"] = timings["inference_s"] = 0.0
     while True:
-        pred = _infer(model, batch, ratio, timings)
+        pred = _infer(model, batch, safe, timings)
         if not bool(pred.voxel_overflow):
             break
-        if ratio != (1.0,):  # a sparse scan fills the coarse UNet levels: give them room
+        if not safe:  # a sparse scan fills the coarse UNet levels: give them room
+            ratio = level_values(config.model.level_capacity_ratio)
             notes.append(
-                f"a UNet level overflowed with model.level_capacity_ratio={ratio}; "
-                f"reran with 1.0 (never overflows, more memory)"
+                f"a UNet level or its conv tiles overflowed with "
+                f"model.level_capacity_ratio={ratio}; reran with 1.0 and "
+                f"model.tile_fallback=True (never overflows, more memory)"
             )
             log("warning: " + notes[-1])
-            ratio = (1.0,)
+            safe = True
             continue
         raise ValueError(
             f"{name}: the voxel key space overflowed (the scan spans "
@@ -363,17 +365,17 @@ def run_model(
     return scene, subset, notes
 
 
-def _infer(model: LoadedModel, batch, ratio: tuple, timings: dict) -> dict:
-    """Compile (cached per capacity ratio and batch shape) and run the predict function;
-    adds to timings["compile_s"] / ["inference_s"]."""
-    key = (ratio, batch.valid.shape[0], batch.instance_valid.shape[0])
+def _infer(model: LoadedModel, batch, safe: bool, timings: dict) -> dict:
+    """Compile (cached per setting and batch shape) and run the predict function, with
+    the model's config or (``safe``) its :func:`overflow_safe` variant; adds to
+    timings["compile_s"] / ["inference_s"]."""
+    key = (safe, batch.valid.shape[0], batch.instance_valid.shape[0])
     t0 = time.perf_counter()
     if key not in model.compiled:
         config = model.config
         graphdef = model.graphdef
-        if ratio != level_values(config.model.level_capacity_ratio):
-            config = ml_collections.ConfigDict(config.to_dict())
-            config.model.level_capacity_ratio = ratio
+        if safe and not is_overflow_safe(config):
+            config = overflow_safe(config)
             graphdef = abstract_model(config)[0]  # same parameters, other capacities
         predict = make_predict_fn(graphdef, config, diagnostics=False)  # no GT
         model.compiled[key] = predict.lower(model.params, model.rest, batch).compile()

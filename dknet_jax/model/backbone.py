@@ -179,7 +179,7 @@ _masked_bn = jax.jit(masked_batch_norm, static_argnums=(4, 5))
 # from the step, instead of once per layer. XLA inlines the calls (the compiled step is
 # the same); the step's lower time is what shrinks (JAX still traces and linearizes every
 # call; docs/benchmarks.md, "Train-step compile time").
-_subm_conv = jax.jit(conv.subm_conv, static_argnames=("impl",))
+_subm_conv = jax.jit(conv.subm_conv, static_argnames=("impl", "fallback"))
 _strided_conv = jax.jit(conv.strided_conv)
 _inverse_conv = jax.jit(conv.inverse_conv)
 
@@ -190,15 +190,20 @@ def _he_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> Array:
 
 class SubmConv3d(nnx.Module):
     """Submanifold 3x3x3 convolution (no bias): weight f32[27, Cin, Cout], applied in the
-    dtype of ``x`` (the output has ``x``'s dtype)."""
+    dtype of ``x`` (the output has ``x``'s dtype). ``fallback``: see ``conv.subm_conv``
+    (False: the caller checks the map's ``tiles.ok``)."""
 
-    def __init__(self, cin: int, cout: int, *, impl: str = "auto", rngs: nnx.Rngs):
+    def __init__(
+        self, cin: int, cout: int, *, impl: str = "auto", fallback: bool = True, rngs: nnx.Rngs
+    ):
         self.impl = impl
+        self.fallback = fallback
         self.weight = nnx.Param(_he_normal(rngs, (27, cin, cout), 27 * cin))
 
     def __call__(self, x: Array, smap: hashing.SubmMap) -> Array:
         w = self.weight[...].astype(x.dtype)
-        return checkpoint_name(_subm_conv(x, w, smap, impl=self.impl), CONV_OUT)
+        out = _subm_conv(x, w, smap, impl=self.impl, fallback=self.fallback)
+        return checkpoint_name(out, CONV_OUT)
 
 
 class DownConv3d(nnx.Module):
@@ -246,11 +251,13 @@ class Level:
 class ResidualBlock(nnx.Module):
     """Pre-activation residual block: BN-ReLU-subm3-BN-ReLU-subm3 (+ 1x1 projection)."""
 
-    def __init__(self, cin: int, cout: int, *, impl: str = "auto", rngs: nnx.Rngs):
+    def __init__(
+        self, cin: int, cout: int, *, impl: str = "auto", fallback: bool = True, rngs: nnx.Rngs
+    ):
         self.bn1 = MaskedBatchNorm(cin)
-        self.conv1 = SubmConv3d(cin, cout, impl=impl, rngs=rngs)
+        self.conv1 = SubmConv3d(cin, cout, impl=impl, fallback=fallback, rngs=rngs)
         self.bn2 = MaskedBatchNorm(cout)
-        self.conv2 = SubmConv3d(cout, cout, impl=impl, rngs=rngs)
+        self.conv2 = SubmConv3d(cout, cout, impl=impl, fallback=fallback, rngs=rngs)
         self.proj = nnx.Param(_he_normal(rngs, (cin, cout), cin)) if cin != cout else None
 
     def __call__(self, x: Array, level: Level, train: bool | None) -> Array:
@@ -316,13 +323,19 @@ class SparseUNet(nnx.Module):
         ``pairs_per_voxel * min(V_l, V * expected_level_ratio**l)`` pairs at level l
         (``V_l`` its row capacity; room-like sets have ~12 per voxel at 2 cm); a level
         with more pairs falls back to the
-        dense per-offset path (correct, slower), so the number trades memory and
-        compile time, never correctness.
+        dense per-offset path (correct, slower; with ``tile_fallback``), so the number
+        trades memory and compile time, never correctness.
       expected_level_ratio: voxels of level l+1 per voxel of level l that the tiles are
         sized for when ``pairs_per_voxel`` < 26 (0.5: the default level capacities).
         Room surfaces at 2 cm keep ~0.24 per halving, sparse scans up to ~0.6 at the
         first; a smaller ratio saves index memory but sends such scans' levels to the
         fallback.
+      tile_fallback: compile the dense per-offset fallback into every submanifold conv
+        whose tiles hold fewer than every pair (exact whatever the pair count). False:
+        no fallback is compiled (~95 fewer kernels in a paper-config train step), and a
+        level whose tiles overflowed makes the output NaN like a voxel-capacity
+        overflow; the training loop, ``predict`` and ``evaluate`` then rerun the batch
+        with :func:`dknet_jax.config.overflow_safe` settings (``config.model.tile_fallback``).
       remat: "none" | "block" | "level": rematerialisation in the backward pass (module
         docstring); memory only, the numbers are those of "none".
       precision: "f32" | "bf16": activation dtype (module docstring); an attribute the
@@ -340,6 +353,7 @@ class SparseUNet(nnx.Module):
         min_level_capacity: int = 64,
         pairs_per_voxel: float | Sequence[float] = 14.0,
         expected_level_ratio: float = 0.5,
+        tile_fallback: bool = True,
         remat: str = "none",
         precision: str = "f32",
         rngs: nnx.Rngs,
@@ -364,14 +378,18 @@ class SparseUNet(nnx.Module):
             pairs_per_voxel, len(widths), "pairs_per_voxel", upper=27.0, unit="level"
         )
         self.expected_level_ratio = expected_level_ratio
+        self.tile_fallback = bool(tile_fallback)
         self.remat = remat
         self.precision = precision
         self.use_running_average = False
         nb = blocks_per_level
-        self.input_conv = SubmConv3d(in_channels, widths[0], impl=impl, rngs=rngs)
+        fb = self.tile_fallback
+        self.input_conv = SubmConv3d(in_channels, widths[0], impl=impl, fallback=fb, rngs=rngs)
         self.encoders = nnx.List(
             [
-                nnx.List([ResidualBlock(w, w, impl=impl, rngs=rngs) for _ in range(nb)])
+                nnx.List(
+                    [ResidualBlock(w, w, impl=impl, fallback=fb, rngs=rngs) for _ in range(nb)]
+                )
                 for w in widths
             ]
         )
@@ -387,7 +405,7 @@ class SparseUNet(nnx.Module):
             [
                 nnx.List(
                     [
-                        ResidualBlock(2 * w if i == 0 else w, w, impl=impl, rngs=rngs)
+                        ResidualBlock(2 * w if i == 0 else w, w, impl=impl, fallback=fb, rngs=rngs)
                         for i in range(nb)
                     ]
                 )
@@ -450,6 +468,9 @@ class SparseUNet(nnx.Module):
         overflow = voxels.overflow
         for level in levels:
             overflow = overflow | level.overflow
+            tiles = level.subm.tiles
+            if not self.tile_fallback and tiles is not None and not tiles.complete:
+                overflow = overflow | ~tiles.ok  # the convs compiled no fallback
         return jnp.where(overflow, jnp.nan, x)
 
     def _level(self, fn, mods: tuple, args: tuple, train: bool):
@@ -609,6 +630,7 @@ def unet_from_model_config(model_config, *, impl: str = "auto", rngs: nnx.Rngs) 
         level_capacity_ratio=m.level_capacity_ratio,
         expected_level_ratio=m.expected_level_ratio,
         pairs_per_voxel=m.pairs_per_voxel,
+        tile_fallback=m.get("tile_fallback", True),
         remat=m.get("remat", "none"),
         rngs=rngs,
     )

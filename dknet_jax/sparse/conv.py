@@ -16,7 +16,8 @@ Two XLA formulations:
 - *dense per offset* (:func:`table_conv`): ``out = sum_k feats[nbr[:, k]] @ W[k]`` over the
   27 columns of a submanifold table, one offset at a time (``lax.scan``), O(V C) memory.
   Used when a tile capacity below "every pair" overflowed (``lax.cond`` on ``Tiles.ok``;
-  complete tiles, ``Tiles.complete``, compile no fallback).
+  complete tiles, ``Tiles.complete``, compile no fallback, nor does ``fallback=False``,
+  whose caller checks ``Tiles.ok`` itself).
 
 The model (``backbone``) and the public ops (``functional``) run this same code.
 
@@ -363,7 +364,9 @@ def _check_feats(x: Array, w: Array, rows: int, name: str) -> None:
         )
 
 
-def subm_conv(x: Array, weight: Array, smap: SubmMap, *, impl: str = "auto") -> Array:
+def subm_conv(
+    x: Array, weight: Array, smap: SubmMap, *, impl: str = "auto", fallback: bool = True
+) -> Array:
     """Submanifold 3x3x3 convolution on a padded level.
 
     Args:
@@ -371,6 +374,12 @@ def subm_conv(x: Array, weight: Array, smap: SubmMap, *, impl: str = "auto") -> 
       weight: f[3, 3, 3, Cin, Cout] or f[27, Cin, Cout].
       smap: the level's :class:`SubmMap`.
       impl: "auto" | "xla" | "pallas".
+      fallback: compile the dense per-offset path for tiles that overflowed (exact
+        whatever the pair count). False: the tiles alone, so a map whose
+        ``tiles.ok`` is False gives a wrong result, and the caller must check ``ok``
+        (the UNet does: ``SparseUNet(tile_fallback=False)`` reports it as an overflow).
+        Saves the fallback's kernels in the compiled program (~95 of a paper-config
+        train step's ~1,300; docs/benchmarks.md, "Train-step compile time").
     Returns:
       f[V, Cout] (padded rows 0).
     """
@@ -383,48 +392,55 @@ def subm_conv(x: Array, weight: Array, smap: SubmMap, *, impl: str = "auto") -> 
     tiles = smap.tiles
     if tiles is None:
         return table_conv(x, w, smap.nbr)
-    return _subm_tiled(x, w, tiles, smap.nbr)
+    return _subm_tiled(x, w, tiles, smap.nbr, fallback)
 
 
-def _subm_tiled(x, w, tiles, nbr):
-    if tiles.complete:  # every pair fits: no fallback branch to compile
+def _subm_tiled(x, w, tiles, nbr, fallback=True):
+    if tiles.complete or not fallback:  # no fallback branch to compile
         return _subm_pairs(x, w, tiles.col, tiles.row, tiles.tile_k, tiles.used, nbr)
     return _subm_pairs_or_table(x, w, tiles.col, tiles.row, tiles.tile_k, tiles.used, tiles.ok, nbr)
 
 
-def _centre_apply(x, w, nbr):
-    # The centre offset is the identity on valid rows (nbr[i, 13] == i), 0 on padding.
-    valid = (nbr[:, CENTER] < x.shape[0])[:, None]
-    return jnp.dot(jnp.where(valid, x, 0), w[CENTER], preferred_element_type=jnp.float32)
+def _valid_rows(x, nbr):
+    # The centre offset is the identity on valid rows (nbr[i, 13] == i); padding rows
+    # (garbage allowed) become 0.
+    return jnp.where((nbr[:, CENTER] < x.shape[0])[:, None], x, 0)
 
 
-def _subm_pairs_apply(x, w, col, row, tile_k, used, nbr):
-    acc = _centre_apply(x, w, nbr)
-    return _pairs_apply(x, w, col, row, tile_k, used, acc).astype(x.dtype)
+def _subm_pairs_apply(xm, w, col, row, tile_k, used):
+    """Centre matmul + off-centre pair tiles on ``xm`` (padding rows 0); f32 result."""
+    acc = jnp.dot(xm, w[CENTER], preferred_element_type=jnp.float32)
+    return _pairs_apply(xm, w, col, row, tile_k, used, acc)
 
 
-def _subm_pairs_grads(x, w, col, row, tile_k, used, nbr, g):
-    g = g.astype(x.dtype)
-    valid = (nbr[:, CENTER] < x.shape[0])[:, None]
-    gv = jnp.where(valid, g, 0)
+def _subm_pairs_grads(xm, w, col, row, tile_k, used, nbr, g):
+    g = g.astype(xm.dtype)
+    gv = _valid_rows(g, nbr)
     dx = jnp.dot(gv, w[CENTER].T, preferred_element_type=jnp.float32)
     dw = (
         jnp.zeros(w.shape, jnp.float32)
         .at[CENTER]
-        .set(jnp.dot(jnp.where(valid, x, 0).T, gv, preferred_element_type=jnp.float32))
+        .set(jnp.dot(xm.T, gv, preferred_element_type=jnp.float32))
     )
-    dx, dw = _pairs_grads(x, w, col, row, tile_k, used, g, dx, dw)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    dx, dw = _pairs_grads(xm, w, col, row, tile_k, used, g, dx, dw)
+    return dx.astype(xm.dtype), dw.astype(w.dtype)
 
 
 @jax.custom_vjp
 def _subm_pairs(x, w, col, row, tile_k, used, nbr):
-    """Submanifold conv on complete tiles: centre matmul + off-centre pair tiles."""
-    return _subm_pairs_apply(x, w, col, row, tile_k, used, nbr)
+    """Submanifold conv on tiles alone (complete tiles, or ``fallback=False``): centre
+    matmul + off-centre pair tiles."""
+    return _subm_pairs_fwd(x, w, col, row, tile_k, used, nbr)[0]
 
 
 def _subm_pairs_fwd(x, w, col, row, tile_k, used, nbr):
-    return _subm_pairs_apply(x, w, col, row, tile_k, used, nbr), (x, w, col, row, tile_k, used, nbr)
+    # The masked rows, not x, are the residual: the backward pass needs them for the
+    # centre's dW, and XLA would otherwise keep both x and this masked copy (the forward
+    # and backward expressions are the same, so XLA computes it once, in the forward
+    # pass): one [V, Cin] buffer per conv, +3.2 GiB at batch 4 (docs/benchmarks.md).
+    xm = _valid_rows(x, nbr)
+    out = _subm_pairs_apply(xm, w, col, row, tile_k, used).astype(x.dtype)
+    return out, (xm, w, col, row, tile_k, used, nbr)
 
 
 def _subm_pairs_bwd(res, g):
@@ -445,7 +461,9 @@ def _subm_pairs_or_table(x, w, col, row, tile_k, used, ok, nbr):
 def _subm_pt_fwd(x, w, col, row, tile_k, used, ok, nbr):
     out = lax.cond(
         ok,
-        lambda x, w: _subm_pairs_apply(x, w, col, row, tile_k, used, nbr),
+        lambda x, w: _subm_pairs_apply(_valid_rows(x, nbr), w, col, row, tile_k, used).astype(
+            x.dtype
+        ),
         lambda x, w: _table_apply(x, w, nbr),
         x,
         w,
@@ -457,7 +475,7 @@ def _subm_pt_bwd(res, g):
     x, w, col, row, tile_k, used, ok, nbr = res
     dx, dw = lax.cond(
         ok,
-        lambda g: _subm_pairs_grads(x, w, col, row, tile_k, used, nbr, g),
+        lambda g: _subm_pairs_grads(_valid_rows(x, nbr), w, col, row, tile_k, used, nbr, g),
         lambda g: _table_grads(x, w, nbr, g),
         g,
     )

@@ -90,7 +90,8 @@ class Tiles:
       col: i32[NT * T] table entry of each pair (the neighbour / parent it points at).
       tile_k: i32[NT] offset of each tile.
       ok: bool[] every existing pair found a place (False: capacity exceeded; the
-        convolution then falls back to the dense per-offset path).
+        convolution then falls back to the dense per-offset path, or, compiled without
+        that path, ``conv.subm_conv(fallback=False)``, its caller reports an overflow).
       used: i32[] tiles that hold pairs (a prefix: tiles ``>= used`` are all padding), at
         most ``NT``. The CPU convolution walks only these, so a generous capacity costs
         index memory, not convolution time.

@@ -40,13 +40,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from dknet_jax.checkpoint import Checkpoints, train_state
-from dknet_jax.config import ConfigError, validate
+from dknet_jax.config import ConfigError, is_overflow_safe, overflow_safe, validate
 from dknet_jax.data import pipeline
 from dknet_jax.data.dataset import SceneError, list_scenes
 from dknet_jax.inference import evaluate as ev
 from dknet_jax.inference.diagnostics import format_summary
 from dknet_jax.io_atomic import clean_json
-from dknet_jax.model import build_model, count_params
+from dknet_jax.model import abstract_model, build_model, count_params
 from dknet_jax.objective import compute_losses, loss_weights
 from dknet_jax.objective.terms import mask_gate_threshold, stage_gates
 from dknet_jax.training import distributed as dist
@@ -320,7 +320,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         or (not sys.stderr.isatty() and os.environ.get("DKNET_PROGRESS") != "1"),
     )
     acc: dict = {}
-    overflows = 0
+    overflows, reruns, safe_step = 0, 0, None
     t_start = time.time() - time_offset
     while step < total_steps:
         batch = next(it)
@@ -336,15 +336,34 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         step += 1
         pbar.update(1)
         metrics = dist.to_host(metrics)
+        if metrics["voxel_overflow"] > 0 and not is_overflow_safe(config):
+            # a UNet level or its conv tiles overflowed and the step left the state
+            # untouched: the same batch again with room for everything (compiled once, on
+            # the first such batch); a frequent rerun means the capacities are too tight
+            if safe_step is None:
+                safe = overflow_safe(config)
+                safe_step = make_train_step(abstract_model(safe)[0], tx, safe, mesh)
+            reruns += 1
+            if primary and reruns in (1, 10, 100, 1000):
+                warnings.warn(
+                    f"step {step}: a UNet level or its conv tiles overflowed (batch of "
+                    f"{batch.valid.shape[0]} points); reran it with "
+                    f"model.level_capacity_ratio=1.0 and model.tile_fallback=True "
+                    f"({reruns} such batches so far; frequent reruns cost time: raise "
+                    f"config.model.level_capacity_ratio or config.model.pairs_per_voxel)",
+                    stacklevel=1,
+                )
+            params, rest, opt_state, metrics = safe_step(params, rest, opt_state, *args)
+            metrics = dist.to_host(metrics)
         if metrics["voxel_overflow"] > 0:
-            # the step left the state untouched; a rare overflow costs one batch, a
-            # frequent one means the capacities are wrong for this data
+            # only the voxel key space (or non-finite features) is left: the step left the
+            # state untouched; a rare one costs one batch, a frequent one is an error
             overflows += 1
             msg = (
-                f"voxel capacity overflow at step {step} (batch of "
-                f"{batch.valid.shape[0]} points): raise config.model.level_capacity_ratio "
-                f"(1.0 never overflows), add a larger config.data.point_buckets entry, or "
-                f"lower config.data.max_points"
+                f"voxel overflow at step {step} (batch of {batch.valid.shape[0]} points) "
+                f"with model.level_capacity_ratio=1.0 and model.tile_fallback=True: the "
+                f"voxel key space (a scene spans too many voxels: crop it or raise "
+                f"config.data.voxel_size) or non-finite features"
             )
             if overflows > max(5, step // 20):
                 raise RuntimeError(f"{msg} ({overflows} overflowing batches so far)")
