@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     # compile the per-offset path into every conv for tiles that overflow (exact, ~95 more
     # kernels to compile per train step). False: a tile overflow flags the batch like a
     # voxel overflow, and training / predict / evaluate rerun it with overflow_safe()
-    # settings (rare: room tiles were <= 65% full in the benchmarks; docs/benchmarks.md)
+    # settings (rare: room tiles were <= 70% full in the benchmarks; docs/benchmarks.md)
     m.tile_fallback = False
     m.num_classes = 20
     m.first_instance_class = 2  # semantic index >= this is an instance ("foreground") class
