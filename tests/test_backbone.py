@@ -334,6 +334,29 @@ def test_no_tile_fallback_same_result_or_flagged_overflow():
     assert np.isnan(np.asarray(out_o)).all() and np.isnan(float(val_o))
 
 
+def test_no_tile_fallback_never_flags_the_pallas_path():
+    # impl="pallas" reads the neighbour table, not the tiles: tiles that overflow are no
+    # overflow there (no rerun); same output as the XLA net with the fallback compiled.
+    pytest.importorskip("pallas_kernels.sparse_conv")
+    vox, b, valid, f = _scene(1)
+    outs = []
+    for impl, fallback in (("xla", True), ("pallas", False)):
+        net = SparseUNet(
+            6,
+            WIDTHS,
+            1,
+            impl=impl,
+            level_capacity_ratio=0.75,
+            pairs_per_voxel=(1.0, 27.0),
+            tile_fallback=fallback,
+            rngs=nnx.Rngs(0),
+        )
+        v = voxelize(vox, b, valid, f, capacity=512)
+        outs.append(np.asarray(net(v, train=True)))
+    assert np.isfinite(outs[1]).all()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- memory levers
 
 

@@ -379,6 +379,7 @@ class SparseUNet(nnx.Module):
         )
         self.expected_level_ratio = expected_level_ratio
         self.tile_fallback = bool(tile_fallback)
+        self.impl = impl
         self.remat = remat
         self.precision = precision
         self.use_running_average = False
@@ -469,7 +470,8 @@ class SparseUNet(nnx.Module):
         for level in levels:
             overflow = overflow | level.overflow
             tiles = level.subm.tiles
-            if not self.tile_fallback and tiles is not None and not tiles.complete:
+            tiled = conv.resolve_impl(self.impl) == "xla"  # Pallas reads the table, not tiles
+            if tiled and not self.tile_fallback and tiles is not None and not tiles.complete:
                 overflow = overflow | ~tiles.ok  # the convs compiled no fallback
         return jnp.where(overflow, jnp.nan, x)
 
