@@ -295,7 +295,7 @@ def test_no_tile_fallback_same_result_or_flagged_overflow():
     # the overflow (NaN output, as for a voxel overflow) instead of a wrong convolution.
     args = _scene(1)
 
-    def run(ppv, fallback):
+    def run(ppv, fallback, late=False):
         net = SparseUNet(
             6,
             WIDTHS,
@@ -303,9 +303,11 @@ def test_no_tile_fallback_same_result_or_flagged_overflow():
             impl="xla",
             level_capacity_ratio=0.75,
             pairs_per_voxel=ppv,
-            tile_fallback=fallback,
+            tile_fallback=fallback if not late else True,
             rngs=nnx.Rngs(0),
         )
+        if late:  # one source of truth: the attribute, read when the maps are built
+            net.tile_fallback = fallback
         graph, params, rest = nnx.split(net, nnx.Param, ...)
 
         @jax.jit
@@ -332,6 +334,8 @@ def test_no_tile_fallback_same_result_or_flagged_overflow():
     assert branch.search(hlo_t) and not branch.search(hlo_f)
     ((val_o, out_o), _), _ = run((1.0, 27.0), False)
     assert np.isnan(np.asarray(out_o)).all() and np.isnan(float(val_o))
+    ((_, out_late), _), hlo_late = run((1.0, 27.0), False, late=True)
+    assert np.isnan(np.asarray(out_late)).all() and not branch.search(hlo_late)
 
 
 def test_no_tile_fallback_never_flags_the_pallas_path():

@@ -191,18 +191,15 @@ def _he_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> Array:
 class SubmConv3d(nnx.Module):
     """Submanifold 3x3x3 convolution (no bias): weight f32[27, Cin, Cout], applied in the
     dtype of ``x`` (the output has ``x``'s dtype). ``fallback``: see ``conv.subm_conv``
-    (False: the caller checks the map's ``tiles.ok``)."""
+    (False: the caller checks the map's ``tiles.ok``; the UNet passes ``Level.fallback``)."""
 
-    def __init__(
-        self, cin: int, cout: int, *, impl: str = "auto", fallback: bool = True, rngs: nnx.Rngs
-    ):
+    def __init__(self, cin: int, cout: int, *, impl: str = "auto", rngs: nnx.Rngs):
         self.impl = impl
-        self.fallback = fallback
         self.weight = nnx.Param(_he_normal(rngs, (27, cin, cout), 27 * cin))
 
-    def __call__(self, x: Array, smap: hashing.SubmMap) -> Array:
+    def __call__(self, x: Array, smap: hashing.SubmMap, fallback: bool = True) -> Array:
         w = self.weight[...].astype(x.dtype)
-        out = _subm_conv(x, w, smap, impl=self.impl, fallback=self.fallback)
+        out = _subm_conv(x, w, smap, impl=self.impl, fallback=fallback)
         return checkpoint_name(out, CONV_OUT)
 
 
@@ -236,35 +233,40 @@ class Level:
       valid: bool[V_l] real voxels of the level.
       subm: the level's submanifold map (shared by all its 3x3x3 convs).
       down: map to level l+1 (None on the coarsest level).
+      fallback: static; the level's submanifold convs compile the per-offset fallback for
+        tiles that overflow, or read no tiles (Pallas). False: tiles that overflow are an
+        overflow of the level (``SparseUNet(tile_fallback=False)``).
     """
 
     valid: Array
     subm: hashing.SubmMap
     down: hashing.DownMap | None
+    fallback: bool = flax.struct.field(pytree_node=False, default=True)
 
     @property
     def overflow(self) -> Array:
         o = self.subm.overflow
+        tiles = self.subm.tiles
+        if not self.fallback and tiles is not None and not tiles.complete:
+            o = o | ~tiles.ok  # the convs compiled no fallback
         return o if self.down is None else o | self.down.overflow
 
 
 class ResidualBlock(nnx.Module):
     """Pre-activation residual block: BN-ReLU-subm3-BN-ReLU-subm3 (+ 1x1 projection)."""
 
-    def __init__(
-        self, cin: int, cout: int, *, impl: str = "auto", fallback: bool = True, rngs: nnx.Rngs
-    ):
+    def __init__(self, cin: int, cout: int, *, impl: str = "auto", rngs: nnx.Rngs):
         self.bn1 = MaskedBatchNorm(cin)
-        self.conv1 = SubmConv3d(cin, cout, impl=impl, fallback=fallback, rngs=rngs)
+        self.conv1 = SubmConv3d(cin, cout, impl=impl, rngs=rngs)
         self.bn2 = MaskedBatchNorm(cout)
-        self.conv2 = SubmConv3d(cout, cout, impl=impl, fallback=fallback, rngs=rngs)
+        self.conv2 = SubmConv3d(cout, cout, impl=impl, rngs=rngs)
         self.proj = nnx.Param(_he_normal(rngs, (cin, cout), cin)) if cin != cout else None
 
     def __call__(self, x: Array, level: Level, train: bool | None) -> Array:
         h = self.bn1(x, level.valid, train, relu=True)
-        h = self.conv1(h, level.subm)
+        h = self.conv1(h, level.subm, level.fallback)
         h = self.bn2(h, level.valid, train, relu=True)
-        h = self.conv2(h, level.subm)
+        h = self.conv2(h, level.subm, level.fallback)
         if self.proj is None:
             skip = x
         else:
@@ -384,13 +386,10 @@ class SparseUNet(nnx.Module):
         self.precision = precision
         self.use_running_average = False
         nb = blocks_per_level
-        fb = self.tile_fallback
-        self.input_conv = SubmConv3d(in_channels, widths[0], impl=impl, fallback=fb, rngs=rngs)
+        self.input_conv = SubmConv3d(in_channels, widths[0], impl=impl, rngs=rngs)
         self.encoders = nnx.List(
             [
-                nnx.List(
-                    [ResidualBlock(w, w, impl=impl, fallback=fb, rngs=rngs) for _ in range(nb)]
-                )
+                nnx.List([ResidualBlock(w, w, impl=impl, rngs=rngs) for _ in range(nb)])
                 for w in widths
             ]
         )
@@ -406,7 +405,7 @@ class SparseUNet(nnx.Module):
             [
                 nnx.List(
                     [
-                        ResidualBlock(2 * w if i == 0 else w, w, impl=impl, fallback=fb, rngs=rngs)
+                        ResidualBlock(2 * w if i == 0 else w, w, impl=impl, rngs=rngs)
                         for i in range(nb)
                     ]
                 )
@@ -437,8 +436,11 @@ class SparseUNet(nnx.Module):
         subms, downs = hashing.level_maps(voxels.coords, voxels.valid, caps, pairs_per_voxel=ppvs)
         valids = [voxels.valid] + [d.valid for d in downs]
         downs = downs + [None]
+        # the Pallas kernel reads the neighbour table, not the tiles
+        fallback = self.tile_fallback or conv.resolve_impl(self.impl) != "xla"
         levels = [
-            Level(valid=v, subm=sm, down=d) for v, sm, d in zip(valids, subms, downs, strict=True)
+            Level(valid=v, subm=sm, down=d, fallback=fallback)
+            for v, sm, d in zip(valids, subms, downs, strict=True)
         ]
         return levels
 
@@ -450,7 +452,7 @@ class SparseUNet(nnx.Module):
         with jax.named_scope("kernel_maps"):
             levels = self.kernel_maps(voxels)
         x = voxels.feats.astype(PRECISIONS[self.precision])
-        x = self.input_conv(x, levels[0].subm)
+        x = self.input_conv(x, levels[0].subm, levels[0].fallback)
         skips = []
         for lvl, level in enumerate(levels):
             mods = (self.encoders[lvl],)
@@ -469,10 +471,6 @@ class SparseUNet(nnx.Module):
         overflow = voxels.overflow
         for level in levels:
             overflow = overflow | level.overflow
-            tiles = level.subm.tiles
-            tiled = conv.resolve_impl(self.impl) == "xla"  # Pallas reads the table, not tiles
-            if tiled and not self.tile_fallback and tiles is not None and not tiles.complete:
-                overflow = overflow | ~tiles.ok  # the convs compiled no fallback
         return jnp.where(overflow, jnp.nan, x)
 
     def _level(self, fn, mods: tuple, args: tuple, train: bool):
